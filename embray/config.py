@@ -1,0 +1,199 @@
+"""The embray configuration: one YAML file, validated by pydantic.
+
+    collection: docs
+    source: {uri: ./corpus, id_column: id, text_column: text, storage_options: {}}
+    store: {uri: ./.embray, storage_options: {}}
+    model: {backend: sentence-transformers, name: all-MiniLM-L6-v2}
+    index: {metric: cos, dtype: f16, shards: 4}
+    embed: {batch_size: 256, actors: 1}
+    mlflow: {tracking_uri: null}     # null: a sqlite file under the store root
+    ray: {address: null}             # null: a local Ray
+
+Relative local paths are resolved against the directory of the config file,
+so a config means the same thing whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from embray.errors import ConfigError
+from embray.models import ModelSpec
+
+_COLLECTION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_SECRET_KEYS = ("secret", "password", "token", "key")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs with a scheme other than ``file`` (``s3://``, ``gs://``...)."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+class SourceConfig(_Strict):
+    uri: str = Field(description="Parquet file or directory of Parquet files: a local path or s3://bucket/prefix.")
+    id_column: str = Field("id", description="Column holding each row's unique id (string or integer).")
+    text_column: str = Field("text", description="Column holding the text to embed.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for s3fs and the pyarrow reads, e.g. {client_kwargs: {endpoint_url: ...}}.",
+    )
+
+
+class StoreConfig(_Strict):
+    uri: str = Field("./.embray", description="Where versions are written: a local directory or s3://bucket/prefix.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the store.")
+
+
+class IndexConfig(_Strict):
+    metric: Literal["cos", "ip", "l2sq"] = Field("cos", description="USearch metric.")
+    dtype: Literal["f32", "f16", "bf16", "i8"] = Field("f16", description="Scalar type the shards store vectors as.")
+    shards: int = Field(4, ge=1, le=4096, description="Number of USearch shards; rows are hash-partitioned by id.")
+    connectivity: int = Field(16, ge=2, le=256, description="HNSW graph degree (M).")
+    expansion_add: int = Field(128, ge=1, description="HNSW ef at build time.")
+    expansion_search: int = Field(64, ge=1, description="HNSW ef at query time.")
+
+
+class EmbedConfig(_Strict):
+    batch_size: int = Field(256, ge=1, description="Rows per batch handed to one embedding actor.")
+    actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data actor pool.")
+    num_cpus: float = Field(
+        1.0, ge=0, description="CPUs each actor reserves; keep below the node's CPUs so reads and writes still run."
+    )
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each actor reserves (GPU nodes in production).")
+    threads: int | None = Field(
+        None, ge=1, description="Torch threads per actor; null uses every core of the node."
+    )
+
+
+class MlflowConfig(_Strict):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; null: sqlite file under the store root.")
+    experiment: str | None = Field(None, description="Experiment name; null: embray/<collection>.")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="Ray address ('auto', 'ray://...'); null: start a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; null: all of this machine's.")
+
+
+class Config(_Strict):
+    collection: str = Field(description="Name of the managed collection (lowercase letters, digits, - and _).")
+    source: SourceConfig
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec())
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, v: str) -> str:
+        if not _COLLECTION_RE.match(v):
+            raise ValueError(
+                f"{v!r} is not a valid collection name: use 1-63 lowercase letters, digits, '-' or '_', "
+                "starting with a letter or digit"
+            )
+        return v
+
+    @property
+    def registered_model(self) -> str:
+        """The MLflow registered model that tracks this collection's versions."""
+        return f"embray.{self.collection}"
+
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI, defaulting to a sqlite file under a local store."""
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        if is_remote(self.store.uri):
+            raise ConfigError(
+                f"mlflow.tracking_uri: the store {self.store.uri} is remote, so there is no local sqlite default; "
+                "set mlflow.tracking_uri to your MLflow server (http://...) or a sqlite:/// path"
+            )
+        return "sqlite:///" + str(Path(_strip_file(self.store.uri)) / "mlflow.db")
+
+    def experiment_name(self) -> str:
+        return self.mlflow.experiment or f"embray/{self.collection}"
+
+
+def _strip_file(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def _resolve(uri: str, base: Path) -> str:
+    if is_remote(uri):
+        return uri
+    path = Path(os.path.expanduser(_strip_file(uri)))
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _format_validation_error(e: ValidationError, origin: str) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling against the documented keys"
+        elif err["type"] == "missing":
+            msg = "required key is missing; add it"
+        lines.append(f"{where}: {msg}")
+    return f"invalid config {origin}: " + "; ".join(lines)
+
+
+def parse_config(data: Any, *, base_dir: Path | str = ".", origin: str = "(inline)") -> Config:
+    """Validate a config mapping; relative local paths resolve against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {origin}: expected a mapping of keys at the top level")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, origin)) from e
+    base = Path(base_dir)
+    return cfg.model_copy(
+        update={
+            "source": cfg.source.model_copy(update={"uri": _resolve(cfg.source.uri, base)}),
+            "store": cfg.store.model_copy(update={"uri": _resolve(cfg.store.uri, base)}),
+            "model": cfg.model.resolved(base),
+        }
+    )
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config file."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {p} does not exist; pass --config with the path of your YAML file") from e
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+    if overrides:
+        data = {**(data or {}), **overrides}
+    return parse_config(data, base_dir=p.resolve().parent, origin=str(p))
+
+
+def redact(options: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``storage_options`` safe to print or log: secrets are masked."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif any(s in k.lower() for s in _SECRET_KEYS):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out

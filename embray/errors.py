@@ -1,0 +1,51 @@
+"""The errors embray raises.
+
+Every error a user can meet is an :class:`EmbrayError`; the CLI prints its
+message on one line and exits with its ``exit_code``. Library errors (pyarrow,
+s3fs, MLflow, usearch) are wrapped at the boundary with ``raise ... from e`` so
+the original stays in the traceback.
+
+    EmbrayError
+    ├── ConfigError      a config file or option is wrong (exit 2)
+    ├── SourceError      the corpus cannot be read or has the wrong shape
+    ├── StoreError       the store cannot be reached, or a write failed
+    ├── ModelError       a model backend cannot load or embed
+    ├── VersionError     a version is missing, incomplete or inconsistent
+    └── ConflictError    another writer or a committed object is in the way
+"""
+
+from __future__ import annotations
+
+
+class EmbrayError(Exception):
+    """Base class of every error embray raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(EmbrayError):
+    """The configuration is invalid; the message names the key and the fix."""
+
+    exit_code = 2
+
+
+class SourceError(EmbrayError):
+    """The source corpus is missing, unreadable, or lacks a required column."""
+
+
+class StoreError(EmbrayError):
+    """The version store (local disk or S3) is unreachable or a write failed."""
+
+
+class ModelError(EmbrayError):
+    """A model backend is not installed, cannot load, or returned bad vectors."""
+
+
+class VersionError(EmbrayError):
+    """A version does not exist, is not committed, or does not match its model."""
+
+
+class ConflictError(EmbrayError):
+    """Something already exists where a create-only write was attempted."""
+
+    exit_code = 3

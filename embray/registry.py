@@ -1,0 +1,175 @@
+"""The MLflow side of versions: runs, dataset inputs, registered model versions, aliases.
+
+Each collection is the registered model ``embray.<collection>``; each committed
+version is one model version whose source is the version's URI and whose tag
+``embray.version`` names it. Alias ``active`` is what Serve answers from,
+``candidate`` a shadow build waiting for its gates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from embray.config import Config, is_remote
+from embray.errors import StoreError, VersionError
+from embray.versions import Manifest
+
+log = logging.getLogger("embray")
+
+ACTIVE = "active"
+CANDIDATE = "candidate"
+VERSION_TAG = "embray.version"
+
+
+def _mlflow_error(uri: str, e: Exception) -> StoreError:
+    return StoreError(
+        f"MLflow at {uri} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        "check mlflow.tracking_uri and that the server is up"
+    )
+
+
+class Registry:
+    """A thin wrapper over ``MlflowClient`` bound to one collection."""
+
+    def __init__(self, cfg: Config):
+        from mlflow import MlflowClient
+
+        self.cfg = cfg
+        self.uri = cfg.tracking_uri()
+        self.name = cfg.registered_model
+        if self.uri.startswith("sqlite:///"):
+            os.makedirs(os.path.dirname(self.uri[len("sqlite:///") :]) or ".", exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def _call(self, fn, *args, **kwargs):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as e:
+            raise _mlflow_error(self.uri, e) from e
+        except OSError as e:
+            raise _mlflow_error(self.uri, e) from e
+
+    # --- runs ----------------------------------------------------------------
+    def experiment_id(self) -> str:
+        name = self.cfg.experiment_name()
+        exp = self._call(self.client.get_experiment_by_name, name)
+        if exp is not None:
+            return exp.experiment_id
+        artifacts = None
+        if not self.cfg.mlflow.tracking_uri and not is_remote(self.cfg.store.uri):
+            artifacts = Path(self.cfg.store.uri, "mlflow-artifacts").as_uri()
+        return self._call(self.client.create_experiment, name, artifact_location=artifacts)
+
+    def start_run(self, version: str, kind: str, params: dict[str, Any]) -> str:
+        run = self._call(
+            self.client.create_run,
+            self.experiment_id(),
+            run_name=f"{kind}-{version}",
+            tags={"embray.collection": self.cfg.collection, VERSION_TAG: version, "embray.job": kind},
+        )
+        from mlflow.entities import Param
+
+        self._call(
+            self.client.log_batch, run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()]
+        )
+        return run.info.run_id
+
+    def log_corpus(self, run_id: str, source_uri: str, digest: str, schema: dict, rows: int | None = None) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(
+            name=f"{self.cfg.collection}-corpus",
+            digest=digest[:36],
+            source_type="s3" if source_uri.startswith("s3://") else "local",
+            source=json.dumps({"uri": source_uri}),
+            schema=json.dumps({"mlflow_colspec": schema}),
+            profile=json.dumps({"num_rows": rows}) if rows is not None else None,
+        )
+        self._call(
+            self.client.log_inputs,
+            run_id,
+            datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "corpus")])],
+        )
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._call(
+            self.client.log_batch, run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        )
+
+    def end_run(self, run_id: str, ok: bool, error: str | None = None) -> None:
+        if error:
+            self._call(self.client.set_tag, run_id, "embray.error", error[:5000])
+        self._call(self.client.set_terminated, run_id, "FINISHED" if ok else "FAILED")
+
+    # --- registered model versions --------------------------------------------
+    def ensure_model(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self._call(
+                self.client.create_registered_model,
+                self.name,
+                tags={"embray.collection": self.cfg.collection},
+                description=f"embray collection {self.cfg.collection}: one model version per index version.",
+            )
+
+    def register(self, manifest: Manifest, uri: str) -> str:
+        """Register a committed version; idempotent (returns the existing model version)."""
+        self.ensure_model()
+        existing = self.model_version(manifest.version)
+        if existing is not None:
+            return str(existing.version)
+        tags = {
+            VERSION_TAG: manifest.version,
+            "embray.fingerprint": manifest.fingerprint,
+            "embray.model": manifest.model.label,
+            "embray.dims": str(manifest.dims),
+            "embray.rows": str(manifest.rows),
+            "embray.shards": str(len(manifest.shards)),
+            "embray.rejected": str(manifest.counts.get("rejected", 0)),
+            "embray.parent": manifest.parent or "",
+        }
+        mv = self._call(
+            self.client.create_model_version,
+            self.name,
+            source=uri,
+            run_id=manifest.mlflow_run_id,
+            tags=tags,
+            description=f"{manifest.rows} rows of {manifest.source.get('uri')} embedded by {manifest.model.label}",
+        )
+        return str(mv.version)
+
+    def model_versions(self) -> list:
+        self.ensure_model()
+        return self._call(self.client.search_model_versions, f"name='{self.name}'")
+
+    def model_version(self, version: str):
+        for mv in self.model_versions():
+            if mv.tags.get(VERSION_TAG) == version:
+                return mv
+        return None
+
+    def aliases(self) -> dict[str, str]:
+        """alias -> embray version id."""
+        by_number = {str(mv.version): mv.tags.get(VERSION_TAG) for mv in self.model_versions()}
+        rm = self._call(self.client.get_registered_model, self.name)
+        return {alias: by_number.get(str(num)) for alias, num in (rm.aliases or {}).items()}
+
+    def set_alias(self, alias: str, version: str) -> None:
+        mv = self.model_version(version)
+        if mv is None:
+            raise VersionError(f"version {version} is not registered in MLflow model {self.name}")
+        self._call(self.client.set_registered_model_alias, self.name, alias, str(mv.version))

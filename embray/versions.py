@@ -1,0 +1,133 @@
+"""Versions: immutable, complete builds of a collection in one vector space.
+
+Layout under the store root::
+
+    <collection>/versions/<version>/
+        embeddings/shard-00000.parquet   id, content_hash, vector (float32), in key order
+        shards/shard-00000.usearch       USearch index; key i is row i of the embeddings part
+        rejects/shard-00000.parquet      rows left out, with their reason (only when there are some)
+        manifest.json                    written last, create-only: the version exists once it does
+
+A directory without ``manifest.json`` is an unfinished or failed build and is
+never listed, searched or registered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import os
+import secrets
+import socket
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from embray.errors import VersionError
+from embray.models import ModelSpec
+from embray.store import Store
+
+MANIFEST = "manifest.json"
+FORMAT = "embray.version/1"
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str  # relative to the version directory
+    sha256: str
+    bytes: int
+
+
+class ShardEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    shard: int
+    rows: int
+    rejected: int
+    fingerprint: str
+    content_digest: str  # sha256 over the shard's (id, content_hash) pairs in key order
+    embeddings: FileEntry | None
+    index: FileEntry | None
+    rejects: FileEntry | None
+
+
+class Manifest(BaseModel):
+    """The committed record of a version. Written once, never changed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: str = FORMAT
+    collection: str
+    version: str
+    parent: str | None = None
+    created: str
+    created_by: str
+    model: ModelSpec
+    fingerprint: str
+    dims: int
+    index: dict[str, Any]
+    source: dict[str, Any]
+    counts: dict[str, Any]
+    shards: list[ShardEntry]
+    content_digest: str
+    stats: dict[str, float]
+    mlflow_run_id: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+
+
+def new_version_id(now: dt.datetime | None = None) -> str:
+    """Sortable by creation time, unique across machines: ``v20261125T194500Z-3f9a1c``."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"v{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def utcnow() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = os.environ.get("USER", "unknown")
+    return f"{user}@{socket.gethostname()}"
+
+
+def version_dir(collection: str, version: str) -> str:
+    return f"{collection}/versions/{version}"
+
+
+def read_manifest(store: Store, collection: str, version: str) -> Manifest:
+    rel = f"{version_dir(collection, version)}/{MANIFEST}"
+    try:
+        raw = store.read_bytes(rel)
+    except FileNotFoundError as e:
+        raise VersionError(
+            f"version {version} of collection {collection!r} does not exist or was never committed "
+            f"(no {store.url(rel)}); `embray versions` lists the committed ones"
+        ) from e
+    try:
+        return Manifest.model_validate_json(raw)
+    except ValidationError as e:
+        raise VersionError(f"manifest {store.url(rel)} is malformed: {e.errors()[0]['msg']}") from e
+
+
+def list_versions(store: Store, collection: str) -> list[Manifest]:
+    """Committed versions of ``collection``, oldest first."""
+    out = []
+    for name in store.listdir(f"{collection}/versions"):
+        if store.exists(f"{version_dir(collection, name)}/{MANIFEST}"):
+            out.append(read_manifest(store, collection, name))
+    return out
+
+
+def commit_manifest(store: Store, manifest: Manifest) -> str:
+    """Make the version visible: the manifest is the last write, and create-only."""
+    rel = f"{version_dir(manifest.collection, manifest.version)}/{MANIFEST}"
+    store.create_exclusive(rel, manifest.to_json())
+    return store.url(version_dir(manifest.collection, manifest.version))
