@@ -139,11 +139,9 @@ class _EmbedActor:
         full = np.zeros((batch.num_rows, dims), dtype=np.float32)
         if texts:
             full[ok_np] = self.embedder.embed_documents(texts)
-        vectors = pa.FixedSizeListArray.from_arrays(pa.array(full.ravel()), dims)  # zeros for rejects
-        keep_text = pc.if_else(ok, pa.scalar(None, pa.string()), batch.column("text"))  # text only for rejects
-        return batch.set_column(batch.schema.get_field_index("text"), "text", keep_text).append_column(
-            "vector", vectors
-        )
+        # Rejected rows keep a zero vector; the text stays so that rejects (duplicates are only found
+        # per shard, later) can be written with it.
+        return batch.append_column("vector", pa.FixedSizeListArray.from_arrays(pa.array(full.ravel()), dims))
 
 
 # --- stage 2: shards ------------------------------------------------------------
@@ -301,20 +299,20 @@ def _embed_and_stage(cfg: Config, src: SourceInfo, store: Store, staged: str, fp
     ds.write_parquet(store.path(staged), filesystem=store.pyarrow_fs(), partition_cols=["shard"])
 
 
-def _probe_dims(spec: ModelSpec) -> int:
-    if spec.dims is not None:
-        return spec.dims
-    import ray
+def _staged_dims(store: Store, staged: str) -> int:
+    """The vector size the actors produced, read from one staged file's schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    @ray.remote(num_cpus=0.5, num_gpus=0)
-    def probe(s: ModelSpec) -> int:
-        from embray.models import load_embedder
-
-        return load_embedder(s).dims
-
-    if spec.backend == "vllm":
-        raise ConfigError("model.dims is required for the vllm backend (e.g. dims: 1024)")
-    return ray.get(probe.remote(spec))
+    for part in store.listdir(staged):
+        names = [n for n in store.listdir(f"{staged}/{part}") if n.endswith(".parquet")]
+        if names:
+            schema = pq.read_schema(store.path(f"{staged}/{part}/{names[0]}"), filesystem=store.pyarrow_fs())
+            vtype = schema.field("vector").type
+            if isinstance(vtype, pa.ExtensionType):
+                vtype = vtype.storage_type
+            return int(vtype.list_size)
+    raise SourceError("the source corpus has no rows; add data to source.uri before a backfill")
 
 
 def _wrap(e: Exception) -> EmbrayError:
@@ -365,12 +363,12 @@ def backfill(cfg: Config, *, promote: bool = True) -> BuildResult:
 
         init_ray(cfg.ray)
         _check_pool_fits(cfg)
-        dims = _probe_dims(cfg.model)
         staged = f"{vdir}/{STAGING}"
         t_embed = time.monotonic()
         try:
             _embed_and_stage(cfg, src, store, staged, fp)
             embed_s = time.monotonic() - t_embed
+            dims = _staged_dims(store, staged)
             log.info("embedded and staged in %.1fs; building %d shards", embed_s, cfg.index.shards)
             task = ray.remote(num_cpus=1)(build_shard)
             results = ray.get(

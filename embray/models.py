@@ -50,7 +50,9 @@ class ModelSpec(BaseModel):
     query_prefix: str = Field("", description="Prepended to query texts, e.g. 'query: '.")
     document_prefix: str = Field("", description="Prepended to document texts, e.g. 'passage: '.")
     seed: int = Field(0, description="Seed of the 'hash' backend; different seeds are different spaces.")
-    device: str | None = Field(None, description="Torch device; null: cuda when available, else cpu. Not fingerprinted.")
+    device: str | None = Field(
+        None, description="Torch device; null: cuda when available, else cpu. Not fingerprinted."
+    )
     batch_size: int = Field(64, ge=1, description="Texts per forward pass inside the model. Not fingerprinted.")
 
     @model_validator(mode="after")
@@ -72,18 +74,18 @@ class ModelSpec(BaseModel):
         return self
 
     def canonical(self) -> dict:
-        """The fingerprinted part of the spec, with the model named the same on every machine."""
-        name = self.name
-        if name in _MINILM_ALIASES:
-            name = MINILM
-        elif os.path.isabs(name):
-            name = Path(name).name  # the weights digest identifies a local directory, not its path
+        """The fingerprinted part of the spec.
+
+        For models with weight files, the name, path and revision are left out: the weights digest
+        identifies the model, so the same files give the same space on every machine and path.
+        """
         out = self.model_dump(exclude={"device", "batch_size"})
-        out.update(name=name, normalize="l2", dtype="float32")
+        out.update(normalize="l2", dtype="float32")
         if self.backend != "hash":
-            out.pop("seed")
+            for key in ("name", "revision", "seed"):
+                out.pop(key)
             if self.dims is None:
-                out.pop("dims")  # determined by the weights, which are digested
+                out.pop("dims")  # determined by the weights
         return out
 
 
@@ -175,6 +177,12 @@ class Embedder:
     def dims(self) -> int:
         raise NotImplementedError
 
+    def _check_dims(self) -> None:
+        if self.spec.dims is not None and self.spec.dims != self.dims:
+            raise ModelError(
+                f"model.dims is {self.spec.dims} but {self.spec.name} makes {self.dims}-dim vectors; fix model.dims"
+            )
+
     def embed_batch(self, texts: list[str]) -> np.ndarray:
         """Raw vectors for ``texts``, shape (len(texts), dims). Subclasses implement this."""
         raise NotImplementedError
@@ -250,8 +258,7 @@ class SentenceTransformerEmbedder(Embedder):
         if spec.max_tokens:
             self.model.max_seq_length = spec.max_tokens
         self._dims = int(self.model.get_embedding_dimension())
-        if spec.dims is not None and spec.dims != self._dims:
-            raise ModelError(f"model.dims is {spec.dims} but {spec.name} makes {self._dims}-dim vectors; fix model.dims")
+        self._check_dims()
 
     @property
     def dims(self) -> int:
@@ -285,8 +292,7 @@ class VllmEmbedder(Embedder):
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"vLLM cannot load {spec.name} from {path}: {e}") from e
         self._dims = int(self.embed_batch(["dimension probe"]).shape[1])
-        if spec.dims is not None and spec.dims != self._dims:
-            raise ModelError(f"model.dims is {spec.dims} but {spec.name} makes {self._dims}-dim vectors; fix model.dims")
+        self._check_dims()
 
     @property
     def dims(self) -> int:

@@ -71,7 +71,7 @@ class Store:
             entries = self.fs.ls(p, detail=False, refresh=True) if self.remote else self.fs.ls(p, detail=False)
         except FileNotFoundError:
             return []
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - wrapped at the boundary
             raise StoreError(f"cannot list {self.url(rel)}: {e}") from e
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
@@ -106,7 +106,7 @@ class Store:
                 self.fs.pipe_file(dest, data, mode="create")
             except FileExistsError as e:
                 raise ConflictError(f"{self.url(rel)} already exists; it is never overwritten") from e
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - wrapped at the boundary
                 if "PreconditionFailed" in str(e) or "412" in str(e):
                     raise ConflictError(f"{self.url(rel)} already exists; it is never overwritten") from e
                 raise StoreError(f"cannot write {self.url(rel)}: {e}") from e
@@ -133,7 +133,7 @@ class Store:
                 self.fs.rm(p, recursive=True)
         except FileNotFoundError:
             pass
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - wrapped at the boundary
             raise StoreError(f"cannot delete {self.url(rel)}: {e}") from e
 
     def check_writable(self) -> None:
@@ -154,7 +154,7 @@ class Store:
             return fn(*args)
         except FileNotFoundError:
             raise
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - fsspec backends raise OSError, botocore and aiohttp errors alike
             raise StoreError(f"store {self.uri}: {type(e).__name__}: {e}") from e
 
 
@@ -176,7 +176,7 @@ def list_source_files(uri: str, storage_options: dict[str, Any]) -> tuple[Store,
         found = fs.find(root)
     except SourceError:
         raise
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - fsspec backends raise OSError, botocore and aiohttp errors alike
         raise SourceError(
             f"source {uri} cannot be listed ({type(e).__name__}: {e}); check source.uri and source.storage_options"
         ) from e

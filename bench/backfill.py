@@ -1,0 +1,171 @@
+"""Backfill throughput: embray vs plain SentenceTransformer.encode, same corpus, model and machine.
+
+    .venv/bin/python bench/backfill.py [--docs 6000] [--rounds 3] [--hash-rows 100000] [--write]
+
+Runs, interleaved in one process so that machine noise hits both alike:
+  plain   load all-MiniLM-L6-v2 and encode every text (sentence-transformers, this process, all cores)
+  embray  `backfill()` of the same Parquet corpus on a local Ray that is already up: read, hash,
+          embed in the actor pool (actor start and model load included), stage, build USearch shards,
+          commit the manifest, register in MLflow
+  hash    the same pipeline with the `hash` backend on a larger corpus: the pipeline's own ceiling
+Prints a markdown table of medians; --write puts it into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK_BEGIN = "<!-- bench/backfill.py begin -->"
+MARK_END = "<!-- bench/backfill.py end -->"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return (f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU")
+
+
+def plain_encode(texts: list[str], batch_size: int) -> float:
+    from sentence_transformers import SentenceTransformer
+
+    from embray.models import ModelSpec, resolve_model_path
+
+    t = time.perf_counter()
+    model = SentenceTransformer(str(resolve_model_path(ModelSpec())), device="cpu", local_files_only=True)
+    model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    return time.perf_counter() - t
+
+
+def embray_backfill(cfg) -> float:
+    from embray.backfill import backfill
+
+    t = time.perf_counter()
+    backfill(cfg, promote=False)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--docs", type=int, default=6000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hash-rows", type=int, default=100_000)
+    ap.add_argument("--batch-size", type=int, default=512, help="embed.batch_size (rows per actor call)")
+    ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    args = ap.parse_args()
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from embray.config import parse_config
+    from embray.demo import write_demo
+
+    tmp = Path(tempfile.mkdtemp(prefix="embray-bench-"))
+    _, n = write_demo(tmp / "demo", docs=args.docs, files=8)
+    texts = pq.read_table(tmp / "demo" / "corpus").column("text").to_pylist()
+    # Hash corpus: the docstrings repeated under new ids, up to --hash-rows rows, in 16 files.
+    big = tmp / "big"
+    big.mkdir()
+    reps = -(-args.hash_rows // n)
+    ids = [f"{r}:{i}" for r in range(reps) for i in range(n)][: args.hash_rows]
+    body = (texts * reps)[: args.hash_rows]
+    for f in range(16):
+        pq.write_table(pa.table({"id": ids[f::16], "text": body[f::16]}), big / f"part-{f:02d}.parquet")
+
+    def cfg(name: str, source: Path, model: dict):
+        return parse_config(
+            {
+                "collection": name,
+                "source": {"uri": str(source)},
+                "store": {"uri": str(tmp / "store")},
+                "model": model,
+                "index": {"shards": 4},
+                "embed": {"batch_size": args.batch_size, "actors": 1, "num_cpus": 1},
+            },
+            base_dir=tmp,
+        )
+
+    minilm = cfg("bench-minilm", tmp / "demo" / "corpus", {"backend": "sentence-transformers"})
+    hashed = cfg("bench-hash", big, {"backend": "hash", "name": "words", "dims": 384})
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    embray_backfill(hashed.model_copy(update={"collection": "warmup"}))  # warm Ray's worker pool
+    plain_s, embray_s, hash_s = [], [], []
+    for r in range(args.rounds):
+        plain_s.append(plain_encode(texts, batch_size=64))
+        embray_s.append(embray_backfill(minilm))
+        hash_s.append(embray_backfill(hashed))
+        print(f"round {r + 1}: plain {plain_s[-1]:.1f}s, embray {embray_s[-1]:.1f}s, hash {hash_s[-1]:.1f}s",
+              file=sys.stderr, flush=True)
+    ray.shutdown()
+
+    med = statistics.median
+    ratios = [p / e for p, e in zip(plain_s, embray_s, strict=True)]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    rows = [
+        ("plain `SentenceTransformer.encode` (load + encode, 1 process)", n, med(plain_s), None),
+        (f"embray backfill, MiniLM (1 actor, batch {args.batch_size}, 4 shards)", n, med(embray_s),
+         med(ratios)),
+        ("embray backfill, `hash` backend (pipeline ceiling)", args.hash_rows, med(hash_s), None),
+    ]
+    table = [
+        MARK_BEGIN,
+        "## Backfill throughput",
+        "",
+        f"Command: `.venv/bin/python bench/backfill.py --docs {args.docs} --rounds {args.rounds} "
+        f"--hash-rows {args.hash_rows} --batch-size {args.batch_size}` (commit {commit.stdout.strip() or '?'})",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        f"Corpus: {n} Python standard library docstrings (mean {sum(map(len, texts)) / n:.0f} characters), "
+        "8 Parquet files; the `hash` run uses the same texts repeated under new ids in 16 files. "
+        f"Medians of {args.rounds} interleaved rounds; Ray was started once before the rounds.",
+        "",
+        "| run | rows | seconds (median) | rows/s | vs plain encode |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, count, secs, ratio in rows:
+        table.append(f"| {name} | {count} | {secs:.1f} | {count / secs:.1f} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+    table += [
+        "",
+        "Per round (plain / embray seconds): "
+        + ", ".join(f"{p:.1f} / {e:.1f}" for p, e in zip(plain_s, embray_s, strict=True))
+        + f"; ratio per round: {', '.join(f'{x:.2f}' for x in ratios)}.",
+        MARK_END,
+    ]
+    text = "\n".join(table)
+    print(text)
+    if args.write:
+        doc = ROOT / "docs" / "benchmarks.md"
+        old = doc.read_text() if doc.exists() else "# Benchmarks\n\nRun by hand; each section names its command.\n"
+        if MARK_BEGIN in old:
+            head, rest = old.split(MARK_BEGIN, 1)
+            old = head + rest.split(MARK_END, 1)[1].lstrip("\n")
+        doc.write_text(old.rstrip("\n") + "\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The ``embray`` command: parse, call the library, print; errors become one line and an exit code.
+
+With ``--json`` a command prints JSON on stdout and nothing else (logs and
+progress go to stderr), so scripts and monitoring can parse it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from embray.errors import EmbrayError
+
+config_option = click.option(
+    "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="embray YAML config file."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout and nothing else.")
+
+
+def _emit(obj: Any, as_json: bool, human: str) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str) if as_json else human)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
+def cli(verbose: bool) -> None:
+    """Embeddings as a managed asset: versioned, fingerprinted indexes built by Ray, tracked in MLflow."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@cli.command()
+@config_option
+@click.option("--no-promote", is_flag=True, help="Do not make the first version of the collection active.")
+@json_option
+def backfill(config_path: str, no_promote: bool, as_json: bool) -> None:
+    """Embed the whole source corpus into a new version."""
+    from embray.backfill import backfill as run
+    from embray.config import load_config
+
+    result = run(load_config(config_path), promote=not no_promote)
+    s = result.summary()
+    reasons = ", ".join(f"{n} {r}" for r, n in s["rejected_by_reason"].items()) or "none"
+    _emit(
+        s,
+        as_json,
+        f"version {s['version']} committed: {s['rows']} rows in {s['seconds']}s ({s['rows_per_s']} rows/s)\n"
+        f"  fingerprint {s['fingerprint']}, MLflow model version {s['model_version']}"
+        f"{', alias active' if result.promoted else ''}\n"
+        f"  rejected {s['rejected']} rows ({reasons})"
+        + (f"; see {s['uri']}/rejects/" if s["rejected"] else "")
+        + f"\n  {s['uri']}",
+    )
+
+
+def version_rows(cfg) -> list[dict[str, Any]]:
+    from embray.backfill import sync_registry
+    from embray.registry import Registry
+    from embray.store import Store
+    from embray.versions import list_versions
+
+    store = Store(cfg.store.uri, cfg.store.storage_options)
+    manifests = list_versions(store, cfg.collection)
+    registry = Registry(cfg)
+    if manifests:
+        sync_registry(store, registry, cfg.collection)
+    by_version: dict[str, list[str]] = {}
+    for alias, vid in registry.aliases().items():
+        by_version.setdefault(vid, []).append(alias)
+    return [
+        {
+            "id": m.version,
+            "model": m.model.label,
+            "fingerprint": m.fingerprint,
+            "rows": m.rows,
+            "rejected": m.counts.get("rejected", 0),
+            "dims": m.dims,
+            "shards": len(m.shards),
+            "created": m.created,
+            "parent": m.parent,
+            "aliases": sorted(by_version.get(m.version, [])),
+        }
+        for m in manifests
+    ]
+
+
+@cli.command()
+@config_option
+@json_option
+def versions(config_path: str, as_json: bool) -> None:
+    """List the committed versions of the collection, oldest first."""
+    from embray.config import load_config
+
+    rows = version_rows(load_config(config_path))
+    lines = [f"{'VERSION':<26} {'ROWS':>9}  {'FINGERPRINT':<24}  {'CREATED':<25} {'ALIASES':<18} MODEL"]
+    for r in rows:
+        lines.append(
+            f"{r['id']:<26} {r['rows']:>9}  {r['fingerprint']:<24}  {r['created']:<25} "
+            f"{','.join(r['aliases']) or '-':<18} {r['model']}"
+        )
+    _emit(rows, as_json, "\n".join(lines) if rows else "no versions yet: run `embray backfill`")
+
+
+@cli.command()
+@config_option
+@click.argument("query")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000), help="Results to return.")
+@click.option("--version", "version", default=None, help="Search this version instead of the active one.")
+@json_option
+def search(config_path: str, query: str, k: int, version: str | None, as_json: bool) -> None:
+    """Search the active version with QUERY, embedded by that version's own model."""
+    from embray.config import load_config
+    from embray.search import open_version
+
+    vi = open_version(load_config(config_path), version)
+    hits = vi.search_text([query], k)[0]
+    out = {"version": vi.version, "fingerprint": vi.fingerprint, "results": [h.to_dict() for h in hits]}
+    human = [f"version {vi.version} ({vi.manifest.model.label}, fingerprint {vi.fingerprint})"]
+    human += [f"{h.score:8.4f}  {h.id}" for h in hits]
+    _emit(out, as_json, "\n".join(human))
+
+
+@cli.command()
+@click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--docs", default=6000, show_default=True, type=click.IntRange(10), help="Documents to collect.")
+@click.option("--files", default=8, show_default=True, type=click.IntRange(1), help="Parquet files to shard into.")
+def demo(out: str, docs: int, files: int) -> None:
+    """Write a demo corpus (Python standard library docstrings) and a config that uses it."""
+    from embray.demo import write_demo
+
+    config, n = write_demo(out, docs=docs, files=files)
+    click.echo(f"wrote {n} documents in {files} Parquet files and {config}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="embray", standalone_mode=False)
+    except EmbrayError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

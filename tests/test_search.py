@@ -1,0 +1,82 @@
+"""Search over a committed version: quality of the ANN shards, and refusals that keep spaces apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from embray.backfill import backfill
+from embray.errors import VersionError
+from embray.search import VersionIndex, open_version
+from embray.store import Store
+
+from .conftest import make_config, write_corpus
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("search")
+    corpus = write_corpus(tmp / "corpus", files=4, rows=5000)
+    cfg = make_config(tmp, model={"dims": 96}, index={"shards": 4}, embed={"batch_size": 2000})
+    result = backfill(cfg)
+    return cfg, result, corpus
+
+
+def _all_vectors(cfg, manifest):
+    root = f"{cfg.store.uri}/{cfg.collection}/versions/{manifest.version}"
+    parts = [pq.read_table(f"{root}/{s.embeddings.path}") for s in manifest.shards]
+    ids = [i for p in parts for i in p.column("id").to_pylist()]
+    vecs = np.concatenate([np.stack(p.column("vector").to_numpy(zero_copy_only=False)) for p in parts])
+    return ids, vecs
+
+
+def test_ann_recall_at_10_against_exact_search(built):
+    cfg, result, _ = built
+    vi = open_version(cfg)
+    ids, vecs = _all_vectors(cfg, result.manifest)
+    rng = np.random.default_rng(7)
+    queries = vecs[rng.choice(len(vecs), 200, replace=False)] + rng.normal(0, 0.05, (200, vecs.shape[1]))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]  # brute force over float32 vectors
+    ann = vi.search_vectors(queries, k=10)
+    recall = np.mean([len({h.id for h in hits} & {ids[j] for j in row}) / 10 for hits, row in zip(ann, exact, strict=True)])
+    assert recall >= 0.95, f"recall@10 {recall:.3f}"
+    exact_shards = vi.search_vectors(queries, k=10, exact=True)
+    assert np.mean([len({h.id for h in a} & {h.id for h in e}) / 10 for a, e in zip(ann, exact_shards, strict=True)]) >= 0.95
+
+
+def test_text_search_uses_the_versions_model_and_ranks_best_first(built):
+    cfg, _, corpus = built
+    vi = open_version(cfg)
+    query = corpus["doc-004321"]
+    (hits,) = vi.search_text([query], k=10)
+    # The query's own document scores ~1 (hash collisions in 96 dims can tie a few others with it).
+    assert hits[0].score == pytest.approx(1.0, abs=1e-2)
+    assert "doc-004321" in [h.id for h in hits if h.score > 0.99]
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True) and len(hits) == 10
+
+
+def test_mixed_fingerprints_and_foreign_vectors_are_refused(built):
+    cfg, result, _ = built
+    store = Store(cfg.store.uri)
+    m = result.manifest
+    shards = list(m.shards)
+    shards[2] = shards[2].model_copy(update={"fingerprint": "0" * 24})
+    with pytest.raises(VersionError, match=r"mixes fingerprints"):
+        VersionIndex(store, m.model_copy(update={"shards": shards}))
+    vi = VersionIndex(store, m)
+    with pytest.raises(VersionError, match=r"query vectors have 10 dims; version .* has 96"):
+        vi.search_vectors(np.ones((1, 10), dtype=np.float32))
+    other_model = m.model_copy(update={"model": m.model.model_copy(update={"seed": 9})})
+    with pytest.raises(VersionError, match=r"that model here has fingerprint .*: its weights or spec differ"):
+        VersionIndex(store, other_model).search_text(["river"])
+
+
+def test_no_active_version_is_a_clear_error(tmp_path):
+    cfg = make_config(tmp_path)
+    with pytest.raises(VersionError, match=r"has no 'active' version yet; run `embray backfill"):
+        open_version(cfg)
