@@ -42,10 +42,13 @@ def test_ann_recall_at_10_against_exact_search(built):
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
     exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]  # brute force over float32 vectors
     ann = vi.search_vectors(queries, k=10)
-    recall = np.mean([len({h.id for h in hits} & {ids[j] for j in row}) / 10 for hits, row in zip(ann, exact, strict=True)])
+    truth = [{ids[j] for j in row} for row in exact]
+    recall = np.mean([len({h.id for h in hits} & t) / 10 for hits, t in zip(ann, truth, strict=True)])
     assert recall >= 0.95, f"recall@10 {recall:.3f}"
+    # The shards' own exact mode agrees with the brute force too (f16 storage barely moves the top 10).
     exact_shards = vi.search_vectors(queries, k=10, exact=True)
-    assert np.mean([len({h.id for h in a} & {h.id for h in e}) / 10 for a, e in zip(ann, exact_shards, strict=True)]) >= 0.95
+    agree = np.mean([len({h.id for h in e} & t) / 10 for e, t in zip(exact_shards, truth, strict=True)])
+    assert agree >= 0.98, f"exact-mode agreement {agree:.3f}"
 
 
 def test_text_search_uses_the_versions_model_and_ranks_best_first(built):
