@@ -20,7 +20,7 @@ from typing import Any
 
 from embray import rows as R
 from embray.config import Config, IndexConfig, RayConfig
-from embray.errors import ConfigError, EmbrayError, ModelError, SourceError
+from embray.errors import ConfigError, EmbrayError, ModelError, SourceError, StoreError
 from embray.models import ModelSpec, fingerprint
 from embray.registry import ACTIVE, Registry
 from embray.source import SourceInfo, inspect_source
@@ -315,13 +315,13 @@ def _staged_dims(store: Store, staged: str) -> int:
     raise SourceError("the source corpus has no rows; add data to source.uri before a backfill")
 
 
-def _wrap(e: Exception) -> EmbrayError:
+def _wrap(e: Exception, stage: str, kind: type[EmbrayError]) -> EmbrayError:
     """Ray wraps task errors; surface ours, and name the stage for the rest."""
     cause = getattr(e, "cause", None) or e
     if isinstance(cause, EmbrayError):
         return cause
-    first = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-    return SourceError(f"the backfill failed while reading or embedding the corpus: {type(cause).__name__}: {first}")
+    last = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+    return kind(f"the backfill failed while {stage}: {type(cause).__name__}: {last}")
 
 
 def backfill(cfg: Config, *, promote: bool = True) -> BuildResult:
@@ -332,8 +332,7 @@ def backfill(cfg: Config, *, promote: bool = True) -> BuildResult:
     store.check_writable()
     src = inspect_source(cfg.source)
     registry = Registry(cfg)
-    registry.experiment_id()  # fail fast when MLflow is unreachable
-    sync_registry(store, registry, cfg.collection)
+    sync_registry(store, registry, cfg.collection)  # also fails fast when MLflow is unreachable
 
     vid = new_version_id()
     vdir = version_dir(cfg.collection, vid)
@@ -367,15 +366,18 @@ def backfill(cfg: Config, *, promote: bool = True) -> BuildResult:
         t_embed = time.monotonic()
         try:
             _embed_and_stage(cfg, src, store, staged, fp)
-            embed_s = time.monotonic() - t_embed
-            dims = _staged_dims(store, staged)
-            log.info("embedded and staged in %.1fs; building %d shards", embed_s, cfg.index.shards)
-            task = ray.remote(num_cpus=1)(build_shard)
+        except Exception as e:  # noqa: BLE001 - re-raised as the matching EmbrayError
+            raise _wrap(e, "reading or embedding the corpus", SourceError) from e
+        embed_s = time.monotonic() - t_embed
+        dims = _staged_dims(store, staged)
+        log.info("embedded and staged in %.1fs; building %d shards", embed_s, cfg.index.shards)
+        task = ray.remote(num_cpus=1)(build_shard)
+        try:
             results = ray.get(
                 [task.remote(store, staged, vdir, k, dims, cfg.index, fp) for k in range(cfg.index.shards)]
             )
         except Exception as e:  # noqa: BLE001 - re-raised as the matching EmbrayError
-            raise _wrap(e) from e
+            raise _wrap(e, "building the shards", StoreError) from e
         store.delete(staged)
         shards = [ShardEntry(**r) for r, _ in results]
         by_reason: dict[str, int] = {}
@@ -450,7 +452,7 @@ def _abandon(store: Store, vdir: str, registry: Registry, run_id: str, e: BaseEx
 
 def sync_registry(store: Store, registry: Registry, collection: str) -> None:
     """Register committed versions that MLflow does not know yet (after a crash between commit and register)."""
-    known = {mv.tags.get("embray.version") for mv in registry.model_versions()}
+    known = registry.registered_versions()
     for m in list_versions(store, collection):
         if m.version not in known:
             log.warning("registering %s, committed earlier but missing from MLflow", m.version)

@@ -61,7 +61,7 @@ def backfill(config_path: str, no_promote: bool, as_json: bool) -> None:
 
 
 def version_rows(cfg) -> list[dict[str, Any]]:
-    from embray.backfill import sync_registry
+    """Committed versions from the store, with their MLflow aliases; read-only."""
     from embray.registry import Registry
     from embray.store import Store
     from embray.versions import list_versions
@@ -69,8 +69,7 @@ def version_rows(cfg) -> list[dict[str, Any]]:
     store = Store(cfg.store.uri, cfg.store.storage_options)
     manifests = list_versions(store, cfg.collection)
     registry = Registry(cfg)
-    if manifests:
-        sync_registry(store, registry, cfg.collection)
+    registered = registry.registered_versions() if manifests else set()
     by_version: dict[str, list[str]] = {}
     for alias, vid in registry.aliases().items():
         by_version.setdefault(vid, []).append(alias)
@@ -86,6 +85,7 @@ def version_rows(cfg) -> list[dict[str, Any]]:
             "created": m.created,
             "parent": m.parent,
             "aliases": sorted(by_version.get(m.version, [])),
+            "registered": m.version in registered,  # false only after a crash between commit and register
         }
         for m in manifests
     ]

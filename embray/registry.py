@@ -44,6 +44,7 @@ class Registry:
         if self.uri.startswith("sqlite:///"):
             os.makedirs(os.path.dirname(self.uri[len("sqlite:///") :]) or ".", exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self._experiment_id: str | None = None
 
     def _call(self, fn, *args, **kwargs):
         from mlflow.exceptions import MlflowException
@@ -57,6 +58,11 @@ class Registry:
 
     # --- runs ----------------------------------------------------------------
     def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self._get_or_create_experiment()
+        return self._experiment_id
+
+    def _get_or_create_experiment(self) -> str:
         name = self.cfg.experiment_name()
         exp = self._call(self.client.get_experiment_by_name, name)
         if exp is not None:
@@ -155,6 +161,10 @@ class Registry:
     def model_versions(self) -> list:
         self.ensure_model()
         return self._call(self.client.search_model_versions, f"name='{self.name}'")
+
+    def registered_versions(self) -> set[str]:
+        """embray version ids that have a model version."""
+        return {mv.tags.get(VERSION_TAG) for mv in self.model_versions()}
 
     def model_version(self, version: str):
         for mv in self.model_versions():

@@ -40,15 +40,30 @@ def test_ann_recall_at_10_against_exact_search(built):
     rng = np.random.default_rng(7)
     queries = vecs[rng.choice(len(vecs), 200, replace=False)] + rng.normal(0, 0.05, (200, vecs.shape[1]))
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
-    exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]  # brute force over float32 vectors
+    scores = queries @ vecs.T  # brute force over the float32 vectors
+    exact = np.argsort(-scores, axis=1)[:, :10]
+    kth = np.take_along_axis(scores, exact[:, 9:10], axis=1)[:, 0]
+    pos = {i: n for n, i in enumerate(ids)}
+
+    def recall(results) -> float:
+        # A hit counts when it is in the true top 10 by score: hashed 96-dim vectors have exact ties at the
+        # 10th place, and which of two tied ids a search returns is not a quality difference.
+        return float(
+            np.mean([sum(scores[q, pos[h.id]] >= kth[q] - 1e-3 for h in hits) / 10 for q, hits in enumerate(results)])
+        )
+
     ann = vi.search_vectors(queries, k=10)
-    truth = [{ids[j] for j in row} for row in exact]
-    recall = np.mean([len({h.id for h in hits} & t) / 10 for hits, t in zip(ann, truth, strict=True)])
-    assert recall >= 0.95, f"recall@10 {recall:.3f}"
-    # The shards' own exact mode agrees with the brute force too (f16 storage barely moves the top 10).
+    assert recall(ann) >= 0.95, f"ANN recall@10 {recall(ann):.3f}"
+    strict = np.mean(
+        [len({h.id for h in hits} & {ids[j] for j in row}) / 10 for hits, row in zip(ann, exact, strict=True)]
+    )
+    assert strict >= 0.9, f"ANN recall@10 by id {strict:.3f}"
+    # The shards' exact mode finds the same top 10 (f16 storage moves scores by < 1e-3).
     exact_shards = vi.search_vectors(queries, k=10, exact=True)
-    agree = np.mean([len({h.id for h in e} & t) / 10 for e, t in zip(exact_shards, truth, strict=True)])
-    assert agree >= 0.98, f"exact-mode agreement {agree:.3f}"
+    assert recall(exact_shards) >= 0.99, f"exact-mode recall@10 {recall(exact_shards):.3f}"
+    got = np.array([[h.score for h in hits] for hits in exact_shards])
+    want = np.take_along_axis(scores, exact, axis=1)
+    assert np.abs(got - want).max() < 5e-3
 
 
 def test_text_search_uses_the_versions_model_and_ranks_best_first(built):
