@@ -43,8 +43,10 @@ def machine() -> str:
         pass
     import torch
 
-    return (f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU")
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, Python "
+        f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU"
+    )
 
 
 _PLAIN = """
@@ -72,7 +74,7 @@ def plain_encode(corpus: Path) -> tuple[float, float]:
 
 
 def embray_backfill(cfg) -> float:
-    from embray.backfill import backfill
+    from embray.flows import backfill
 
     t = time.perf_counter()
     backfill(cfg, promote=False)
@@ -132,9 +134,12 @@ def main() -> None:
         encode_s.append(encode_only)
         embray_s.append(embray_backfill(minilm))
         hash_s.append(embray_backfill(hashed))
-        print(f"round {r + 1}: plain {plain_s[-1]:.1f}s (encode {encode_s[-1]:.1f}s), "
-              f"embray {embray_s[-1]:.1f}s, hash {hash_s[-1]:.1f}s",
-              file=sys.stderr, flush=True)
+        print(
+            f"round {r + 1}: plain {plain_s[-1]:.1f}s (encode {encode_s[-1]:.1f}s), "
+            f"embray {embray_s[-1]:.1f}s, hash {hash_s[-1]:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
     ray.shutdown()
 
     med = statistics.median
@@ -143,8 +148,7 @@ def main() -> None:
     rows = [
         ("plain script: import, load MiniLM, `SentenceTransformer.encode` all (1 process)", n, med(plain_s), None),
         ("... of which `encode` alone (model already loaded)", n, med(encode_s), None),
-        (f"embray backfill, MiniLM (1 actor, batch {args.batch_size}, 4 shards)", n, med(embray_s),
-         med(ratios)),
+        (f"embray backfill, MiniLM (1 actor, batch {args.batch_size}, 4 shards)", n, med(embray_s), med(ratios)),
         ("embray backfill, `hash` backend (pipeline ceiling)", args.hash_rows, med(hash_s), None),
     ]
     table = [
@@ -164,8 +168,9 @@ def main() -> None:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, count, secs, ratio in rows:
-        table.append(f"| {name} | {count} | {secs:.1f} | {count / secs:.1f} | "
-                     f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+        table.append(
+            f"| {name} | {count} | {secs:.1f} | {count / secs:.1f} | {'' if ratio is None else f'{ratio:.2f}x'} |"
+        )
     table += [
         "",
         "Per round (plain / embray seconds): "

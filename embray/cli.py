@@ -42,21 +42,140 @@ def cli(verbose: bool) -> None:
 @json_option
 def backfill(config_path: str, no_promote: bool, as_json: bool) -> None:
     """Embed the whole source corpus into a new version."""
-    from embray.backfill import backfill as run
     from embray.config import load_config
+    from embray.flows import backfill as run
 
     result = run(load_config(config_path), promote=not no_promote)
     s = result.summary()
+    _emit(s, as_json, _build_human(s))
+
+
+def _build_human(s: dict[str, Any]) -> str:
     reasons = ", ".join(f"{n} {r}" for r, n in s["rejected_by_reason"].items()) or "none"
-    _emit(
-        s,
-        as_json,
-        f"version {s['version']} committed: {s['rows']} rows in {s['seconds']}s ({s['rows_per_s']} rows/s)\n"
+    lineage = f" from {s['parent']}" if s.get("parent") else ""
+    return (
+        f"version {s['version']}{lineage} committed: {s['rows']} rows in {s['seconds']}s\n"
+        f"  new {s['new']}, changed {s['changed']}, deleted {s['deleted']}, reused {s['reused']}; "
+        f"embedded {s['embedded']} texts ({s['cache_hits']} more came from the cache)\n"
         f"  fingerprint {s['fingerprint']}, MLflow model version {s['model_version']}"
-        f"{', alias active' if result.promoted else ''}\n"
+        f"{', alias ' + ','.join(s['aliases']) if s['aliases'] else ''}\n"
         f"  rejected {s['rejected']} rows ({reasons})"
         + (f"; see {s['uri']}/rejects/" if s["rejected"] else "")
-        + f"\n  {s['uri']}",
+        + f"\n  {s['uri']}"
+    )
+
+
+@cli.command()
+@config_option
+@click.option("--from", "parent", default=None, help="Version to refresh (default: the active one).")
+@click.option("--dry-run", is_flag=True, help="Only print what changed (the staleness); embed and write nothing.")
+@click.option("--promote", "promote_it", is_flag=True, help="Make the refreshed version active (after verify).")
+@json_option
+def refresh(config_path: str, parent: str | None, dry_run: bool, promote_it: bool, as_json: bool) -> None:
+    """Re-embed only the rows that changed since a version, into a child version."""
+    from embray.config import load_config
+    from embray.flows import refresh as run
+
+    result = run(load_config(config_path), parent=parent, dry_run=dry_run, promote_it=promote_it)
+    s = result.summary()
+    if dry_run:
+        s["dry_run"] = True
+        _emit(
+            s,
+            as_json,
+            f"{s['parent']} vs the source now: new {s['new']}, changed {s['changed']}, deleted {s['deleted']}, "
+            f"unchanged {s['reused']}, rejected {s['rejected']}; a refresh would embed "
+            f"{s['new'] + s['changed'] - s['cache_hits']} texts (dry run: nothing written)",
+        )
+        return
+    _emit(s, as_json, _build_human(s))
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--model", "model_path", required=True, type=click.Path(dir_okay=False), help="YAML file: the new model spec."
+)
+@json_option
+def migrate(config_path: str, model_path: str, as_json: bool) -> None:
+    """Re-embed the whole collection with another model into a `candidate` version."""
+    from embray.config import load_config, load_model_spec
+    from embray.flows import migrate as run
+
+    result = run(load_config(config_path), load_model_spec(model_path))
+    s = result.summary()
+    _emit(s, as_json, _build_human(s) + f"\n  promote it with `embray promote {s['version']} --config {config_path}`")
+
+
+@cli.command()
+@click.argument("version")
+@config_option
+@json_option
+def verify(version: str, config_path: str, as_json: bool) -> None:
+    """Check a version: files and checksums, one fingerprint, row counts, unique ids."""
+    from embray.config import load_config
+    from embray.lifecycle import verify as run
+    from embray.store import Store
+
+    cfg = load_config(config_path)
+    problems = run(Store(cfg.store.uri, cfg.store.storage_options), cfg.collection, version)
+    out = {"version": version, "ok": not problems, "problems": problems}
+    _emit(
+        out,
+        as_json,
+        f"{version}: ok" if not problems else f"{version}: {len(problems)} problem(s)\n  " + "\n  ".join(problems),
+    )
+    if problems:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("version")
+@config_option
+@click.option("--reason", default="", help="Why; recorded in MLflow with who and when.")
+@json_option
+def promote(version: str, config_path: str, reason: str, as_json: bool) -> None:
+    """Make VERSION the active one (it must pass verify)."""
+    from embray.config import load_config
+    from embray.lifecycle import promote as run
+
+    out = run(load_config(config_path), version, reason=reason)
+    _emit(out, as_json, f"active: {out['previous']} -> {out['active']}")
+
+
+@cli.command()
+@config_option
+@click.option("--reason", default="", help="Why; recorded in MLflow with who and when.")
+@json_option
+def rollback(config_path: str, reason: str, as_json: bool) -> None:
+    """Make the previously active version active again."""
+    from embray.config import load_config
+    from embray.lifecycle import rollback as run
+
+    out = run(load_config(config_path), reason=reason)
+    _emit(out, as_json, f"active: {out['previous']} -> {out['active']}")
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--keep", required=True, type=click.IntRange(1), help="Newest versions to keep (aliased ones always stay)."
+)
+@click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
+@json_option
+def gc(config_path: str, keep: int, dry_run: bool, as_json: bool) -> None:
+    """Delete old versions that no alias points at and no kept version reuses."""
+    from embray.config import load_config
+    from embray.lifecycle import gc as run
+
+    out = run(load_config(config_path), keep=keep, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    _emit(
+        out,
+        as_json,
+        f"kept {len(out['kept'])} versions; {verb} {len(out['deleted'])} versions "
+        f"({', '.join(out['deleted']) or 'none'}), {len(out['unfinished'])} unfinished builds "
+        f"and {len(out['caches'])} vector caches of unused models",
     )
 
 

@@ -69,9 +69,7 @@ class EmbedConfig(_Strict):
         1.0, ge=0, description="CPUs each actor reserves; keep below the node's CPUs so reads and writes still run."
     )
     num_gpus: float = Field(0.0, ge=0, description="GPUs each actor reserves (GPU nodes in production).")
-    threads: int | None = Field(
-        None, ge=1, description="Torch threads per actor; null uses every core of the node."
-    )
+    threads: int | None = Field(None, ge=1, description="Torch threads per actor; null uses every core of the node.")
 
 
 class MlflowConfig(_Strict):
@@ -197,3 +195,28 @@ def redact(options: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def load_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
+    """Read a model spec from YAML: the spec itself, or a file with a top-level ``model:`` key."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"model spec file {p} does not exist; pass --model with the path of a YAML file") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"model spec file {p} is not valid YAML: {e}") from e
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"model spec file {p} must hold a mapping such as {{backend: sentence-transformers, name: ...}}"
+        )
+    try:
+        return ModelSpec.model_validate(data).resolved(p.parent.resolve())
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"]) or "model"
+        raise ConfigError(f"model spec file {p}: model.{key}: {err['msg']}") from e

@@ -19,9 +19,33 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 # Modules that do something when imported (open a browser, print, need a display) or are private.
-_SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "__main__", "pydoc_data", "lib2to3",
-         "ensurepip", "venv", "test", "xxlimited", "xxlimited_35", "xxsubtype", "msilib", "winreg", "winsound",
-         "_msi", "nt", "msvcrt", "_winapi", "_overlapped", "asyncio.windows_events", "encodings"}
+_SKIP = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "__main__",
+    "pydoc_data",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+    "test",
+    "xxlimited",
+    "xxlimited_35",
+    "xxsubtype",
+    "msilib",
+    "winreg",
+    "winsound",
+    "_msi",
+    "nt",
+    "msvcrt",
+    "_winapi",
+    "_overlapped",
+    "asyncio.windows_events",
+    "encodings",
+}
 MIN_CHARS = 30
 MAX_CHARS = 2000
 

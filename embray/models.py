@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 import re
 from pathlib import Path
 from typing import Literal
@@ -54,6 +55,12 @@ class ModelSpec(BaseModel):
         None, description="Torch device; null: cuda when available, else cpu. Not fingerprinted."
     )
     batch_size: int = Field(64, ge=1, description="Texts per forward pass inside the model. Not fingerprinted.")
+    latency_ms: float = Field(
+        0.0,
+        ge=0,
+        description="'hash' only: sleep this long per text, standing in for a real model's cost in pipeline tests "
+        "and benchmarks. Does not change the vectors; not fingerprinted.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -79,7 +86,7 @@ class ModelSpec(BaseModel):
         For models with weight files, the name, path and revision are left out: the weights digest
         identifies the model, so the same files give the same space on every machine and path.
         """
-        out = self.model_dump(exclude={"device", "batch_size"})
+        out = self.model_dump(exclude={"device", "batch_size", "latency_ms"})
         out.update(normalize="l2", dtype="float32")
         if self.backend != "hash":
             for key in ("name", "revision", "seed"):
@@ -227,6 +234,8 @@ class HashEmbedder(Embedder):
         return int(self.spec.dims)
 
     def embed_batch(self, texts: list[str]) -> np.ndarray:
+        if self.spec.latency_ms:
+            time.sleep(self.spec.latency_ms * len(texts) / 1000)
         dims = self.dims
         out = np.zeros((len(texts), dims), dtype=np.float32)
         salt = self.spec.seed.to_bytes(8, "little", signed=True)
@@ -266,7 +275,10 @@ class SentenceTransformerEmbedder(Embedder):
 
     def embed_batch(self, texts: list[str]) -> np.ndarray:
         return self.model.encode(
-            texts, batch_size=self.spec.batch_size, convert_to_numpy=True, normalize_embeddings=False,
+            texts,
+            batch_size=self.spec.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=False,
             show_progress_bar=False,
         )
 

@@ -81,9 +81,7 @@ class Registry:
         )
         from mlflow.entities import Param
 
-        self._call(
-            self.client.log_batch, run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()]
-        )
+        self._call(self.client.log_batch, run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         return run.info.run_id
 
     def log_corpus(self, run_id: str, source_uri: str, digest: str, schema: dict, rows: int | None = None) -> None:
@@ -109,9 +107,7 @@ class Registry:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._call(
-            self.client.log_batch, run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        )
+        self._call(self.client.log_batch, run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
     def end_run(self, run_id: str, ok: bool, error: str | None = None) -> None:
         if error:
@@ -183,3 +179,29 @@ class Registry:
         if mv is None:
             raise VersionError(f"version {version} is not registered in MLflow model {self.name}")
         self._call(self.client.set_registered_model_alias, self.name, alias, str(mv.version))
+
+    def delete_alias(self, alias: str) -> None:
+        self._call(self.client.delete_registered_model_alias, self.name, alias)
+
+    def tag_version(self, version: str, tags: dict[str, str]) -> None:
+        mv = self.model_version(version)
+        if mv is None:
+            raise VersionError(f"version {version} is not registered in MLflow model {self.name}")
+        for k, v in tags.items():
+            self._call(self.client.set_model_version_tag, self.name, str(mv.version), k, str(v)[:5000])
+
+    def model_tag(self, key: str) -> str | None:
+        self.ensure_model()
+        return (self._call(self.client.get_registered_model, self.name).tags or {}).get(key)
+
+    def set_model_tag(self, key: str, value: str) -> None:
+        self.ensure_model()
+        self._call(self.client.set_registered_model_tag, self.name, key, value)
+
+    def delete_version(self, version: str) -> bool:
+        """Remove the model version of a deleted index version (its run, and so its lineage, stays)."""
+        mv = self.model_version(version)
+        if mv is None:
+            return False
+        self._call(self.client.delete_model_version, self.name, str(mv.version))
+        return True

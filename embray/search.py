@@ -21,7 +21,7 @@ from embray.config import Config
 from embray.errors import VersionError
 from embray.models import Embedder, fingerprint, load_embedder
 from embray.store import Store
-from embray.versions import Manifest, read_manifest, version_dir
+from embray.versions import Manifest, file_rel, read_manifest
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,12 @@ class VersionIndex:
         self.manifest = manifest
         self.metric = manifest.index.get("metric", "cos")
         self._embedder: Embedder | None = None
-        self.shards: list[tuple[Index, np.ndarray]] = []
-        vdir = version_dir(manifest.collection, manifest.version)
+        self.shards: list[tuple[Index, np.ndarray, np.ndarray]] = []  # index, keys (sorted), ids
         for s in manifest.shards:
             if s.rows == 0 or s.index is None or s.embeddings is None:
                 continue
-            index_path = self._local(vdir, s.index.path, s.index.sha256)
-            ids_path = self._local(vdir, s.embeddings.path, s.embeddings.sha256)
+            index_path = self._local(file_rel(manifest, s.index), s.index.sha256)
+            ids_path = self._local(file_rel(manifest, s.embeddings), s.embeddings.sha256)
             index = Index.restore(str(index_path), view=True)
             if index is None or len(index) != s.rows or index.ndim != manifest.dims:
                 raise VersionError(
@@ -77,21 +76,21 @@ class VersionIndex:
                     f"expected {s.rows} of {manifest.dims}); run `embray verify`"
                 )
             index.expansion_search = int(manifest.index.get("expansion_search", 64))
-            self.shards.append((index, _read_ids(ids_path)))
+            self.shards.append((index, *_read_keys(ids_path)))
 
-    def _local(self, vdir: str, rel: str, sha256: str) -> Path:
+    def _local(self, rel: str, sha256: str) -> Path:
         """A local path for a version file: itself on local disk, a verified cached copy from S3."""
         if not self.store.remote:
-            return Path(self.store.path(f"{vdir}/{rel}"))
-        dest = _cache_root() / self.manifest.collection / self.manifest.version / rel
+            return Path(self.store.path(rel))
+        dest = _cache_root() / rel
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_suffix(dest.suffix + ".part")
-            self.store.download(f"{vdir}/{rel}", tmp)
+            self.store.download(rel, tmp)
             h = hashlib.sha256(tmp.read_bytes()).hexdigest()
             if h != sha256:
                 tmp.unlink()
-                raise VersionError(f"{self.store.url(vdir, rel)} has sha256 {h}, the manifest says {sha256}")
+                raise VersionError(f"{self.store.url(rel)} has sha256 {h}, the manifest says {sha256}")
             tmp.rename(dest)
         return dest
 
@@ -126,28 +125,28 @@ class VersionIndex:
         if q.shape[1] != self.manifest.dims:
             raise VersionError(f"query vectors have {q.shape[1]} dims; version {self.version} has {self.manifest.dims}")
         per_query: list[list[list[tuple[float, Any]]]] = [[] for _ in range(len(q))]
-        for index, ids in self.shards:
+        for index, keys_sorted, ids in self.shards:
             m = index.search(q, min(k, len(ids)), exact=exact)
             keys_2d, dists_2d = np.atleast_2d(m.keys), np.atleast_2d(m.distances)
             counts = np.atleast_1d(getattr(m, "counts", None) if hasattr(m, "counts") else len(m))
             for qi in range(len(q)):
                 n = int(counts[qi])
                 keys, dists = keys_2d[qi][:n], dists_2d[qi][:n]
-                per_query[qi].append([(float(d), ids[int(key)]) for key, d in zip(keys, dists, strict=True)])
-        return [
-            [Hit(_plain(i), _score(self.metric, d)) for d, i in R.merge_topk(shards, k)] for shards in per_query
-        ]
+                rows = np.searchsorted(keys_sorted, keys)
+                per_query[qi].append([(float(d), ids[r]) for r, d in zip(rows, dists, strict=True)])
+        return [[Hit(_plain(i), _score(self.metric, d)) for d, i in R.merge_topk(shards, k)] for shards in per_query]
 
 
 def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _read_ids(path: Path) -> np.ndarray:
+def _read_keys(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, ids) of an embeddings part, which is stored in key order."""
     import pyarrow.parquet as pq
 
-    col = pq.read_table(str(path), columns=["id"]).column("id")
-    return col.to_numpy(zero_copy_only=False)
+    t = pq.read_table(str(path), columns=["key", "id"])
+    return t.column("key").to_numpy(), t.column("id").to_numpy(zero_copy_only=False)
 
 
 def resolve_version(cfg: Config, version: str | None, alias: str = "active") -> str:

@@ -62,7 +62,7 @@ def _file_digest(store: Store, path: str) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         content = h.hexdigest()
-    return f"{path[len(store.root):]}\t{info.get('size')}\t{content}\n"
+    return f"{path[len(store.root) :]}\t{info.get('size')}\t{content}\n"
 
 
 def inspect_source(cfg: SourceConfig) -> SourceInfo:

@@ -86,8 +86,11 @@ class Store:
             self._call(self.fs.put_file, str(local), dest)
             os.unlink(local)
         else:
+            # Copy beside the destination, then rename: readers (and a rerun after a kill) never see half a file.
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.move(str(local), dest)
+            tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{uuid.uuid4().hex}.tmp")
+            shutil.move(str(local), tmp)
+            os.replace(tmp, dest)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         dest = self.path(rel)
@@ -164,6 +167,7 @@ def local_tmpdir(prefix: str = "embray-") -> Path:
 
 # --- source corpora ---------------------------------------------------------
 
+
 def list_source_files(uri: str, storage_options: dict[str, Any]) -> tuple[Store, list[str]]:
     """The Parquet files of a corpus (a file, or every ``*.parquet`` under a directory), sorted."""
     store = Store(uri, storage_options)
@@ -181,8 +185,9 @@ def list_source_files(uri: str, storage_options: dict[str, Any]) -> tuple[Store,
             f"source {uri} cannot be listed ({type(e).__name__}: {e}); check source.uri and source.storage_options"
         ) from e
     files = sorted(
-        f for f in found
-        if f.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in f[len(root):].split("/"))
+        f
+        for f in found
+        if f.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in f[len(root) :].split("/"))
     )
     if not files:
         raise SourceError(f"source {uri} holds no .parquet files; embray reads sharded Parquet corpora")

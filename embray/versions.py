@@ -3,13 +3,17 @@
 Layout under the store root::
 
     <collection>/versions/<version>/
-        embeddings/shard-00000.parquet   id, content_hash, vector (float32), in key order
-        shards/shard-00000.usearch       USearch index; key i is row i of the embeddings part
+        embeddings/shard-00000.parquet   id, key, content_hash, vector (float32), in key order
+        shards/shard-00000.usearch       USearch index over the same keys
         rejects/shard-00000.parquet      rows left out, with their reason (only when there are some)
         manifest.json                    written last, create-only: the version exists once it does
 
 A directory without ``manifest.json`` is an unfinished or failed build and is
 never listed, searched or registered.
+
+A refreshed version reuses the files of unchanged shards by reference: their
+``FileEntry.version`` names the version directory that holds them, and ``gc``
+never deletes a version that a kept version references.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ FORMAT = "embray.version/1"
 
 class FileEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    path: str  # relative to the version directory
+    path: str  # relative to the version directory that holds it
     sha256: str
     bytes: int
+    version: str | None = None  # the version directory holding the file; None: this version's own
 
 
 class ShardEntry(BaseModel):
@@ -45,7 +50,8 @@ class ShardEntry(BaseModel):
     rows: int
     rejected: int
     fingerprint: str
-    content_digest: str  # sha256 over the shard's (id, content_hash) pairs in key order
+    content_digest: str  # sha256 over the shard's (id, content_hash) pairs in id order
+    next_key: int = 0  # the next unused USearch key of this shard (keys are never reused)
     embeddings: FileEntry | None
     index: FileEntry | None
     rejects: FileEntry | None
@@ -76,6 +82,13 @@ class Manifest(BaseModel):
     def rows(self) -> int:
         return sum(s.rows for s in self.shards)
 
+    def files(self) -> list[FileEntry]:
+        return [f for s in self.shards for f in (s.embeddings, s.index, s.rejects) if f is not None]
+
+    def referenced_versions(self) -> set[str]:
+        """Other versions whose files this one reuses."""
+        return {f.version for f in self.files() if f.version and f.version != self.version}
+
     def to_json(self) -> bytes:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True).encode()
 
@@ -102,6 +115,11 @@ def version_dir(collection: str, version: str) -> str:
     return f"{collection}/versions/{version}"
 
 
+def file_rel(manifest: Manifest, entry: FileEntry) -> str:
+    """Store-relative path of one of a version's files (its own, or one reused from an earlier version)."""
+    return f"{version_dir(manifest.collection, entry.version or manifest.version)}/{entry.path}"
+
+
 def read_manifest(store: Store, collection: str, version: str) -> Manifest:
     rel = f"{version_dir(collection, version)}/{MANIFEST}"
     try:
@@ -119,11 +137,18 @@ def read_manifest(store: Store, collection: str, version: str) -> Manifest:
 
 def list_versions(store: Store, collection: str) -> list[Manifest]:
     """Committed versions of ``collection``, oldest first."""
-    out = []
+    return [read_manifest(store, collection, name) for name in list_version_dirs(store, collection)[0]]
+
+
+def list_version_dirs(store: Store, collection: str) -> tuple[list[str], list[str]]:
+    """(committed, uncommitted) version directory names: the latter are builds in progress, failed or killed."""
+    committed, uncommitted = [], []
     for name in store.listdir(f"{collection}/versions"):
         if store.exists(f"{version_dir(collection, name)}/{MANIFEST}"):
-            out.append(read_manifest(store, collection, name))
-    return out
+            committed.append(name)
+        else:
+            uncommitted.append(name)
+    return committed, uncommitted
 
 
 def commit_manifest(store: Store, manifest: Manifest) -> str:

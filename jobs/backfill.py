@@ -1,6 +1,6 @@
 """Ray job entry point for a backfill: the same code as `embray backfill`.
 
-    ray job submit --working-dir . -- python jobs/backfill.py --config embray.yaml [--no-promote] [--json]
+ray job submit --working-dir . -- python jobs/backfill.py --config embray.yaml [--no-promote] [--json]
 """
 
 from embray.cli import main

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embray.backfill import backfill
 from embray.errors import SourceError, StoreError
+from embray.flows import backfill
 from embray.models import fingerprint, load_embedder
 from embray.registry import Registry
 from embray.rows import shard_of
@@ -111,8 +111,14 @@ def test_bad_rows_are_rejected_with_their_reason_and_counted(tmp_path):
     rejects = pa.concat_tables([pq.read_table(vdir / s.rejects.path) for s in m.shards if s.rejects])
     got = sorted(zip(rejects.column("id").to_pylist(), rejects.column("reason").to_pylist(), strict=True), key=str)
     assert got == sorted(
-        [("b", "null text"), ("c", "empty text"), ("d", "duplicate id (2 rows share it)"),
-         ("d", "duplicate id (2 rows share it)"), (None, "null id")], key=str,
+        [
+            ("b", "null text"),
+            ("c", "empty text"),
+            ("d", "duplicate id (2 rows share it)"),
+            ("d", "duplicate id (2 rows share it)"),
+            (None, "null id"),
+        ],
+        key=str,
     )
     assert set(rejects.column("text").to_pylist()) == {None, "  ", "dup x", "dup y", "no id"}
     assert all(p.endswith(".parquet") for p in rejects.column("path").to_pylist())
@@ -129,8 +135,11 @@ def _no_version_left(cfg) -> None:
 def test_missing_column_is_named_with_the_fix(tmp_path):
     write_corpus(tmp_path / "corpus", files=1, rows=5)
     cfg = make_config(tmp_path, source={"text_column": "body"})
-    with pytest.raises(SourceError, match=r"has no column 'body' \(source\.text_column\); its columns are "
-                                          r"\['id', 'text'\]: set source\.text_column"):
+    with pytest.raises(
+        SourceError,
+        match=r"has no column 'body' \(source\.text_column\); its columns are "
+        r"\['id', 'text'\]: set source\.text_column",
+    ):
         backfill(cfg)
     _no_version_left(cfg)
 
@@ -158,7 +167,7 @@ def test_failure_mid_run_leaves_no_visible_version(tmp_path):
         data[i] = 0xFF
     path.write_bytes(bytes(data))
     cfg = make_config(tmp_path)
-    with pytest.raises(SourceError, match=r"failed while reading or embedding the corpus"):
+    with pytest.raises(SourceError, match=r"part-00001\.parquet cannot be read as Parquet \(OSError"):
         backfill(cfg)
     _no_version_left(cfg)
     reg = Registry(cfg)
@@ -175,9 +184,15 @@ def test_missing_source_and_unreachable_store(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = make_config(
         tmp_path,
-        store={"uri": "s3://nowhere/embray", "storage_options": {
-            "key": "k", "secret": "s", "client_kwargs": {"endpoint_url": dead}, "config_kwargs": {
-                "retries": {"max_attempts": 1}, "connect_timeout": 1}}},
+        store={
+            "uri": "s3://nowhere/embray",
+            "storage_options": {
+                "key": "k",
+                "secret": "s",
+                "client_kwargs": {"endpoint_url": dead},
+                "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+            },
+        },
         mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
     )
     with pytest.raises(StoreError, match=r"store s3://nowhere/embray is not reachable or not writable"):

@@ -73,5 +73,8 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_secrets_are_redacted():
     opts = {"key": "AKIA", "secret": "s3cr3t", "client_kwargs": {"endpoint_url": "http://x", "aws_session_token": "t"}}
-    assert redact(opts) == {"key": "***", "secret": "***", "client_kwargs": {"endpoint_url": "http://x",
-                                                                              "aws_session_token": "***"}}
+    assert redact(opts) == {
+        "key": "***",
+        "secret": "***",
+        "client_kwargs": {"endpoint_url": "http://x", "aws_session_token": "***"},
+    }

@@ -25,9 +25,20 @@ def test_hash_backend_is_identical_across_processes():
     env = {"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert np.frombuffer(bytes.fromhex(other), dtype=np.float32).reshape(3, 64).tobytes() == here.tobytes()
-    assert fingerprint(HASH) == subprocess.run(
-        [sys.executable, "-c", "from embray.models import *; print(fingerprint(ModelSpec(backend='hash', "
-         "name='words', dims=64)))"], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    assert (
+        fingerprint(HASH)
+        == subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from embray.models import *; print(fingerprint(ModelSpec(backend='hash', name='words', dims=64)))",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        ).stdout.strip()
+    )
 
 
 def test_vectors_are_normalised_float32_and_prefixes_apply():

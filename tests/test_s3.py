@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from embray.backfill import backfill
 from embray.errors import ConflictError
+from embray.flows import backfill
 from embray.search import open_version
 from embray.store import Store
 from embray.versions import list_versions, read_manifest

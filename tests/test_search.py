@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from embray.backfill import backfill
 from embray.errors import VersionError
+from embray.flows import backfill
 from embray.search import VersionIndex, open_version
 from embray.store import Store
 

@@ -1,0 +1,171 @@
+"""Leases in the store: one writer per collection, and serialised alias moves.
+
+A lease is a small JSON object created create-only (S3 ``If-None-Match: *``,
+local ``O_EXCL``). Its holder renews it from a background thread; a holder that
+crashed stops renewing, and once the lease expires (or, on the same host, once
+its process is gone) the next writer takes it over. Taking over is itself
+create-only, so two writers that both see a stale lease cannot both win.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from typing import Any
+
+from embray.errors import ConflictError
+from embray.store import Store
+from embray.versions import who
+
+log = logging.getLogger("embray")
+
+WRITER = "writer"
+ALIASES = "aliases"
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """``with Lease(store, collection, WRITER, job="refresh"):`` or ``lease.acquire(wait_s=...)``."""
+
+    def __init__(self, store: Store, collection: str, name: str, *, job: str, ttl_s: float = 60.0):
+        self.store = store
+        self.collection = collection
+        self.rel = f"{collection}/_locks/{name}.json"
+        self.name = name
+        self.job = job
+        self.ttl_s = ttl_s
+        self.token = secrets.token_hex(8)
+        self._acquired: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict[str, Any]:
+        now = _now()
+        return {
+            "job": self.job,
+            "holder": who(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self.token,
+            "acquired": _iso(self._acquired or now),
+            "expires_at": now + self.ttl_s,
+            "expires": _iso(now + self.ttl_s),
+        }
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.store.read_bytes(self.rel))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # half-written by a crashed holder on a store without atomic puts
+            return {"token": "corrupt", "expires_at": 0}
+
+    @staticmethod
+    def stale(rec: dict[str, Any]) -> bool:
+        if rec.get("expires_at", 0) < _now():
+            return True
+        return rec.get("host") == socket.gethostname() and not _pid_alive(int(rec.get("pid", 0)))
+
+    def _try(self) -> dict[str, Any] | None:
+        """Take the lease; None on success, else the holder's record."""
+        self._acquired = _now()
+        try:
+            self.store.create_exclusive(self.rel, json.dumps(self._record()).encode())
+            return None
+        except ConflictError:
+            pass
+        held = self.read()
+        if held is None:
+            return self._try_once_more()
+        if not self.stale(held):
+            return held
+        # Stale: whoever creates the takeover marker for this holder's token may replace the lease.
+        marker = f"{self.rel}.takeover-{held.get('token')}"
+        try:
+            self.store.create_exclusive(marker, self.token.encode())
+        except ConflictError:
+            return held
+        log.warning(
+            "taking over the %s lease of %s from %s (expired or its process is gone)",
+            self.name,
+            self.collection,
+            held.get("holder"),
+        )
+        self.store.delete(self.rel)
+        try:
+            return self._try_once_more()
+        finally:
+            self.store.delete(marker)
+
+    def _try_once_more(self) -> dict[str, Any] | None:
+        try:
+            self.store.create_exclusive(self.rel, json.dumps(self._record()).encode())
+            return None
+        except ConflictError:
+            return self.read() or {"job": "unknown"}
+
+    def acquire(self, wait_s: float = 0.0) -> Lease:
+        deadline = _now() + wait_s
+        while True:
+            held = self._try()
+            if held is None:
+                break
+            if _now() >= deadline:
+                raise ConflictError(
+                    f"collection {self.collection!r} is busy: {held.get('job', 'a job')} run by "
+                    f"{held.get('holder', '?')} (pid {held.get('pid', '?')}) holds its {self.name} lease since "
+                    f"{held.get('acquired', '?')}, until {held.get('expires', '?')} unless renewed; wait for it to "
+                    f"finish (a crashed holder's lease expires by itself; the file is {self.store.url(self.rel)})"
+                )
+            time.sleep(0.2)
+        self._thread = threading.Thread(target=self._renew, name=f"embray-lease-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            held = self.read()
+            if held is None or held.get("token") != self.token:
+                log.error("lost the %s lease of %s to %s", self.name, self.collection, (held or {}).get("holder"))
+                return
+            try:
+                self.store.write_bytes(self.rel, json.dumps(self._record()).encode())
+            except Exception as e:  # noqa: BLE001 - keep trying until the job ends
+                log.warning("could not renew the %s lease: %s", self.name, e)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        held = self.read()
+        if held is not None and held.get("token") == self.token:
+            self.store.delete(self.rel)
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
