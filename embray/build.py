@@ -377,7 +377,9 @@ def embed_chunks(cfg: Config, spec: ModelSpec, fp: str, store: Store, chunks: li
     import ray
     from ray.data import ActorPoolStrategy
 
-    todo = [c for c in chunks if not store.exists(c["cache"])]
+    # The plan already left out every chunk found in the cache, so all of these are to embed (a damaged
+    # cache file of the same name is overwritten whole).
+    todo = chunks
     if not todo:
         return 0
     ctx = ray.data.DataContext.get_current()
@@ -868,9 +870,13 @@ def _cached_dims(store: Store, chunks: list[dict], cdirs: list[str], spec: Model
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rels = [c["cache"] for c in chunks[:1]] or [f"{d}/{n}" for d in cdirs for n in _parquet_names(store, d)[:1]]
+    rels = [c["cache"] for c in chunks[:1]] + [f"{d}/{n}" for d in cdirs for n in _parquet_names(store, d)]
     for rel in rels:
-        vtype = pq.read_schema(store.path(rel), filesystem=store.pyarrow_fs()).field("vector").type
+        try:
+            vtype = pq.read_schema(store.path(rel), filesystem=store.pyarrow_fs()).field("vector").type
+        except Exception as e:  # noqa: BLE001 - a damaged cache file is skipped here as everywhere
+            log.debug("skipping %s: %s", rel, e)
+            continue
         if isinstance(vtype, pa.ExtensionType):
             vtype = vtype.storage_type
         return int(vtype.list_size)

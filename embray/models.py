@@ -17,8 +17,8 @@ import functools
 import hashlib
 import json
 import os
-import time
 import re
+import time
 from pathlib import Path
 from typing import Literal
 

@@ -82,7 +82,10 @@ def test_refresh_embeds_exactly_what_changed_and_equals_a_fresh_build(tmp_path):
     m = child.manifest
     assert m.parent == parent.version and m.counts["kind"] == "refresh"
     assert {k: m.counts[k] for k in ("new", "changed", "deleted", "reused")} == {
-        "new": 25, "changed": 15, "deleted": 10, "reused": 575
+        "new": 25,
+        "changed": 15,
+        "deleted": 10,
+        "reused": 575,
     }
     assert m.counts["shards_updated"] == 3  # small change: each shard's graph updated in place
     mv = Registry(cfg).model_version(child.version)
