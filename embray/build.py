@@ -607,6 +607,7 @@ class BuildResult:
             "rejected": self.rejected,
             "rejected_by_reason": by_reason,
             **{k: self.counts.get(k, 0) for k in COUNTS},
+            **({"to_embed": self.counts["to_embed"]} if "to_embed" in self.counts else {}),
             "seconds": round(self.seconds, 3),
             "rows_per_s": round(self.rows / self.seconds, 1) if self.seconds else None,
             "model_version": self.model_version,
@@ -757,6 +758,7 @@ def run_build(cfg: Config, spec: BuildSpec, registry: Registry, store: Store) ->
         )
         if spec.dry_run:
             store.delete(vdir)
+            counts["to_embed"], counts["embedded"] = counts["embedded"], 0  # planned; nothing was sent
             counts["by_reason"] = by_reason
             return BuildResult(
                 None,

@@ -85,7 +85,7 @@ def refresh(config_path: str, parent: str | None, dry_run: bool, promote_it: boo
             as_json,
             f"{s['parent']} vs the source now: new {s['new']}, changed {s['changed']}, deleted {s['deleted']}, "
             f"unchanged {s['reused']}, rejected {s['rejected']}; a refresh would embed "
-            f"{s['new'] + s['changed'] - s['cache_hits']} texts (dry run: nothing written)",
+            f"{s['to_embed']} texts (dry run: nothing written)",
         )
         return
     _emit(s, as_json, _build_human(s))

@@ -79,3 +79,48 @@ def test_versions_on_an_empty_collection(tmp_path, capsys):
     make_config(tmp_path)
     main(["versions", "--config", _write_config(tmp_path), "--json"])
     assert json.loads(capsys.readouterr().out) == []
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_refresh_verify_promote_rollback_gc_commands(tmp_path, capsys):
+    rows = write_corpus(tmp_path / "corpus", files=2, rows=40)
+    config = _write_config(tmp_path)
+
+    def cli_json(*args):
+        main([*args, "--json"])
+        return json.loads(capsys.readouterr().out)
+
+    v1 = cli_json("backfill", "--config", config)["version"]
+    from .test_refresh import mutate, write_rows
+
+    write_rows(tmp_path / "corpus", mutate(rows, 3, 2, 1)[0], files=2)
+    plan = cli_json("refresh", "--config", config, "--dry-run")
+    assert {k: plan[k] for k in ("version", "parent", "new", "changed", "deleted", "embedded", "to_embed")} == {
+        "version": None,
+        "parent": v1,
+        "new": 3,
+        "changed": 2,
+        "deleted": 1,
+        "embedded": 0,
+        "to_embed": 5,
+    }
+    out = cli_json("refresh", "--config", config)
+    assert {"version", "parent", "new", "changed", "deleted", "reused", "embedded"} <= set(out)
+    assert (out["parent"], out["embedded"], out["reused"], out["aliases"]) == (v1, 5, 77, [])
+    v2 = out["version"]
+    assert cli_json("verify", v2, "--config", config) == {"version": v2, "ok": True, "problems": []}
+    assert cli_json("promote", v2, "--config", config, "--reason", "test") == {"active": v2, "previous": v1}
+    assert cli_json("rollback", "--config", config) == {"active": v1, "previous": v2}
+    gone = cli_json("gc", "--config", config, "--keep", "1", "--dry-run")
+    assert gone["deleted"] == [] and gone["dry_run"] is True  # v1 is active, v2 the newest
+
+    # verify exits non-zero with the report on stdout, as JSON, when a file is damaged.
+    manifest = json.loads((tmp_path / "store" / "docs" / "versions" / v2 / "manifest.json").read_text())
+    part = tmp_path / "store" / "docs" / "versions" / v2 / manifest["shards"][0]["embeddings"]["path"]
+    part.write_bytes(part.read_bytes()[:-5])
+    res = _run("verify", v2, "--config", config, "--json", cwd=tmp_path)
+    assert res.returncode == 1
+    report = json.loads(res.stdout)
+    assert report["ok"] is False and "checksum mismatch" in report["problems"][0]
+    res = _run("promote", v2, "--config", config, cwd=tmp_path)
+    assert res.returncode == 1 and res.stderr.startswith("error: refusing to promote")

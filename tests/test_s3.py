@@ -43,3 +43,54 @@ def test_backfill_from_s3_to_s3_and_search(tmp_path, bucket):
         store.create_exclusive(f"docs/versions/{result.version}/manifest.json", b"{}")
     assert read_manifest(store, "docs", result.version) == manifest
     assert doc_text(123) == corpus[target]
+
+
+def test_refresh_migrate_verify_promote_gc_on_s3(tmp_path, bucket):
+    from embray.flows import migrate, refresh
+    from embray.lifecycle import gc, promote, rollback, verify
+    from embray.models import ModelSpec
+    from embray.registry import ACTIVE, CANDIDATE, Registry
+
+    from .test_refresh import mutate
+
+    name, options, fs = bucket
+    rows = write_corpus(f"{name}/corpus", files=2, rows=60, fs=fs)
+    cfg = make_config(
+        tmp_path,
+        source={"uri": f"s3://{name}/corpus", "storage_options": options},
+        store={"uri": f"s3://{name}/embray", "storage_options": options},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    store = Store(cfg.store.uri, options)
+    v1 = backfill(cfg).version
+    assert refresh(cfg).counts["embedded"] == 0
+    changed, inserted, updated, deleted = mutate(rows, 4, 3, 2)
+    for f in fs.find(f"{name}/corpus"):
+        fs.rm(f)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with fs.open(f"{name}/corpus/part-00000.parquet", "wb") as fh:
+        pq.write_table(pa.table({"id": list(changed), "text": list(changed.values())}), fh)
+    fs.invalidate_cache()
+    child = refresh(cfg)
+    assert (child.counts["new"], child.counts["changed"], child.counts["deleted"]) == (4, 3, 2)
+    assert child.counts["embedded"] == 7 and verify(store, "docs", child.version) == []
+    cand = migrate(cfg, ModelSpec(backend="hash", name="words", dims=64, seed=5))
+    assert Registry(cfg).aliases() == {ACTIVE: v1, CANDIDATE: cand.version}
+
+    promote(cfg, child.version, reason="s3")
+    vi = open_version(cfg)
+    new_id = sorted(inserted)[0]
+    assert vi.version == child.version and vi.search_text([changed[new_id]], k=1)[0][0].id == new_id
+    assert rollback(cfg)["active"] == v1
+
+    # A corrupted object on S3 is caught, and the version cannot be promoted.
+    m = read_manifest(store, "docs", child.version)
+    key = f"{name}/embray/docs/versions/{child.version}/{m.shards[0].embeddings.path}"
+    fs.pipe_file(key, fs.cat_file(key)[:-10] + b"0123456789")
+    assert any("checksum mismatch" in p for p in verify(store, "docs", child.version))
+
+    out = gc(cfg, keep=1)
+    assert child.version in out["deleted"] and v1 in out["kept"] and cand.version in out["kept"]
+    assert not fs.exists(f"{name}/embray/docs/versions/{child.version}/manifest.json")
