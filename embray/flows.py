@@ -16,7 +16,7 @@ import logging
 from embray.build import BuildResult, BuildSpec, run_build
 from embray.config import Config
 from embray.errors import VersionError
-from embray.lifecycle import promote, set_active
+from embray.lifecycle import promote, set_active, set_candidate
 from embray.lock import WRITER, Lease
 from embray.models import ModelSpec, fingerprint
 from embray.registry import ACTIVE, CANDIDATE, Registry
@@ -93,5 +93,5 @@ def migrate(cfg: Config, model: ModelSpec) -> BuildResult:
             registry,
             store,
         )
-        registry.set_alias(CANDIDATE, result.version)
+        set_candidate(cfg, store, registry, result.version)
     return dataclasses.replace(result, aliases=(CANDIDATE,))

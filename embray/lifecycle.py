@@ -179,6 +179,15 @@ def set_active(cfg: Config, store: Store, registry: Registry, version: str, *, r
     return before
 
 
+def set_candidate(cfg: Config, store: Store, registry: Registry, version: str) -> None:
+    """Point ``candidate`` at a freshly built shadow version, under the alias lease."""
+    lease = _alias_lease(store, cfg, "migrate")
+    try:
+        registry.set_alias(CANDIDATE, version)
+    finally:
+        lease.release()
+
+
 def promote(cfg: Config, version: str, *, reason: str = "") -> dict[str, Any]:
     """Move ``active`` to a version that passes verify."""
     store = Store(cfg.store.uri, cfg.store.storage_options)

@@ -1,0 +1,197 @@
+"""Refresh cost: a refresh after a 1% change vs a full backfill of the same corpus, same machine, one run.
+
+    .venv/bin/python bench/refresh.py [--rows 100000] [--minilm-docs 6000] [--rounds 3] [--write]
+
+For each model (the `hash` backend on --rows rows; MiniLM on --minilm-docs stdlib docstrings):
+  backfill  a full build of the corpus into a fresh store
+  mutate    1% of the rows: 0.4% inserted, 0.4% updated, 0.2% deleted (new texts are unique)
+  refresh   the child version of that backfill
+Reports rows embedded / rows changed (must be exactly 1.0) and refresh time / backfill time (target <= 0.1),
+medians over rounds; Ray is started once. --write puts the table into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backfill import ROOT, machine  # noqa: E402 - the sibling benchmark's helpers
+
+MARK_BEGIN = "<!-- bench/refresh.py begin -->"
+MARK_END = "<!-- bench/refresh.py end -->"
+
+
+def write_corpus(root: Path, rows: dict, files: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for old in root.glob("*.parquet"):
+        old.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    items = list(rows.items())
+    for f in range(files):
+        part = items[f::files]
+        pq.write_table(pa.table({"id": [i for i, _ in part], "text": [t for _, t in part]}), root / f"p{f:03d}.parquet")
+
+
+def mutate(rows: dict, fraction: float, seed: int) -> tuple[dict, int, int]:
+    """Insert, update and delete ``fraction`` of the rows (40/40/20); returns (rows, changed+new, deleted)."""
+    import random
+
+    rng = random.Random(seed)
+    n = round(len(rows) * fraction)
+    n_ins, n_upd = round(n * 0.4), round(n * 0.4)
+    n_del = n - n_ins - n_upd
+    ids = list(rows)
+    picked = rng.sample(ids, n_upd + n_del)
+    out = dict(rows)
+    for i in picked[:n_upd]:
+        out[i] = f"{rows[i]} (revised {seed}-{i})"
+    for i in picked[n_upd:]:
+        del out[i]
+    for j in range(n_ins):
+        out[f"ins-{seed}-{j}"] = f"{rows[ids[j]]} (inserted {seed}-{j})"
+    return out, n_ins + n_upd, n_del
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--minilm-docs", type=int, default=6000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--minilm-rounds", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+
+    import pyarrow.parquet as pq
+    import ray
+
+    from embray.config import parse_config
+    from embray.demo import write_demo
+    from embray.flows import backfill, refresh
+
+    tmp = Path(tempfile.mkdtemp(prefix="embray-bench-refresh-"))
+    _, n = write_demo(tmp / "demo", docs=args.minilm_docs, files=8)
+    docs = pq.read_table(tmp / "demo" / "corpus").to_pydict()
+    # Unique texts, so that "embedded" counts exactly the changed rows.
+    minilm_rows = {i: f"{t} [{i}]" for i, t in zip(docs["id"], docs["text"], strict=True)}
+    hash_rows = {f"h{k:07d}": f"{docs['text'][k % n]} [{k}]" for k in range(args.rows)}
+
+    def cfg(name: str, model: dict, r: int):
+        return parse_config(
+            {
+                "collection": f"{name}{r}",
+                "source": {"uri": str(tmp / f"{name}-corpus")},
+                "store": {"uri": str(tmp / f"store-{name}-{r}")},
+                "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},  # one database, created before timing
+                "model": model,
+                "index": {"shards": args.shards},
+                "embed": {"batch_size": 512, "actors": 1, "num_cpus": 1},
+            },
+            base_dir=tmp,
+        )
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    from embray.registry import Registry
+
+    Registry(cfg("warmup", {"backend": "hash", "name": "words", "dims": 8}, 0)).experiment_id()  # create the DB
+    results = []
+    for label, name, model, base, rounds in (
+        ("hash", "hash", {"backend": "hash", "name": "words", "dims": 384}, hash_rows, args.rounds),
+        ("MiniLM", "minilm", {"backend": "sentence-transformers"}, minilm_rows, args.minilm_rounds),
+    ):
+        full_s, ref_s, ratio_emb, stats = [], [], [], []
+        for r in range(rounds):
+            c = cfg(name, model, r)
+            write_corpus(tmp / f"{name}-corpus", base, files=16 if label == "hash" else 8)
+            t = time.perf_counter()
+            backfill(c)
+            full_s.append(time.perf_counter() - t)
+            changed, n_changed, n_deleted = mutate(base, 0.01, seed=r)
+            write_corpus(tmp / f"{name}-corpus", changed, files=16 if label == "hash" else 8)
+            t = time.perf_counter()
+            res = refresh(c)
+            ref_s.append(time.perf_counter() - t)
+            s = res.summary()
+            assert s["new"] + s["changed"] == n_changed and s["deleted"] == n_deleted, s
+            ratio_emb.append(s["embedded"] / n_changed)
+            stats.append(res.manifest.stats)
+            print(
+                f"{label} round {r + 1}: backfill {full_s[-1]:.1f}s, refresh {ref_s[-1]:.1f}s "
+                f"(embedded {s['embedded']} of {n_changed} changed; stages {res.manifest.stats})",
+                file=sys.stderr,
+                flush=True,
+            )
+        med = statistics.median
+        results.append(
+            (
+                label,
+                len(base),
+                n_changed,
+                n_deleted,
+                ratio_emb,
+                med(full_s),
+                med(ref_s),
+                [f / rr for f, rr in zip(ref_s, full_s, strict=True)],
+                stats,
+            )
+        )
+    ray.shutdown()
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    lines = [
+        MARK_BEGIN,
+        "## Refresh after a 1% change vs a full backfill",
+        "",
+        f"Command: `.venv/bin/python bench/refresh.py --rows {args.rows} --minilm-docs {args.minilm_docs} "
+        f"--rounds {args.rounds} --minilm-rounds {args.minilm_rounds} --shards {args.shards}` "
+        f"(commit {commit.stdout.strip() or '?'})",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "Each round: backfill into a fresh store, then change 1% of the rows (0.4% inserted, 0.4% updated, "
+        "0.2% deleted) and refresh. Texts are unique, so rows embedded / rows changed must be exactly 1.0. "
+        "Times are wall-clock medians and include MLflow logging; Ray was started once.",
+        "",
+        "| model | rows | changed (new+updated) | deleted | embedded / changed | backfill s | refresh s "
+        "| refresh / backfill |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, rows, n_changed, n_deleted, emb, full, ref, ratios, _ in results:
+        lines.append(
+            f"| {label} | {rows} | {n_changed} | {n_deleted} | {', '.join(f'{x:.2f}' for x in emb)} | {full:.1f} "
+            f"| {ref:.1f} | {statistics.median(ratios):.3f} (rounds: {', '.join(f'{x:.3f}' for x in ratios)}) |"
+        )
+    lines += ["", "Refresh stages (median seconds): "]
+    for label, *_, stats in results:
+        keys = ("plan_seconds", "embed_seconds", "shard_seconds", "seconds")
+        lines.append(
+            f"- {label}: "
+            + ", ".join(f"{k.replace('_seconds', '')} {statistics.median(s[k] for s in stats):.2f}" for k in keys)
+        )
+    lines.append(MARK_END)
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        doc = ROOT / "docs" / "benchmarks.md"
+        old = doc.read_text() if doc.exists() else "# Benchmarks\n"
+        if MARK_BEGIN in old:
+            head, rest = old.split(MARK_BEGIN, 1)
+            old = head + rest.split(MARK_END, 1)[1].lstrip("\n")
+        doc.write_text(old.rstrip("\n") + "\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
