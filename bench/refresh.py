@@ -112,6 +112,8 @@ def main() -> None:
         ("hash", "hash", {"backend": "hash", "name": "words", "dims": 384}, hash_rows, args.rounds),
         ("MiniLM", "minilm", {"backend": "sentence-transformers"}, minilm_rows, args.minilm_rounds),
     ):
+        if rounds == 0:
+            continue
         full_s, ref_s, ratio_emb, stats = [], [], [], []
         for r in range(rounds):
             c = cfg(name, model, r)

@@ -32,7 +32,7 @@ from typing import Any
 
 from embray import rows as R
 from embray.config import Config, IndexConfig, RayConfig
-from embray.errors import ConfigError, EmbrayError, ModelError, SourceError, StoreError
+from embray.errors import ConfigError, EmbrayError, ModelError, SourceError, StoreError, VersionError
 from embray.models import ModelSpec, fingerprint
 from embray.registry import Registry
 from embray.source import SourceInfo, inspect_source
@@ -54,6 +54,8 @@ log = logging.getLogger("embray")
 STAGING = "_staging"
 # An in-place shard update stays cheaper and as good as a rebuild while the change is small.
 INCREMENTAL_MAX_CHANGE = 0.25
+# Up to this many embed.batch_size batches are embedded in one Ray task rather than an actor pool.
+SMALL_EMBED_BATCHES = 4
 COUNTS = ("new", "changed", "deleted", "reused", "embedded", "cache_hits")
 
 
@@ -372,20 +374,29 @@ class _EmbedChunks:
         return {"rows": np.array(done, dtype=np.int64)}
 
 
+def _embed_in_task(spec: ModelSpec, fp: str, threads: int | None, store: Store, chunks: list[dict]) -> int:
+    embed = _EmbedChunks(spec, fp, threads, store)
+    return int(embed({"need": [c["need"] for c in chunks], "cache": [c["cache"] for c in chunks]})["rows"].sum())
+
+
 def embed_chunks(cfg: Config, spec: ModelSpec, fp: str, store: Store, chunks: list[dict]) -> int:
-    """Embed every chunk not yet in the cache; returns the rows embedded."""
+    """Embed every planned chunk into the cache; returns the rows embedded.
+
+    Bulk work streams through a Ray Data actor pool. A handful of rows (a typical refresh) goes to one
+    plain Ray task instead, in an already warm worker: the pool's start-up would cost more than the work.
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
-    # The plan already left out every chunk found in the cache, so all of these are to embed (a damaged
-    # cache file of the same name is overwritten whole).
-    todo = chunks
-    if not todo:
+    if not chunks:
         return 0
+    if sum(c["rows"] for c in chunks) <= SMALL_EMBED_BATCHES * cfg.embed.batch_size:
+        task = ray.remote(num_cpus=cfg.embed.num_cpus, num_gpus=cfg.embed.num_gpus)(_embed_in_task)
+        return ray.get(task.remote(spec, fp, cfg.embed.threads, store, chunks))
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ds = ray.data.from_items(
-        [{"need": c["need"], "cache": c["cache"]} for c in todo], override_num_blocks=len(todo)
+        [{"need": c["need"], "cache": c["cache"]} for c in chunks], override_num_blocks=len(chunks)
     ).map_batches(
         _EmbedChunks,
         batch_size=1,
@@ -400,35 +411,41 @@ def embed_chunks(cfg: Config, spec: ModelSpec, fp: str, store: Store, chunks: li
 # --- stage 4: shards -----------------------------------------------------------------
 
 
-def _lookup_vectors(store: Store, cdir: str, parent: ParentShard | None, wanted: set[str], dims: int, fp: str):
-    """content_hash -> vector for ``wanted``, from the parent's embeddings part and the shard's cache.
-
-    Every source is checked to carry ``fp``: a build never takes a vector from another space.
-    """
-    import numpy as np
+def _read_checked(store: Store, rel: str, fp: str, columns: list[str]):
+    """Read a vectors file only if it carries fingerprint ``fp``; None (logged) when it does not or is damaged."""
     import pyarrow.parquet as pq
 
-    found: dict[str, np.ndarray] = {}
-    sources = [parent.embeddings_rel] if parent is not None and parent.embeddings_rel else []
-    sources += [f"{cdir}/{n}" for n in _parquet_names(store, cdir)]
-    for rel in sources:
+    try:
+        pf = pq.ParquetFile(store.pyarrow_fs().open_input_file(store.path(rel)))
+        got = (pf.schema_arrow.metadata or {}).get(b"embray.fingerprint", b"").decode()
+        if got != fp:
+            log.error("%s holds fingerprint %r, not %s; not using it", store.url(rel), got, fp)
+            return None
+        return pf.read(columns=columns)
+    except Exception as e:  # noqa: BLE001 - a damaged cache file is only a cache miss
+        log.warning("ignoring unreadable %s: %s", store.url(rel), e)
+        return None
+
+
+def _lookup_vectors(store: Store, cdir: str, wanted: set[str], dims: int, fp: str, tables=()):
+    """content_hash -> vector for ``wanted``, from the shard's cache files and then ``tables``.
+
+    Every file is checked to carry ``fp``: a build never takes a vector from another space.
+    """
+    found: dict = {}
+    sources = [f"{cdir}/{n}" for n in _parquet_names(store, cdir)] + list(tables)
+    for src in sources:
         if len(found) == len(wanted):
             break
-        try:
-            pf = pq.ParquetFile(store.pyarrow_fs().open_input_file(store.path(rel)))
-            got = (pf.schema_arrow.metadata or {}).get(b"embray.fingerprint", b"").decode()
-            if got != fp:
-                log.error("%s holds fingerprint %r, not %s; not using it", store.url(rel), got, fp)
-                continue
-            t = pf.read(columns=["content_hash", "vector"])
-        except Exception as e:  # noqa: BLE001 - a damaged cache file is only a cache miss
-            log.warning("ignoring unreadable %s: %s", store.url(rel), e)
+        t = _read_checked(store, src, fp, ["content_hash", "vector"]) if isinstance(src, str) else src
+        if t is None:
             continue
         hashes = t.column("content_hash").to_pylist()
-        vecs = _vectors(t.column("vector"), dims)
-        for i, h in enumerate(hashes):
-            if h in wanted and h not in found:
-                found[h] = vecs[i]
+        hit = [i for i, h in enumerate(hashes) if h in wanted and h not in found]
+        if hit:
+            vecs = _vectors(t.column("vector"), dims)
+            for i in hit:
+                found[hashes[i]] = vecs[i]
     return found
 
 
@@ -468,20 +485,22 @@ def build_shard(
 
     p = _read_table(store, f"{staged}/plan/shard-{shard:05d}.parquet")
     n = p.num_rows
-    ids = p.column("id")
     hashes = p.column("content_hash").to_pylist()
-    status = p.column("status").to_pylist()
-    pkeys = p.column("parent_key").to_pylist()
-    fresh = {h for h, s in zip(hashes, status, strict=True) if s != "same"}
-    same_cfg = parent is not None and all(
-        parent.index_cfg.get(k) == getattr(index_cfg, k) for k in ("metric", "dtype", "connectivity")
-    )
+    same = np.asarray(p.column("status").to_numpy(zero_copy_only=False) == "same", dtype=bool)
     change = plan["new"] + plan["changed"] + plan["deleted"]
     incremental = (
-        same_cfg and parent.index_rel is not None and change <= INCREMENTAL_MAX_CHANGE * max(parent.entry.rows, 1)
+        parent is not None
+        and parent.index_rel is not None
+        and all(parent.index_cfg.get(k) == getattr(index_cfg, k) for k in ("metric", "dtype", "connectivity"))
+        and change <= INCREMENTAL_MAX_CHANGE * max(parent.entry.rows, 1)
     )
-    wanted = fresh if incremental else set(hashes)
-    found = _lookup_vectors(store, cdir, parent, wanted, dims, fp)
+    parent_part = None
+    if parent is not None and parent.embeddings_rel:
+        parent_part = _read_checked(store, parent.embeddings_rel, fp, ["key", "content_hash", "vector"])
+        if parent_part is None:
+            raise VersionError(f"shard {shard}: the parent's embeddings part cannot be used; run `embray verify`")
+    wanted = {h for h, s in zip(hashes, same, strict=True) if not s} if incremental else set(hashes)
+    found = _lookup_vectors(store, cdir, wanted, dims, fp, [parent_part] if parent_part is not None else [])
     missing = wanted - set(found)
     if missing:
         raise StoreError(
@@ -498,6 +517,7 @@ def build_shard(
         expansion_add=index_cfg.expansion_add,
         expansion_search=index_cfg.expansion_search,
     )
+    vectors = np.zeros((n, dims), dtype=np.float32)
     if incremental:
         # Keep the parent's graph: drop changed and deleted keys, add the new vectors under fresh keys.
         local_index = str(tmp / "parent.usearch")
@@ -509,42 +529,37 @@ def build_shard(
             shutil.copyfile(store.path(parent.index_rel), local_index)
         index.load(local_index)
         os.unlink(local_index)
-        parent_part = _read_table(store, parent.embeddings_rel, ["key", "content_hash", "vector"])
         p_keys = parent_part.column("key").to_numpy()
-        live = {k for k, s in zip(pkeys, status, strict=True) if s == "same"}
-        gone = np.array([k for k in p_keys.tolist() if k not in live], dtype=np.uint64)
-        if len(gone):
-            index.remove(gone)
         keys = np.zeros(n, dtype=np.uint64)
+        keys[same] = p.column("parent_key").filter(pa.array(same)).to_numpy()
+        live = np.isin(p_keys, keys[same])
+        if (~live).any():
+            index.remove(p_keys[~live])
+        fresh = np.flatnonzero(~same)
         next_key = parent.entry.next_key
-        add_rows = []
-        for i, s in enumerate(status):
-            if s == "same":
-                keys[i] = pkeys[i]
-            else:
-                keys[i] = next_key
-                next_key += 1
-                add_rows.append(i)
-        p_vecs = _vectors(parent_part.column("vector"), dims)
-        by_key = {int(k): j for j, k in enumerate(p_keys.tolist())}
-        vectors = np.zeros((n, dims), dtype=np.float32)
-        for i, s in enumerate(status):
-            vectors[i] = p_vecs[by_key[pkeys[i]]] if s == "same" else found[hashes[i]]
-        if add_rows:
-            index.add(keys[add_rows], vectors[add_rows])
+        keys[fresh] = np.arange(next_key, next_key + len(fresh), dtype=np.uint64)
+        next_key += len(fresh)
+        order_p = np.argsort(p_keys)
+        pos = order_p[np.searchsorted(p_keys[order_p], keys[same])]
+        vectors[same] = _vectors(parent_part.column("vector"), dims)[pos]
+        for i in fresh:
+            vectors[i] = found[hashes[i]]
+        if len(fresh):
+            index.add(keys[fresh], vectors[fresh])
     else:
         keys = np.arange(n, dtype=np.uint64)
         next_key = n
-        vectors = np.stack([found[h] for h in hashes]) if n else np.zeros((0, dims), dtype=np.float32)
+        for i, h in enumerate(hashes):
+            vectors[i] = found[h]
         if n:
             index.add(keys, vectors)
 
     order = np.argsort(keys, kind="stable")
     part = pa.table(
         {
-            "id": ids.take(pa.array(order)),
+            "id": p.column("id").take(pa.array(order)),
             "key": pa.array(keys[order], pa.uint64()),
-            "content_hash": pa.array([hashes[i] for i in order], pa.string()),
+            "content_hash": p.column("content_hash").take(pa.array(order)),
             "vector": _vector_array(vectors[order], dims),
         }
     ).replace_schema_metadata({b"embray.fingerprint": fp.encode(), b"embray.shard": str(shard).encode()})
@@ -554,7 +569,8 @@ def build_shard(
         store.upload(local, f"{vdir}/{rel}")
         return FileEntry(path=rel, sha256=sha, bytes=size).model_dump()
 
-    pq.write_table(part, str(tmp / "embeddings.parquet"))
+    # Vectors barely compress; writing them raw is faster to write and to read back.
+    pq.write_table(part, str(tmp / "embeddings.parquet"), compression="none")
     entry["embeddings"] = _put(str(tmp / "embeddings.parquet"), f"embeddings/shard-{shard:05d}.parquet")
     index.save(str(tmp / "index.usearch"))
     entry["index"] = _put(str(tmp / "index.usearch"), f"shards/shard-{shard:05d}.usearch")
