@@ -32,6 +32,18 @@ MARK_BEGIN = "<!-- bench/backfill.py begin -->"
 MARK_END = "<!-- bench/backfill.py end -->"
 
 
+def write_section(begin: str, end: str, text: str) -> None:
+    """Put ``text`` (from marker ``begin`` to ``end``) into docs/benchmarks.md, in place of its earlier copy."""
+    doc = ROOT / "docs" / "benchmarks.md"
+    old = doc.read_text() if doc.exists() else "# Benchmarks\n\nRun by hand; each section names its command.\n"
+    if begin in old:
+        head, rest = old.split(begin, 1)
+        tail = rest.split(end, 1)[1].strip("\n")
+        doc.write_text(head + text + "\n" + (f"\n{tail}\n" if tail else ""))
+    else:
+        doc.write_text(old.rstrip("\n") + "\n\n" + text + "\n")
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -192,12 +204,7 @@ def main() -> None:
     text = "\n".join(table)
     print(text)
     if args.write:
-        doc = ROOT / "docs" / "benchmarks.md"
-        old = doc.read_text() if doc.exists() else "# Benchmarks\n\nRun by hand; each section names its command.\n"
-        if MARK_BEGIN in old:
-            head, rest = old.split(MARK_BEGIN, 1)
-            old = head + rest.split(MARK_END, 1)[1].lstrip("\n")
-        doc.write_text(old.rstrip("\n") + "\n\n" + text + "\n")
+        write_section(MARK_BEGIN, MARK_END, text)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from backfill import ROOT, machine  # noqa: E402 - the sibling benchmark's helpers
+from backfill import ROOT, machine, write_section  # noqa: E402 - the sibling benchmark's helpers
 
 MARK_BEGIN = "<!-- bench/refresh.py begin -->"
 MARK_END = "<!-- bench/refresh.py end -->"
@@ -187,12 +187,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        doc = ROOT / "docs" / "benchmarks.md"
-        old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        if MARK_BEGIN in old:
-            head, rest = old.split(MARK_BEGIN, 1)
-            old = head + rest.split(MARK_END, 1)[1].lstrip("\n")
-        doc.write_text(old.rstrip("\n") + "\n\n" + text + "\n")
+        write_section(MARK_BEGIN, MARK_END, text)
 
 
 if __name__ == "__main__":

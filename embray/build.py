@@ -318,7 +318,9 @@ def plan_shard(
     tmp = local_tmpdir("embray-plan-")
     pq.write_table(plan, str(tmp / "plan.parquet"))
     store.upload(str(tmp / "plan.parquet"), f"{staged}/plan/shard-{shard:05d}.parquet")
-    rows = list(todo.values())
+    # Chunks of similar lengths: a model pads each batch to its longest text, so this wastes less compute.
+    lengths = pc.utf8_length(g_texts).to_numpy(zero_copy_only=False)
+    rows = sorted(todo.values(), key=lambda i: (lengths[i], i))
     for j in range(0, len(rows), chunk_rows):
         take = pa.array(rows[j : j + chunk_rows], pa.int64())
         chunk = pa.table({"content_hash": pc.take(good.column("content_hash"), take), "text": pc.take(g_texts, take)})

@@ -247,6 +247,22 @@ def search(config_path: str, query: str, k: int, version: str | None, as_json: b
 
 
 @cli.command()
+@config_option
+@click.option("--host", default=None, help="Listen address (default: serve.host, 127.0.0.1).")
+@click.option("--port", default=None, type=click.IntRange(1, 65535), help="HTTP port (default: serve.port, 8000).")
+def serve(config_path: str, host: str | None, port: int | None) -> None:
+    """Serve the active version over HTTP on a Ray Serve app; Ctrl-C stops it."""
+    from embray.config import load_config
+    from embray.serving import run_blocking
+
+    cfg = load_config(config_path)
+    cfg = cfg.model_copy(
+        update={"serve": cfg.serve.model_copy(update={"host": host or cfg.serve.host, "port": port or cfg.serve.port})}
+    )
+    run_blocking(cfg)
+
+
+@cli.command()
 @click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--docs", default=6000, show_default=True, type=click.IntRange(10), help="Documents to collect.")
 @click.option("--files", default=8, show_default=True, type=click.IntRange(1), help="Parquet files to shard into.")

@@ -82,6 +82,22 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; null: all of this machine's.")
 
 
+class ServeConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address `embray serve` listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of `embray serve`.")
+    poll_s: float = Field(10.0, gt=0, description="Seconds between checks of the `active` alias.")
+    admin_token: str | None = Field(
+        None, description="Bearer token for POST .../reload; null: env EMBRAY_ADMIN_TOKEN; neither: reload refused."
+    )
+    api_key: str | None = Field(None, description="If set (or env EMBRAY_API_KEY), queries need header X-API-Key.")
+    max_text_chars: int = Field(8192, ge=1, description="Longest query text accepted (413 above it).")
+    replicas: int = Field(1, ge=1, description="Serve replicas, each holding the version's encoder and shards.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves.")
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(64, ge=0, description="Requests queued per caller before 503s (overload).")
+    url: str | None = Field(None, description="Where the deployed endpoint answers (for `embray status`).")
+
+
 class Config(_Strict):
     collection: str = Field(description="Name of the managed collection (lowercase letters, digits, - and _).")
     source: SourceConfig
@@ -91,6 +107,7 @@ class Config(_Strict):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("collection")
     @classmethod

@@ -10,6 +10,7 @@ from embray.errors import VersionError
 from embray.flows import backfill
 from embray.search import VersionIndex, open_version
 from embray.store import Store
+from embray.versions import file_rel
 
 from .conftest import make_config, write_corpus
 
@@ -26,8 +27,8 @@ def built(tmp_path_factory):
 
 
 def _all_vectors(cfg, manifest):
-    root = f"{cfg.store.uri}/{cfg.collection}/versions/{manifest.version}"
-    parts = [pq.read_table(f"{root}/{s.embeddings.path}") for s in manifest.shards]
+    store = Store(cfg.store.uri)
+    parts = [pq.read_table(store.path(file_rel(manifest, s.embeddings))) for s in manifest.shards]
     ids = [i for p in parts for i in p.column("id").to_pylist()]
     vecs = np.concatenate([np.stack(p.column("vector").to_numpy(zero_copy_only=False)) for p in parts])
     return ids, vecs
@@ -98,3 +99,35 @@ def test_no_active_version_is_a_clear_error(tmp_path):
     cfg = make_config(tmp_path)
     with pytest.raises(VersionError, match=r"has no 'active' version yet; run `embray backfill"):
         open_version(cfg)
+
+
+def test_recall_holds_on_shards_updated_in_place(built, tmp_path):
+    """A refresh edits the parent's HNSW graphs (removals and additions); search quality must not drop."""
+    import shutil
+
+    from embray.flows import refresh
+
+    from .test_refresh import mutate, write_rows
+
+    cfg, _, corpus = built
+    # Work on a copy so the module's other tests keep their version.
+    root = tmp_path / "copy"
+    shutil.copytree(cfg.source.uri, root / "corpus")
+    shutil.copytree(cfg.store.uri, root / "store")
+    copy = make_config(root, model={"dims": 96}, index={"shards": 4}, embed={"batch_size": 2000})
+    changed = mutate(corpus, n_insert=400, n_update=400, n_delete=200)[0]
+    write_rows(root / "corpus", changed, files=4)
+    child = refresh(copy)
+    assert child.manifest.counts["shards_updated"] == 4
+    vi = open_version(copy, child.version)
+    ids, vecs = _all_vectors(copy, child.manifest)
+    assert sorted(ids) == sorted(changed)
+    rng = np.random.default_rng(11)
+    queries = vecs[rng.choice(len(vecs), 200, replace=False)] + rng.normal(0, 0.05, (200, vecs.shape[1]))
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    scores = queries @ vecs.T
+    kth = np.sort(scores, axis=1)[:, -10]
+    pos = {i: n for n, i in enumerate(ids)}
+    hits = vi.search_vectors(queries, k=10)
+    recall = np.mean([sum(scores[q, pos[h.id]] >= kth[q] - 1e-3 for h in hs) / 10 for q, hs in enumerate(hits)])
+    assert recall >= 0.95, f"recall@10 after an in-place update {recall:.3f}"

@@ -1,0 +1,396 @@
+"""The Ray Serve application: answers queries from the collection's `active` version, and only from it.
+
+One deployment, ``EmbrayServer``, with a FastAPI ingress. Each replica holds one loaded version: its
+query encoder (the version's own model, checked against the version's fingerprint) and its USearch
+shards, memory-mapped. A background thread polls MLflow alias ``active`` every ``serve.poll_s``
+seconds (``POST /v1/collections/{name}/reload`` checks at once); on a change the replica loads and
+warms the new version beside the old one, then swaps one reference. A request reads that reference
+once, so it is answered wholly from one version; the old version is released when the last request
+holding it finishes.
+"""
+
+# No `from __future__ import annotations` here: FastAPI must see the real types of the route parameters.
+import hmac
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, model_validator
+from ray import serve
+
+from embray.config import Config, load_config
+from embray.errors import EmbrayError, VersionError
+from embray.search import VersionIndex
+from embray.store import Store
+from embray.versions import read_manifest, utcnow
+
+log = logging.getLogger("embray.serve")
+
+MAX_K = 1000
+WARMUP_QUERY = "embray warm-up query"
+
+
+class SearchRequest(BaseModel):
+    """Search by ``text`` (embedded with the serving version's model), or by a ``vector`` made with ``fingerprint``."""
+
+    text: str | None = Field(None, description="Query text.")
+    vector: list[float] | None = Field(None, description="Query vector; needs `fingerprint`.")
+    fingerprint: str | None = Field(None, description="Fingerprint of the model that made `vector`.")
+    k: int = Field(10, ge=1, le=MAX_K, description="Results to return.")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> "SearchRequest":
+        if (self.text is None) == (self.vector is None):
+            raise ValueError("give exactly one of `text` or `vector`")
+        if self.vector is not None and not self.fingerprint:
+            raise ValueError("a `vector` query must name the `fingerprint` of the model that made it")
+        if self.text is not None and not self.text.strip():
+            raise ValueError("`text` is empty")
+        return self
+
+
+class Hit(BaseModel):
+    id: str | int
+    score: float
+
+
+class SearchResponse(BaseModel):
+    version: str = Field(description="The version the results came from.")
+    fingerprint: str = Field(description="Its vector space.")
+    results: list[Hit] = Field(description="Best first.")
+    took_ms: float
+
+
+class CollectionInfo(BaseModel):
+    collection: str
+    version: str | None
+    fingerprint: str | None
+    model: str | None
+    rows: int | None
+    dims: int | None
+    loaded_at: str | None
+    load_seconds: float | None
+    last_check: str | None
+    last_error: str | None
+
+
+@dataclass
+class Loaded:
+    """One version, loaded and warmed; immutable once published."""
+
+    index: VersionIndex
+    loaded_at: str
+    load_seconds: float
+
+    @property
+    def version(self) -> str:
+        return self.index.version
+
+
+def _secret(configured: str | None, env: str) -> str | None:
+    return configured or os.environ.get(env) or None
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+class _Metrics:
+    def __init__(self, collection: str):
+        from ray.serve import metrics
+
+        self.collection = collection
+        self.latency = metrics.Histogram(
+            "embray_request_latency_ms",
+            description="Request latency by endpoint.",
+            boundaries=[1, 2, 5, 10, 15, 25, 50, 100, 250, 500, 1000, 5000],
+            tag_keys=("collection", "endpoint"),
+        )
+        self.requests = metrics.Counter(
+            "embray_requests_total",
+            description="Requests by endpoint, serving version and outcome.",
+            tag_keys=("collection", "endpoint", "version", "outcome"),
+        )
+        self.active = metrics.Gauge(
+            "embray_active_version",
+            description="1 for the version this replica serves.",
+            tag_keys=("collection", "version"),
+        )
+        self.load_seconds = metrics.Gauge(
+            "embray_version_load_seconds",
+            description="Seconds to load and warm the served version.",
+            tag_keys=("collection", "version"),
+        )
+        self.rows = metrics.Gauge(
+            "embray_served_rows", description="Rows in the served version.", tag_keys=("collection", "version")
+        )
+
+    def served(self, old: str | None, new: Loaded) -> None:
+        if old:
+            self.active.set(0, tags={"collection": self.collection, "version": old})
+        tags = {"collection": self.collection, "version": new.version}
+        self.active.set(1, tags=tags)
+        self.load_seconds.set(new.load_seconds, tags=tags)
+        self.rows.set(new.index.manifest.rows, tags=tags)
+
+    def record(self, endpoint: str, version: str | None, outcome: str, ms: float) -> None:
+        self.requests.inc(
+            tags={"collection": self.collection, "endpoint": endpoint, "version": version or "none", "outcome": outcome}
+        )
+        self.latency.observe(ms, tags={"collection": self.collection, "endpoint": endpoint})
+
+
+app = FastAPI(
+    title="embray",
+    description="Search a managed embedding collection. Every answer comes from the collection's active version "
+    "and names that version and its fingerprint.",
+    version="1",
+)
+
+
+@serve.deployment(name="EmbrayServer", max_ongoing_requests=32, max_queued_requests=64)
+@serve.ingress(app)
+class EmbrayServer:
+    def __init__(self, config: dict[str, Any]):
+        from embray.config import parse_config
+
+        self.cfg: Config = parse_config(config["data"], base_dir=config.get("base_dir", "."), origin="serve")
+        self.store = Store(self.cfg.store.uri, self.cfg.store.storage_options)
+        self.current: Loaded | None = None
+        self.last_check: str | None = None
+        self.last_error: str | None = None
+        self._switch = threading.Lock()
+        self.metrics = _Metrics(self.cfg.collection)
+        self.check()  # serve at once if there is an active version; /readyz says when there is one
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="embray-alias-poller", daemon=True)
+        self._poller.start()
+
+    # --- version switching ---------------------------------------------------------------
+    def _active_alias(self) -> str | None:
+        from embray.registry import ACTIVE, Registry
+
+        return Registry(self.cfg).aliases().get(ACTIVE)
+
+    def check(self) -> bool:
+        """Load the version `active` points at, if it is not the one served. True when it switched."""
+        with self._switch:  # one load at a time; requests never wait on this
+            self.last_check = utcnow()
+            try:
+                target = self._active_alias()
+                if target is None or (self.current is not None and self.current.version == target):
+                    self.last_error = None
+                    return False
+                t = time.monotonic()
+                index = VersionIndex(self.store, read_manifest(self.store, self.cfg.collection, target))
+                index.search_text([WARMUP_QUERY], k=1)  # loads the encoder and touches every shard
+                loaded = Loaded(index, utcnow(), time.monotonic() - t)
+            except EmbrayError as e:
+                self.last_error = str(e)
+                log.error(
+                    "could not load the active version: %s (still serving %s)",
+                    e,
+                    self.current.version if self.current else "nothing",
+                )
+                return False
+            old = self.current.version if self.current else None
+            self.current = loaded  # the switch: one reference; in-flight requests keep the one they read
+            self.last_error = None
+            self.metrics.served(old, loaded)
+            log.info("serving %s (was %s); loaded and warmed in %.2fs", loaded.version, old, loaded.load_seconds)
+            return True
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.cfg.serve.poll_s):
+            try:
+                self.check()
+            except Exception as e:  # noqa: BLE001 - the poller must outlive a bad check
+                log.exception("alias check failed: %s", e)
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+    # --- helpers -------------------------------------------------------------------------
+    def _collection(self, name: str) -> None:
+        if name != self.cfg.collection:
+            raise HTTPException(404, f"unknown collection {name!r}; this server has {self.cfg.collection!r}")
+
+    def _serving(self) -> Loaded:
+        cur = self.current
+        if cur is None:
+            why = self.last_error or "no active alias"
+            raise HTTPException(503, f"no version of {self.cfg.collection!r} is loaded yet: {why}")
+        return cur
+
+    def _auth_query(self, authorization: str | None, api_key: str | None) -> None:
+        want = _secret(self.cfg.serve.api_key, "EMBRAY_API_KEY")
+        if want is None:
+            return
+        got = api_key or _bearer(authorization)
+        if got is None or not hmac.compare_digest(got, want):
+            raise HTTPException(401, "an API key is required: send it as the X-API-Key header")
+
+    # --- endpoints -----------------------------------------------------------------------
+    @app.get("/healthz", summary="The process is alive.")
+    def healthz(self) -> dict:
+        return {"ok": True}
+
+    @app.get("/readyz", summary="A version is loaded and warm.")
+    def readyz(self):
+        cur = self.current
+        if cur is None:
+            return JSONResponse({"ready": False, "reason": self.last_error or "no active version yet"}, status_code=503)
+        return {"ready": True, "version": cur.version}
+
+    @app.get("/v1/collections/{name}", response_model=CollectionInfo, summary="What this server serves.")
+    def info(self, name: str, authorization: str | None = Header(None), x_api_key: str | None = Header(None)):
+        self._collection(name)
+        self._auth_query(authorization, x_api_key)
+        cur = self.current
+        m = cur.index.manifest if cur else None
+        return CollectionInfo(
+            collection=name,
+            version=cur.version if cur else None,
+            fingerprint=m.fingerprint if m else None,
+            model=m.model.label if m else None,
+            rows=m.rows if m else None,
+            dims=m.dims if m else None,
+            loaded_at=cur.loaded_at if cur else None,
+            load_seconds=round(cur.load_seconds, 3) if cur else None,
+            last_check=self.last_check,
+            last_error=self.last_error,
+        )
+
+    @app.post(
+        "/v1/collections/{name}/search",
+        response_model=SearchResponse,
+        summary="Top-k search.",
+        responses={409: {"description": "the vector's fingerprint is not the serving version's"}},
+    )
+    def search(
+        self,
+        name: str,
+        body: SearchRequest,
+        authorization: str | None = Header(None),
+        x_api_key: str | None = Header(None),
+    ):
+        t = time.perf_counter()
+        endpoint = "text" if body.text is not None else "vector"
+        version = None
+        try:
+            self._collection(name)
+            self._auth_query(authorization, x_api_key)
+            cur = self._serving()  # read once: the whole answer comes from this version
+            version = cur.version
+            idx = cur.index
+            if body.text is not None:
+                if len(body.text) > self.cfg.serve.max_text_chars:
+                    raise HTTPException(
+                        413,
+                        f"text has {len(body.text)} characters; the limit is "
+                        f"{self.cfg.serve.max_text_chars} (serve.max_text_chars)",
+                    )
+                hits = idx.search_text([body.text], body.k)[0]
+            else:
+                if body.fingerprint != idx.fingerprint:
+                    raise HTTPException(
+                        409,
+                        f"the vector was made in space {body.fingerprint}, but this server "
+                        f"answers from version {idx.version} in space {idx.fingerprint}; embed "
+                        "the query with that version's model, or send `text`",
+                    )
+                if len(body.vector) != idx.manifest.dims:
+                    raise HTTPException(
+                        422, f"vector has {len(body.vector)} dimensions; version {idx.version} has {idx.manifest.dims}"
+                    )
+                if not all(math.isfinite(x) for x in body.vector):
+                    raise HTTPException(422, "vector has NaN or infinite values")
+                import numpy as np
+
+                hits = idx.search_vectors(np.asarray([body.vector], dtype=np.float32), body.k)[0]
+            ms = (time.perf_counter() - t) * 1000
+            self.metrics.record(endpoint, version, "ok", ms)
+            return SearchResponse(
+                version=idx.version,
+                fingerprint=idx.fingerprint,
+                results=[Hit(id=h.id, score=round(h.score, 6)) for h in hits],
+                took_ms=round(ms, 3),
+            )
+        except HTTPException as e:
+            self.metrics.record(endpoint, version, str(e.status_code), (time.perf_counter() - t) * 1000)
+            raise
+        except VersionError as e:
+            self.metrics.record(endpoint, version, "error", (time.perf_counter() - t) * 1000)
+            raise HTTPException(500, str(e)) from e
+
+    @app.post("/v1/collections/{name}/reload", summary="Check the `active` alias now (admin token).")
+    def reload(self, name: str, authorization: str | None = Header(None)):
+        self._collection(name)
+        want = _secret(self.cfg.serve.admin_token, "EMBRAY_ADMIN_TOKEN")
+        if want is None:
+            raise HTTPException(403, "reload is disabled: set serve.admin_token or EMBRAY_ADMIN_TOKEN on the server")
+        got = _bearer(authorization)
+        if got is None or not hmac.compare_digest(got, want):
+            raise HTTPException(401, "reload needs `Authorization: Bearer <admin token>`")
+        switched = self.check()
+        cur = self.current
+        return {"version": cur.version if cur else None, "switched": switched, "error": self.last_error}
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):  # the server answers, whatever the input
+    log.exception("unexpected error on %s: %s", request.url.path, exc)
+    return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
+def build(args: dict[str, Any]):
+    """Application builder for `serve deploy` / `serve run`: ``args: {config: path/to/embray.yaml}``."""
+    path = args.get("config") or os.environ.get("EMBRAY_CONFIG")
+    if not path:
+        raise EmbrayError("the Serve application needs `args: {config: path/to/embray.yaml}` or EMBRAY_CONFIG")
+    return application(load_config(path), os.path.dirname(os.path.abspath(path)))
+
+
+def application(cfg: Config, base_dir: str = "."):
+    """The bound application for ``cfg`` (replicas and limits from ``cfg.serve``)."""
+    data = cfg.model_dump(mode="json")
+    s = cfg.serve
+    return EmbrayServer.options(
+        num_replicas=s.replicas,
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        ray_actor_options={"num_cpus": s.num_cpus},
+    ).bind({"data": data, "base_dir": base_dir})
+
+
+def run_blocking(cfg: Config) -> None:
+    """`embray serve`: start Serve on a local (or the configured) Ray, deploy, block until Ctrl-C or SIGTERM."""
+    import signal
+
+    from embray.build import init_ray
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        init_ray(cfg.ray)
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        serve.run(application(cfg), name="embray", route_prefix="/")
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+        log.info("embray serving collection %s at %s (API docs: %s/docs); Ctrl-C stops", cfg.collection, url, url)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        log.info("stopping")
+        serve.shutdown()
+        log.info("stopped")

@@ -1,0 +1,246 @@
+"""The Serve application over real HTTP on loopback, on the session's local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from embray.flows import backfill, refresh
+from embray.lifecycle import promote, rollback
+from embray.models import ModelSpec, fingerprint, load_embedder
+
+from .conftest import REPO, free_port, make_config, write_corpus
+from .test_refresh import mutate, write_rows
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+TOKEN = "s3cret-admin"
+
+
+def _wait_ready(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:  # not listening yet, or still starting
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} never became ready")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from ray import serve
+
+    from embray.serving import application
+
+    tmp = tmp_path_factory.mktemp("serve")
+    rows = write_corpus(tmp / "corpus", files=2, rows=150)
+    port = free_port()
+    cfg = make_config(
+        tmp, serve={"port": port, "poll_s": 1.0, "admin_token": TOKEN, "max_text_chars": 500, "num_cpus": 0.5}
+    )
+    v1 = backfill(cfg).version
+    changed, inserted, *_ = mutate(rows, 20, 20, 10)
+    write_rows(tmp / "corpus", changed, files=2)
+    v2 = refresh(cfg).version
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(application(cfg), name="embray", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url)
+    yield {"cfg": cfg, "url": url, "v1": v1, "v2": v2, "rows": rows, "changed": changed, "inserted": inserted}
+    serve.shutdown()
+
+
+def _search(url, body, **kw):
+    return requests.post(f"{url}/v1/collections/docs/search", json=body, timeout=30, **kw)
+
+
+def test_text_and_vector_search_name_their_version(served):
+    url, cfg, rows = served["url"], served["cfg"], served["rows"]
+    r = _search(url, {"text": rows["doc-000042"], "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == served["v1"] and body["fingerprint"] == fingerprint(cfg.model)
+    assert body["results"][0]["id"] == "doc-000042" and len(body["results"]) == 5
+    scores = [h["score"] for h in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+    vec = load_embedder(cfg.model).embed_queries([rows["doc-000042"]])[0].tolist()
+    r = _search(url, {"vector": vec, "fingerprint": fingerprint(cfg.model), "k": 5})
+    assert r.status_code == 200 and [h["id"] for h in r.json()["results"]] == [h["id"] for h in body["results"]]
+
+    info = requests.get(f"{url}/v1/collections/docs", timeout=10).json()
+    assert info["version"] == served["v1"] and info["rows"] == 300 and info["model"] == "hash:words"
+    assert info["loaded_at"] and info["fingerprint"] == fingerprint(cfg.model)
+    assert requests.get(f"{url}/healthz", timeout=10).json() == {"ok": True}
+    api = requests.get(f"{url}/openapi.json", timeout=10).json()
+    assert {"/v1/collections/{name}/search", "/v1/collections/{name}", "/readyz"} <= set(api["paths"])
+
+
+def test_a_vector_from_another_space_is_refused(served):
+    other = ModelSpec(backend="hash", name="words", dims=64, seed=7)
+    vec = load_embedder(other).embed_queries(["river"])[0].tolist()
+    r = _search(served["url"], {"vector": vec, "fingerprint": fingerprint(other)})
+    assert r.status_code == 409
+    detail = r.json()["detail"]
+    assert fingerprint(other) in detail and fingerprint(served["cfg"].model) in detail
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"text": "river", "k": 0}, 422, "greater than or equal to 1"),
+        ({"text": "river", "k": 1001}, 422, "less than or equal to 1000"),
+        ({"text": "x" * 501}, 413, "limit is 500"),
+        ({"text": "   "}, 422, "empty"),
+        ({}, 422, "exactly one of"),
+        ({"text": "a", "vector": [0.0] * 64, "fingerprint": "f"}, 422, "exactly one of"),
+        ({"vector": [0.1] * 64}, 422, "must name the `fingerprint`"),
+        ({"vector": [0.1] * 3, "fingerprint": "FP"}, 422, "3 dimensions"),
+        ({"vector": [0.1] * 64, "fingerprint": "FP"}, 409, "space"),
+        ({"text": 5}, 422, "string"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx(served, body, status, needle):
+    fp = fingerprint(served["cfg"].model)
+    body = json.loads(json.dumps(body).replace('"FP"', json.dumps(fp)))
+    if body.get("fingerprint") == fp and status == 409:
+        body["fingerprint"] = "0" * 24
+    r = _search(served["url"], body)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+
+
+def test_non_finite_vectors_unknown_collections_and_garbage_do_not_hurt_the_server(served):
+    url, fp = served["url"], fingerprint(served["cfg"].model)
+    raw = '{"vector": [NaN' + ", 0.1" * 63 + '], "fingerprint": "' + fp + '"}'
+    r = requests.post(
+        f"{url}/v1/collections/docs/search", data=raw, timeout=10, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422 and "NaN" in r.text
+    assert requests.post(f"{url}/v1/collections/nope/search", json={"text": "a"}, timeout=10).status_code == 404
+    r = requests.post(
+        f"{url}/v1/collections/docs/search",
+        data=b"\xff{not json",
+        timeout=10,
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 400  # not even JSON
+    assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
+
+
+def test_reload_needs_the_admin_token(served):
+    url = served["url"]
+    assert requests.post(f"{url}/v1/collections/docs/reload", timeout=10).status_code == 401
+    bad = {"Authorization": "Bearer wrong"}
+    assert requests.post(f"{url}/v1/collections/docs/reload", headers=bad, timeout=10).status_code == 401
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    r = requests.post(f"{url}/v1/collections/docs/reload", headers=good, timeout=30)
+    assert r.status_code == 200 and r.json()["version"] == served["v1"]
+
+
+def test_cutover_under_load_through_a_promotion_and_a_rollback(served):
+    url, cfg, v1, v2 = served["url"], served["cfg"], served["v1"], served["v2"]
+    new_id = sorted(served["inserted"])[0]
+    query = served["changed"][new_id]
+    log: list[tuple[float, float, int, str | None]] = []
+    stop = threading.Event()
+
+    def client():
+        with requests.Session() as s:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = s.post(f"{url}/v1/collections/docs/search", json={"text": query, "k": 3}, timeout=30)
+                    log.append((t0, time.monotonic(), r.status_code, r.json().get("version")))
+                except requests.RequestException as e:
+                    log.append((t0, time.monotonic(), 0, repr(e)))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    reload = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        time.sleep(1.0)
+        promote(cfg, v2, reason="cutover test")
+        r = requests.post(f"{url}/v1/collections/docs/reload", headers=reload, timeout=60)
+        t_v2 = time.monotonic()
+        assert r.json()["version"] == v2
+        time.sleep(1.5)
+        t_rollback = time.monotonic()
+        rollback(cfg, reason="cutover test")
+        r = requests.post(f"{url}/v1/collections/docs/reload", headers=reload, timeout=60)
+        t_v1 = time.monotonic()
+        assert r.json()["version"] == v1
+        time.sleep(1.0)
+        # And without a reload call: the poller picks up a promotion within poll_s (plus loading).
+        promote(cfg, v2, reason="poll test")
+        t_promoted = time.monotonic()
+        deadline = t_promoted + 30
+        while time.monotonic() < deadline and not any(t0 > t_promoted and v == v2 for t0, _, _, v in log[-20:]):
+            time.sleep(0.2)
+        t_polled = time.monotonic()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    failed = [e for e in log if e[2] != 200]
+    assert not failed, failed[:5]
+    assert len(log) > 50
+    # After each switch returned, no answer started later came from the version no longer active.
+    assert all(v == v2 for t0, _, _, v in log if t_v2 < t0 < t_rollback)
+    assert all(v == v1 for t0, _, _, v in log if t_v1 < t0 < t_promoted)
+    assert t_polled - t_promoted < 10, "the poller did not switch to the promoted version"
+    assert all(v == v2 for t0, _, _, v in log if t0 > t_polled)
+    # The new version answers with the row only it has.
+    r = _search(url, {"text": query, "k": 1})
+    assert r.json()["version"] == v2 and r.json()["results"][0]["id"] == new_id
+    rollback(cfg)  # leave v1 active for any later test
+
+
+def test_embray_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
+    write_corpus(tmp_path / "corpus", files=1, rows=40)
+    port = free_port()
+    cfg_path = tmp_path / "embray.yaml"
+    cfg_path.write_text(
+        "collection: docs\nsource: {uri: ./corpus}\nstore: {uri: ./store}\n"
+        "model: {backend: hash, name: words, dims: 32}\nindex: {shards: 2}\nray: {num_cpus: 2}\n"
+    )
+    backfill(make_config(tmp_path, model={"dims": 32}, index={"shards": 2}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("EMBRAY_ADMIN_TOKEN", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embray.cli", "serve", "--config", str(cfg_path), "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, timeout=180)
+        r = requests.post(f"{url}/v1/collections/docs/search", json={"text": "river", "k": 2}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["results"]) == 2
+        # No admin token configured anywhere: reload is refused outright.
+        r = requests.post(f"{url}/v1/collections/docs/reload", headers={"Authorization": "Bearer x"}, timeout=10)
+        assert r.status_code == 403 and "admin_token" in r.text
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err[-3000:]
+        assert "stopped" in err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
