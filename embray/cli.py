@@ -218,10 +218,10 @@ def versions(config_path: str, as_json: bool) -> None:
     from embray.config import load_config
 
     rows = version_rows(load_config(config_path))
-    lines = [f"{'VERSION':<26} {'ROWS':>9}  {'FINGERPRINT':<24}  {'CREATED':<25} {'ALIASES':<18} MODEL"]
+    lines = [f"{'VERSION':<29} {'ROWS':>9}  {'FINGERPRINT':<24}  {'CREATED':<29} {'ALIASES':<18} MODEL"]
     for r in rows:
         lines.append(
-            f"{r['id']:<26} {r['rows']:>9}  {r['fingerprint']:<24}  {r['created']:<25} "
+            f"{r['id']:<29} {r['rows']:>9}  {r['fingerprint']:<24}  {r['created']:<29} "
             f"{','.join(r['aliases']) or '-':<18} {r['model']}"
         )
     _emit(rows, as_json, "\n".join(lines) if rows else "no versions yet: run `embray backfill`")

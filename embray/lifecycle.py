@@ -248,7 +248,7 @@ def gc(cfg: Config, *, keep: int, dry_run: bool = False) -> dict[str, Any]:
         committed, uncommitted = list_version_dirs(store, cfg.collection)
         manifests = {v: read_manifest(store, cfg.collection, v) for v in committed}
         aliased = {v for v in registry.aliases().values() if v}
-        newest = sorted(committed, key=lambda v: manifests[v].created)[-keep:]
+        newest = sorted(committed, key=lambda v: (manifests[v].created, v))[-keep:]
         kept = set(newest) | (aliased & set(committed))
         todo = list(kept)
         while todo:  # keep whatever a kept version reuses files from, transitively

@@ -94,13 +94,13 @@ class Manifest(BaseModel):
 
 
 def new_version_id(now: dt.datetime | None = None) -> str:
-    """Sortable by creation time, unique across machines: ``v20261125T194500Z-3f9a1c``."""
+    """Sortable by creation time (to the millisecond), unique across machines: ``v20261125T194500123Z-3f9a1c``."""
     now = now or dt.datetime.now(dt.timezone.utc)
-    return f"v{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return f"v{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
 
 
 def utcnow() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def who() -> str:
@@ -137,7 +137,8 @@ def read_manifest(store: Store, collection: str, version: str) -> Manifest:
 
 def list_versions(store: Store, collection: str) -> list[Manifest]:
     """Committed versions of ``collection``, oldest first."""
-    return [read_manifest(store, collection, name) for name in list_version_dirs(store, collection)[0]]
+    found = [read_manifest(store, collection, name) for name in list_version_dirs(store, collection)[0]]
+    return sorted(found, key=lambda m: (m.created, m.version))
 
 
 def list_version_dirs(store: Store, collection: str) -> tuple[list[str], list[str]]:
