@@ -647,6 +647,23 @@ def _check_pool_fits(cfg: Config) -> None:
         )
 
 
+def _gather(refs: list) -> list:
+    """``ray.get`` of several tasks; when one fails, stop the others and wait for them before raising,
+    so that nothing is still writing when the caller cleans up."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except BaseException:
+        for ref in refs:
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - finished tasks cannot be cancelled
+                pass
+        ray.wait(refs, num_returns=len(refs), timeout=120)
+        raise
+
+
 def _stage(kind: str, stage: str, error: type[EmbrayError], fn, *args):
     """Run one stage; Ray wraps task errors, so surface ours and name the stage for the rest."""
     try:
@@ -738,7 +755,7 @@ def run_build(cfg: Config, spec: BuildSpec, registry: Registry, store: Store) ->
                 kind,
                 "reading the corpus",
                 SourceError,
-                ray.get,
+                _gather,
                 [
                     scan.remote(src, i, sc.id_column, sc.text_column, shards, store, staged)
                     for i in range(len(src.files))
@@ -751,7 +768,7 @@ def run_build(cfg: Config, spec: BuildSpec, registry: Registry, store: Store) ->
             kind,
             "planning the shards",
             StoreError,
-            ray.get,
+            _gather,
             [
                 plan_task.remote(store, staged, vdir, k, parents[k], cdirs[k], fp, cfg.embed.batch_size, spec.dry_run)
                 for k in range(shards)
@@ -809,7 +826,7 @@ def run_build(cfg: Config, spec: BuildSpec, registry: Registry, store: Store) ->
             kind,
             "building the shards",
             StoreError,
-            ray.get,
+            _gather,
             [
                 build.remote(store, staged, vdir, k, dims, cfg.index, fp, plans[k], parents[k], cdirs[k])
                 for k in range(shards)
