@@ -648,19 +648,15 @@ def _check_pool_fits(cfg: Config) -> None:
 
 
 def _gather(refs: list) -> list:
-    """``ray.get`` of several tasks; when one fails, stop the others and wait for them before raising,
-    so that nothing is still writing when the caller cleans up."""
+    """``ray.get`` of several tasks; when one fails, wait for the others to end before raising, so that
+    nothing is still writing when the caller cleans up. (No ``ray.cancel``: in Ray 2.60 cancelling a task
+    that is finishing can abort the driver, "Tried to complete task that was not pending".)"""
     import ray
 
     try:
         return ray.get(refs)
     except BaseException:
-        for ref in refs:
-            try:
-                ray.cancel(ref)
-            except Exception:  # noqa: BLE001 - finished tasks cannot be cancelled
-                pass
-        ray.wait(refs, num_returns=len(refs), timeout=120)
+        ray.wait(refs, num_returns=len(refs), timeout=300)
         raise
 
 

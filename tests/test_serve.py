@@ -244,3 +244,33 @@ def test_embray_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_overload_gets_503_instead_of_piling_up(served, tmp_path):
+    """One slow replica (0.4 s per query), one request at a time, one queued: the rest are turned away."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from embray.serving import application
+
+    write_corpus(tmp_path / "corpus", files=1, rows=10)
+    cfg = make_config(
+        tmp_path,
+        collection="slow",
+        model={"latency_ms": 400.0},
+        serve={"max_ongoing_requests": 1, "max_queued_requests": 1, "num_cpus": 0.25, "poll_s": 3600},
+    )
+    backfill(cfg)  # the version's own model spec carries the latency, so its queries are slow
+    serve.run(application(cfg), name="slow", route_prefix="/slow")
+    url = served["url"] + "/slow"
+    _wait_ready(url)
+
+    def one(_):
+        return requests.post(f"{url}/v1/collections/slow/search", json={"text": "river", "k": 1}, timeout=60)
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = [r.status_code for r in pool.map(one, range(8))]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 4 and codes.count(200) >= 1, codes
+    serve.delete("slow")
+    assert requests.get(f"{served['url']}/readyz", timeout=10).status_code == 200  # the main app is unaffected
