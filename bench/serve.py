@@ -117,6 +117,9 @@ def main() -> None:
         backfill(cfg)
         print(f"built the index in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
 
+    import torch
+
+    torch.set_num_threads(1)  # as in the Serve replica, which Ray gives 1 CPU (OMP_NUM_THREADS=1)
     rng = np.random.default_rng(0)
     queries = [" ".join(docs[i].split()[:12]) for i in rng.choice(len(docs), 300, replace=False)]
     vi = open_version(cfg)
@@ -178,7 +181,8 @@ def main() -> None:
         "",
         f"Index: {vi.manifest.rows} documents ({vi.manifest.model.label}, {vi.manifest.dims} dims, "
         f"{len(vi.manifest.shards)} USearch shards, f16, HNSW). One Serve replica (1 CPU); the in-process column "
-        "searches the same shards from the benchmark process. k = 10; queries are the first 12 words of 300 random "
+        "searches the same shards from the benchmark process, with torch on 1 thread like the replica. "
+        "k = 10; queries are the first 12 words of 300 random "
         f"docstrings; {args.requests} requests per cell after a warm-up.",
         "",
         "| query | clients | HTTP p50 ms | HTTP p99 ms | HTTP req/s | in-process p50 ms | in-process p99 ms "

@@ -184,6 +184,7 @@ def test_cutover_under_load_through_a_promotion_and_a_rollback(served):
         assert r.json()["version"] == v1
         time.sleep(1.0)
         # And without a reload call: the poller picks up a promotion within poll_s (plus loading).
+        t_promote_call = time.monotonic()  # the poller may switch while promote() is still writing its tags
         promote(cfg, v2, reason="poll test")
         t_promoted = time.monotonic()
         deadline = t_promoted + 30
@@ -200,7 +201,7 @@ def test_cutover_under_load_through_a_promotion_and_a_rollback(served):
     assert len(log) > 50
     # After each switch returned, no answer started later came from the version no longer active.
     assert all(v == v2 for t0, _, _, v in log if t_v2 < t0 < t_rollback)
-    assert all(v == v1 for t0, _, _, v in log if t_v1 < t0 < t_promoted)
+    assert all(v == v1 for t0, _, _, v in log if t_v1 < t0 < t_promote_call)
     assert t_polled - t_promoted < 10, "the poller did not switch to the promoted version"
     assert all(v == v2 for t0, _, _, v in log if t0 > t_polled)
     # The new version answers with the row only it has.
