@@ -13,6 +13,7 @@ L2-normalised float32.
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import json
@@ -172,8 +173,8 @@ def fingerprint(spec: ModelSpec) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
 
 
-class Embedder:
-    """Turns texts into L2-normalised float32 vectors. Subclasses implement :meth:`embed_batch`."""
+class Embedder(abc.ABC):
+    """Turns texts into L2-normalised float32 vectors. Subclasses implement :attr:`dims` and :meth:`embed_batch`."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -181,8 +182,9 @@ class Embedder:
         self.rows = 0
 
     @property
+    @abc.abstractmethod
     def dims(self) -> int:
-        raise NotImplementedError
+        """Size of the vectors this model makes."""
 
     def _check_dims(self) -> None:
         if self.spec.dims is not None and self.spec.dims != self.dims:
@@ -190,9 +192,9 @@ class Embedder:
                 f"model.dims is {self.spec.dims} but {self.spec.name} makes {self.dims}-dim vectors; fix model.dims"
             )
 
+    @abc.abstractmethod
     def embed_batch(self, texts: list[str]) -> np.ndarray:
-        """Raw vectors for ``texts``, shape (len(texts), dims). Subclasses implement this."""
-        raise NotImplementedError
+        """Raw vectors for ``texts``, shape (len(texts), dims)."""
 
     def embed_documents(self, texts: list[str]) -> np.ndarray:
         return self._embed([self.spec.document_prefix + t for t in texts])
