@@ -139,6 +139,32 @@ def test_non_finite_vectors_unknown_collections_and_garbage_do_not_hurt_the_serv
     assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
 
 
+def test_prometheus_metrics_name_the_served_version(served):
+    """The replica's metrics reach Ray's Prometheus endpoint (names get Ray's `ray_` prefix)."""
+    import ray
+
+    url, v1 = served["url"], served["v1"]
+    for _ in range(3):
+        assert _search(url, {"text": "river mountain", "k": 2}).status_code == 200
+    assert _search(url, {"text": "river", "k": 0}).status_code == 422
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + 60
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_embray_")]
+        if any(ln.startswith("ray_embray_requests_total") and 'outcome="ok"' in ln for ln in lines) and any(
+            ln.startswith("ray_embray_active_version") for ln in lines
+        ):
+            break
+        time.sleep(1)
+    ok = [ln for ln in lines if ln.startswith("ray_embray_requests_total") and 'outcome="ok"' in ln]
+    assert any(f'version="{v1}"' in ln and 'endpoint="text"' in ln for ln in ok), lines[:20]
+    active = [ln for ln in lines if ln.startswith("ray_embray_active_version") and f'version="{v1}"' in ln]
+    assert active and float(active[0].rsplit(" ", 1)[1]) == 1.0
+    assert any(ln.startswith("ray_embray_request_latency_ms_bucket") for ln in lines)
+
+
 def test_reload_needs_the_admin_token(served):
     url = served["url"]
     assert requests.post(f"{url}/v1/collections/docs/reload", timeout=10).status_code == 401
