@@ -36,7 +36,7 @@ from embray.errors import ConfigError, EmbrayError, ModelError, SourceError, Sto
 from embray.models import ModelSpec, fingerprint
 from embray.registry import Registry
 from embray.source import SourceInfo, inspect_source
-from embray.store import Store, local_tmpdir
+from embray.store import Store, local_tmpdir, sha256_of
 from embray.versions import (
     FileEntry,
     Manifest,
@@ -85,13 +85,8 @@ def _parquet_names(store: Store, rel: str) -> list[str]:
 
 
 def _sha256(path: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
+        return sha256_of(fh)
 
 
 def _vectors(column, dims: int):

@@ -8,7 +8,6 @@ through it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any
@@ -18,7 +17,7 @@ from embray.config import Config
 from embray.errors import EmbrayError, VersionError
 from embray.lock import ALIASES, WRITER, Lease
 from embray.registry import ACTIVE, CANDIDATE, Registry
-from embray.store import Store, local_tmpdir
+from embray.store import Store, local_tmpdir, sha256_of
 from embray.versions import MANIFEST, file_rel, list_version_dirs, read_manifest, utcnow, version_dir, who
 
 log = logging.getLogger("embray")
@@ -31,13 +30,8 @@ HISTORY_MAX = 50
 
 
 def _file_digest(store: Store, rel: str) -> tuple[str, int]:
-    h = hashlib.sha256()
-    n = 0
     with store.fs.open(store.path(rel), "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
+        return sha256_of(fh)
 
 
 def verify(store: Store, collection: str, version: str) -> list[str]:

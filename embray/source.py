@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from embray.config import SourceConfig
 from embray.errors import SourceError
-from embray.store import Store, list_source_files
+from embray.store import Store, list_source_files, sha256_of
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,8 @@ def _file_digest(store: Store, path: str) -> str:
     if etag:
         content = str(etag).strip('"')
     else:
-        h = hashlib.sha256()
         with store.fs.open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        content = h.hexdigest()
+            content = sha256_of(fh)[0]
     return f"{path[len(store.root) :]}\t{info.get('size')}\t{content}\n"
 
 

@@ -9,6 +9,7 @@ and it fails if the target exists).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -159,6 +160,16 @@ class Store:
             raise
         except Exception as e:  # noqa: BLE001 - fsspec backends raise OSError, botocore and aiohttp errors alike
             raise StoreError(f"store {self.uri}: {type(e).__name__}: {e}") from e
+
+
+def sha256_of(fh) -> tuple[str, int]:
+    """(sha256 hex, bytes) of an open binary file, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    n = 0
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        h.update(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n
 
 
 def local_tmpdir(prefix: str = "embray-") -> Path:
