@@ -52,6 +52,7 @@ from embray.versions import (
 log = logging.getLogger("embray")
 
 STAGING = "_staging"
+SCRATCH = "_scratch"
 # An in-place shard update stays cheaper and as good as a rebuild while the change is small.
 INCREMENTAL_MAX_CHANGE = 0.25
 # Up to this many embed.batch_size batches are embedded in one Ray task rather than an actor pool.
@@ -110,7 +111,24 @@ def _vector_array(vectors, dims: int):
 # --- stage 1: scan -------------------------------------------------------------------
 
 
-def _prepare(batch, *, id_col: str, text_col: str, shards: int, url: str):
+UPDATED_AT = "updated_at"  # staging column: when the source says a row last changed (UTC), or null
+
+
+def _updated_at(batch, col: str | None):
+    """The source's change time of each row as UTC timestamps; nulls when the column is absent or not a time."""
+    import pyarrow as pa
+
+    utc = pa.timestamp("us", tz="UTC")
+    if col and col in batch.schema.names:
+        arr = batch.column(col)
+        if pa.types.is_timestamp(arr.type):
+            return arr.cast(pa.timestamp(arr.type.unit, tz=arr.type.tz or "UTC")).cast(utc)
+        if pa.types.is_date(arr.type):
+            return arr.cast(pa.timestamp("us")).cast(utc)
+    return pa.nulls(batch.num_rows, utc)
+
+
+def _prepare(batch, *, id_col: str, text_col: str, shards: int, url: str, updated_col: str | None = None):
     """Hash content, assign shards, and mark rows that cannot be embedded."""
     import pyarrow as pa
 
@@ -125,12 +143,22 @@ def _prepare(batch, *, id_col: str, text_col: str, shards: int, url: str):
             "content_hash": pa.array(hashes, pa.string()),
             "reason": pa.array(reasons, pa.string()),
             "path": pa.array([url] * len(ids), pa.string()),
+            UPDATED_AT: _updated_at(batch, updated_col),
             "shard": pa.array([R.shard_of(i, shards) if i is not None else 0 for i in ids], pa.int32()),
         }
     )
 
 
-def scan_file(src: SourceInfo, index: int, id_col: str, text_col: str, shards: int, store: Store, staged: str) -> int:
+def scan_file(
+    src: SourceInfo,
+    index: int,
+    id_col: str,
+    text_col: str,
+    shards: int,
+    store: Store,
+    staged: str,
+    updated_col: str | None = None,
+) -> int:
     """Read one source file in row batches; write its rows to per-shard staging files. Returns rows read."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -144,8 +172,13 @@ def scan_file(src: SourceInfo, index: int, id_col: str, text_col: str, shards: i
     try:
         try:
             pf = pq.ParquetFile(src.store.pyarrow_fs().open_input_file(path))
-            for batch in pf.iter_batches(batch_size=65536, columns=[id_col, text_col]):
-                table = _prepare(batch, id_col=id_col, text_col=text_col, shards=shards, url=url)
+            columns = [id_col, text_col]
+            if updated_col and updated_col in pf.schema_arrow.names and updated_col not in columns:
+                columns.append(updated_col)
+            for batch in pf.iter_batches(batch_size=65536, columns=columns):
+                table = _prepare(
+                    batch, id_col=id_col, text_col=text_col, shards=shards, url=url, updated_col=updated_col
+                )
                 rows += table.num_rows
                 for k in pc.unique(table.column("shard")).to_pylist():
                     part = table.filter(pc.equal(table.column("shard"), pa.scalar(k, pa.int32()))).drop(["shard"])
@@ -276,6 +309,10 @@ def plan_shard(
     parent_hashes = {h for h, _ in old.values()}
     cached = _cached_hashes(store, cdir, fp)
 
+    updated = (
+        good.column(UPDATED_AT).cast("int64").to_pylist() if UPDATED_AT in good.schema.names else [None] * len(g_ids)
+    )
+    oldest_stale: int | None = None  # microseconds since the epoch of the earliest change not in the parent
     status, parent_keys, todo = [], [], {}
     counts = dict.fromkeys(COUNTS, 0)
     for i, (row_id, h) in enumerate(zip(g_ids, g_hashes, strict=True)):
@@ -288,6 +325,8 @@ def plan_shard(
         status.append("changed" if prev is not None else "new")
         parent_keys.append(prev[1] if prev is not None else None)
         counts[status[-1]] += 1
+        if updated[i] is not None and (oldest_stale is None or updated[i] < oldest_stale):
+            oldest_stale = updated[i]
         if h in parent_hashes or h in cached:
             counts["cache_hits"] += 1
         elif h not in todo:
@@ -299,6 +338,7 @@ def plan_shard(
     out["rejected"] = bad.num_rows
     out["content_digest"] = R.digest_pairs(g_ids, g_hashes)
     out["unchanged"] = parent is not None and counts["new"] == counts["changed"] == counts["deleted"] == 0
+    out["oldest_stale_us"] = oldest_stale
     if dry_run:
         return out
 
@@ -589,6 +629,7 @@ class BuildSpec:
     parent: Manifest | None = None  # lineage; its vectors are reused only when its fingerprint is the model's
     dry_run: bool = False
     params: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None  # known already (a dry run against a version): skips hashing the weights
 
 
 @dataclass(frozen=True)
@@ -689,17 +730,18 @@ def _parent_shards(store: Store, parent: Manifest | None, fp: str, shards: int) 
     return out
 
 
-def run_build(cfg: Config, spec: BuildSpec, registry: Registry, store: Store) -> BuildResult:
+def run_build(cfg: Config, spec: BuildSpec, registry: Registry | None, store: Store) -> BuildResult:
     """Build one version (or, with ``dry_run``, only plan it). The caller holds the writer lease."""
     import ray
 
     t0 = time.monotonic()
-    fp = fingerprint(spec.model)
+    fp = spec.fingerprint or fingerprint(spec.model)
     shards = cfg.index.shards
     src = inspect_source(cfg.source)
     parents = _parent_shards(store, spec.parent, fp, shards)
     vid = new_version_id()
-    vdir = version_dir(cfg.collection, vid)
+    # A dry run writes only scratch files, outside versions/ (gc and listings never see it), and takes no lease.
+    vdir = f"{cfg.collection}/{SCRATCH}/{vid}" if spec.dry_run else version_dir(cfg.collection, vid)
     staged = f"{vdir}/{STAGING}"
     kind = spec.kind
     log.info(
@@ -748,7 +790,7 @@ def run_build(cfg: Config, spec: BuildSpec, registry: Registry, store: Store) ->
                 SourceError,
                 _gather,
                 [
-                    scan.remote(src, i, sc.id_column, sc.text_column, shards, store, staged)
+                    scan.remote(src, i, sc.id_column, sc.text_column, shards, store, staged, sc.updated_at_column)
                     for i in range(len(src.files))
                 ],
             )
@@ -786,6 +828,8 @@ def run_build(cfg: Config, spec: BuildSpec, registry: Registry, store: Store) ->
             store.delete(vdir)
             counts["to_embed"], counts["embedded"] = counts["embedded"], 0  # planned; nothing was sent
             counts["by_reason"] = by_reason
+            stale_us = [p["oldest_stale_us"] for p in plans if p["oldest_stale_us"] is not None]
+            counts["oldest_stale_us"] = min(stale_us) if stale_us else None
             return BuildResult(
                 None,
                 None,
@@ -913,7 +957,7 @@ def _cached_dims(store: Store, chunks: list[dict], cdirs: list[str], spec: Model
     raise StoreError("no vectors were embedded or cached, so their size is unknown; rerun the command")
 
 
-def _abandon(store: Store, vdir: str, registry: Registry, run_id: str | None, e: BaseException) -> None:
+def _abandon(store: Store, vdir: str, registry: Registry | None, run_id: str | None, e: BaseException) -> None:
     """Remove what a failed build wrote and record the failure; never hides the original error.
 
     The vector cache is kept: it only ever holds finished chunks, and a rerun reuses them.
@@ -923,7 +967,7 @@ def _abandon(store: Store, vdir: str, registry: Registry, run_id: str | None, e:
         store.delete(vdir)
     except EmbrayError as cleanup:
         log.error("could not remove %s: %s (it has no manifest, so it is not visible)", store.url(vdir), cleanup)
-    if run_id is None:
+    if run_id is None or registry is None:
         return
     try:
         registry.end_run(run_id, ok=False, error=f"{type(e).__name__}: {e}")

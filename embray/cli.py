@@ -133,14 +133,18 @@ def verify(version: str, config_path: str, as_json: bool) -> None:
 @click.argument("version")
 @config_option
 @click.option("--reason", default="", help="Why; recorded in MLflow with who and when.")
+@click.option("--force", is_flag=True, help="Override failed quality gates (never verify); needs --reason.")
+@click.option("--queries", default=None, type=click.Path(dir_okay=False), help="Labelled JSONL for the nDCG gate.")
 @json_option
-def promote(version: str, config_path: str, reason: str, as_json: bool) -> None:
-    """Make VERSION the active one (it must pass verify)."""
+def promote(version: str, config_path: str, reason: str, force: bool, queries: str | None, as_json: bool) -> None:
+    """Make VERSION the active one once it passes the gates (verify, ANN recall, labelled nDCG)."""
     from embray.config import load_config
     from embray.lifecycle import promote as run
 
-    out = run(load_config(config_path), version, reason=reason)
-    _emit(out, as_json, f"active: {out['previous']} -> {out['active']}")
+    out = run(load_config(config_path), version, reason=reason, force=force, queries=queries)
+    gates = ", ".join(f"{g['gate']} {'ok' if g['passed'] else 'FAILED'}" for g in out["gates"])
+    forced = " (FORCED past failed gates)" if out["forced"] else ""
+    _emit(out, as_json, f"active: {out['previous']} -> {out['active']}{forced}; gates: {gates}")
 
 
 @cli.command()
@@ -177,6 +181,128 @@ def gc(config_path: str, keep: int, dry_run: bool, as_json: bool) -> None:
         f"({', '.join(out['deleted']) or 'none'}), {len(out['unfinished'])} unfinished builds "
         f"and {len(out['caches'])} vector caches of unused models",
     )
+
+
+@cli.command()
+@config_option
+@click.option("--no-verify", is_flag=True, help="Skip verify of the aliased versions (it reads every file).")
+@json_option
+def status(config_path: str, no_verify: bool, as_json: bool) -> None:
+    """Is the collection current, consistent and served as its alias says? Exit 1 when not."""
+    from embray.config import load_config
+    from embray.monitor import status as run
+
+    out = run(load_config(config_path), check_verify=not no_verify)
+    _emit(out, as_json, _status_human(out))
+    if not out["ok"]:
+        sys.exit(1)
+
+
+def _status_human(s: dict[str, Any]) -> str:
+    lines = [f"collection {s['collection']}: {'OK' if s['ok'] else 'PROBLEMS'} (checked {s['checked_at']})"]
+    for alias in ("active", "candidate"):
+        v = s.get(alias)
+        age = f"{v['age_s'] / 3600:.1f} h old" if v else ""
+        lines.append(
+            f"  {alias:<9} {v['id']}  {v['model']} ({v['fingerprint']}), {v['rows']} rows, {age}"
+            if v
+            else f"  {alias:<9} -"
+        )
+    st = s.get("staleness")
+    if st:
+        oldest = f", oldest stale change {st['oldest_stale_at']}" if st["oldest_stale_at"] else ""
+        lines.append(
+            f"  staleness {st['fraction']:.2%}: {st['new']} new, {st['changed']} changed, "
+            f"{st['deleted']} deleted{oldest}"
+        )
+    if s.get("consistent") is not None:
+        lines.append(f"  verify    {'ok' if s['consistent'] else 'FAILED'} for {', '.join(s['verify']) or '-'}")
+    if s.get("served_matches") is not None or s.get("served"):
+        lines.append(f"  served    {s['served'] or '-'} ({'matches active' if s['served_matches'] else 'NOT active'})")
+    lines += [f"  problem: {p}" for p in s["problems"]]
+    return "\n".join(lines)
+
+
+@cli.command(name="eval")
+@click.argument("version")
+@config_option
+@click.option("--against", default=None, help="Another version: overlap@10 of their results on sampled texts.")
+@click.option("--queries", default=None, type=click.Path(dir_okay=False), help="Labelled JSONL: nDCG@10, recall@10.")
+@click.option("--sample", default=None, type=click.IntRange(1), help="Sampled queries (default monitor.eval_sample).")
+@json_option
+def eval_(version: str, config_path: str, against: str | None, queries: str | None, sample: int | None, as_json: bool):
+    """Measure VERSION: ANN recall@10 vs exact, overlap with another version, labelled nDCG@10."""
+    from embray.config import load_config
+    from embray.quality import evaluate
+
+    out = evaluate(load_config(config_path), version, against=against, queries=queries, sample=sample)
+    human = [f"{version}: recall@10 {out['recall_at_10']} (ANN vs exact, {out['recall_queries']} queries)"]
+    if "overlap_at_10" in out:
+        human.append(f"  overlap@10 with {out['against']}: {out['overlap_at_10']} ({out['overlap_queries']} texts)")
+    if "ndcg_at_10" in out:
+        human.append(
+            f"  nDCG@10 {out['ndcg_at_10']}, recall@10 {out['labelled_recall_at_10']} "
+            f"({out['labelled_queries']} labelled queries)"
+        )
+    _emit(out, as_json, "\n".join(human))
+
+
+@cli.command()
+@click.argument("version")
+@config_option
+@click.option("--sample", default=None, type=click.IntRange(1), help="Rows to re-embed (default monitor.audit_sample).")
+@click.option("--min-cosine", default=None, type=float, help="Threshold (default monitor.audit_min_cosine, 0.999).")
+@click.option("--seed", default=None, type=int, help="Sample seed (default: a fresh random sample).")
+@json_option
+def audit(
+    version: str, config_path: str, sample: int | None, min_cosine: float | None, seed: int | None, as_json: bool
+):
+    """Re-embed a sample of VERSION's rows and compare with the stored vectors; exit 1 on drift."""
+    from embray.config import load_config
+    from embray.quality import audit as run
+
+    out = run(load_config(config_path), version, sample=sample, min_cosine=min_cosine, seed=seed)
+    human = (
+        f"{version}: {'ok' if out['ok'] else 'DRIFT'}: {out['compared']} rows re-embedded, min cosine "
+        f"{out['min_cosine']}, mean {out['mean_cosine']} (threshold {out['threshold']}); "
+        f"{out['source_changed']} changed and {out['source_missing']} missing in the source, skipped"
+    )
+    _emit(out, as_json, "\n  ".join([human, *out["problems"]]))
+    if not out["ok"]:
+        sys.exit(1)
+
+
+@cli.command()
+@config_option
+@click.option("--interval", default=None, type=click.FloatRange(min=0), help="Seconds between checks.")
+@click.option("--iterations", default=None, type=click.IntRange(1), help="Stop after N checks (default: run on).")
+@click.option("--once", is_flag=True, help="One check (same as --iterations 1).")
+@click.option("--promote-if-gates-pass", is_flag=True, help="Promote what a refresh built, through the gates.")
+@json_option
+def monitor(
+    config_path: str,
+    interval: float | None,
+    iterations: int | None,
+    once: bool,
+    promote_if_gates_pass: bool,
+    as_json: bool,
+) -> None:
+    """Check status on an interval, log it to MLflow, and refresh when staleness passes the threshold."""
+    from embray.config import load_config
+    from embray.monitor import run_monitor
+
+    results = run_monitor(
+        load_config(config_path),
+        interval_s=interval,
+        iterations=1 if once else iterations,
+        promote_if_gates_pass=promote_if_gates_pass,
+    )
+    human = []
+    for i, r in enumerate(results):
+        a = r.get("action") or {}
+        did = ", ".join(f"{k} {v}" for k, v in a.items() if v) or "no action"
+        human.append(f"check {i}: {'ok' if r['ok'] else '; '.join(r['problems'])}; {did}")
+    _emit(results, as_json, "\n".join(human))
 
 
 def version_rows(cfg) -> list[dict[str, Any]]:

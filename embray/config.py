@@ -8,6 +8,8 @@
     embed: {batch_size: 256, actors: 1}
     mlflow: {tracking_uri: null}     # null: a sqlite file under the store root
     ray: {address: null}             # null: a local Ray
+    serve: {port: 8000, poll_s: 10}  # the Ray Serve endpoint (see serve/README.md)
+    monitor: {max_stale_fraction: 0.05, recall_floor: 0.95}   # status, gates, audit
 
 Relative local paths are resolved against the directory of the config file,
 so a config means the same thing whatever the working directory.
@@ -42,6 +44,10 @@ class SourceConfig(_Strict):
     uri: str = Field(description="Parquet file or directory of Parquet files: a local path or s3://bucket/prefix.")
     id_column: str = Field("id", description="Column holding each row's unique id (string or integer).")
     text_column: str = Field("text", description="Column holding the text to embed.")
+    updated_at_column: str | None = Field(
+        "updated_at",
+        description="Timestamp column of when a row last changed; used (when present) for the age of stale rows.",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for s3fs and the pyarrow reads, e.g. {client_kwargs: {endpoint_url: ...}}.",
@@ -98,6 +104,26 @@ class ServeConfig(_Strict):
     url: str | None = Field(None, description="Where the deployed endpoint answers (for `embray status`).")
 
 
+class MonitorConfig(_Strict):
+    max_stale_fraction: float = Field(
+        0.05, ge=0, le=1, description="`status` fails (and the monitor refreshes) above this stale fraction."
+    )
+    max_stale_age_s: float | None = Field(
+        None, gt=0, description="`status` fails when the oldest stale row changed longer ago than this (seconds)."
+    )
+    recall_floor: float = Field(0.95, ge=0, le=1, description="Promotion gate: ANN recall@10 against exact search.")
+    ndcg_margin: float = Field(
+        0.02, ge=0, le=1, description="Promotion gate: nDCG@10 may fall at most this far below the active version's."
+    )
+    queries: str | None = Field(
+        None, description="Labelled queries (JSONL: {query, relevant}) for nDCG@10 in eval and the promotion gate."
+    )
+    eval_sample: int = Field(200, ge=1, description="Sampled queries for recall@10 and overlap@10.")
+    audit_sample: int = Field(200, ge=1, description="Stored rows `embray audit` re-embeds and compares.")
+    audit_min_cosine: float = Field(0.999, ge=-1, le=1, description="A re-embedded row below this cosine has drifted.")
+    interval_s: float = Field(3600, gt=0, description="Seconds between checks of `jobs/monitor.py`.")
+
+
 class Config(_Strict):
     collection: str = Field(description="Name of the managed collection (lowercase letters, digits, - and _).")
     source: SourceConfig
@@ -108,6 +134,7 @@ class Config(_Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @field_validator("collection")
     @classmethod
@@ -177,6 +204,9 @@ def parse_config(data: Any, *, base_dir: Path | str = ".", origin: str = "(inlin
             "source": cfg.source.model_copy(update={"uri": _resolve(cfg.source.uri, base)}),
             "store": cfg.store.model_copy(update={"uri": _resolve(cfg.store.uri, base)}),
             "model": cfg.model.resolved(base),
+            "monitor": cfg.monitor.model_copy(
+                update={"queries": _resolve(cfg.monitor.queries, base) if cfg.monitor.queries else None}
+            ),
         }
     )
 

@@ -11,7 +11,8 @@ the original stays in the traceback.
     ├── StoreError       the store cannot be reached, or a write failed
     ├── ModelError       a model backend cannot load or embed
     ├── VersionError     a version is missing, incomplete or inconsistent
-    └── ConflictError    another writer or a committed object is in the way
+    ├── ConflictError    another writer or a committed object is in the way (exit 3)
+    └── GateError        a promotion gate refused a version; the message has the numbers (exit 4)
 """
 
 from __future__ import annotations
@@ -49,3 +50,9 @@ class ConflictError(EmbrayError):
     """Something already exists where a create-only write was attempted."""
 
     exit_code = 3
+
+
+class GateError(EmbrayError):
+    """A promotion gate (verify, ANN recall, labelled nDCG) refused a version."""
+
+    exit_code = 4

@@ -14,7 +14,7 @@ from typing import Any
 
 from embray import rows as R
 from embray.config import Config
-from embray.errors import EmbrayError, VersionError
+from embray.errors import ConfigError, EmbrayError, GateError, VersionError
 from embray.lock import ALIASES, WRITER, Lease
 from embray.registry import ACTIVE, CANDIDATE, Registry
 from embray.store import Store, local_tmpdir, sha256_of
@@ -148,7 +148,16 @@ def _alias_lease(store: Store, cfg: Config, job: str) -> Lease:
     return Lease(store, cfg.collection, ALIASES, job=job, ttl_s=30).acquire(wait_s=60)
 
 
-def set_active(cfg: Config, store: Store, registry: Registry, version: str, *, reason: str, action: str) -> str | None:
+def set_active(
+    cfg: Config,
+    store: Store,
+    registry: Registry,
+    version: str,
+    *,
+    reason: str,
+    action: str,
+    tags: dict[str, str] | None = None,
+) -> str | None:
     """Point ``active`` at ``version`` under the alias lease; returns the version it pointed at before."""
     lease = _alias_lease(store, cfg, action)
     try:
@@ -165,6 +174,7 @@ def set_active(cfg: Config, store: Store, registry: Registry, version: str, *, r
                 f"embray.{action}_by": who(),
                 f"embray.{action}_reason": reason,
                 "embray.previous_active": before or "",
+                **(tags or {}),
             },
         )
     finally:
@@ -182,17 +192,37 @@ def set_candidate(cfg: Config, store: Store, registry: Registry, version: str) -
         lease.release()
 
 
-def promote(cfg: Config, version: str, *, reason: str = "") -> dict[str, Any]:
-    """Move ``active`` to a version that passes verify."""
+def promote(
+    cfg: Config, version: str, *, reason: str = "", force: bool = False, queries: str | None = None
+) -> dict[str, Any]:
+    """Move ``active`` to ``version`` once it passes the gates (:func:`embray.quality.check_gates`).
+
+    ``force`` overrides the quality gates (recall, nDCG) and needs a ``reason``, which is recorded;
+    it never overrides verify: a version with missing or corrupt files cannot be served.
+    """
+    from embray.quality import check_gates, log_result, result_tags
+
+    if force and not reason.strip():
+        raise ConfigError("--force needs --reason TEXT: say why the gates are overridden (it is recorded in MLflow)")
     store = Store(cfg.store.uri, cfg.store.storage_options)
-    problems = verify(store, cfg.collection, version)
-    if problems:
-        raise VersionError(
-            f"refusing to promote {version}: verify found {len(problems)} problem(s): " + "; ".join(problems[:5])
-        )
+    result = check_gates(cfg, version, queries=queries)
+    failed = [g for g in result["gates"] if not g["passed"]]
+    summary = "; ".join(f"{g['gate']}: {g['detail']}" for g in failed)
+    if failed and (not force or failed[0]["gate"] == "verify"):
+        hint = "repair or rebuild it" if failed[0]["gate"] == "verify" else "or override with --force --reason TEXT"
+        raise GateError(f"refusing to promote {version}: {len(failed)} gate(s) failed: {summary}; {hint}")
     registry = Registry(cfg)
-    before = set_active(cfg, store, registry, version, reason=reason or "promoted", action="promote")
-    return {"active": version, "previous": before}
+    gates = [{k: g.get(k) for k in ("gate", "passed", "value", "threshold")} for g in result["gates"]]
+    tags = {"embray.gates": json.dumps(gates), "embray.promote_forced": "true" if failed else "false"}
+    tags.update(result_tags("eval", result["eval"]))
+    before = set_active(cfg, store, registry, version, reason=reason or "promoted", action="promote", tags=tags)
+    try:
+        log_result(cfg, read_manifest(store, cfg.collection, version).mlflow_run_id, "eval", result["eval"])
+    except EmbrayError as e:  # the tags hold the same numbers; a metric point is not worth failing a promotion
+        log.warning("eval metrics of %s not logged to its run: %s", version, e)
+    if failed:
+        log.warning("promote %s forced past failed gates (%s): %s", version, reason, summary)
+    return {"active": version, "previous": before, "gates": result["gates"], "forced": bool(failed)}
 
 
 def rollback(cfg: Config, *, reason: str = "") -> dict[str, Any]:

@@ -101,13 +101,26 @@ class Registry:
             datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "corpus")])],
         )
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+    def start_job_run(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        """A run for work that is not a build (the monitor): its metrics are a time series by step."""
+        from mlflow.entities import Param
+
+        run = self._call(
+            self.client.create_run,
+            self.experiment_id(),
+            run_name=name,
+            tags={"embray.collection": self.cfg.collection, **tags},
+        )
+        self._call(self.client.log_batch, run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._call(self.client.log_batch, run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self._call(self.client.log_batch, run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def end_run(self, run_id: str, ok: bool, error: str | None = None) -> None:
         if error:

@@ -94,10 +94,16 @@ class Store:
             os.replace(tmp, dest)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write (or replace) a small object whole: readers see the old bytes or the new, never half."""
         dest = self.path(rel)
-        if not self.remote:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-        self._call(self.fs.pipe_file, dest, data)
+        if self.remote:
+            self._call(self.fs.pipe_file, dest, data)
+            return
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, dest)
 
     def create_exclusive(self, rel: str, data: bytes) -> None:
         """Write ``data`` at ``rel`` only if nothing is there; whole or not at all.

@@ -109,7 +109,9 @@ def test_refresh_verify_promote_rollback_gc_commands(tmp_path, capsys):
     assert (out["parent"], out["embedded"], out["reused"], out["aliases"]) == (v1, 5, 77, [])
     v2 = out["version"]
     assert cli_json("verify", v2, "--config", config) == {"version": v2, "ok": True, "problems": []}
-    assert cli_json("promote", v2, "--config", config, "--reason", "test") == {"active": v2, "previous": v1}
+    out = cli_json("promote", v2, "--config", config, "--reason", "test")
+    assert (out["active"], out["previous"], out["forced"]) == (v2, v1, False)
+    assert [(g["gate"], g["passed"]) for g in out["gates"]] == [("verify", True), ("recall_at_10", True)]
     assert cli_json("rollback", "--config", config) == {"active": v1, "previous": v2}
     gone = cli_json("gc", "--config", config, "--keep", "1", "--dry-run")
     assert gone["deleted"] == [] and gone["dry_run"] is True  # v1 is active, v2 the newest
@@ -123,4 +125,4 @@ def test_refresh_verify_promote_rollback_gc_commands(tmp_path, capsys):
     report = json.loads(res.stdout)
     assert report["ok"] is False and "checksum mismatch" in report["problems"][0]
     res = _run("promote", v2, "--config", config, cwd=tmp_path)
-    assert res.returncode == 1 and res.stderr.startswith("error: refusing to promote")
+    assert res.returncode == 4 and res.stderr.startswith("error: refusing to promote")  # GateError

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embray.errors import ConflictError, VersionError
+from embray.errors import ConflictError, GateError, VersionError
 from embray.flows import backfill, migrate, refresh
 from embray.lifecycle import gc, promote, rollback, verify
 from embray.lock import WRITER, Lease
@@ -54,8 +54,8 @@ def test_verify_passes_sound_versions_and_catches_a_corrupted_file(three):
     open(path, "wb").write(bytes(data))
     problems = verify(store, cfg.collection, v2)
     assert len(problems) == 1 and "checksum mismatch" in problems[0] and "shard-00001.usearch" in problems[0]
-    with pytest.raises(VersionError, match=r"refusing to promote .* checksum mismatch"):
-        promote(cfg, v2)
+    with pytest.raises(GateError, match=r"refusing to promote .*verify: .*checksum mismatch"):
+        promote(cfg, v2, force=True, reason="force never overrides verify")
     assert verify(store, cfg.collection, "v19990101T000000Z-000000")[0].startswith("version v1999")
 
 
@@ -87,7 +87,9 @@ def test_verify_catches_a_version_that_mixes_fingerprints(three):
 def test_promote_rollback_and_their_record_in_mlflow(three):
     cfg, v1, v2, v3 = three
     reg = Registry(cfg)
-    assert promote(cfg, v2, reason="fresher") == {"active": v2, "previous": v1}
+    out = promote(cfg, v2, reason="fresher")
+    assert (out["active"], out["previous"], out["forced"]) == (v2, v1, False)
+    assert [g["gate"] for g in out["gates"]] == ["verify", "recall_at_10"] and all(g["passed"] for g in out["gates"])
     tags = reg.model_version(v2).tags
     assert tags["embray.promote_reason"] == "fresher" and tags["embray.previous_active"] == v1
     assert tags["embray.promote_by"] and tags["embray.promote_at"]

@@ -1,0 +1,384 @@
+"""Retrieval quality of a version, and the checks built on it.
+
+- ``evaluate``: ANN recall@10 of the version's USearch shards against exact search of the same shards
+  (queries: stored vectors of sampled rows); overlap@10 of its results with another version's (queries:
+  sampled source texts, each version embedding them with its own model); nDCG@10 and recall@10 on a
+  labelled query file. Results go to the version's MLflow run (metrics) and model version (tags).
+- ``check_gates``: what ``promote`` requires: verify passes, recall@10 >= ``monitor.recall_floor``, and
+  with labelled queries nDCG@10 no more than ``monitor.ndcg_margin`` below the active version's.
+- ``audit``: re-embed a sample of stored rows with the version's model and compare with the stored
+  vectors, catching weights changed behind the same name, a nondeterministic backend, or tampering.
+
+Labelled queries, one JSON object per line; ``relevant`` is a list of ids (grade 1) or ``{id: grade}``::
+
+    {"query": "how do I parse a date", "relevant": ["doc-17", "doc-940"]}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embray.config import Config
+from embray.errors import ConfigError, SourceError, VersionError
+from embray.registry import ACTIVE, Registry
+from embray.search import Hit, VersionIndex
+from embray.store import Store
+from embray.versions import file_rel, read_manifest
+
+log = logging.getLogger("embray")
+
+K = 10
+SCORE_EPS = 1e-5  # exact-score ties: a result as good as the exact k-th counts as found
+
+
+@dataclass(frozen=True)
+class LabelledQuery:
+    text: str
+    relevant: dict[Any, float]  # id -> grade (> 0)
+
+
+def load_queries(path: str | Path) -> list[LabelledQuery]:
+    """Read a labelled query file; every malformed line is named with its number."""
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except FileNotFoundError as e:
+        raise ConfigError(f"labelled query file {p} does not exist; set monitor.queries or --queries") from e
+    out: list[LabelledQuery] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            text, rel = obj["query"], obj["relevant"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f'{p}:{n}: expected a JSON object {{"query": "...", "relevant": [ids]}} ({type(e).__name__}: {e})'
+            ) from e
+        grades = {i: 1.0 for i in rel} if isinstance(rel, list) else rel
+        if not isinstance(text, str) or not text.strip() or not isinstance(grades, dict) or not grades:
+            raise ConfigError(f"{p}:{n}: 'query' must be non-empty text and 'relevant' a non-empty list or mapping")
+        out.append(LabelledQuery(text, {i: float(g) for i, g in grades.items() if float(g) > 0}))
+    if not out:
+        raise ConfigError(f"labelled query file {p} has no queries")
+    return out
+
+
+# --- measures ----------------------------------------------------------------------------
+
+
+def _sample_keys(vi: VersionIndex, n: int, rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
+    """(shard position, keys) of about ``n`` stored rows, spread over shards by size."""
+    sizes = np.array([len(ids) for _, _, ids in vi.shards], dtype=float)
+    if not sizes.sum():
+        return []
+    picks = rng.choice(len(sizes), size=min(n, int(sizes.sum())), p=sizes / sizes.sum())
+    out = []
+    for pos in range(len(sizes)):
+        take = int((picks == pos).sum())
+        if take:
+            keys = vi.shards[pos][1]
+            out.append((pos, rng.choice(keys, size=min(take, len(keys)), replace=False)))
+    return out
+
+
+def ann_recall(vi: VersionIndex, sample: int, *, k: int = K, seed: int = 0) -> tuple[float, int]:
+    """Mean recall@k of the HNSW search against exact search over the same shards, and the query count.
+
+    Queries are the stored vectors of sampled rows. A result counts as found when it is in the exact
+    top k or scores at least as well as the exact k-th (so exact ties do not count as misses).
+    """
+    rng = np.random.default_rng(seed)
+    parts = [np.asarray(vi.shards[pos][0].get(keys, dtype=np.float32)) for pos, keys in _sample_keys(vi, sample, rng)]
+    if not parts:
+        return 1.0, 0
+    q = np.vstack(parts)
+    ann = vi.search_vectors(q, k)
+    exact = vi.search_vectors(q, k, exact=True)
+    found = []
+    for a, e in zip(ann, exact, strict=True):
+        if not e:
+            continue
+        ids, kth = {h.id for h in e}, e[-1].score
+        found.append(sum(1 for h in a if h.id in ids or h.score >= kth - SCORE_EPS) / len(e))
+    return float(np.mean(found)) if found else 1.0, len(q)
+
+
+def overlap(a: list[list[Hit]], b: list[list[Hit]]) -> float:
+    """Mean share of result ids two versions have in common, query by query."""
+    shares = [len({h.id for h in x} & {h.id for h in y}) / max(len(x), len(y)) for x, y in zip(a, b, strict=True) if x]
+    return float(np.mean(shares)) if shares else 1.0
+
+
+def ndcg_recall(results: list[list[Hit]], queries: list[LabelledQuery], k: int = K) -> tuple[float, float]:
+    """(mean nDCG@k, mean recall@k) against the labels; gain is the grade, discount log2(rank + 1)."""
+    ndcgs, recalls = [], []
+    for hits, q in zip(results, queries, strict=True):
+        rel = {str(i): g for i, g in q.relevant.items()}
+        dcg = sum(rel.get(str(h.id), 0.0) / math.log2(r + 2) for r, h in enumerate(hits[:k]))
+        ideal = sum(g / math.log2(r + 2) for r, g in enumerate(sorted(rel.values(), reverse=True)[:k]))
+        ndcgs.append(dcg / ideal if ideal else 0.0)
+        recalls.append(len({str(h.id) for h in hits[:k]} & set(rel)) / len(rel))
+    return float(np.mean(ndcgs)), float(np.mean(recalls))
+
+
+def sample_texts(cfg: Config, n: int, *, seed: int = 0) -> list[str]:
+    """Up to ``n`` distinct texts from the source corpus, read from files in a random order."""
+    import pyarrow.parquet as pq
+
+    from embray.store import list_source_files
+
+    store, files = list_source_files(cfg.source.uri, cfg.source.storage_options)
+    rng = random.Random(seed)
+    files = rng.sample(files, len(files))
+    seen: set[str] = set()
+    for path in files:
+        try:
+            col = pq.read_table(path, columns=[cfg.source.text_column], filesystem=store.pyarrow_fs()).column(0)
+        except OSError as e:
+            raise SourceError(f"cannot read {path}: {e}") from e
+        seen.update(t for t in col.to_pylist() if isinstance(t, str) and t.strip())
+        if len(seen) >= 4 * n:
+            break
+    return rng.sample(sorted(seen), min(n, len(seen)))
+
+
+# --- eval ---------------------------------------------------------------------------------
+
+
+def _open(cfg: Config, store: Store, version: str) -> VersionIndex:
+    return VersionIndex(store, read_manifest(store, cfg.collection, version))
+
+
+def evaluate(
+    cfg: Config,
+    version: str,
+    *,
+    against: str | None = None,
+    queries: str | None = None,
+    sample: int | None = None,
+    record: bool = True,
+) -> dict[str, Any]:
+    """Measure a version (see the module doc); ``record`` logs the results to its MLflow run and tags."""
+    t0 = time.monotonic()
+    store = Store(cfg.store.uri, cfg.store.storage_options)
+    vi = _open(cfg, store, version)
+    n = sample or cfg.monitor.eval_sample
+    recall, measured = ann_recall(vi, n)
+    out: dict[str, Any] = {
+        "version": version,
+        "fingerprint": vi.fingerprint,
+        "rows": vi.manifest.rows,
+        "recall_at_10": round(recall, 4),
+        "recall_queries": measured,
+    }
+    if against:
+        other = _open(cfg, store, against)
+        texts = sample_texts(cfg, n)
+        out["against"] = against
+        out["overlap_at_10"] = round(overlap(vi.search_text(texts, K), other.search_text(texts, K)), 4)
+        out["overlap_queries"] = len(texts)
+    qpath = queries or cfg.monitor.queries
+    if qpath:
+        labelled = load_queries(qpath)
+        ndcg, rec = ndcg_recall(vi.search_text([q.text for q in labelled], K), labelled)
+        out.update(
+            ndcg_at_10=round(ndcg, 4),
+            labelled_recall_at_10=round(rec, 4),
+            labelled_queries=len(labelled),
+            queries_file=str(qpath),
+        )
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    if record:
+        _record(cfg, vi.manifest.mlflow_run_id, version, "eval", out)
+    return out
+
+
+def result_tags(prefix: str, result: dict[str, Any]) -> dict[str, str]:
+    """The numbers of an eval or audit result as model version tags (``embray.eval.recall_at_10``...)."""
+    return {f"embray.{prefix}.{k}": str(v) for k, v in _numbers(result).items()}
+
+
+def _numbers(result: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def log_result(cfg: Config, run_id: str | None, prefix: str, result: dict[str, Any]) -> None:
+    """The numbers of a result as metrics of the version's MLflow run (one point per measurement)."""
+    if run_id:
+        Registry(cfg).log_metrics(run_id, {f"{prefix}.{k}": float(v) for k, v in _numbers(result).items()})
+
+
+def _record(cfg: Config, run_id: str | None, version: str, prefix: str, result: dict[str, Any]) -> None:
+    """Numbers to the version's MLflow run as metrics, and to its model version as tags."""
+    log_result(cfg, run_id, prefix, result)
+    try:
+        Registry(cfg).tag_version(version, result_tags(prefix, result))
+    except VersionError as e:  # not registered yet (crash before register): the run still has it
+        log.warning("%s results of %s not tagged: %s", prefix, version, e)
+
+
+# --- gates --------------------------------------------------------------------------------
+
+
+def check_gates(cfg: Config, version: str, *, queries: str | None = None) -> dict[str, Any]:
+    """Run every promotion gate on ``version``; returns {"passed": bool, "gates": [...]} with the numbers."""
+    from embray.lifecycle import verify
+
+    store = Store(cfg.store.uri, cfg.store.storage_options)
+    gates: list[dict[str, Any]] = []
+    problems = verify(store, cfg.collection, version)
+    gates.append({"gate": "verify", "passed": not problems, "detail": "; ".join(problems[:5]) if problems else "sound"})
+    if problems:  # the other gates read the files verify found wrong
+        return {"version": version, "passed": False, "gates": gates}
+    m = cfg.monitor
+    result = evaluate(cfg, version, queries=queries, record=False)  # promote records it under the alias lease
+    gates.append(
+        {
+            "gate": "recall_at_10",
+            "passed": result["recall_at_10"] >= m.recall_floor,
+            "value": result["recall_at_10"],
+            "threshold": m.recall_floor,
+            "detail": f"ANN recall@10 {result['recall_at_10']} vs floor {m.recall_floor} "
+            f"({result['recall_queries']} queries)",
+        }
+    )
+    active = Registry(cfg).aliases().get(ACTIVE)
+    if "ndcg_at_10" in result and active and active != version:
+        base = evaluate(cfg, active, queries=queries, record=False)["ndcg_at_10"]
+        floor = round(base - m.ndcg_margin, 4)
+        gates.append(
+            {
+                "gate": "ndcg_at_10",
+                "passed": result["ndcg_at_10"] >= floor,
+                "value": result["ndcg_at_10"],
+                "threshold": floor,
+                "detail": f"nDCG@10 {result['ndcg_at_10']} vs active {active} {base} - margin {m.ndcg_margin} "
+                f"({result['labelled_queries']} labelled queries)",
+            }
+        )
+    return {"version": version, "passed": all(g["passed"] for g in gates), "gates": gates, "eval": result}
+
+
+# --- drift audit ----------------------------------------------------------------------------
+
+
+def _stored_sample(store: Store, manifest, n: int, rng: random.Random) -> dict[Any, tuple[str, np.ndarray]]:
+    """id -> (content_hash, stored vector) for about ``n`` rows spread over the shards by size."""
+    import pyarrow.parquet as pq
+
+    from embray.build import _vectors
+
+    shards = [s for s in manifest.shards if s.rows and s.embeddings]
+    total = sum(s.rows for s in shards)
+    out: dict[Any, tuple[str, np.ndarray]] = {}
+    for s in shards:
+        take = min(s.rows, max(1, round(n * s.rows / total)))
+        path = store.path(file_rel(manifest, s.embeddings))
+        ids = pq.read_table(path, columns=["id"], filesystem=store.pyarrow_fs()).column("id").to_pylist()
+        chosen = rng.sample(ids, take)
+        t = pq.read_table(
+            path,
+            columns=["id", "content_hash", "vector"],
+            filesystem=store.pyarrow_fs(),
+            filters=[("id", "in", chosen)],
+        )
+        vecs = _vectors(t.column("vector"), manifest.dims)
+        for i, h, v in zip(t.column("id").to_pylist(), t.column("content_hash").to_pylist(), vecs, strict=True):
+            out[i] = (h, v)
+    return out
+
+
+def _source_texts(cfg: Config, ids: list[Any]) -> dict[Any, str]:
+    """The current source text of each of ``ids`` that still exists."""
+    import pyarrow.parquet as pq
+
+    from embray.store import list_source_files
+
+    sc = cfg.source
+    store, files = list_source_files(sc.uri, sc.storage_options)
+    out: dict[Any, str] = {}
+    for path in files:
+        t = pq.read_table(
+            path,
+            columns=[sc.id_column, sc.text_column],
+            filesystem=store.pyarrow_fs(),
+            filters=[(sc.id_column, "in", ids)],
+        )
+        out.update(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True))
+    return out
+
+
+def audit(
+    cfg: Config, version: str, *, sample: int | None = None, min_cosine: float | None = None, seed: int | None = None
+) -> dict[str, Any]:
+    """Re-embed a random sample of a version's rows with its model; compare with the stored vectors.
+
+    Rows whose source text changed since the version was built (or that left the source) cannot be
+    compared and are counted apart. ``ok`` is false when any compared row falls below ``min_cosine``,
+    or when the model here no longer has the version's fingerprint.
+    """
+    from embray import rows as R
+    from embray.models import fingerprint, load_embedder
+
+    t0 = time.monotonic()
+    store = Store(cfg.store.uri, cfg.store.storage_options)
+    m = read_manifest(store, cfg.collection, version)
+    n = sample or cfg.monitor.audit_sample
+    floor = cfg.monitor.audit_min_cosine if min_cosine is None else min_cosine
+    rng = random.Random(seed if seed is not None else time.time_ns())
+    stored = _stored_sample(store, m, n, rng)
+    texts = _source_texts(cfg, list(stored))
+    usable = [i for i in stored if isinstance(texts.get(i), str) and R.content_hash(texts[i]) == stored[i][0]]
+    here = fingerprint(m.model)
+    problems = []
+    if here != m.fingerprint:
+        problems.append(
+            f"the model {m.model.label} here has fingerprint {here}, the version {m.fingerprint}: "
+            "its weights or spec changed"
+        )
+    cos = np.zeros(0)
+    if usable:
+        fresh = load_embedder(m.model).embed_documents([texts[i] for i in usable])
+        old = np.vstack([stored[i][1] for i in usable])
+        num = np.sum(fresh * old, axis=1)
+        cos = num / np.maximum(np.linalg.norm(fresh, axis=1) * np.linalg.norm(old, axis=1), 1e-12)
+    drifted = [(float(c), i) for c, i in zip(cos, usable, strict=True) if c < floor]
+    if drifted:
+        problems.append(f"{len(drifted)} of {len(usable)} re-embedded rows are below cosine {floor}")
+    if not usable:
+        problems.append("no sampled row still has its source text, so nothing could be compared")
+    out = {
+        "version": version,
+        "fingerprint": m.fingerprint,
+        "fingerprint_here": here,
+        "sampled": len(stored),
+        "compared": len(usable),
+        "source_changed": sum(1 for i in stored if isinstance(texts.get(i), str)) - len(usable),
+        "source_missing": sum(1 for i in stored if not isinstance(texts.get(i), str)),
+        "min_cosine": round(float(cos.min()), 6) if len(cos) else None,
+        "mean_cosine": round(float(cos.mean()), 6) if len(cos) else None,
+        "threshold": floor,
+        "drifted": len(drifted),
+        "worst": [{"id": i, "cosine": round(c, 6)} for c, i in sorted(drifted, key=lambda p: p[0])[:10]],
+        "ok": not problems,
+        "problems": problems,
+        "seconds": round(time.monotonic() - t0, 3),
+    }
+    _record(
+        cfg,
+        m.mlflow_run_id,
+        version,
+        "audit",
+        {k: out[k] for k in ("compared", "drifted", "min_cosine") if out[k] is not None},
+    )
+    return out
