@@ -50,7 +50,15 @@ def backfill(cfg: Config, *, promote: bool = True) -> BuildResult:
     with Lease(store, cfg.collection, WRITER, job="backfill"):
         result = run_build(cfg, BuildSpec("backfill", cfg.model), registry, store)
         if promote and ACTIVE not in registry.aliases():
-            set_active(cfg, store, registry, result.version, reason="first version of the collection", action="promote")
+            set_active(
+                cfg,
+                store,
+                registry,
+                result.version,
+                reason="first version of the collection",
+                action="promote",
+                tags={"embray.gates": "not run: the first version of a collection becomes active at once"},
+            )
             result = dataclasses.replace(result, aliases=(ACTIVE,))
     return result
 

@@ -173,7 +173,7 @@ def set_active(
                 f"embray.{action}_at": utcnow(),
                 f"embray.{action}_by": who(),
                 f"embray.{action}_reason": reason,
-                "embray.previous_active": before or "",
+                "embray.previous_active": before or "none",
                 **(tags or {}),
             },
         )
@@ -188,6 +188,7 @@ def set_candidate(cfg: Config, store: Store, registry: Registry, version: str) -
     lease = _alias_lease(store, cfg, "migrate")
     try:
         registry.set_alias(CANDIDATE, version)
+        registry.tag_version(version, {"embray.candidate_at": utcnow(), "embray.candidate_by": who()})
     finally:
         lease.release()
 

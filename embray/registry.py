@@ -73,14 +73,26 @@ class Registry:
         return self._call(self.client.create_experiment, name, artifact_location=artifacts)
 
     def start_run(self, version: str, kind: str, params: dict[str, Any]) -> str:
+        from embray.versions import who
+
+        parent = params.get("parent")
         run = self._call(
             self.client.create_run,
             self.experiment_id(),
             run_name=f"{kind}-{version}",
-            tags={"embray.collection": self.cfg.collection, VERSION_TAG: version, "embray.job": kind},
+            tags={
+                "embray.collection": self.cfg.collection,
+                VERSION_TAG: version,
+                "embray.job": kind,
+                "mlflow.user": who(),
+                "mlflow.source.name": f"embray {kind}",
+                "mlflow.note.content": f"embray {kind} of collection {self.cfg.collection} into version {version}"
+                + (f", from {parent}" if parent else ""),
+            },
         )
         from mlflow.entities import Param
 
+        params = {"kind": kind, **params}
         self._call(self.client.log_batch, run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         return run.info.run_id
 
@@ -155,7 +167,8 @@ class Registry:
             "embray.rows": str(manifest.rows),
             "embray.shards": str(len(manifest.shards)),
             "embray.rejected": str(manifest.counts.get("rejected", 0)),
-            "embray.parent": manifest.parent or "",
+            "embray.parent": manifest.parent or "none",
+            "embray.kind": str(manifest.counts.get("kind", "")),
         }
         mv = self._call(
             self.client.create_model_version,
@@ -163,7 +176,7 @@ class Registry:
             source=uri,
             run_id=manifest.mlflow_run_id,
             tags=tags,
-            description=f"{manifest.rows} rows of {manifest.source.get('uri')} embedded by {manifest.model.label}",
+            description=f"{manifest.model.label}: {manifest.rows} rows of {manifest.source.get('uri')}",
         )
         return str(mv.version)
 

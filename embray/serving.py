@@ -3,14 +3,15 @@
 One deployment, ``EmbrayServer``, with a FastAPI ingress. Each replica holds one loaded version: its
 query encoder (the version's own model, checked against the version's fingerprint) and its USearch
 shards, memory-mapped. A background thread polls MLflow alias ``active`` every ``serve.poll_s``
-seconds (``POST /v1/collections/{name}/reload`` checks at once); on a change the replica loads and
+seconds (``POST /v1/collections/{name}/reload`` checks at once on the replica it reaches, and writes a
+marker that the other replicas look for every second); on a change the replica loads and
 warms the new version beside the old one, then swaps one reference. A request reads that reference
 once, so it is answered wholly from one version; the old version is released when the last request
 holding it finishes.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real types of the route parameters.
-import asyncio
+import datetime as dt
 import hmac
 import json
 import logging
@@ -18,7 +19,6 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from ray import serve
 
 from embray.config import Config, load_config
 from embray.errors import EmbrayError, VersionError
+from embray.monitor import read_status
 from embray.search import VersionIndex
 from embray.store import Store
 from embray.versions import read_manifest, utcnow
@@ -37,6 +38,8 @@ log = logging.getLogger("embray.serve")
 
 MAX_K = 1000
 WARMUP_QUERY = "embray warm-up query"
+RELOAD_FILE = "_status/reload.json"  # written by a reload; every replica of the collection checks on seeing it
+RELOAD_TICK_S = 1.0
 
 
 class SearchRequest(BaseModel):
@@ -135,6 +138,38 @@ class _Metrics:
         self.rows = metrics.Gauge(
             "embray_served_rows", description="Rows in the served version.", tag_keys=("collection", "version")
         )
+        # From the monitor's last status (<collection>/_status/status.json), re-read on every poll.
+        self.stale_fraction = metrics.Gauge(
+            "embray_staleness_fraction",
+            description="Stale share of the active version's rows at the monitor's last check.",
+            tag_keys=("collection", "version"),
+        )
+        self.stale_rows = metrics.Gauge(
+            "embray_stale_rows",
+            description="Rows new, changed or deleted in the source since the active version was built.",
+            tag_keys=("collection", "kind"),
+        )
+        self.status_ok = metrics.Gauge(
+            "embray_status_ok", description="1 when the monitor's last status had no problem.", tag_keys=("collection",)
+        )
+        self.status_age = metrics.Gauge(
+            "embray_status_age_seconds",
+            description="Seconds since the monitor's last status check (alert when it stops).",
+            tag_keys=("collection",),
+        )
+
+    def status(self, st: dict[str, Any]) -> None:
+        tags = {"collection": self.collection}
+        stale = st.get("staleness") or {}
+        if stale:
+            self.stale_fraction.set(stale["fraction"], tags={**tags, "version": stale["version"]})
+            for kind in ("new", "changed", "deleted"):
+                self.stale_rows.set(stale[kind], tags={**tags, "kind": kind})
+        self.status_ok.set(1.0 if st.get("ok") else 0.0, tags=tags)
+        checked = st.get("checked_at")
+        if checked:
+            age = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(checked)).total_seconds()
+            self.status_age.set(age, tags=tags)
 
     def served(self, old: str | None, new: Loaded) -> None:
         if old:
@@ -172,7 +207,6 @@ class EmbrayServer:
         self.last_error: str | None = None
         self._switch = threading.Lock()
         self.metrics = _Metrics(self.cfg.collection)
-        self._encoder_thread = ThreadPoolExecutor(1, thread_name_prefix="embray-encoder")
         self.check()  # serve at once if there is an active version; /readyz says when there is one
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="embray-alias-poller", daemon=True)
@@ -212,20 +246,43 @@ class EmbrayServer:
             log.info("serving %s (was %s); loaded and warmed in %.2fs", loaded.version, old, loaded.load_seconds)
             return True
 
+    def _reload_marker(self) -> bytes | None:
+        try:
+            return self.store.read_bytes(f"{self.cfg.collection}/{RELOAD_FILE}")
+        except (FileNotFoundError, EmbrayError):
+            return None
+
     def _poll(self) -> None:
-        while not self._stop.wait(self.cfg.serve.poll_s):
+        """Every ``poll_s``: check the alias and export the monitor's status. Every second (or ``poll_s``
+        if shorter): look at the reload marker, so a reload sent to one replica reaches them all."""
+        seen = self._reload_marker()
+        tick = min(RELOAD_TICK_S, self.cfg.serve.poll_s)
+        next_poll = 0.0
+        while True:
+            now = time.monotonic()
+            due = now >= next_poll
             try:
-                self.check()
+                marker = self._reload_marker()
+                if due or marker != seen:
+                    seen = marker
+                    self.check()
             except Exception as e:  # noqa: BLE001 - the poller must outlive a bad check
                 log.exception("alias check failed: %s", e)
+            if due:
+                next_poll = now + self.cfg.serve.poll_s
+                try:
+                    st = read_status(self.store, self.cfg.collection)
+                    if st:
+                        self.metrics.status(st)
+                except Exception as e:  # noqa: BLE001 - a bad status file must not stop alias checks
+                    log.warning("cannot export the monitor's status: %s", e)
+            if self._stop.wait(tick):
+                return
 
     def __del__(self):
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
-        encoder = getattr(self, "_encoder_thread", None)
-        if encoder is not None:
-            encoder.shutdown(wait=False)
 
     # --- helpers -------------------------------------------------------------------------
     def _collection(self, name: str) -> None:
@@ -294,12 +351,8 @@ class EmbrayServer:
         authorization: str | None = Header(None),
         x_api_key: str | None = Header(None),
     ):
-        if body.text is not None:
-            # Encoding takes milliseconds: do it on the replica's one encoder thread, so the event loop
-            # keeps answering /healthz and /readyz meanwhile. A vector query (about 1 ms) runs inline.
-            return await asyncio.get_running_loop().run_in_executor(
-                self._encoder_thread, self._search, name, body, authorization, x_api_key
-            )
+        # Inline on the event loop, not in a thread: a replica has one CPU, so queries run one at a time
+        # either way, and a thread hop costs about 1 ms (bench/serve.py). Version loads stay off the loop.
         return self._search(name, body, authorization, x_api_key)
 
     def _search(self, name: str, body: SearchRequest, authorization: str | None, x_api_key: str | None) -> Response:
@@ -363,6 +416,8 @@ class EmbrayServer:
         got = _bearer(authorization)
         if got is None or not hmac.compare_digest(got, want):
             raise HTTPException(401, "reload needs `Authorization: Bearer <admin token>`")
+        # The marker tells the other replicas (each polls it every second) to check too.
+        self.store.write_bytes(f"{self.cfg.collection}/{RELOAD_FILE}", json.dumps({"at": utcnow()}).encode())
         switched = self.check()
         cur = self.current
         return {"version": cur.version if cur else None, "switched": switched, "error": self.last_error}

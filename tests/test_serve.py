@@ -16,6 +16,7 @@ import requests
 from embray.flows import backfill, refresh
 from embray.lifecycle import promote, rollback
 from embray.models import ModelSpec, fingerprint, load_embedder
+from embray.monitor import record_status, status
 
 from .conftest import REPO, free_port, make_config, write_corpus
 from .test_refresh import mutate, write_rows
@@ -144,6 +145,8 @@ def test_prometheus_metrics_name_the_served_version(served):
     import ray
 
     url, v1 = served["url"], served["v1"]
+    st = status(served["cfg"], check_verify=False)  # what the monitor records; the replicas export it
+    record_status(served["cfg"], st)
     for _ in range(3):
         assert _search(url, {"text": "river mountain", "k": 2}).status_code == 200
     assert _search(url, {"text": "river", "k": 0}).status_code == 422
@@ -153,8 +156,14 @@ def test_prometheus_metrics_name_the_served_version(served):
     while time.monotonic() < deadline:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         lines = [ln for ln in text.splitlines() if ln.startswith("ray_embray_")]
-        if any(ln.startswith("ray_embray_requests_total") and 'outcome="ok"' in ln for ln in lines) and any(
-            ln.startswith("ray_embray_active_version") for ln in lines
+        if all(
+            any(ln.startswith(name) and needle in ln for ln in lines)
+            for name, needle in [
+                ("ray_embray_requests_total", 'outcome="ok"'),
+                ("ray_embray_active_version", v1),
+                ("ray_embray_staleness_fraction", v1),
+                ("ray_embray_stale_rows", "new"),
+            ]
         ):
             break
         time.sleep(1)
@@ -163,6 +172,36 @@ def test_prometheus_metrics_name_the_served_version(served):
     active = [ln for ln in lines if ln.startswith("ray_embray_active_version") and f'version="{v1}"' in ln]
     assert active and float(active[0].rsplit(" ", 1)[1]) == 1.0
     assert any(ln.startswith("ray_embray_request_latency_ms_bucket") for ln in lines)
+
+    def gauge(name: str, needle: str) -> float:
+        (line,) = [ln for ln in lines if ln.startswith(name + "{") and needle in ln]
+        return float(line.rsplit(" ", 1)[1])
+
+    s = st["staleness"]  # the fixture changed the corpus after v1: 20 new, 20 changed, 10 deleted
+    assert (s["new"], s["changed"], s["deleted"]) == (20, 20, 10)
+    assert gauge("ray_embray_staleness_fraction", f'version="{v1}"') == pytest.approx(s["fraction"])
+    assert gauge("ray_embray_stale_rows", 'kind="changed"') == 20.0
+    assert gauge("ray_embray_status_ok", "docs") == 0.0  # 50 stale rows of 320 is over the 5% threshold
+    assert 0 <= gauge("ray_embray_status_age_seconds", "docs") < 120
+
+
+def test_status_compares_what_is_served_with_the_alias(served, tmp_path):
+    url, cfg, v1 = served["url"], served["cfg"], served["v1"]
+    here = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"url": url})})
+    st = status(here, check_verify=False, check_staleness=False)
+    assert st["served"] == v1 and st["served_matches"] is True and st["problems"] == []
+
+    # Another store whose collection is also called docs: its alias names another version.
+    write_corpus(tmp_path / "corpus", files=1, rows=20)
+    other = make_config(tmp_path, serve={"url": url})
+    v_other = backfill(other).version
+    st = status(other, check_verify=False, check_staleness=False)
+    assert st["served"] == v1 and st["served_matches"] is False and not st["ok"]
+    assert f"serves {v1} but alias active is {v_other}" in st["problems"][0]
+
+    gone = other.model_copy(update={"serve": other.serve.model_copy(update={"url": f"http://127.0.0.1:{free_port()}"})})
+    st = status(gone, check_verify=False, check_staleness=False)
+    assert st["served"] is None and not st["ok"] and "unreachable" in st["problems"][0]
 
 
 def test_reload_needs_the_admin_token(served):
@@ -301,3 +340,37 @@ def test_overload_gets_503_instead_of_piling_up(served, tmp_path):
     assert set(codes) <= {200, 503} and codes.count(503) >= 4 and codes.count(200) >= 1, codes
     serve.delete("slow")
     assert requests.get(f"{served['url']}/readyz", timeout=10).status_code == 200  # the main app is unaffected
+
+
+def test_two_replicas_both_switch_on_one_reload(served, tmp_path):
+    """A reload reaches one replica; the marker it writes makes the other switch too (poll_s is an hour)."""
+    from ray import serve
+
+    from embray.serving import application
+
+    rows = write_corpus(tmp_path / "corpus", files=1, rows=60)
+    cfg = make_config(
+        tmp_path,
+        collection="two",
+        serve={"replicas": 2, "num_cpus": 0.25, "poll_s": 3600, "admin_token": TOKEN},
+    )
+    v1 = backfill(cfg).version
+    write_rows(tmp_path / "corpus", mutate(rows, 5, 5, 5)[0], files=1)
+    v2 = refresh(cfg).version
+    serve.run(application(cfg), name="two", route_prefix="/two")
+    url = served["url"] + "/two"
+    try:
+        _wait_ready(url)
+        search = f"{url}/v1/collections/two/search"
+        with requests.Session() as s:
+            before = {s.post(search, json={"text": "river", "k": 1}, timeout=30).json()["version"] for _ in range(20)}
+            assert before == {v1}
+            promote(cfg, v2, reason="two replicas")
+            r = s.post(f"{url}/v1/collections/two/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+            assert r.status_code == 200 and r.json()["version"] == v2
+            time.sleep(3.0)  # the other replica sees the marker within a second, then loads
+            after = [s.post(search, json={"text": "river", "k": 1}, timeout=30) for _ in range(40)]
+        assert all(r.status_code == 200 for r in after)
+        assert {r.json()["version"] for r in after} == {v2}
+    finally:
+        serve.delete("two")
