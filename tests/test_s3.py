@@ -94,3 +94,41 @@ def test_refresh_migrate_verify_promote_gc_on_s3(tmp_path, bucket):
     out = gc(cfg, keep=1)
     assert child.version in out["deleted"] and v1 in out["kept"] and cand.version in out["kept"]
     assert not fs.exists(f"{name}/embray/docs/versions/{child.version}/manifest.json")
+
+
+def test_status_eval_audit_and_monitor_on_s3(tmp_path, bucket):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embray.monitor import check_once, read_status, record_status, status
+    from embray.quality import audit, evaluate
+
+    name, options, fs = bucket
+    rows = write_corpus(f"{name}/corpus", files=2, rows=60, fs=fs)
+    cfg = make_config(
+        tmp_path,
+        source={"uri": f"s3://{name}/corpus", "storage_options": options},
+        store={"uri": f"s3://{name}/embray", "storage_options": options},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    v1 = backfill(cfg).version
+    ids = sorted(rows)
+    for i in ids[:6]:
+        rows[i] += " revised"
+    with fs.open(f"{name}/corpus/part-00000.parquet", "wb") as fh:
+        pq.write_table(pa.table({"id": ids[:60], "text": [rows[i] for i in ids[:60]]}), fh)
+    fs.invalidate_cache()
+
+    st = status(cfg)
+    assert (st["staleness"]["changed"], st["staleness"]["fraction"]) == (6, 0.05) and st["consistent"] is True
+    assert st["ok"]  # 5% is not above the default threshold
+    record_status(cfg, st)
+    assert read_status(Store(cfg.store.uri, options), "docs")["staleness"]["changed"] == 6
+    assert evaluate(cfg, v1)["recall_at_10"] >= 0.95
+    a = audit(cfg, v1, sample=120, seed=1)
+    assert a["ok"] and a["compared"] == 114 and a["source_changed"] == 6
+
+    strict = cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"max_stale_fraction": 0.01})})
+    step = check_once(strict, promote_if_gates_pass=True)
+    assert step["action"]["promoted"] == step["action"]["refreshed"] != v1
+    assert status(strict)["ok"]
