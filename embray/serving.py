@@ -142,7 +142,7 @@ class _Metrics:
         self.stale_fraction = metrics.Gauge(
             "embray_staleness_fraction",
             description="Stale share of the active version's rows at the monitor's last check.",
-            tag_keys=("collection", "version"),
+            tag_keys=("collection",),
         )
         self.stale_rows = metrics.Gauge(
             "embray_stale_rows",
@@ -162,7 +162,7 @@ class _Metrics:
         tags = {"collection": self.collection}
         stale = st.get("staleness") or {}
         if stale:
-            self.stale_fraction.set(stale["fraction"], tags={**tags, "version": stale["version"]})
+            self.stale_fraction.set(stale["fraction"], tags=tags)
             for kind in ("new", "changed", "deleted"):
                 self.stale_rows.set(stale[kind], tags={**tags, "kind": kind})
         self.status_ok.set(1.0 if st.get("ok") else 0.0, tags=tags)
