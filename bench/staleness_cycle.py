@@ -131,7 +131,7 @@ def main() -> None:
         if h.step in did:
             xs.append(h.step)
             ys.append(0.0)
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 3.6), dpi=110)
     ax.plot(xs, ys, marker="o", label="stale rows of the active version (%)")
     ax.set_ylim(bottom=0)
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -143,7 +143,7 @@ def main() -> None:
     ax.set_xlabel("monitor check (the source changes by %.1f%% of rows before each)" % (args.change * 100))
     ax.set_ylabel("stale rows (%)")
     ax.set_title(f"embray monitor: staleness of the active version, {args.rows:,} rows")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     out = ROOT / "docs" / "img" / "staleness-cycle.png"
     out.parent.mkdir(parents=True, exist_ok=True)

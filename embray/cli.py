@@ -376,7 +376,8 @@ def search(config_path: str, query: str, k: int, version: str | None, as_json: b
 @config_option
 @click.option("--host", default=None, help="Listen address (default: serve.host, 127.0.0.1).")
 @click.option("--port", default=None, type=click.IntRange(1, 65535), help="HTTP port (default: serve.port, 8000).")
-def serve(config_path: str, host: str | None, port: int | None) -> None:
+@click.option("--haproxy", is_flag=True, help="HAProxy ingress instead of Serve's Python proxy (lower latency).")
+def serve(config_path: str, host: str | None, port: int | None, haproxy: bool) -> None:
     """Serve the active version over HTTP on a Ray Serve app; Ctrl-C stops it."""
     from embray.config import load_config
     from embray.serving import run_blocking
@@ -385,7 +386,7 @@ def serve(config_path: str, host: str | None, port: int | None) -> None:
     cfg = cfg.model_copy(
         update={"serve": cfg.serve.model_copy(update={"host": host or cfg.serve.host, "port": port or cfg.serve.port})}
     )
-    run_blocking(cfg)
+    run_blocking(cfg, haproxy=haproxy)
 
 
 @cli.command()

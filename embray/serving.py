@@ -449,12 +449,31 @@ def application(cfg: Config, base_dir: str = "."):
     ).bind({"data": data, "base_dir": base_dir})
 
 
-def run_blocking(cfg: Config) -> None:
-    """`embray serve`: start Serve on a local (or the configured) Ray, deploy, block until Ctrl-C or SIGTERM."""
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def run_blocking(cfg: Config, *, haproxy: bool = False) -> None:
+    """`embray serve`: start Serve on a local (or the configured) Ray, deploy, block until Ctrl-C or SIGTERM.
+
+    ``haproxy`` puts Ray Serve's HAProxy ingress in front of the replicas instead of its Python proxy
+    (serve/README.md); it only takes effect for a Ray that this process starts.
+    """
     import signal
+
+    import ray
 
     from embray.build import init_ray
 
+    if haproxy:
+        if cfg.ray.address or ray.is_initialized():
+            raise EmbrayError(
+                "--haproxy applies only to a local Ray that `embray serve` starts; on a cluster set "
+                + " ".join(f"{k}={v}" for k, v in HAPROXY_ENV.items())
+                + " on every node before `ray start`"
+            )
+        os.environ.update(HAPROXY_ENV)
+        # A local HAProxy is Serve's own and learns of a stopping replica at once: no 30 s drain on Ctrl-C.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -275,7 +275,8 @@ def test_cutover_under_load_through_a_promotion_and_a_rollback(served):
     rollback(cfg)  # leave v1 active for any later test
 
 
-def test_embray_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("ingress", ["default", "haproxy"])
+def test_embray_serve_command_answers_and_stops_on_ctrl_c(tmp_path, ingress):
     write_corpus(tmp_path / "corpus", files=1, rows=40)
     port = free_port()
     cfg_path = tmp_path / "embray.yaml"
@@ -287,7 +288,8 @@ def test_embray_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("EMBRAY_ADMIN_TOKEN", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "embray.cli", "serve", "--config", str(cfg_path), "--port", str(port)],
+        [sys.executable, "-m", "embray.cli", "serve", "--config", str(cfg_path), "--port", str(port)]
+        + (["--haproxy"] if ingress == "haproxy" else []),
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -304,9 +306,10 @@ def test_embray_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
         r = requests.post(f"{url}/v1/collections/docs/reload", headers={"Authorization": "Bearer x"}, timeout=10)
         assert r.status_code == 403 and "admin_token" in r.text
         proc.send_signal(signal.SIGINT)
+        t = time.monotonic()
         out, err = proc.communicate(timeout=90)
         assert proc.returncode == 0, err[-3000:]
-        assert "stopped" in err
+        assert "stopped" in err and time.monotonic() - t < 30
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
