@@ -200,9 +200,17 @@ def check_once(cfg: Config, *, promote_if_gates_pass: bool = False) -> dict[str,
     from embray.lifecycle import promote
 
     st = status(cfg)
-    action: dict[str, Any] = {"refreshed": None, "promoted": None, "refused": None}
+    action: dict[str, Any] = {"refreshed": None, "promoted": None, "refused": None, "skipped": None}
     frac = (st.get("staleness") or {}).get("fraction", 0.0)
-    if st.get("active") and frac > cfg.monitor.max_stale_fraction:
+    built = _refresh_of_this_source(cfg, st["active"]["id"]) if st.get("active") else None
+    if built and frac > cfg.monitor.max_stale_fraction:
+        # Refreshing again would build the same version again (and meet the same gates): say so instead.
+        action["skipped"] = (
+            f"{built} is already a refresh of {st['active']['id']} from the source as it is now; "
+            f"promote it (`embray promote {built} --force --reason ...` if its gates refuse it) or fix the source"
+        )
+        log.warning("monitor: %s", action["skipped"])
+    elif st.get("active") and frac > cfg.monitor.max_stale_fraction:
         result = refresh(cfg)
         action["refreshed"] = result.version
         log.info(
@@ -217,6 +225,22 @@ def check_once(cfg: Config, *, promote_if_gates_pass: bool = False) -> dict[str,
                 log.error("monitor: %s", e)
     st["action"] = action
     return st
+
+
+def _refresh_of_this_source(cfg: Config, active: str) -> str | None:
+    """A committed, not promoted refresh of ``active`` built from exactly the current source files."""
+    from embray.source import inspect_source
+    from embray.versions import list_versions
+
+    store = Store(cfg.store.uri, cfg.store.storage_options)
+    children = [
+        m for m in list_versions(store, cfg.collection) if m.parent == active and m.counts.get("kind") == "refresh"
+    ]
+    if not children:
+        return None
+    digest = inspect_source(cfg.source).digest
+    same = [m.version for m in children if m.source.get("digest") == digest]
+    return same[-1] if same else None
 
 
 def run_monitor(
@@ -250,6 +274,7 @@ def run_monitor(
                 metrics = status_metrics(st)
                 metrics["refreshed"] = float(bool(st["action"]["refreshed"]))
                 metrics["promoted"] = float(bool(st["action"]["promoted"]))
+                metrics["promote_refused"] = float(bool(st["action"]["refused"]))
                 registry.log_metrics(run_id, metrics, step=step)
                 record_status(cfg, st)
             results.append(st)

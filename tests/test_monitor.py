@@ -171,3 +171,32 @@ def test_monitor_refreshes_when_stale_promotes_through_gates_and_logs_metrics(tm
     runpy.run_path(str(REPO / "jobs" / "monitor.py"), run_name="__main__")
     (only,) = json.loads(capsys.readouterr().out)
     assert only["ok"] and only["active"]["id"] == v2
+
+
+def test_monitor_records_a_refused_promotion_and_does_not_rebuild_it(tmp_path):
+    from embray.versions import list_versions
+
+    from .test_refresh import write_rows
+
+    rows = write_corpus(tmp_path / "corpus", files=2, rows=200)
+    # A starved HNSW graph: ANN recall stays below the floor, so the gate refuses what the monitor builds.
+    cfg = make_config(
+        tmp_path,
+        index={"connectivity": 2, "expansion_add": 2, "expansion_search": 1, "shards": 1},
+        monitor={"max_stale_fraction": 0.02, "recall_floor": 0.99},
+    )
+    v1 = backfill(cfg).version
+    for i in sorted(rows)[:20]:
+        rows[i] += " edited"
+    write_rows(tmp_path / "corpus", rows, files=2)
+
+    first, second = run_monitor(cfg, interval_s=0, iterations=2, promote_if_gates_pass=True)
+    v2 = first["action"]["refreshed"]
+    assert v2 and first["action"]["promoted"] is None
+    assert "recall_at_10" in first["action"]["refused"] and "floor 0.99" in first["action"]["refused"]
+    assert Registry(cfg).aliases()[ACTIVE] == v1
+    assert second["action"]["refreshed"] is None and second["action"]["skipped"].startswith(f"{v2} is already")
+    assert len(list_versions(Store(cfg.store.uri), cfg.collection)) == 2  # no second copy of v2
+    reg = Registry(cfg)
+    (run,) = reg.client.search_runs([reg.experiment_id()], "tags.`embray.job` = 'monitor'")
+    assert [h.value for h in reg.client.get_metric_history(run.info.run_id, "promote_refused")] == [1.0, 0.0]
