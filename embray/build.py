@@ -121,8 +121,8 @@ def _updated_at(batch, col: str | None):
     utc = pa.timestamp("us", tz="UTC")
     if col and col in batch.schema.names:
         arr = batch.column(col)
-        if pa.types.is_timestamp(arr.type):
-            return arr.cast(pa.timestamp(arr.type.unit, tz=arr.type.tz or "UTC")).cast(utc)
+        if pa.types.is_timestamp(arr.type):  # naive times are read as UTC; nanoseconds are truncated
+            return arr.cast(pa.timestamp(arr.type.unit, tz=arr.type.tz or "UTC")).cast(utc, safe=False)
         if pa.types.is_date(arr.type):
             return arr.cast(pa.timestamp("us")).cast(utc)
     return pa.nulls(batch.num_rows, utc)

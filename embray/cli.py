@@ -291,18 +291,21 @@ def monitor(
     from embray.config import load_config
     from embray.monitor import run_monitor
 
-    results = run_monitor(
+    def show(r: dict[str, Any]) -> None:  # one line per check, as it happens (JSON Lines with --json)
+        if as_json:
+            click.echo(json.dumps(r, default=str))
+            return
+        a = r.get("action") or {}
+        did = ", ".join(f"{k} {v}" for k, v in a.items() if v) or "no action"
+        click.echo(f"{r.get('checked_at', '')} {'ok' if r['ok'] else '; '.join(r['problems'])}; {did}")
+
+    run_monitor(
         load_config(config_path),
         interval_s=interval,
         iterations=1 if once else iterations,
         promote_if_gates_pass=promote_if_gates_pass,
+        on_check=show,
     )
-    human = []
-    for i, r in enumerate(results):
-        a = r.get("action") or {}
-        did = ", ".join(f"{k} {v}" for k, v in a.items() if v) or "no action"
-        human.append(f"check {i}: {'ok' if r['ok'] else '; '.join(r['problems'])}; {did}")
-    _emit(results, as_json, "\n".join(human))
 
 
 def version_rows(cfg) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from embray import rows as R
+from embray.build import SCRATCH
 from embray.config import Config
 from embray.errors import ConfigError, EmbrayError, GateError, VersionError
 from embray.lock import ALIASES, WRITER, Lease
@@ -263,6 +264,22 @@ def rollback(cfg: Config, *, reason: str = "") -> dict[str, Any]:
 # --- garbage collection ------------------------------------------------------------------
 
 
+def _old_scratch(store: Store, collection: str, older_than_s: float = 3600) -> list[str]:
+    """Scratch directories of dry runs (named like version ids, so by start time) older than an hour."""
+    import datetime as dt
+
+    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
+    old = []
+    for name in store.listdir(f"{collection}/{SCRATCH}"):
+        try:
+            started = dt.datetime.strptime(name[1:16], "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            continue  # not ours
+        if started < cutoff:
+            old.append(name)
+    return old
+
+
 def gc(cfg: Config, *, keep: int, dry_run: bool = False) -> dict[str, Any]:
     """Delete old versions no alias points at and no kept version reuses files of; and failed builds."""
     if keep < 1:
@@ -284,11 +301,13 @@ def gc(cfg: Config, *, keep: int, dry_run: bool = False) -> dict[str, Any]:
         delete = [v for v in committed if v not in kept]
         live_fps = {manifests[v].fingerprint for v in kept}
         caches = [fp for fp in store.listdir(f"{cfg.collection}/cache") if fp not in live_fps]
+        scratch = _old_scratch(store, cfg.collection)
         out = {
             "kept": sorted(kept),
             "deleted": delete,
             "unfinished": uncommitted,  # builds that failed or were killed: no manifest, never visible
             "caches": caches,
+            "scratch": scratch,  # dry runs (status) killed more than an hour ago
             "dry_run": dry_run,
         }
         if dry_run:
@@ -305,6 +324,8 @@ def gc(cfg: Config, *, keep: int, dry_run: bool = False) -> dict[str, Any]:
             store.delete(version_dir(cfg.collection, v))
         for fp in caches:
             store.delete(f"{cfg.collection}/cache/{fp}")
+        for name in scratch:
+            store.delete(f"{cfg.collection}/{SCRATCH}/{name}")
     log.info(
         "gc %s: kept %d, deleted %d versions, %d unfinished builds, %d caches",
         cfg.collection,

@@ -19,16 +19,17 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from embray.errors import ModelError
 
-Backend = Literal["sentence-transformers", "vllm", "hash"]
+Backend = Literal["sentence-transformers", "vllm", "onnx", "hash"]
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 _MINILM_ALIASES = {"all-MiniLM-L6-v2", MINILM}
@@ -36,6 +37,15 @@ _HASH_ALGORITHM = "embray-hash-v1: blake2b-64 signed feature hashing of lowercas
 # Files that never change what a model computes, and alternate runtimes' copies of the weights.
 _IGNORED_WEIGHT_FILES = {"README.md", ".gitattributes", "LICENSE", "LICENSE.txt"}
 _IGNORED_WEIGHT_DIRS = {"onnx", "openvino", ".git", ".cache"}
+# How the 'onnx' backend turns a sentence-transformers directory into an ONNX graph. It is part of an onnx spec's
+# canonical form (and of the export cache key): change the text whenever the recipe changes, so that a model made
+# another way is another vector space.
+_ONNX_RECIPE = (
+    "embray-onnx-v1: torch.onnx.export (TorchScript exporter, opset 17, eager attention) of the transformer's "
+    "last_hidden_state with dynamic batch and sequence axes; int8: onnxruntime quantize_dynamic "
+    "(QInt8 weights, per channel); pooling and normalisation in numpy"
+)
+_ONNX_OPSET = 17
 
 
 class ModelSpec(BaseModel):
@@ -52,6 +62,11 @@ class ModelSpec(BaseModel):
     query_prefix: str = Field("", description="Prepended to query texts, e.g. 'query: '.")
     document_prefix: str = Field("", description="Prepended to document texts, e.g. 'passage: '.")
     seed: int = Field(0, description="Seed of the 'hash' backend; different seeds are different spaces.")
+    quantize: Literal["int8", "none"] | None = Field(
+        None,
+        description="'onnx' only: 'int8' (dynamic int8 quantisation, the default) or 'none' (fp32 export). "
+        "Each is its own vector space.",
+    )
     device: str | None = Field(
         None, description="Torch device; null: cuda when available, else cpu. Not fingerprinted."
     )
@@ -67,6 +82,8 @@ class ModelSpec(BaseModel):
     def _check(self) -> ModelSpec:
         if self.backend == "hash" and self.dims is None:
             raise ValueError("the 'hash' backend needs dims (e.g. dims: 384)")
+        if self.quantize is not None and self.backend != "onnx":
+            raise ValueError(f"quantize: {self.quantize} applies only to backend: onnx; remove it or set backend: onnx")
         return self
 
     @property
@@ -85,10 +102,14 @@ class ModelSpec(BaseModel):
         """The fingerprinted part of the spec.
 
         For models with weight files, the name, path and revision are left out: the weights digest
-        identifies the model, so the same files give the same space on every machine and path.
+        identifies the model, so the same files give the same space on every machine and path. An
+        'onnx' spec adds its quantisation and the export recipe; other backends' canonical form is
+        unchanged by those fields, so their fingerprints are too.
         """
-        out = self.model_dump(exclude={"device", "batch_size", "latency_ms"})
+        out = self.model_dump(exclude={"device", "batch_size", "latency_ms", "quantize"})
         out.update(normalize="l2", dtype="float32")
+        if self.backend == "onnx":  # an exported or quantised model is not its source's space
+            out.update(quantize=self.quantize or "int8", export=_ONNX_RECIPE)
         if self.backend != "hash":
             for key in ("name", "revision", "seed"):
                 out.pop(key)
@@ -317,10 +338,251 @@ class VllmEmbedder(Embedder):
         return np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32)
 
 
+def _num_threads() -> int:
+    """Threads for a CPU runtime: torch's setting where torch is loaded (embray's actors set it), else
+    OMP_NUM_THREADS (Ray sets it to a task's or replica's CPUs), else the CPUs this process may use."""
+    if "torch" in sys.modules:
+        return max(1, sys.modules["torch"].get_num_threads())
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _read_json(path: Path) -> dict | list | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path}: {e}") from e
+
+
+_ST_POOLING = {"mean": "mean", "cls": "cls", "lasttoken": "last"}  # sentence-transformers mode -> ModelSpec.pooling
+
+
+class _StLayout(NamedTuple):
+    transformer: Path  # the directory of the transformer and its tokenizer
+    pooling: str | None  # as ModelSpec.pooling; None: not given
+    max_seq_length: int | None
+    do_lower_case: bool
+
+
+def _st_layout(root: Path) -> _StLayout:
+    """How the sentence-transformers directory ``root`` turns text into a vector.
+
+    Only Transformer -> Pooling -> (Normalize) pipelines are run outside sentence-transformers: another module
+    (Dense, a router, ...) would change the vectors, so it is refused rather than skipped. A plain Hugging Face
+    directory (no modules.json) is one transformer with no pooling given.
+    """
+    transformer, pooling = root, None
+    for module in _read_json(root / "modules.json") or []:
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        where = root / module.get("path", "")
+        if kind == "Transformer":
+            transformer = where
+        elif kind == "Pooling":
+            cfg = _read_json(where / "config.json") or {}
+            modes = cfg.get("pooling_mode")  # sentence-transformers >= 6; older files have pooling_mode_* flags
+            if modes is None:
+                modes = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
+                modes = [{"mean_tokens": "mean", "cls_token": "cls"}.get(m, m) for m in modes]
+            if isinstance(modes, list) and len(modes) == 1:
+                modes = modes[0]
+            if not isinstance(modes, str) or modes not in _ST_POOLING:
+                raise ModelError(
+                    f"{root}: pooling {modes!r} is not supported by the onnx backend (mean, cls, lasttoken); "
+                    "use backend: sentence-transformers"
+                )
+            pooling = _ST_POOLING[modes]
+        elif kind != "Normalize":
+            raise ModelError(
+                f"{root}: the sentence-transformers module {kind!r} is not run by the onnx backend; "
+                "use backend: sentence-transformers"
+            )
+    st = _read_json(transformer / "sentence_bert_config.json") or {}
+    return _StLayout(transformer, pooling, st.get("max_seq_length"), bool(st.get("do_lower_case", False)))
+
+
+def _onnx_cache_dir(spec: ModelSpec) -> Path:
+    """Where the exports of ``spec``'s source weights live: keyed by the weights digest and the recipe."""
+    from embray.search import _cache_root
+
+    recipe = hashlib.sha256(_ONNX_RECIPE.encode()).hexdigest()[:12]
+    return _cache_root() / "onnx" / f"{weights_digest(spec)[:32]}-{recipe}"
+
+
+def _atomic_target(dest: Path) -> Path:
+    """A fresh temporary path beside ``dest`` (same suffix) to write into before ``os.replace``."""
+    return dest.with_name(f".{dest.stem}.{os.getpid()}.{os.urandom(4).hex()}.tmp{dest.suffix}")
+
+
+def _export_onnx(root: Path, dest: Path) -> None:
+    """torch.onnx.export of the transformer at ``root`` (outputs last_hidden_state) to ``dest``, atomically."""
+    import inspect
+    import warnings
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+        model = AutoModel.from_pretrained(str(root), local_files_only=True, attn_implementation="eager").eval()
+    except Exception as e:  # noqa: BLE001 - wrap whatever the loaders raise at the boundary
+        raise ModelError(f"cannot load the transformer in {root} for ONNX export: {e}") from e
+    sample = tokenizer(["an example sentence to trace", "two"], padding=True, return_tensors="pt")
+    accepted = inspect.signature(model.forward).parameters
+    names = [n for n in sample.keys() if n in accepted]
+
+    class _Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            return self.model(**dict(zip(names, args, strict=True))).last_hidden_state
+
+    axes = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
+    tmp = _atomic_target(dest)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            torch.onnx.export(
+                _Hidden(),
+                tuple(sample[n] for n in names),
+                str(tmp),
+                input_names=names,
+                output_names=["last_hidden_state"],
+                dynamic_axes=axes,
+                opset_version=_ONNX_OPSET,
+                dynamo=False,
+            )
+        os.replace(tmp, dest)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"ONNX export of {root} failed: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _quantize_int8(src: Path, dest: Path) -> None:
+    """onnxruntime dynamic int8 quantisation of ``src`` to ``dest``, atomically."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = _atomic_target(dest)
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(max(level, logging.ERROR))  # quantize_dynamic logs a pre-processing hint at WARNING
+    try:
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+        os.replace(tmp, dest)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"int8 quantisation of {src} failed: {e}") from e
+    finally:
+        root_logger.setLevel(level)
+        tmp.unlink(missing_ok=True)
+
+
+def onnx_model_file(spec: ModelSpec) -> Path:
+    """The ONNX file for an 'onnx' spec, exported (and quantised) on first use into ``$EMBRAY_CACHE/onnx``.
+
+    Files are written under a temporary name and renamed, so concurrent workers never read half a file; two
+    workers exporting at once each write their own copy and the last rename wins (the bytes are equivalent).
+    """
+    if spec.backend != "onnx":
+        raise ModelError(f"{spec.label} is not an onnx spec")
+    root = resolve_model_path(spec)
+    folder = _onnx_cache_dir(spec)
+    dest = folder / f"model-{spec.quantize or 'int8'}.onnx"
+    if dest.exists():
+        return dest
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32 = folder / "model-none.onnx"
+    if not fp32.exists():
+        _export_onnx(_st_layout(root).transformer, fp32)
+    if dest != fp32:
+        _quantize_int8(fp32, dest)
+    return dest
+
+
+class OnnxEmbedder(Embedder):
+    """A sentence-transformers model exported to ONNX (optionally int8) and run by onnxruntime on CPU.
+
+    The transformer runs in onnxruntime with as many intra-op threads as the process is given (see
+    :func:`_num_threads`: a 1-CPU Serve replica uses 1); tokenisation, pooling and normalisation follow the
+    model's sentence-transformers configuration.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ModelError("the onnx backend needs onnxruntime and onnx: pip install 'embray[onnx]'") from e
+        from transformers import AutoTokenizer
+
+        layout = _st_layout(resolve_model_path(spec))
+        self._pooling = spec.pooling or layout.pooling or "mean"
+        self._lower = layout.do_lower_case
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(layout.transformer), local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"cannot load the tokenizer in {layout.transformer}: {e}") from e
+        positions = (_read_json(layout.transformer / "config.json") or {}).get("max_position_embeddings")
+        limits = [x for x in (layout.max_seq_length, self.tokenizer.model_max_length, positions) if x and x < 1e6]
+        self.max_tokens = spec.max_tokens or min(limits, default=512)
+        if positions:
+            self.max_tokens = min(self.max_tokens, positions)
+        self.path = onnx_model_file(spec)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = _num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001
+            raise ModelError(f"onnxruntime cannot load {self.path}: {e}; delete it to export it again") from e
+        self._inputs = [i.name for i in self.session.get_inputs()]
+        self._dims = int(self._run(["dimension probe"]).shape[1])  # also warms the session up
+        self._check_dims()
+
+    @property
+    def dims(self) -> int:
+        return self._dims
+
+    def _run(self, texts: list[str]) -> np.ndarray:
+        if self._lower:
+            texts = [t.lower() for t in texts]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="np")
+        feed = {name: enc[name].astype(np.int64, copy=False) for name in self._inputs}
+        hidden = self.session.run(None, feed)[0]
+        mask = enc["attention_mask"].astype(np.float32)
+        if self._pooling == "cls":
+            return hidden[:, 0]
+        if self._pooling == "last":
+            if self.tokenizer.padding_side == "left":
+                return hidden[:, -1]
+            return hidden[np.arange(len(texts)), mask.sum(axis=1).astype(np.int64) - 1]
+        summed = np.einsum("bsd,bs->bd", hidden, mask)
+        return summed / np.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
+
+    def embed_batch(self, texts: list[str]) -> np.ndarray:
+        # Longest first in batches of batch_size, like sentence-transformers: similar lengths pad little.
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self._dims), dtype=np.float32)
+        size = self.spec.batch_size
+        for start in range(0, len(texts), size):
+            idx = order[start : start + size]
+            out[idx] = self._run([texts[i] for i in idx])
+        return out
+
+
 _BACKENDS: dict[str, type[Embedder]] = {
     "hash": HashEmbedder,
     "sentence-transformers": SentenceTransformerEmbedder,
     "vllm": VllmEmbedder,
+    "onnx": OnnxEmbedder,
 }
 
 

@@ -19,10 +19,11 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from embray.config import Config
-from embray.errors import EmbrayError, GateError, StoreError
+from embray.errors import EmbrayError, GateError, StoreError, VersionError
 from embray.registry import ACTIVE, CANDIDATE, Registry
 from embray.store import Store
 from embray.versions import Manifest, read_manifest, utcnow
@@ -84,7 +85,10 @@ def served_version(cfg: Config) -> tuple[str | None, str | None]:
         return None, f"serve endpoint {url} unreachable ({type(e).__name__})"
     if r.status_code != 200:
         return None, f"serve endpoint {url} answered {r.status_code}: {r.text[:200]}"
-    return r.json().get("version"), None
+    try:
+        return r.json().get("version"), None
+    except (ValueError, AttributeError):
+        return None, f"serve endpoint {url} did not answer with embray's JSON: {r.text[:200]!r}"
 
 
 def _describe(m: Manifest, now: dt.datetime) -> dict[str, Any]:
@@ -110,9 +114,14 @@ def status(cfg: Config, *, check_verify: bool = True, check_staleness: bool = Tr
     mon = cfg.monitor
     problems: list[str] = []
     out: dict[str, Any] = {"collection": cfg.collection, "checked_at": now.isoformat(timespec="milliseconds")}
-    manifests = {
-        a: read_manifest(store, cfg.collection, v) for a, v in aliases.items() if v and a in (ACTIVE, CANDIDATE)
-    }
+    manifests: dict[str, Manifest] = {}
+    for alias, vid in aliases.items():
+        if vid and alias in (ACTIVE, CANDIDATE):
+            try:
+                manifests[alias] = read_manifest(store, cfg.collection, vid)
+            except VersionError as e:  # the alias names a version whose manifest is gone or broken
+                problems.append(f"{alias} {vid} cannot be read: {e}")
+                out.setdefault("verify", {})[vid] = {"ok": False, "problems": [str(e)]}
     for alias in (ACTIVE, CANDIDATE):
         out[alias] = _describe(manifests[alias], now) if alias in manifests else None
     if ACTIVE not in manifests:
@@ -133,7 +142,7 @@ def status(cfg: Config, *, check_verify: bool = True, check_staleness: bool = Tr
                 f"monitor.max_stale_age_s {mon.max_stale_age_s:g}; run `embray refresh --promote`"
             )
 
-    out["verify"] = {}
+    out.setdefault("verify", {})
     if check_verify:
         for alias, m in manifests.items():
             found = verify(store, cfg.collection, m.version)
@@ -148,6 +157,8 @@ def status(cfg: Config, *, check_verify: bool = True, check_staleness: bool = Tr
     out["consistent"] = all(v["ok"] for v in out["verify"].values()) if check_verify else None
 
     served, error = served_version(cfg)
+    if cfg.serve.url:  # the dry run above may have taken minutes: compare with the alias as it is now
+        aliases = Registry(cfg).aliases()
     out["served"] = served
     out["served_matches"] = None if not cfg.serve.url else (served is not None and served == aliases.get(ACTIVE))
     if error:
@@ -202,15 +213,16 @@ def check_once(cfg: Config, *, promote_if_gates_pass: bool = False) -> dict[str,
     st = status(cfg)
     action: dict[str, Any] = {"refreshed": None, "promoted": None, "refused": None, "skipped": None}
     frac = (st.get("staleness") or {}).get("fraction", 0.0)
-    built = _refresh_of_this_source(cfg, st["active"]["id"]) if st.get("active") else None
-    if built and frac > cfg.monitor.max_stale_fraction:
+    stale = bool(st.get("active")) and frac > cfg.monitor.max_stale_fraction
+    built = _refresh_of_this_source(cfg, st["active"]["id"]) if stale else None
+    if built:
         # Refreshing again would build the same version again (and meet the same gates): say so instead.
         action["skipped"] = (
             f"{built} is already a refresh of {st['active']['id']} from the source as it is now; "
             f"promote it (`embray promote {built} --force --reason ...` if its gates refuse it) or fix the source"
         )
         log.warning("monitor: %s", action["skipped"])
-    elif st.get("active") and frac > cfg.monitor.max_stale_fraction:
+    elif stale:
         result = refresh(cfg)
         action["refreshed"] = result.version
         log.info(
@@ -244,9 +256,18 @@ def _refresh_of_this_source(cfg: Config, active: str) -> str | None:
 
 
 def run_monitor(
-    cfg: Config, *, interval_s: float | None = None, iterations: int | None = None, promote_if_gates_pass: bool = False
+    cfg: Config,
+    *,
+    interval_s: float | None = None,
+    iterations: int | None = None,
+    promote_if_gates_pass: bool = False,
+    on_check: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Check every ``interval_s`` (``iterations`` times, or until stopped); each check becomes MLflow metrics."""
+    """Check every ``interval_s`` (``iterations`` times, or until stopped); each check becomes MLflow metrics.
+
+    A check that fails (MLflow, the store or the source unreachable) is recorded as a failed data point
+    where it can be, and the loop goes on. ``on_check`` sees each result as it comes.
+    """
     registry = Registry(cfg)
     interval = interval_s if interval_s is not None else cfg.monitor.interval_s
     run_id = registry.start_job_run(
@@ -266,18 +287,27 @@ def run_monitor(
             t = time.monotonic()
             try:
                 st = check_once(cfg, promote_if_gates_pass=promote_if_gates_pass)
+                metrics = status_metrics(st)
+                metrics.update(
+                    refreshed=float(bool(st["action"]["refreshed"])),
+                    promoted=float(bool(st["action"]["promoted"])),
+                    promote_refused=float(bool(st["action"]["refused"])),
+                )
             except EmbrayError as e:  # one failed check is a data point, not the end of the monitor
                 log.error("monitor check %d failed: %s", step, e)
-                st = {"ok": False, "problems": [str(e)], "error": str(e), "action": {}}
-                registry.log_metrics(run_id, {"ok": 0.0, "check_failed": 1.0}, step=step)
-            else:
-                metrics = status_metrics(st)
-                metrics["refreshed"] = float(bool(st["action"]["refreshed"]))
-                metrics["promoted"] = float(bool(st["action"]["promoted"]))
-                metrics["promote_refused"] = float(bool(st["action"]["refused"]))
-                registry.log_metrics(run_id, metrics, step=step)
-                record_status(cfg, st)
+                st = {
+                    "collection": cfg.collection,
+                    "checked_at": utcnow(),
+                    "ok": False,
+                    "problems": [f"the monitor's check failed: {e}"],
+                    "error": str(e),
+                    "action": {},
+                }
+                metrics = {"ok": 0.0, "check_failed": 1.0}
+            _record_check(cfg, registry, run_id, step, st, metrics)
             results.append(st)
+            if on_check:
+                on_check(st)
             step += 1
             if iterations is not None and step >= iterations:
                 break
@@ -287,5 +317,20 @@ def run_monitor(
         ok = True  # stopped by its operator: the run is complete, not failed
         raise
     finally:
-        registry.end_run(run_id, ok=ok)
+        try:
+            registry.end_run(run_id, ok=ok)
+        except EmbrayError as e:  # never hide the error that ended the loop
+            log.error("could not close the monitor's MLflow run %s: %s", run_id, e)
     return results
+
+
+def _record_check(cfg: Config, registry: Registry, run_id: str, step: int, st: dict, metrics: dict) -> None:
+    """A check to MLflow (metrics at this step) and to the store (for Serve); either may be down."""
+    try:
+        registry.log_metrics(run_id, metrics, step=step)
+    except EmbrayError as e:
+        log.error("monitor check %d: could not log its metrics to MLflow: %s", step, e)
+    try:
+        record_status(cfg, st)
+    except EmbrayError as e:
+        log.error("monitor check %d: could not record the status in the store: %s", step, e)

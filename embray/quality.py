@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from embray.config import Config
-from embray.errors import ConfigError, SourceError, VersionError
+from embray.errors import ConfigError, EmbrayError, SourceError, VersionError
 from embray.registry import ACTIVE, Registry
 from embray.search import Hit, VersionIndex
 from embray.store import Store
@@ -53,6 +53,8 @@ def load_queries(path: str | Path) -> list[LabelledQuery]:
         lines = p.read_text().splitlines()
     except FileNotFoundError as e:
         raise ConfigError(f"labelled query file {p} does not exist; set monitor.queries or --queries") from e
+    except OSError as e:
+        raise ConfigError(f"labelled query file {p} cannot be read: {e.strerror or e}") from e
     out: list[LabelledQuery] = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -64,10 +66,18 @@ def load_queries(path: str | Path) -> list[LabelledQuery]:
             raise ConfigError(
                 f'{p}:{n}: expected a JSON object {{"query": "...", "relevant": [ids]}} ({type(e).__name__}: {e})'
             ) from e
-        grades = {i: 1.0 for i in rel} if isinstance(rel, list) else rel
-        if not isinstance(text, str) or not text.strip() or not isinstance(grades, dict) or not grades:
-            raise ConfigError(f"{p}:{n}: 'query' must be non-empty text and 'relevant' a non-empty list or mapping")
-        out.append(LabelledQuery(text, {i: float(g) for i, g in grades.items() if float(g) > 0}))
+        try:
+            grades = {i: 1.0 for i in rel} if isinstance(rel, list) else {i: float(g) for i, g in rel.items()}
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(
+                f"{p}:{n}: 'relevant' must be a list of ids or a mapping of id to a numeric grade ({e})"
+            ) from e
+        grades = {i: g for i, g in grades.items() if g > 0}
+        if not isinstance(text, str) or not text.strip() or not grades:
+            raise ConfigError(
+                f"{p}:{n}: 'query' must be non-empty text and 'relevant' name at least one id with a grade above 0"
+            )
+        out.append(LabelledQuery(text, grades))
     if not out:
         raise ConfigError(f"labelled query file {p} has no queries")
     return out
@@ -133,6 +143,7 @@ def ndcg_recall(results: list[list[Hit]], queries: list[LabelledQuery], k: int =
 
 def sample_texts(cfg: Config, n: int, *, seed: int = 0) -> list[str]:
     """Up to ``n`` distinct texts from the source corpus, read from files in a random order."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from embray.store import list_source_files
@@ -144,8 +155,8 @@ def sample_texts(cfg: Config, n: int, *, seed: int = 0) -> list[str]:
     for path in files:
         try:
             col = pq.read_table(path, columns=[cfg.source.text_column], filesystem=store.pyarrow_fs()).column(0)
-        except OSError as e:
-            raise SourceError(f"cannot read {path}: {e}") from e
+        except (OSError, pa.ArrowException) as e:
+            raise SourceError(f"cannot read the text column of {path}: {e}; check source.text_column") from e
         seen.update(t for t in col.to_pylist() if isinstance(t, str) and t.strip())
         if len(seen) >= 4 * n:
             break
@@ -254,7 +265,20 @@ def check_gates(cfg: Config, version: str, *, queries: str | None = None) -> dic
     )
     active = Registry(cfg).aliases().get(ACTIVE)
     if "ndcg_at_10" in result and active and active != version:
-        base = evaluate(cfg, active, queries=queries, record=False)["ndcg_at_10"]
+        try:
+            base = evaluate(cfg, active, queries=queries, record=False)["ndcg_at_10"]
+        except EmbrayError as e:  # the active version cannot be measured here: the gate fails, --force can pass it
+            gates.append(
+                {
+                    "gate": "ndcg_at_10",
+                    "passed": False,
+                    "value": result["ndcg_at_10"],
+                    "threshold": None,
+                    "detail": f"nDCG@10 {result['ndcg_at_10']}, but the active version {active} cannot be "
+                    f"measured to compare: {e}",
+                }
+            )
+            return {"version": version, "passed": False, "gates": gates, "eval": result}
         floor = round(base - m.ndcg_margin, 4)
         gates.append(
             {
@@ -300,6 +324,7 @@ def _stored_sample(store: Store, manifest, n: int, rng: random.Random) -> dict[A
 
 def _source_texts(cfg: Config, ids: list[Any]) -> dict[Any, str]:
     """The current source text of each of ``ids`` that still exists."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from embray.store import list_source_files
@@ -308,12 +333,18 @@ def _source_texts(cfg: Config, ids: list[Any]) -> dict[Any, str]:
     store, files = list_source_files(sc.uri, sc.storage_options)
     out: dict[Any, str] = {}
     for path in files:
-        t = pq.read_table(
-            path,
-            columns=[sc.id_column, sc.text_column],
-            filesystem=store.pyarrow_fs(),
-            filters=[(sc.id_column, "in", ids)],
-        )
+        try:
+            t = pq.read_table(
+                path,
+                columns=[sc.id_column, sc.text_column],
+                filesystem=store.pyarrow_fs(),
+                filters=[(sc.id_column, "in", ids)],
+            )
+        except (OSError, pa.ArrowException) as e:
+            raise SourceError(
+                f"cannot look up the sampled ids in {path}: {e}; the source's id column must keep the type "
+                "it had when the version was built"
+            ) from e
         out.update(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True))
     return out
 

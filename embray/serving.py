@@ -173,7 +173,9 @@ class _Metrics:
 
     def served(self, old: str | None, new: Loaded) -> None:
         if old:
-            self.active.set(0, tags={"collection": self.collection, "version": old})
+            gone = {"collection": self.collection, "version": old}
+            for gauge in (self.active, self.rows, self.load_seconds):
+                gauge.set(0, tags=gone)
         tags = {"collection": self.collection, "version": new.version}
         self.active.set(1, tags=tags)
         self.load_seconds.set(new.load_seconds, tags=tags)
@@ -417,7 +419,10 @@ class EmbrayServer:
         if got is None or not hmac.compare_digest(got, want):
             raise HTTPException(401, "reload needs `Authorization: Bearer <admin token>`")
         # The marker tells the other replicas (each polls it every second) to check too.
-        self.store.write_bytes(f"{self.cfg.collection}/{RELOAD_FILE}", json.dumps({"at": utcnow()}).encode())
+        try:
+            self.store.write_bytes(f"{self.cfg.collection}/{RELOAD_FILE}", json.dumps({"at": utcnow()}).encode())
+        except EmbrayError as e:  # read-only store credentials: this replica still checks; the rest on their poll
+            log.warning("reload marker not written (%s): other replicas switch on their next poll", e)
         switched = self.check()
         cur = self.current
         return {"version": cur.version if cur else None, "switched": switched, "error": self.last_error}

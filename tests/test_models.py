@@ -1,4 +1,5 @@
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -106,11 +107,7 @@ def test_vllm_backend_matches_sentence_transformers_on_gpu():
 STSB = SHARED / "data" / "stsb" / "sts-test.csv"
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not STSB.exists(), reason=f"STS benchmark file {STSB} is absent (it lives in ../shared/)")
-def test_sentence_transformers_reaches_published_stsb_score():
-    from scipy.stats import spearmanr
-
+def _stsb() -> tuple[list[float], list[str], list[str]]:
     gold, left, right = [], [], []
     with open(STSB, newline="", encoding="utf-8") as fh:
         for row in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
@@ -119,7 +116,168 @@ def test_sentence_transformers_reaches_published_stsb_score():
                 left.append(row[5])
                 right.append(row[6])
     assert len(gold) > 1000
-    e = load_embedder(ModelSpec())
-    a, b = e.embed_documents(left), e.embed_documents(right)
-    rho = spearmanr(np.sum(a * b, axis=1), gold).statistic
+    return gold, left, right
+
+
+def _stsb_spearman(embedder) -> float:
+    from scipy.stats import spearmanr
+
+    gold, left, right = _stsb()
+    a, b = embedder.embed_documents(left), embedder.embed_documents(right)
+    return spearmanr(np.sum(a * b, axis=1), gold).statistic
+
+
+needs_stsb = pytest.mark.skipif(
+    not STSB.exists(), reason=f"STS benchmark file {STSB} is absent (it lives in ../shared/)"
+)
+
+
+@pytest.mark.slow
+@needs_stsb
+def test_sentence_transformers_reaches_published_stsb_score():
+    rho = _stsb_spearman(load_embedder(ModelSpec()))
     assert rho >= 0.815, f"Spearman {rho:.4f} below 0.815 (published 0.8203)"
+
+
+# --- onnx backend -------------------------------------------------------------------------------------------
+
+ONNX_INT8 = ModelSpec(backend="onnx")
+ONNX_FP32 = ModelSpec(backend="onnx", quantize="none")
+
+
+def test_existing_fingerprints_do_not_change():
+    # Values computed before the onnx backend (and its `quantize` field) existed: every stored version names
+    # these, so a new spec field must never move them.
+    assert fingerprint(HASH) == "fbdea2efbd64cd51ef130172"
+    assert fingerprint(ModelSpec()) == "2b621ef4322a93cda7861177"
+    assert fingerprint(ModelSpec(max_tokens=128, dims=384, query_prefix="query: ")) == "b5b2df9e86dd210b214cbdb2"
+
+
+def test_onnx_fingerprints_differ_from_their_source_and_each_other(monkeypatch):
+    import embray.models as models
+
+    st, int8, fp32 = fingerprint(ModelSpec()), fingerprint(ONNX_INT8), fingerprint(ONNX_FP32)
+    assert len({st, int8, fp32}) == 3
+    assert fingerprint(ModelSpec(backend="onnx", quantize="int8")) == int8  # int8 is the default
+    assert ONNX_INT8.canonical()["export"].startswith("embray-onnx-v")
+    monkeypatch.setattr(models, "_ONNX_RECIPE", models._ONNX_RECIPE + " (changed)")
+    assert fingerprint(ONNX_INT8) != int8  # another export recipe is another space
+
+
+def test_quantize_is_refused_outside_the_onnx_backend():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"quantize: int8 applies only to backend: onnx"):
+        ModelSpec(backend="sentence-transformers", quantize="int8")
+
+
+def test_onnx_backend_without_onnxruntime_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
+    with pytest.raises(ModelError, match=r"pip install 'embray\[onnx\]'"):
+        load_embedder(ONNX_INT8)
+
+
+def test_onnx_backend_reads_the_sentence_transformers_layout(tmp_path):
+    from embray.models import _st_layout
+
+    (tmp_path / "1_Pooling").mkdir()
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "cls"}))
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": True}))
+    assert _st_layout(tmp_path) == (tmp_path, "cls", 128, True)
+    legacy = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(legacy))
+    assert _st_layout(tmp_path).pooling == "mean"
+    older = [{**modules[0], "path": "0_Transformer"}, modules[1]]  # older models keep the transformer in a folder
+    (tmp_path / "modules.json").write_text(json.dumps(older))
+    assert _st_layout(tmp_path) == (tmp_path / "0_Transformer", "mean", None, False)
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "max"}))
+    with pytest.raises(ModelError, match=r"pooling 'max' is not supported by the onnx backend"):
+        _st_layout(tmp_path)
+    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "mean"}))
+    (tmp_path / "modules.json").write_text(json.dumps([*modules, dense]))
+    with pytest.raises(ModelError, match=r"module 'Dense' is not run by the onnx backend"):
+        _st_layout(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory):
+    """One export (fp32, then int8 from it) per test session, in a cache of its own: (cache dir, models)."""
+    cache = tmp_path_factory.mktemp("onnx-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMBRAY_CACHE", str(cache))
+        models = {"int8": load_embedder(ONNX_INT8), "none": load_embedder(ONNX_FP32)}
+    return cache, models
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return load_embedder(ModelSpec())
+
+
+TEXTS = [
+    "A man is playing a guitar.",
+    "The stock market fell sharply today after the central bank raised interest rates by half a point.",
+    "Ünïcode text ✓",
+    "x",
+    "otter " * 400,  # longer than the model's 256 tokens: truncated like sentence-transformers does
+]
+
+
+@pytest.mark.slow
+def test_onnx_vectors_agree_with_sentence_transformers(onnx_cache, minilm):
+    _, models = onnx_cache
+    ref = minilm.embed_documents(TEXTS)
+    for quantize, floor in (("none", 0.9999), ("int8", 0.97)):
+        vecs = models[quantize].embed_documents(TEXTS)
+        assert vecs.dtype == np.float32 and vecs.shape == (len(TEXTS), 384)
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+        cos = np.sum(vecs * ref, axis=1)
+        assert cos.min() >= floor, f"{quantize}: cosine vs sentence-transformers {np.round(cos, 5)}"
+    # Batching (longest first, batch_size at a time) does not change a text's vector.
+    small = load_embedder(ONNX_FP32.model_copy(update={"batch_size": 2}))
+    np.testing.assert_allclose(small.embed_documents(TEXTS), models["none"].embed_documents(TEXTS), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_onnx_export_is_cached_and_not_redone(onnx_cache, monkeypatch):
+    import torch
+
+    import embray.models as models
+
+    cache, loaded = onnx_cache
+    monkeypatch.setenv("EMBRAY_CACHE", str(cache))
+    files = sorted((cache / "onnx").rglob("*"))
+    assert [f.name for f in files if f.is_file()] == ["model-int8.onnx", "model-none.onnx"]  # no temporaries left
+    assert loaded["int8"].path.name == "model-int8.onnx" and loaded["none"].path.name == "model-none.onnx"
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+
+    def refuse(*args):
+        raise AssertionError("exported again although the cache holds the model")
+
+    monkeypatch.setattr(models, "_export_onnx", refuse)
+    monkeypatch.setattr(models, "_quantize_int8", refuse)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a 1-CPU Serve replica
+    try:
+        again = load_embedder(ONNX_INT8)
+    finally:
+        torch.set_num_threads(threads)
+    assert again.path == loaded["int8"].path
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    assert again.session.get_session_options().intra_op_num_threads == 1
+    np.testing.assert_array_equal(again.embed_queries(TEXTS[:2]), loaded["int8"].embed_queries(TEXTS[:2]))
+
+
+@pytest.mark.slow
+@needs_stsb
+@pytest.mark.parametrize("quantize, floor", [("none", 0.815), ("int8", 0.81)])
+def test_onnx_stsb_score(onnx_cache, quantize, floor):
+    rho = _stsb_spearman(onnx_cache[1][quantize])
+    assert rho >= floor, f"onnx ({quantize}) Spearman {rho:.4f} below {floor}"

@@ -169,7 +169,8 @@ def test_monitor_refreshes_when_stale_promotes_through_gates_and_logs_metrics(tm
     config.write_text(json.dumps(cfg.model_dump(mode="json")))
     monkeypatch.setattr(sys, "argv", ["jobs/monitor.py", "--config", str(config), "--once", "--json"])
     runpy.run_path(str(REPO / "jobs" / "monitor.py"), run_name="__main__")
-    (only,) = json.loads(capsys.readouterr().out)
+    (line,) = capsys.readouterr().out.splitlines()  # JSON Lines: one object per check
+    only = json.loads(line)
     assert only["ok"] and only["active"]["id"] == v2
 
 
@@ -200,3 +201,30 @@ def test_monitor_records_a_refused_promotion_and_does_not_rebuild_it(tmp_path):
     reg = Registry(cfg)
     (run,) = reg.client.search_runs([reg.experiment_id()], "tags.`embray.job` = 'monitor'")
     assert [h.value for h in reg.client.get_metric_history(run.info.run_id, "promote_refused")] == [1.0, 0.0]
+
+
+def test_updated_at_in_nanoseconds_or_another_zone_and_gc_of_killed_dry_runs(tmp_path):
+    from embray.lifecycle import gc
+
+    rows = write_corpus(tmp_path / "corpus", files=1, rows=40)
+    ids = sorted(rows)
+    ns = pa.array([1_763_000_000_123_456_789 + k for k in range(40)], pa.timestamp("ns", tz="America/New_York"))
+    pq.write_table(
+        pa.table({"id": ids, "text": [rows[i] for i in ids], "updated_at": ns}),
+        tmp_path / "corpus" / "part-00000.parquet",
+    )
+    cfg = make_config(tmp_path)
+    backfill(cfg)  # a build reads the column too: nanoseconds must not fail it
+    texts = [rows[i] + (" changed" if k == 5 else "") for k, i in enumerate(ids)]
+    pq.write_table(pa.table({"id": ids, "text": texts, "updated_at": ns}), tmp_path / "corpus" / "part-00000.parquet")
+    st = status(cfg)
+    assert st["staleness"]["changed"] == 1
+    expected = dt.datetime.fromtimestamp((1_763_000_000_123_456_789 + 5) // 1000 / 1e6, tz=UTC)
+    assert st["staleness"]["oldest_stale_at"] == expected.isoformat(timespec="seconds")
+
+    store = Store(cfg.store.uri)
+    store.write_bytes("docs/_scratch/v20200101T000000000Z-0a0b0c/scan/x.parquet", b"left by a killed status")
+    store.write_bytes(f"docs/_scratch/{'v' + dt.datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}000Z-0d0e0f/x", b"running")
+    out = gc(cfg, keep=1)
+    assert out["scratch"] == ["v20200101T000000000Z-0a0b0c"]
+    assert store.listdir("docs/_scratch") == [n for n in store.listdir("docs/_scratch") if "0d0e0f" in n] != []

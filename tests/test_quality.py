@@ -148,3 +148,19 @@ def test_labelled_query_file_errors_name_the_line(tmp_path):
         load_queries(tmp_path / "missing.jsonl")
     p.write_text('{"query": "a", "relevant": {"x": 2, "y": 1}}\n')
     assert load_queries(p)[0].relevant == {"x": 2.0, "y": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('{"query": "a", "relevant": {"x": 0}}', "grade above 0"),
+        ('{"query": "a", "relevant": {"x": "high"}}', "numeric grade"),
+        ('{"query": "a", "relevant": {"x": null}}', "numeric grade"),
+        ('{"query": "a", "relevant": 5}', "numeric grade"),
+    ],
+)
+def test_labelled_query_grades_are_checked(tmp_path, line, needle):
+    p = tmp_path / "q.jsonl"
+    p.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=rf"q.jsonl:1: .*{needle}"):
+        load_queries(p)
