@@ -1,6 +1,6 @@
 """Query latency: the Serve endpoint over HTTP vs direct in-process search on the same shards, one run.
 
-    .venv/bin/python bench/serve.py [--docs 100000] [--model minilm|hash] [--requests 400]
+    .venv/bin/python bench/serve.py [--docs 100000] [--model minilm|minilm-onnx|hash] [--requests 400]
                                     [--proxy default,haproxy] [--rounds 2] [--write]
 
 Builds (once, cached under --workdir) a collection of --docs documents (Python standard library
@@ -36,8 +36,11 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backfill import ROOT, machine, write_section  # noqa: E402 - the sibling benchmark's helpers
 
-MARK_BEGIN = "<!-- bench/serve.py begin -->"
-MARK_END = "<!-- bench/serve.py end -->"
+
+def marks(model: str) -> tuple[str, str]:
+    """The docs/benchmarks.md section of one model's table (the MiniLM one keeps its original markers)."""
+    tag = "bench/serve.py" if model == "minilm" else f"bench/serve.py --model {model}"
+    return f"<!-- {tag} begin -->", f"<!-- {tag} end -->"
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -84,7 +87,12 @@ def run_clients(call, queries: list, clients: int, total: int) -> tuple[list[flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=100_000)
-    ap.add_argument("--model", choices=["minilm", "hash"], default="minilm")
+    ap.add_argument(
+        "--model",
+        choices=["minilm", "minilm-onnx", "hash"],
+        default="minilm",
+        help="minilm: sentence-transformers; minilm-onnx: the same weights through the onnx backend (int8)",
+    )
     ap.add_argument("--requests", type=int, default=400, help="requests per (mode, clients) cell")
     ap.add_argument("--proxy", default="default,haproxy", help="HTTP ingress modes to compare: default, haproxy")
     ap.add_argument("--rounds", type=int, default=2, help="turns each --proxy mode takes")
@@ -128,8 +136,9 @@ def main() -> None:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     lines = [
-        MARK_BEGIN,
-        "## Query latency: Serve over HTTP vs in-process",
+        marks(args.model)[0],
+        "## Query latency: Serve over HTTP vs in-process"
+        + ("" if args.model == "minilm" else f" (`--model {args.model}`)"),
         "",
         f"Command: `.venv/bin/python bench/serve.py --docs {args.docs} --model {args.model} "
         f"--requests {args.requests} --proxy {','.join(modes)} --rounds {args.rounds}` "
@@ -160,11 +169,11 @@ def main() -> None:
                     f"| {query} | {mode} | {clients} | {h[0]:.2f} | {h[1]:.2f} | {h[2]:.0f} | {i[0]:.2f} "
                     f"| {i[1]:.2f} | {i[2]:.0f} | {h[0] - i[0]:.2f} |"
                 )
-    lines.append(MARK_END)
+    lines.append(marks(args.model)[1])
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section(MARK_BEGIN, MARK_END, text)
+        write_section(*marks(args.model), text)
 
 
 def session(args: argparse.Namespace) -> None:
@@ -183,11 +192,11 @@ def session(args: argparse.Namespace) -> None:
     from embray.serving import application
 
     work = Path(args.workdir) / f"{args.model}-{args.docs}"
-    model = (
-        {"backend": "sentence-transformers"}
-        if args.model == "minilm"
-        else {"backend": "hash", "name": "w", "dims": 384}
-    )
+    model = {
+        "minilm": {"backend": "sentence-transformers"},
+        "minilm-onnx": {"backend": "onnx"},
+        "hash": {"backend": "hash", "name": "w", "dims": 384},
+    }[args.model]
     cfg = parse_config(
         {
             "collection": "bench",

@@ -43,7 +43,7 @@ _IGNORED_WEIGHT_DIRS = {"onnx", "openvino", ".git", ".cache"}
 _ONNX_RECIPE = (
     "embray-onnx-v1: torch.onnx.export (TorchScript exporter, opset 17, eager attention) of the transformer's "
     "last_hidden_state with dynamic batch and sequence axes; int8: onnxruntime quantize_dynamic "
-    "(QInt8 weights, per channel); pooling and normalisation in numpy"
+    "(QInt8 weights, per channel); run one text per forward pass; pooling and normalisation in numpy"
 )
 _ONNX_OPSET = 17
 
@@ -70,7 +70,9 @@ class ModelSpec(BaseModel):
     device: str | None = Field(
         None, description="Torch device; null: cuda when available, else cpu. Not fingerprinted."
     )
-    batch_size: int = Field(64, ge=1, description="Texts per forward pass inside the model. Not fingerprinted.")
+    batch_size: int = Field(
+        64, ge=1, description="Texts per forward pass inside the model ('onnx': always 1). Not fingerprinted."
+    )
     latency_ms: float = Field(
         0.0,
         ge=0,
@@ -554,28 +556,25 @@ class OnnxEmbedder(Embedder):
     def _run(self, texts: list[str]) -> np.ndarray:
         if self._lower:
             texts = [t.lower() for t in texts]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="np")
-        feed = {name: enc[name].astype(np.int64, copy=False) for name in self._inputs}
-        hidden = self.session.run(None, feed)[0]
-        mask = enc["attention_mask"].astype(np.float32)
-        if self._pooling == "cls":
-            return hidden[:, 0]
-        if self._pooling == "last":
-            if self.tokenizer.padding_side == "left":
-                return hidden[:, -1]
-            return hidden[np.arange(len(texts)), mask.sum(axis=1).astype(np.int64) - 1]
-        summed = np.einsum("bsd,bs->bd", hidden, mask)
-        return summed / np.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)
+        out = []
+        for i in range(len(texts)):
+            feed = {name: np.asarray(enc[name][i : i + 1], dtype=np.int64) for name in self._inputs}
+            hidden = self.session.run(None, feed)[0][0]  # (tokens, dims): one text, no padding
+            if self._pooling == "cls":
+                out.append(hidden[0])
+            elif self._pooling == "last":
+                out.append(hidden[-1])
+            else:
+                out.append(hidden.mean(axis=0))
+        return np.stack(out)
 
     def embed_batch(self, texts: list[str]) -> np.ndarray:
-        # Longest first in batches of batch_size, like sentence-transformers: similar lengths pad little.
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), self._dims), dtype=np.float32)
-        size = self.spec.batch_size
-        for start in range(0, len(texts), size):
-            idx = order[start : start + size]
-            out[idx] = self._run([texts[i] for i in idx])
-        return out
+        # One text per forward pass. An int8 model quantises its activations with one scale per tensor, computed
+        # at run time: in a padded batch a text's vector would depend on its neighbours (cosine ~0.98 to itself
+        # alone). Alone, a text gets the same vector in any batch, so a query matches the same document and an
+        # audit re-embeds exactly. With no padding to compute it is also faster on CPU than batches here.
+        return self._run(texts)
 
 
 _BACKENDS: dict[str, type[Embedder]] = {
