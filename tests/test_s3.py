@@ -15,15 +15,20 @@ from .conftest import doc_text, make_config, write_corpus
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
+def s3_config(tmp_path, bucket: str, options: dict):
+    """A hash-backend collection whose corpus and store are in ``bucket`` on moto; MLflow on local sqlite."""
+    return make_config(
+        tmp_path,
+        source={"uri": f"s3://{bucket}/corpus", "storage_options": options},
+        store={"uri": f"s3://{bucket}/embray", "storage_options": options},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+
+
 def test_backfill_from_s3_to_s3_and_search(tmp_path, bucket):
     name, options, fs = bucket
     corpus = write_corpus(f"{name}/corpus", files=4, rows=60, fs=fs)
-    cfg = make_config(
-        tmp_path,
-        source={"uri": f"s3://{name}/corpus", "storage_options": options},
-        store={"uri": f"s3://{name}/embray", "storage_options": options},
-        mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
-    )
+    cfg = s3_config(tmp_path, name, options)
     result = backfill(cfg)
     assert result.rows == 240 and result.uri == f"s3://{name}/embray/docs/versions/{result.version}"
     store = Store(cfg.store.uri, options)
@@ -55,12 +60,7 @@ def test_refresh_migrate_verify_promote_gc_on_s3(tmp_path, bucket):
 
     name, options, fs = bucket
     rows = write_corpus(f"{name}/corpus", files=2, rows=60, fs=fs)
-    cfg = make_config(
-        tmp_path,
-        source={"uri": f"s3://{name}/corpus", "storage_options": options},
-        store={"uri": f"s3://{name}/embray", "storage_options": options},
-        mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
-    )
+    cfg = s3_config(tmp_path, name, options)
     store = Store(cfg.store.uri, options)
     v1 = backfill(cfg).version
     assert refresh(cfg).counts["embedded"] == 0
@@ -105,12 +105,7 @@ def test_status_eval_audit_and_monitor_on_s3(tmp_path, bucket):
 
     name, options, fs = bucket
     rows = write_corpus(f"{name}/corpus", files=2, rows=60, fs=fs)
-    cfg = make_config(
-        tmp_path,
-        source={"uri": f"s3://{name}/corpus", "storage_options": options},
-        store={"uri": f"s3://{name}/embray", "storage_options": options},
-        mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
-    )
+    cfg = s3_config(tmp_path, name, options)
     v1 = backfill(cfg).version
     ids = sorted(rows)
     for i in ids[:6]:
