@@ -16,7 +16,6 @@ Prints a markdown table; --write puts it into docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import statistics
@@ -34,19 +33,11 @@ from backfill import ROOT, machine, write_section  # noqa: E402 - the sibling be
 
 MARK_BEGIN = "<!-- bench/encoders.py begin -->"
 MARK_END = "<!-- bench/encoders.py end -->"
-STSB = ROOT.parent / "shared" / "data" / "stsb" / "sts-test.csv"
+sys.path.insert(0, str(ROOT))
+from tests.test_models import STSB  # noqa: E402 - the test split and its reader, shared with the STS-B tests
+from tests.test_models import _stsb as read_stsb  # noqa: E402
+
 BATCH = 256
-
-
-def read_stsb() -> tuple[list[float], list[str], list[str]]:
-    gold, left, right = [], [], []
-    with open(STSB, newline="", encoding="utf-8") as fh:
-        for row in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
-            if len(row) >= 7:
-                gold.append(float(row[4]))
-                left.append(row[5])
-                right.append(row[6])
-    return gold, left, right
 
 
 def percentile(xs: list[float], q: float) -> float:

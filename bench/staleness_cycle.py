@@ -28,27 +28,6 @@ MARK_BEGIN = "<!-- bench/staleness_cycle.py begin -->"
 MARK_END = "<!-- bench/staleness_cycle.py end -->"
 
 
-def write_corpus(root: Path, rows: dict, times: dict, files: int = 4) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    for old in root.glob("*.parquet"):
-        old.unlink()
-    items = sorted(rows.items())
-    for f in range(files):
-        part = items[f::files]
-        pq.write_table(
-            pa.table(
-                {
-                    "id": [i for i, _ in part],
-                    "text": [t for _, t in part],
-                    "updated_at": pa.array([times[i] for i, _ in part], pa.timestamp("ms", tz="UTC")),
-                }
-            ),
-            root / f"part-{f:05d}.parquet",
-        )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=20000)
@@ -70,6 +49,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from tests.conftest import doc_text
+    from tests.test_monitor import write_with_times as write_corpus  # id, text, updated_at (naive UTC, ms)
 
     work = Path(tempfile.mkdtemp(prefix="embray-staleness-"))
     corpus = work / "corpus"
@@ -78,7 +58,7 @@ def main() -> None:
     clock = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
     rows = {f"doc-{i:07d}": doc_text(i) for i in range(args.rows)}
     times = dict.fromkeys(rows, clock)
-    write_corpus(corpus, rows, times)
+    write_corpus(corpus, rows, times, files=4)
     cfg = parse_config(
         {
             "collection": "cycle",
@@ -108,7 +88,7 @@ def main() -> None:
             rows[f"doc-{next_id:07d}"] = doc_text(next_id) + " new"
             times[f"doc-{next_id:07d}"] = clock
             next_id += 1
-        write_corpus(corpus, rows, times)
+        write_corpus(corpus, rows, times, files=4)
         t = time.monotonic()
         st = check_once(cfg, promote_if_gates_pass=True)
         seconds = time.monotonic() - t
