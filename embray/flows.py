@@ -75,8 +75,11 @@ def refresh(cfg: Config, *, parent: str | None = None, dry_run: bool = False, pr
             f"model is {cfg.model.label} (fingerprint {fp}); a refresh never mixes two vector spaces: "
             "use `embray migrate` to move to the new model, or set `model` back to the version's"
         )
+    spec = BuildSpec("refresh", base.model, parent=base, dry_run=dry_run)
+    if dry_run:  # writes only scratch files outside versions/, like `embray status`: no writer lease
+        return run_build(cfg, spec, registry, store)
     with Lease(store, cfg.collection, WRITER, job="refresh"):
-        result = run_build(cfg, BuildSpec("refresh", base.model, parent=base, dry_run=dry_run), registry, store)
+        result = run_build(cfg, spec, registry, store)
     if promote_it and result.version:
         promote(cfg, result.version, reason=f"refresh of {vid}")
         result = dataclasses.replace(result, aliases=(ACTIVE,))
