@@ -65,6 +65,8 @@ def test_eval_measures_recall_overlap_and_ndcg_and_records_them_in_mlflow(coll, 
 
 def test_gates_refuse_a_worse_version_with_the_numbers_and_force_records_why(coll, capsys):
     cfg, _, v1 = coll
+    # Only the nDCG gate is under test here (the recall gate has its own test): its floor is set to 0.
+    cfg = cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"recall_floor": 0.0})})
     worse = migrate(cfg, ModelSpec(backend="hash", name="words", dims=8, seed=5)).version
     with pytest.raises(GateError, match=r"refusing to promote .*ndcg_at_10: nDCG@10 0\.\d+ vs active .* margin 0\.02"):
         promote(cfg, worse)
