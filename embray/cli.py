@@ -25,6 +25,12 @@ def _emit(obj: Any, as_json: bool, human: str) -> None:
     click.echo(json.dumps(obj, indent=2, default=str) if as_json else human)
 
 
+def _open(config_path: str):
+    from embray.collection import Collection
+
+    return Collection.open(config_path)
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
 def cli(verbose: bool) -> None:
@@ -42,11 +48,7 @@ def cli(verbose: bool) -> None:
 @json_option
 def backfill(config_path: str, no_promote: bool, as_json: bool) -> None:
     """Embed the whole source corpus into a new version."""
-    from embray.config import load_config
-    from embray.flows import backfill as run
-
-    result = run(load_config(config_path), promote=not no_promote)
-    s = result.summary()
+    s = _open(config_path).backfill(promote=not no_promote).to_dict()
     _emit(s, as_json, _build_human(s))
 
 
@@ -73,13 +75,8 @@ def _build_human(s: dict[str, Any]) -> str:
 @json_option
 def refresh(config_path: str, parent: str | None, dry_run: bool, promote_it: bool, as_json: bool) -> None:
     """Re-embed only the rows that changed since a version, into a child version."""
-    from embray.config import load_config
-    from embray.flows import refresh as run
-
-    result = run(load_config(config_path), parent=parent, dry_run=dry_run, promote_it=promote_it)
-    s = result.summary()
+    s = _open(config_path).refresh(parent, dry_run=dry_run, promote=promote_it).to_dict()
     if dry_run:
-        s["dry_run"] = True
         _emit(
             s,
             as_json,
@@ -99,11 +96,7 @@ def refresh(config_path: str, parent: str | None, dry_run: bool, promote_it: boo
 @json_option
 def migrate(config_path: str, model_path: str, as_json: bool) -> None:
     """Re-embed the whole collection with another model into a `candidate` version."""
-    from embray.config import load_config, load_model_spec
-    from embray.flows import migrate as run
-
-    result = run(load_config(config_path), load_model_spec(model_path))
-    s = result.summary()
+    s = _open(config_path).migrate(model_path).to_dict()
     _emit(s, as_json, _build_human(s) + f"\n  promote it with `embray promote {s['version']} --config {config_path}`")
 
 
@@ -113,13 +106,8 @@ def migrate(config_path: str, model_path: str, as_json: bool) -> None:
 @json_option
 def verify(version: str, config_path: str, as_json: bool) -> None:
     """Check a version: files and checksums, one fingerprint, row counts, unique ids."""
-    from embray.config import load_config
-    from embray.lifecycle import verify as run
-    from embray.store import Store
-
-    cfg = load_config(config_path)
-    problems = run(Store(cfg.store.uri, cfg.store.storage_options), cfg.collection, version)
-    out = {"version": version, "ok": not problems, "problems": problems}
+    out = _open(config_path).verify(version).to_dict()
+    problems = out["problems"]
     _emit(
         out,
         as_json,
@@ -138,10 +126,7 @@ def verify(version: str, config_path: str, as_json: bool) -> None:
 @json_option
 def promote(version: str, config_path: str, reason: str, force: bool, queries: str | None, as_json: bool) -> None:
     """Make VERSION the active one once it passes the gates (verify, ANN recall, labelled nDCG)."""
-    from embray.config import load_config
-    from embray.lifecycle import promote as run
-
-    out = run(load_config(config_path), version, reason=reason, force=force, queries=queries)
+    out = _open(config_path).promote(version, reason=reason, force=force, queries=queries).to_dict()
     gates = ", ".join(f"{g['gate']} {'ok' if g['passed'] else 'FAILED'}" for g in out["gates"])
     forced = " (FORCED past failed gates)" if out["forced"] else ""
     _emit(out, as_json, f"active: {out['previous']} -> {out['active']}{forced}; gates: {gates}")
@@ -153,10 +138,7 @@ def promote(version: str, config_path: str, reason: str, force: bool, queries: s
 @json_option
 def rollback(config_path: str, reason: str, as_json: bool) -> None:
     """Make the previously active version active again."""
-    from embray.config import load_config
-    from embray.lifecycle import rollback as run
-
-    out = run(load_config(config_path), reason=reason)
+    out = _open(config_path).rollback(reason=reason).to_dict()
     _emit(out, as_json, f"active: {out['previous']} -> {out['active']}")
 
 
@@ -169,10 +151,7 @@ def rollback(config_path: str, reason: str, as_json: bool) -> None:
 @json_option
 def gc(config_path: str, keep: int, dry_run: bool, as_json: bool) -> None:
     """Delete old versions that no alias points at and no kept version reuses."""
-    from embray.config import load_config
-    from embray.lifecycle import gc as run
-
-    out = run(load_config(config_path), keep=keep, dry_run=dry_run)
+    out = _open(config_path).gc(keep, dry_run=dry_run).to_dict()
     verb = "would delete" if dry_run else "deleted"
     _emit(
         out,
@@ -189,10 +168,7 @@ def gc(config_path: str, keep: int, dry_run: bool, as_json: bool) -> None:
 @json_option
 def status(config_path: str, no_verify: bool, as_json: bool) -> None:
     """Is the collection current, consistent and served as its alias says? Exit 1 when not."""
-    from embray.config import load_config
-    from embray.monitor import status as run
-
-    out = run(load_config(config_path), check_verify=not no_verify)
+    out = _open(config_path).status(verify=not no_verify).to_dict()
     _emit(out, as_json, _status_human(out))
     if not out["ok"]:
         sys.exit(1)
@@ -232,10 +208,7 @@ def _status_human(s: dict[str, Any]) -> str:
 @json_option
 def eval_(version: str, config_path: str, against: str | None, queries: str | None, sample: int | None, as_json: bool):
     """Measure VERSION: ANN recall@10 vs exact, overlap with another version, labelled nDCG@10."""
-    from embray.config import load_config
-    from embray.quality import evaluate
-
-    out = evaluate(load_config(config_path), version, against=against, queries=queries, sample=sample)
+    out = _open(config_path).eval(version, against=against, queries=queries, sample=sample).to_dict()
     human = [f"{version}: recall@10 {out['recall_at_10']} (ANN vs exact, {out['recall_queries']} queries)"]
     if "overlap_at_10" in out:
         human.append(f"  overlap@10 with {out['against']}: {out['overlap_at_10']} ({out['overlap_queries']} texts)")
@@ -258,10 +231,7 @@ def audit(
     version: str, config_path: str, sample: int | None, min_cosine: float | None, seed: int | None, as_json: bool
 ):
     """Re-embed a sample of VERSION's rows and compare with the stored vectors; exit 1 on drift."""
-    from embray.config import load_config
-    from embray.quality import audit as run
-
-    out = run(load_config(config_path), version, sample=sample, min_cosine=min_cosine, seed=seed)
+    out = _open(config_path).audit(version, sample=sample, min_cosine=min_cosine, seed=seed).to_dict()
     human = (
         f"{version}: {'ok' if out['ok'] else 'DRIFT'}: {out['compared']} rows re-embedded, min cosine "
         f"{out['min_cosine']}, mean {out['mean_cosine']} (threshold {out['threshold']}); "
@@ -288,10 +258,9 @@ def monitor(
     as_json: bool,
 ) -> None:
     """Check status on an interval, log it to MLflow, and refresh when staleness passes the threshold."""
-    from embray.config import load_config
-    from embray.monitor import run_monitor
 
-    def show(r: dict[str, Any]) -> None:  # one line per check, as it happens (JSON Lines with --json)
+    def show(report) -> None:  # one line per check, as it happens (JSON Lines with --json)
+        r = report.to_dict()
         if as_json:
             click.echo(json.dumps(r, default=str))
             return
@@ -299,8 +268,7 @@ def monitor(
         did = ", ".join(f"{k} {v}" for k, v in a.items() if v) or "no action"
         click.echo(f"{r.get('checked_at', '')} {'ok' if r['ok'] else '; '.join(r['problems'])}; {did}")
 
-    run_monitor(
-        load_config(config_path),
+    _open(config_path).monitor(
         interval_s=interval,
         iterations=1 if once else iterations,
         promote_if_gates_pass=promote_if_gates_pass,
@@ -308,45 +276,12 @@ def monitor(
     )
 
 
-def version_rows(cfg) -> list[dict[str, Any]]:
-    """Committed versions from the store, with their MLflow aliases; read-only."""
-    from embray.registry import Registry
-    from embray.store import Store
-    from embray.versions import list_versions
-
-    store = Store(cfg.store.uri, cfg.store.storage_options)
-    manifests = list_versions(store, cfg.collection)
-    registry = Registry(cfg)
-    registered = registry.registered_versions() if manifests else set()
-    by_version: dict[str, list[str]] = {}
-    for alias, vid in registry.aliases().items():
-        by_version.setdefault(vid, []).append(alias)
-    return [
-        {
-            "id": m.version,
-            "model": m.model.label,
-            "fingerprint": m.fingerprint,
-            "rows": m.rows,
-            "rejected": m.counts.get("rejected", 0),
-            "dims": m.dims,
-            "shards": len(m.shards),
-            "created": m.created,
-            "parent": m.parent,
-            "aliases": sorted(by_version.get(m.version, [])),
-            "registered": m.version in registered,  # false only after a crash between commit and register
-        }
-        for m in manifests
-    ]
-
-
 @cli.command()
 @config_option
 @json_option
 def versions(config_path: str, as_json: bool) -> None:
     """List the committed versions of the collection, oldest first."""
-    from embray.config import load_config
-
-    rows = version_rows(load_config(config_path))
+    rows = [v.to_dict() for v in _open(config_path).versions()]
     lines = [f"{'VERSION':<29} {'ROWS':>9}  {'FINGERPRINT':<24}  {'CREATED':<29} {'ALIASES':<18} MODEL"]
     for r in rows:
         lines.append(
@@ -364,14 +299,11 @@ def versions(config_path: str, as_json: bool) -> None:
 @json_option
 def search(config_path: str, query: str, k: int, version: str | None, as_json: bool) -> None:
     """Search the active version with QUERY, embedded by that version's own model."""
-    from embray.config import load_config
-    from embray.search import open_version
-
-    vi = open_version(load_config(config_path), version)
-    hits = vi.search_text([query], k)[0]
-    out = {"version": vi.version, "fingerprint": vi.fingerprint, "results": [h.to_dict() for h in hits]}
-    human = [f"version {vi.version} ({vi.manifest.model.label}, fingerprint {vi.fingerprint})"]
-    human += [f"{h.score:8.4f}  {h.id}" for h in hits]
+    col = _open(config_path)
+    res = col.search(query, k=k, version=version)
+    out = res.to_dict()
+    human = [f"version {res.version} ({col.index(res.version).manifest.model.label}, fingerprint {res.fingerprint})"]
+    human += [f"{h.score:8.4f}  {h.id}" for h in res.results]
     _emit(out, as_json, "\n".join(human))
 
 
@@ -383,7 +315,7 @@ def search(config_path: str, query: str, k: int, version: str | None, as_json: b
 def serve(config_path: str, host: str | None, port: int | None, haproxy: bool) -> None:
     """Serve the active version over HTTP on a Ray Serve app; Ctrl-C stops it."""
     from embray.config import load_config
-    from embray.serving import run_blocking
+    from embray.serving.launch import run_blocking
 
     cfg = load_config(config_path)
     cfg = cfg.model_copy(

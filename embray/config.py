@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from embray.errors import ConfigError
-from embray.models import ModelSpec
+from embray.models.spec import ModelSpec
 
 _COLLECTION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SECRET_KEYS = ("secret", "password", "token", "key")
@@ -244,6 +244,20 @@ def redact(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def parse_model_spec(data: Any, *, base_dir: Path | str = ".", origin: str = "(inline)") -> ModelSpec:
+    """Validate a model spec mapping (relative model directories resolve against ``base_dir``)."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"model spec {origin} must be a mapping such as {{backend: sentence-transformers, name: ...}}"
+        )
+    try:
+        return ModelSpec.model_validate(data).resolved(Path(base_dir).resolve())
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"]) or "model"
+        raise ConfigError(f"model spec {origin}: model.{key}: {err['msg']}") from e
+
+
 def load_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
     """Read a model spec from YAML: the spec itself, or a file with a top-level ``model:`` key."""
     import yaml
@@ -257,13 +271,4 @@ def load_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
         raise ConfigError(f"model spec file {p} is not valid YAML: {e}") from e
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         data = data["model"]
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"model spec file {p} must hold a mapping such as {{backend: sentence-transformers, name: ...}}"
-        )
-    try:
-        return ModelSpec.model_validate(data).resolved(p.parent.resolve())
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(x) for x in err["loc"]) or "model"
-        raise ConfigError(f"model spec file {p}: model.{key}: {err['msg']}") from e
+    return parse_model_spec(data, base_dir=p.parent, origin=f"file {p}")

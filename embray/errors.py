@@ -8,7 +8,8 @@ the original stays in the traceback.
     EmbrayError
     ├── ConfigError      a config file or option is wrong (exit 2)
     ├── SourceError      the corpus cannot be read or has the wrong shape
-    ├── StoreError       the store cannot be reached, or a write failed
+    ├── StoreError       the store (local disk or S3) cannot be reached, or a write failed
+    ├── RegistryError    the MLflow tracking server / registry cannot be reached, or a call failed
     ├── ModelError       a model backend cannot load or embed
     ├── VersionError     a version is missing, incomplete or inconsistent
     ├── ConflictError    another writer or a committed object is in the way (exit 3)
@@ -36,6 +37,10 @@ class SourceError(EmbrayError):
 
 class StoreError(EmbrayError):
     """The version store (local disk or S3) is unreachable or a write failed."""
+
+
+class RegistryError(EmbrayError):
+    """MLflow (tracking server or registry) is unreachable or a call to it failed."""
 
 
 class ModelError(EmbrayError):

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from embray.errors import ConflictError
+from embray.layout import lock_file
 from embray.store import Store
 from embray.versions import who
 
@@ -53,7 +54,7 @@ class Lease:
     def __init__(self, store: Store, collection: str, name: str, *, job: str, ttl_s: float = 60.0):
         self.store = store
         self.collection = collection
-        self.rel = f"{collection}/_locks/{name}.json"
+        self.rel = lock_file(collection, name)
         self.name = name
         self.job = job
         self.ttl_s = ttl_s

@@ -15,6 +15,7 @@ Staleness fraction = (new + changed + deleted) / (rows of the active version + n
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -22,59 +23,65 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from embray.config import Config
+from embray import layout
+from embray.aliases import promote
+from embray.build.pipeline import plan_build
+from embray.build.types import BuildSpec
+from embray.context import Context
 from embray.errors import EmbrayError, GateError, StoreError, VersionError
-from embray.registry import ACTIVE, CANDIDATE, Registry
+from embray.flows import refresh
+from embray.registry import ACTIVE, CANDIDATE
+from embray.results import MonitorAction, Staleness, StatusReport, VersionSummary
+from embray.source import inspect_source
 from embray.store import Store
-from embray.versions import Manifest, read_manifest, utcnow
+from embray.verify import problems as verify_problems
+from embray.versions import Manifest, list_versions, read_manifest, utcnow
 
 log = logging.getLogger("embray")
-
-STATUS_FILE = "_status/status.json"
 
 
 def _age_s(iso: str, now: dt.datetime) -> float:
     return round((now - dt.datetime.fromisoformat(iso)).total_seconds(), 3)
 
 
-def staleness(cfg: Config, store: Store, manifest: Manifest) -> dict[str, Any]:
+def staleness(ctx: Context, manifest: Manifest) -> Staleness:
     """How far ``manifest``'s version is behind the source now: a dry-run refresh (Ray scan + plan)."""
-    from embray.build import BuildSpec, run_build
-
-    same_shards = cfg.model_copy(update={"index": cfg.index.model_copy(update={"shards": len(manifest.shards)})})
-    spec = BuildSpec("refresh", manifest.model, parent=manifest, dry_run=True, fingerprint=manifest.fingerprint)
-    r = run_build(same_shards, spec, None, store)
+    same_shards = ctx.cfg.model_copy(
+        update={"index": ctx.cfg.index.model_copy(update={"shards": len(manifest.shards)})}
+    )
+    spec = BuildSpec("refresh", manifest.model, parent=manifest, fingerprint=manifest.fingerprint)
+    r = plan_build(ctx.with_config(same_shards), spec)
     c = r.counts
-    stale = c["new"] + c["changed"] + c["deleted"]
-    total = manifest.rows + c["new"]
-    out: dict[str, Any] = {
-        "version": manifest.version,
-        "new": c["new"],
-        "changed": c["changed"],
-        "deleted": c["deleted"],
-        "unchanged": c["reused"],
-        "stale": stale,
-        "fraction": round(stale / total, 6) if total else 0.0,
-        "to_embed": c.get("to_embed", 0),
-        "source_rows": r.rows,
-        "source_rejected": r.rejected,
-        "oldest_stale_at": None,
-        "oldest_stale_age_s": None,
-    }
-    us = c.get("oldest_stale_us")
-    if us is not None:
-        at = dt.datetime.fromtimestamp(us / 1e6, tz=dt.timezone.utc)
-        out["oldest_stale_at"] = at.isoformat(timespec="seconds")
-        out["oldest_stale_age_s"] = round((dt.datetime.now(dt.timezone.utc) - at).total_seconds(), 3)
-    return out
+    stale = c.new + c.changed + c.deleted
+    total = manifest.rows + c.new
+    at = age = None
+    if r.oldest_stale_us is not None:
+        t = dt.datetime.fromtimestamp(r.oldest_stale_us / 1e6, tz=dt.timezone.utc)
+        at = t.isoformat(timespec="seconds")
+        age = round((dt.datetime.now(dt.timezone.utc) - t).total_seconds(), 3)
+    return Staleness(
+        version=manifest.version,
+        new=c.new,
+        changed=c.changed,
+        deleted=c.deleted,
+        unchanged=c.reused,
+        stale=stale,
+        fraction=round(stale / total, 6) if total else 0.0,
+        to_embed=r.to_embed,
+        source_rows=r.rows,
+        source_rejected=r.rejected,
+        oldest_stale_at=at,
+        oldest_stale_age_s=age,
+    )
 
 
-def served_version(cfg: Config) -> tuple[str | None, str | None]:
+def served_version(ctx: Context) -> tuple[str | None, str | None]:
     """(version the endpoint at ``serve.url`` answers from, error) -- (None, None) when none is configured."""
     import os
 
     import requests
 
+    cfg = ctx.cfg
     if not cfg.serve.url:
         return None, None
     url = f"{cfg.serve.url.rstrip('/')}/v1/collections/{cfg.collection}"
@@ -91,184 +98,184 @@ def served_version(cfg: Config) -> tuple[str | None, str | None]:
         return None, f"serve endpoint {url} did not answer with embray's JSON: {r.text[:200]!r}"
 
 
-def _describe(m: Manifest, now: dt.datetime) -> dict[str, Any]:
-    return {
-        "id": m.version,
-        "fingerprint": m.fingerprint,
-        "model": m.model.label,
-        "rows": m.rows,
-        "created": m.created,
-        "age_s": _age_s(m.created, now),
-        "parent": m.parent,
-    }
+def _describe(m: Manifest, now: dt.datetime) -> VersionSummary:
+    return VersionSummary(
+        id=m.version,
+        fingerprint=m.fingerprint,
+        model=m.model.label,
+        rows=m.rows,
+        created=m.created,
+        age_s=_age_s(m.created, now),
+        parent=m.parent,
+    )
 
 
-def status(cfg: Config, *, check_verify: bool = True, check_staleness: bool = True) -> dict[str, Any]:
-    """The collection at a glance; ``ok`` is false (and ``problems`` says why) when a threshold is broken."""
-    from embray.lifecycle import verify
-
-    t0 = time.monotonic()
-    now = dt.datetime.now(dt.timezone.utc)
-    store = Store(cfg.store.uri, cfg.store.storage_options)
-    aliases = Registry(cfg).aliases()
-    mon = cfg.monitor
-    problems: list[str] = []
-    out: dict[str, Any] = {"collection": cfg.collection, "checked_at": now.isoformat(timespec="milliseconds")}
-    manifests: dict[str, Manifest] = {}
+def _aliased(ctx: Context, aliases: dict[str, str], problems: list[str], verify: dict) -> dict[str, Manifest]:
+    """alias -> manifest of active and candidate; an unreadable one is a problem."""
+    out: dict[str, Manifest] = {}
     for alias, vid in aliases.items():
         if vid and alias in (ACTIVE, CANDIDATE):
             try:
-                manifests[alias] = read_manifest(store, cfg.collection, vid)
+                out[alias] = read_manifest(ctx.store, ctx.collection, vid)
             except VersionError as e:  # the alias names a version whose manifest is gone or broken
                 problems.append(f"{alias} {vid} cannot be read: {e}")
-                out.setdefault("verify", {})[vid] = {"ok": False, "problems": [str(e)]}
-    for alias in (ACTIVE, CANDIDATE):
-        out[alias] = _describe(manifests[alias], now) if alias in manifests else None
+                verify[vid] = {"ok": False, "problems": [str(e)]}
+    return out
+
+
+def _staleness_problems(st: Staleness, mon) -> list[str]:
+    out = []
+    if st.fraction > mon.max_stale_fraction:
+        out.append(
+            f"active {st.version} is stale: {st.stale} rows ({st.new} new, {st.changed} changed, "
+            f"{st.deleted} deleted) = {st.fraction:.4f} > monitor.max_stale_fraction "
+            f"{mon.max_stale_fraction}; run `embray refresh --promote`"
+        )
+    if mon.max_stale_age_s and (st.oldest_stale_age_s or 0) > mon.max_stale_age_s:
+        out.append(
+            f"the oldest stale row changed {st.oldest_stale_age_s:.0f}s ago (at {st.oldest_stale_at}) > "
+            f"monitor.max_stale_age_s {mon.max_stale_age_s:g}; run `embray refresh --promote`"
+        )
+    return out
+
+
+def _served(ctx: Context, problems: list[str]) -> tuple[str | None, bool | None]:
+    """(what ``serve.url`` serves, whether that is the alias as it is now); a mismatch is a problem."""
+    serve = ctx.cfg.serve
+    served, error = served_version(ctx)
+    if not serve.url:
+        return served, None
+    aliases = ctx.registry.aliases()  # the dry run before may have taken minutes: the alias as it is now
+    matches = served is not None and served == aliases.get(ACTIVE)
+    if error:
+        problems.append(error)
+    elif not matches:
+        problems.append(
+            f"{serve.url} serves {served} but alias active is {aliases.get(ACTIVE)}; it switches on its next "
+            f"poll (serve.poll_s {serve.poll_s:g}s) or POST .../reload"
+        )
+    return served, matches
+
+
+def status(ctx: Context, *, check_verify: bool = True, check_staleness: bool = True) -> StatusReport:
+    """The collection at a glance; ``ok`` is false (and ``problems`` says why) when a threshold is broken."""
+    t0 = time.monotonic()
+    now = dt.datetime.now(dt.timezone.utc)
+    problems: list[str] = []
+    verify: dict[str, dict[str, Any]] = {}
+    manifests = _aliased(ctx, ctx.registry.aliases(), problems, verify)
     if ACTIVE not in manifests:
-        problems.append(f"collection {cfg.collection!r} has no active version; run `embray backfill`")
-
-    out["staleness"] = None
+        problems.append(f"collection {ctx.collection!r} has no active version; run `embray backfill`")
+    stale = None
     if ACTIVE in manifests and check_staleness:
-        st = out["staleness"] = staleness(cfg, store, manifests[ACTIVE])
-        if st["fraction"] > mon.max_stale_fraction:
-            problems.append(
-                f"active {st['version']} is stale: {st['stale']} rows ({st['new']} new, {st['changed']} changed, "
-                f"{st['deleted']} deleted) = {st['fraction']:.4f} > monitor.max_stale_fraction "
-                f"{mon.max_stale_fraction}; run `embray refresh --promote`"
-            )
-        if mon.max_stale_age_s and (st["oldest_stale_age_s"] or 0) > mon.max_stale_age_s:
-            problems.append(
-                f"the oldest stale row changed {st['oldest_stale_age_s']:.0f}s ago (at {st['oldest_stale_at']}) > "
-                f"monitor.max_stale_age_s {mon.max_stale_age_s:g}; run `embray refresh --promote`"
-            )
-
-    out.setdefault("verify", {})
+        stale = staleness(ctx, manifests[ACTIVE])
+        problems += _staleness_problems(stale, ctx.cfg.monitor)
     if check_verify:
         for alias, m in manifests.items():
-            found = verify(store, cfg.collection, m.version)
-            out["verify"][m.version] = {"ok": not found, "problems": found[:10]}
+            found = verify_problems(ctx.store, ctx.collection, m.version)
+            verify[m.version] = {"ok": not found, "problems": found[:10]}
             if found:
                 problems.append(f"{alias} {m.version} fails verify: {found[0]}")
     by_fp: dict[str, dict[str, Any]] = {}
     for alias, m in manifests.items():
-        entry = by_fp.setdefault(m.fingerprint, {"model": m.model.label, "versions": {}})
-        entry["versions"][alias] = m.version
-    out["fingerprints"] = by_fp
-    out["consistent"] = all(v["ok"] for v in out["verify"].values()) if check_verify else None
-
-    served, error = served_version(cfg)
-    if cfg.serve.url:  # the dry run above may have taken minutes: compare with the alias as it is now
-        aliases = Registry(cfg).aliases()
-    out["served"] = served
-    out["served_matches"] = None if not cfg.serve.url else (served is not None and served == aliases.get(ACTIVE))
-    if error:
-        problems.append(error)
-    elif cfg.serve.url and not out["served_matches"]:
-        problems.append(
-            f"{cfg.serve.url} serves {served} but alias active is {aliases.get(ACTIVE)}; it switches on its next "
-            f"poll (serve.poll_s {cfg.serve.poll_s:g}s) or POST .../reload"
-        )
-    out["problems"] = problems
-    out["ok"] = not problems
-    out["seconds"] = round(time.monotonic() - t0, 3)
-    return out
+        by_fp.setdefault(m.fingerprint, {"model": m.model.label, "versions": {}})["versions"][alias] = m.version
+    served, matches = _served(ctx, problems)
+    return StatusReport(
+        collection=ctx.collection,
+        checked_at=now.isoformat(timespec="milliseconds"),
+        ok=not problems,
+        problems=problems,
+        active=_describe(manifests[ACTIVE], now) if ACTIVE in manifests else None,
+        candidate=_describe(manifests[CANDIDATE], now) if CANDIDATE in manifests else None,
+        staleness=stale,
+        verify=verify,
+        fingerprints=by_fp,
+        consistent=all(v["ok"] for v in verify.values()) if check_verify else None,
+        served=served,
+        served_matches=matches,
+        seconds=round(time.monotonic() - t0, 3),
+    )
 
 
-def status_metrics(st: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a status, flat, for MLflow and Prometheus."""
-    m: dict[str, float] = {"ok": float(st["ok"]), "problems": float(len(st["problems"]))}
-    if st.get("active"):
-        m.update({"active.age_s": st["active"]["age_s"], "active.rows": st["active"]["rows"]})
-    if st.get("staleness"):
-        s = st["staleness"]
-        m.update({f"staleness.{k}": float(s[k]) for k in ("new", "changed", "deleted", "stale", "fraction")})
-        if s["oldest_stale_age_s"] is not None:
-            m["staleness.oldest_stale_age_s"] = s["oldest_stale_age_s"]
-    if st.get("consistent") is not None:
-        m["consistent"] = float(st["consistent"])
-    if st.get("served_matches") is not None:
-        m["served_matches"] = float(st["served_matches"])
-    return m
-
-
-def record_status(cfg: Config, st: dict[str, Any]) -> None:
+def record_status(ctx: Context, st: StatusReport) -> None:
     """Write the latest status where the Serve app reads it (``<collection>/_status/status.json``)."""
-    store = Store(cfg.store.uri, cfg.store.storage_options)
-    store.write_bytes(f"{cfg.collection}/{STATUS_FILE}", json.dumps(st, default=str).encode())
+    ctx.store.write_bytes(layout.status_file(ctx.collection), json.dumps(st.to_dict(), default=str).encode())
 
 
 def read_status(store: Store, collection: str) -> dict[str, Any] | None:
-    """The status the monitor last recorded, or None."""
+    """The status the monitor last recorded (its JSON), or None."""
     try:
-        return json.loads(store.read_bytes(f"{collection}/{STATUS_FILE}"))
+        return json.loads(store.read_bytes(layout.status_file(collection)))
     except (FileNotFoundError, StoreError, ValueError):
         return None
 
 
-def check_once(cfg: Config, *, promote_if_gates_pass: bool = False) -> dict[str, Any]:
+def check_once(ctx: Context, *, promote_if_gates_pass: bool = False) -> StatusReport:
     """One monitor step: status; a refresh when staleness passes the threshold; maybe a gated promotion."""
-    from embray.flows import refresh
-    from embray.lifecycle import promote
-
-    st = status(cfg)
-    action: dict[str, Any] = {"refreshed": None, "promoted": None, "refused": None, "skipped": None}
-    frac = (st.get("staleness") or {}).get("fraction", 0.0)
-    stale = bool(st.get("active")) and frac > cfg.monitor.max_stale_fraction
-    built = _refresh_of_this_source(cfg, st["active"]["id"]) if stale else None
+    st = status(ctx)
+    limit = ctx.cfg.monitor.max_stale_fraction
+    frac = st.staleness.fraction if st.staleness else 0.0
+    stale = st.active is not None and frac > limit
+    built = _refresh_of_this_source(ctx, st.active.id) if stale else None
+    action = MonitorAction()
     if built:
         # Refreshing again would build the same version again (and meet the same gates): say so instead.
-        action["skipped"] = (
-            f"{built} is already a refresh of {st['active']['id']} from the source as it is now; "
+        action = MonitorAction(
+            skipped=f"{built} is already a refresh of {st.active.id} from the source as it is now; "
             f"promote it (`embray promote {built} --force --reason ...` if its gates refuse it) or fix the source"
         )
-        log.warning("monitor: %s", action["skipped"])
+        log.warning("monitor: %s", action.skipped)
     elif stale:
-        result = refresh(cfg)
-        action["refreshed"] = result.version
-        log.info(
-            "monitor: staleness %.4f > %g: refreshed into %s", frac, cfg.monitor.max_stale_fraction, result.version
-        )
+        result = refresh(ctx)
+        action = MonitorAction(refreshed=result.version)
+        log.info("monitor: staleness %.4f > %g: refreshed into %s", frac, limit, result.version)
         if promote_if_gates_pass:
             try:
-                promote(cfg, result.version, reason=f"monitor: staleness {frac:.4f} > {cfg.monitor.max_stale_fraction}")
-                action["promoted"] = result.version
+                promote(ctx, result.version, reason=f"monitor: staleness {frac:.4f} > {limit}")
+                action = dataclasses.replace(action, promoted=result.version)
             except GateError as e:
-                action["refused"] = str(e)
+                action = dataclasses.replace(action, refused=str(e))
                 log.error("monitor: %s", e)
-    st["action"] = action
-    return st
+    return dataclasses.replace(st, action=action)
 
 
-def _refresh_of_this_source(cfg: Config, active: str) -> str | None:
+def _refresh_of_this_source(ctx: Context, active: str) -> str | None:
     """A committed, not promoted refresh of ``active`` built from exactly the current source files."""
-    from embray.source import inspect_source
-    from embray.versions import list_versions
-
-    store = Store(cfg.store.uri, cfg.store.storage_options)
     children = [
-        m for m in list_versions(store, cfg.collection) if m.parent == active and m.counts.get("kind") == "refresh"
+        m for m in list_versions(ctx.store, ctx.collection) if m.parent == active and m.counts.get("kind") == "refresh"
     ]
     if not children:
         return None
-    digest = inspect_source(cfg.source).digest
+    digest = inspect_source(ctx.cfg.source).digest
     same = [m.version for m in children if m.source.get("digest") == digest]
     return same[-1] if same else None
 
 
+def _failed_check(ctx: Context, e: EmbrayError) -> StatusReport:
+    return StatusReport(
+        collection=ctx.collection,
+        checked_at=utcnow(),
+        ok=False,
+        problems=[f"the monitor's check failed: {e}"],
+        error=str(e),
+        action=MonitorAction(),
+    )
+
+
 def run_monitor(
-    cfg: Config,
+    ctx: Context,
     *,
     interval_s: float | None = None,
     iterations: int | None = None,
     promote_if_gates_pass: bool = False,
-    on_check: Callable[[dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
+    on_check: Callable[[StatusReport], None] | None = None,
+) -> list[StatusReport]:
     """Check every ``interval_s`` (``iterations`` times, or until stopped); each check becomes MLflow metrics.
 
     A check that fails (MLflow, the store or the source unreachable) is recorded as a failed data point
     where it can be, and the loop goes on. ``on_check`` sees each result as it comes.
     """
-    registry = Registry(cfg)
+    cfg, registry = ctx.cfg, ctx.registry
     interval = interval_s if interval_s is not None else cfg.monitor.interval_s
     run_id = registry.start_job_run(
         f"monitor-{utcnow()}",
@@ -279,32 +286,24 @@ def run_monitor(
             "promote": promote_if_gates_pass,
         },
     )
-    results: list[dict[str, Any]] = []
+    results: list[StatusReport] = []
     ok = False
     step = 0
     try:
         while iterations is None or step < iterations:
             t = time.monotonic()
             try:
-                st = check_once(cfg, promote_if_gates_pass=promote_if_gates_pass)
-                metrics = status_metrics(st)
-                metrics.update(
-                    refreshed=float(bool(st["action"]["refreshed"])),
-                    promoted=float(bool(st["action"]["promoted"])),
-                    promote_refused=float(bool(st["action"]["refused"])),
-                )
+                st = check_once(ctx, promote_if_gates_pass=promote_if_gates_pass)
+                a = st.action
+                metrics = st.metrics() | {
+                    "refreshed": float(bool(a.refreshed)),
+                    "promoted": float(bool(a.promoted)),
+                    "promote_refused": float(bool(a.refused)),
+                }
             except EmbrayError as e:  # one failed check is a data point, not the end of the monitor
                 log.error("monitor check %d failed: %s", step, e)
-                st = {
-                    "collection": cfg.collection,
-                    "checked_at": utcnow(),
-                    "ok": False,
-                    "problems": [f"the monitor's check failed: {e}"],
-                    "error": str(e),
-                    "action": {},
-                }
-                metrics = {"ok": 0.0, "check_failed": 1.0}
-            _record_check(cfg, registry, run_id, step, st, metrics)
+                st, metrics = _failed_check(ctx, e), {"ok": 0.0, "check_failed": 1.0}
+            _record_check(ctx, run_id, step, st, metrics)
             results.append(st)
             if on_check:
                 on_check(st)
@@ -324,13 +323,13 @@ def run_monitor(
     return results
 
 
-def _record_check(cfg: Config, registry: Registry, run_id: str, step: int, st: dict, metrics: dict) -> None:
+def _record_check(ctx: Context, run_id: str, step: int, st: StatusReport, metrics: dict) -> None:
     """A check to MLflow (metrics at this step) and to the store (for Serve); either may be down."""
     try:
-        registry.log_metrics(run_id, metrics, step=step)
+        ctx.registry.log_metrics(run_id, metrics, step=step)
     except EmbrayError as e:
         log.error("monitor check %d: could not log its metrics to MLflow: %s", step, e)
     try:
-        record_status(cfg, st)
+        record_status(ctx, st)
     except EmbrayError as e:
         log.error("monitor check %d: could not record the status in the store: %s", step, e)

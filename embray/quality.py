@@ -27,12 +27,18 @@ from typing import Any
 
 import numpy as np
 
+from embray import rows as R
 from embray.config import Config
+from embray.context import Context
 from embray.errors import ConfigError, EmbrayError, SourceError, VersionError
-from embray.registry import ACTIVE, Registry
-from embray.search import Hit, VersionIndex
-from embray.store import Store
-from embray.versions import file_rel, read_manifest
+from embray.models import fingerprint, load_embedder
+from embray.registry import ACTIVE
+from embray.results import AuditReport, EvalReport, Gate, GateReport, Hit
+from embray.search import VersionIndex
+from embray.store import Store, list_source_files
+from embray.vectors import to_numpy
+from embray.verify import problems as verify_problems
+from embray.versions import Manifest, file_rel, read_manifest
 
 log = logging.getLogger("embray")
 
@@ -146,8 +152,6 @@ def sample_texts(cfg: Config, n: int, *, seed: int = 0) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from embray.store import list_source_files
-
     store, files = list_source_files(cfg.source.uri, cfg.source.storage_options)
     rng = random.Random(seed)
     files = rng.sample(files, len(files))
@@ -166,74 +170,74 @@ def sample_texts(cfg: Config, n: int, *, seed: int = 0) -> list[str]:
 # --- eval ---------------------------------------------------------------------------------
 
 
-def _open(cfg: Config, store: Store, version: str) -> VersionIndex:
-    return VersionIndex(store, read_manifest(store, cfg.collection, version))
+def _open(ctx: Context, version: str) -> VersionIndex:
+    return VersionIndex(ctx.store, read_manifest(ctx.store, ctx.collection, version))
 
 
 def evaluate(
-    cfg: Config,
+    ctx: Context,
     version: str,
     *,
     against: str | None = None,
     queries: str | None = None,
     sample: int | None = None,
     record: bool = True,
-) -> dict[str, Any]:
+) -> EvalReport:
     """Measure a version (see the module doc); ``record`` logs the results to its MLflow run and tags."""
     t0 = time.monotonic()
-    store = Store(cfg.store.uri, cfg.store.storage_options)
-    vi = _open(cfg, store, version)
+    cfg = ctx.cfg
+    vi = _open(ctx, version)
     n = sample or cfg.monitor.eval_sample
     recall, measured = ann_recall(vi, n)
-    out: dict[str, Any] = {
-        "version": version,
-        "fingerprint": vi.fingerprint,
-        "rows": vi.manifest.rows,
-        "recall_at_10": round(recall, 4),
-        "recall_queries": measured,
-    }
+    extra: dict[str, Any] = {}
     if against:
-        other = _open(cfg, store, against)
+        other = _open(ctx, against)
         texts = sample_texts(cfg, n)
-        out["against"] = against
-        out["overlap_at_10"] = round(overlap(vi.search_text(texts, K), other.search_text(texts, K)), 4)
-        out["overlap_queries"] = len(texts)
+        extra.update(
+            against=against,
+            overlap_at_10=round(overlap(vi.search_text(texts, K), other.search_text(texts, K)), 4),
+            overlap_queries=len(texts),
+        )
     qpath = queries or cfg.monitor.queries
     if qpath:
         labelled = load_queries(qpath)
         ndcg, rec = ndcg_recall(vi.search_text([q.text for q in labelled], K), labelled)
-        out.update(
+        extra.update(
             ndcg_at_10=round(ndcg, 4),
             labelled_recall_at_10=round(rec, 4),
             labelled_queries=len(labelled),
             queries_file=str(qpath),
         )
-    out["seconds"] = round(time.monotonic() - t0, 3)
+    out = EvalReport(
+        version=version,
+        fingerprint=vi.fingerprint,
+        rows=vi.manifest.rows,
+        recall_at_10=round(recall, 4),
+        recall_queries=measured,
+        seconds=round(time.monotonic() - t0, 3),
+        **extra,
+    )
     if record:
-        _record(cfg, vi.manifest.mlflow_run_id, version, "eval", out)
+        _record(ctx, vi.manifest.mlflow_run_id, version, "eval", out.numbers())
     return out
 
 
-def result_tags(prefix: str, result: dict[str, Any]) -> dict[str, str]:
-    """The numbers of an eval or audit result as model version tags (``embray.eval.recall_at_10``...)."""
-    return {f"embray.{prefix}.{k}": str(v) for k, v in _numbers(result).items()}
+def result_tags(prefix: str, numbers: dict[str, float]) -> dict[str, str]:
+    """Measured numbers as model version tags (``embray.eval.recall_at_10``...)."""
+    return {f"embray.{prefix}.{k}": str(v) for k, v in numbers.items()}
 
 
-def _numbers(result: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def log_result(cfg: Config, run_id: str | None, prefix: str, result: dict[str, Any]) -> None:
-    """The numbers of a result as metrics of the version's MLflow run (one point per measurement)."""
+def log_result(ctx: Context, run_id: str | None, prefix: str, numbers: dict[str, float]) -> None:
+    """Measured numbers as metrics of the version's MLflow run (one point per measurement)."""
     if run_id:
-        Registry(cfg).log_metrics(run_id, {f"{prefix}.{k}": float(v) for k, v in _numbers(result).items()})
+        ctx.registry.log_metrics(run_id, {f"{prefix}.{k}": float(v) for k, v in numbers.items()})
 
 
-def _record(cfg: Config, run_id: str | None, version: str, prefix: str, result: dict[str, Any]) -> None:
+def _record(ctx: Context, run_id: str | None, version: str, prefix: str, numbers: dict[str, float]) -> None:
     """Numbers to the version's MLflow run as metrics, and to its model version as tags."""
-    log_result(cfg, run_id, prefix, result)
+    log_result(ctx, run_id, prefix, numbers)
     try:
-        Registry(cfg).tag_version(version, result_tags(prefix, result))
+        ctx.registry.tag_version(version, result_tags(prefix, numbers))
     except VersionError as e:  # not registered yet (crash before register): the run still has it
         log.warning("%s results of %s not tagged: %s", prefix, version, e)
 
@@ -241,66 +245,61 @@ def _record(cfg: Config, run_id: str | None, version: str, prefix: str, result: 
 # --- gates --------------------------------------------------------------------------------
 
 
-def check_gates(cfg: Config, version: str, *, queries: str | None = None) -> dict[str, Any]:
-    """Run every promotion gate on ``version``; returns {"passed": bool, "gates": [...]} with the numbers."""
-    from embray.lifecycle import verify
-
-    store = Store(cfg.store.uri, cfg.store.storage_options)
-    gates: list[dict[str, Any]] = []
-    problems = verify(store, cfg.collection, version)
-    gates.append({"gate": "verify", "passed": not problems, "detail": "; ".join(problems[:5]) if problems else "sound"})
-    if problems:  # the other gates read the files verify found wrong
-        return {"version": version, "passed": False, "gates": gates}
-    m = cfg.monitor
-    result = evaluate(cfg, version, queries=queries, record=False)  # promote records it under the alias lease
-    gates.append(
-        {
-            "gate": "recall_at_10",
-            "passed": result["recall_at_10"] >= m.recall_floor,
-            "value": result["recall_at_10"],
-            "threshold": m.recall_floor,
-            "detail": f"ANN recall@10 {result['recall_at_10']} vs floor {m.recall_floor} "
-            f"({result['recall_queries']} queries)",
-        }
-    )
-    active = Registry(cfg).aliases().get(ACTIVE)
-    if "ndcg_at_10" in result and active and active != version:
-        try:
-            base = evaluate(cfg, active, queries=queries, record=False)["ndcg_at_10"]
-        except EmbrayError as e:  # the active version cannot be measured here: the gate fails, --force can pass it
-            gates.append(
-                {
-                    "gate": "ndcg_at_10",
-                    "passed": False,
-                    "value": result["ndcg_at_10"],
-                    "threshold": None,
-                    "detail": f"nDCG@10 {result['ndcg_at_10']}, but the active version {active} cannot be "
-                    f"measured to compare: {e}",
-                }
-            )
-            return {"version": version, "passed": False, "gates": gates, "eval": result}
-        floor = round(base - m.ndcg_margin, 4)
-        gates.append(
-            {
-                "gate": "ndcg_at_10",
-                "passed": result["ndcg_at_10"] >= floor,
-                "value": result["ndcg_at_10"],
-                "threshold": floor,
-                "detail": f"nDCG@10 {result['ndcg_at_10']} vs active {active} {base} - margin {m.ndcg_margin} "
-                f"({result['labelled_queries']} labelled queries)",
-            }
+def _ndcg_gate(ctx: Context, version: str, result: EvalReport, queries: str | None) -> Gate | None:
+    """nDCG@10 no more than ``monitor.ndcg_margin`` below the active version's (labelled queries only)."""
+    active = ctx.registry.aliases().get(ACTIVE)
+    if result.ndcg_at_10 is None or not active or active == version:
+        return None
+    margin = ctx.cfg.monitor.ndcg_margin
+    try:
+        base = evaluate(ctx, active, queries=queries, record=False).ndcg_at_10
+    except EmbrayError as e:  # the active version cannot be measured here: the gate fails, --force can pass it
+        return Gate(
+            "ndcg_at_10",
+            False,
+            f"nDCG@10 {result.ndcg_at_10}, but the active version {active} cannot be measured to compare: {e}",
+            value=result.ndcg_at_10,
         )
-    return {"version": version, "passed": all(g["passed"] for g in gates), "gates": gates, "eval": result}
+    floor = round(base - margin, 4)
+    return Gate(
+        "ndcg_at_10",
+        result.ndcg_at_10 >= floor,
+        f"nDCG@10 {result.ndcg_at_10} vs active {active} {base} - margin {margin} "
+        f"({result.labelled_queries} labelled queries)",
+        value=result.ndcg_at_10,
+        threshold=floor,
+    )
+
+
+def check_gates(ctx: Context, version: str, *, queries: str | None = None) -> GateReport:
+    """Run every promotion gate on ``version``: verify, ANN recall@10, and (with labelled queries) nDCG@10."""
+    found = verify_problems(ctx.store, ctx.collection, version)
+    gates = [Gate("verify", not found, "; ".join(found[:5]) if found else "sound")]
+    if found:  # the other gates read the files verify found wrong
+        return GateReport(version, False, gates)
+    floor = ctx.cfg.monitor.recall_floor
+    result = evaluate(ctx, version, queries=queries, record=False)  # promote records it under the alias lease
+    gates.append(
+        Gate(
+            "recall_at_10",
+            result.recall_at_10 >= floor,
+            f"ANN recall@10 {result.recall_at_10} vs floor {floor} ({result.recall_queries} queries)",
+            value=result.recall_at_10,
+            threshold=floor,
+        )
+    )
+    ndcg = _ndcg_gate(ctx, version, result, queries)
+    if ndcg is not None:
+        gates.append(ndcg)
+    return GateReport(version, all(g.passed for g in gates), gates, result)
 
 
 # --- drift audit ----------------------------------------------------------------------------
 
 
-def _stored_sample(store: Store, manifest, n: int, rng: random.Random) -> dict[Any, tuple[str, np.ndarray]]:
+def _stored_sample(store: Store, manifest: Manifest, n: int, rng: random.Random) -> dict[Any, tuple[str, np.ndarray]]:
     """id -> (content_hash, stored vector) for about ``n`` rows spread over the shards by size."""
     import pyarrow.parquet as pq
-
-    from embray.build import _vectors
 
     shards = [s for s in manifest.shards if s.rows and s.embeddings]
     total = sum(s.rows for s in shards)
@@ -316,7 +315,7 @@ def _stored_sample(store: Store, manifest, n: int, rng: random.Random) -> dict[A
             filesystem=store.pyarrow_fs(),
             filters=[("id", "in", chosen)],
         )
-        vecs = _vectors(t.column("vector"), manifest.dims)
+        vecs = to_numpy(t.column("vector"), manifest.dims)
         for i, h, v in zip(t.column("id").to_pylist(), t.column("content_hash").to_pylist(), vecs, strict=True):
             out[i] = (h, v)
     return out
@@ -326,8 +325,6 @@ def _source_texts(cfg: Config, ids: list[Any]) -> dict[Any, str]:
     """The current source text of each of ``ids`` that still exists."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from embray.store import list_source_files
 
     sc = cfg.source
     store, files = list_source_files(sc.uri, sc.storage_options)
@@ -350,24 +347,25 @@ def _source_texts(cfg: Config, ids: list[Any]) -> dict[Any, str]:
 
 
 def audit(
-    cfg: Config, version: str, *, sample: int | None = None, min_cosine: float | None = None, seed: int | None = None
-) -> dict[str, Any]:
+    ctx: Context,
+    version: str,
+    *,
+    sample: int | None = None,
+    min_cosine: float | None = None,
+    seed: int | None = None,
+) -> AuditReport:
     """Re-embed a random sample of a version's rows with its model; compare with the stored vectors.
 
     Rows whose source text changed since the version was built (or that left the source) cannot be
     compared and are counted apart. ``ok`` is false when any compared row falls below ``min_cosine``,
     or when the model here no longer has the version's fingerprint.
     """
-    from embray import rows as R
-    from embray.models import fingerprint, load_embedder
-
     t0 = time.monotonic()
-    store = Store(cfg.store.uri, cfg.store.storage_options)
-    m = read_manifest(store, cfg.collection, version)
-    n = sample or cfg.monitor.audit_sample
+    cfg = ctx.cfg
+    m = read_manifest(ctx.store, ctx.collection, version)
     floor = cfg.monitor.audit_min_cosine if min_cosine is None else min_cosine
     rng = random.Random(seed if seed is not None else time.time_ns())
-    stored = _stored_sample(store, m, n, rng)
+    stored = _stored_sample(ctx.store, m, sample or cfg.monitor.audit_sample, rng)
     texts = _source_texts(cfg, list(stored))
     usable = [i for i in stored if isinstance(texts.get(i), str) and R.content_hash(texts[i]) == stored[i][0]]
     here = fingerprint(m.model)
@@ -388,28 +386,25 @@ def audit(
         problems.append(f"{len(drifted)} of {len(usable)} re-embedded rows are below cosine {floor}")
     if not usable:
         problems.append("no sampled row still has its source text, so nothing could be compared")
-    out = {
-        "version": version,
-        "fingerprint": m.fingerprint,
-        "fingerprint_here": here,
-        "sampled": len(stored),
-        "compared": len(usable),
-        "source_changed": sum(1 for i in stored if isinstance(texts.get(i), str)) - len(usable),
-        "source_missing": sum(1 for i in stored if not isinstance(texts.get(i), str)),
-        "min_cosine": round(float(cos.min()), 6) if len(cos) else None,
-        "mean_cosine": round(float(cos.mean()), 6) if len(cos) else None,
-        "threshold": floor,
-        "drifted": len(drifted),
-        "worst": [{"id": i, "cosine": round(c, 6)} for c, i in sorted(drifted, key=lambda p: p[0])[:10]],
-        "ok": not problems,
-        "problems": problems,
-        "seconds": round(time.monotonic() - t0, 3),
-    }
-    _record(
-        cfg,
-        m.mlflow_run_id,
-        version,
-        "audit",
-        {k: out[k] for k in ("compared", "drifted", "min_cosine") if out[k] is not None},
+    out = AuditReport(
+        version=version,
+        fingerprint=m.fingerprint,
+        fingerprint_here=here,
+        sampled=len(stored),
+        compared=len(usable),
+        source_changed=sum(1 for i in stored if isinstance(texts.get(i), str)) - len(usable),
+        source_missing=sum(1 for i in stored if not isinstance(texts.get(i), str)),
+        min_cosine=round(float(cos.min()), 6) if len(cos) else None,
+        mean_cosine=round(float(cos.mean()), 6) if len(cos) else None,
+        threshold=floor,
+        drifted=len(drifted),
+        worst=[{"id": i, "cosine": round(c, 6)} for c, i in sorted(drifted, key=lambda p: p[0])[:10]],
+        ok=not problems,
+        problems=problems,
+        seconds=round(time.monotonic() - t0, 3),
     )
+    numbers = {"compared": out.compared, "drifted": out.drifted}
+    if out.min_cosine is not None:
+        numbers["min_cosine"] = out.min_cosine
+    _record(ctx, m.mlflow_run_id, version, "audit", numbers)
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from embray.config import Config, is_remote
-from embray.errors import StoreError, VersionError
+from embray.errors import RegistryError, VersionError
 from embray.versions import Manifest
 
 log = logging.getLogger("embray")
@@ -25,8 +25,8 @@ CANDIDATE = "candidate"
 VERSION_TAG = "embray.version"
 
 
-def _mlflow_error(uri: str, e: Exception) -> StoreError:
-    return StoreError(
+def _mlflow_error(uri: str, e: Exception) -> RegistryError:
+    return RegistryError(
         f"MLflow at {uri} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
         "check mlflow.tracking_uri and that the server is up"
     )

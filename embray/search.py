@@ -9,36 +9,22 @@ vectors from two spaces.
 from __future__ import annotations
 
 import hashlib
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from embray import rows as R
-from embray.config import Config
 from embray.errors import VersionError
+from embray.layout import local_cache_root
 from embray.models import Embedder, fingerprint, load_embedder
+from embray.results import Hit, SearchResult
 from embray.store import Store
-from embray.versions import Manifest, file_rel, read_manifest
-
-
-@dataclass(frozen=True)
-class Hit:
-    id: Any
-    score: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "score": round(self.score, 6)}
+from embray.versions import Manifest, file_rel
 
 
 def _score(metric: str, distance: float) -> float:
     return -distance if metric == "l2sq" else 1.0 - distance
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("EMBRAY_CACHE", Path.home() / ".cache" / "embray"))
 
 
 def check_consistent(manifest: Manifest) -> None:
@@ -82,7 +68,7 @@ class VersionIndex:
         """A local path for a version file: itself on local disk, a verified cached copy from S3."""
         if not self.store.remote:
             return Path(self.store.path(rel))
-        dest = _cache_root() / rel
+        dest = local_cache_root() / rel
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_suffix(dest.suffix + ".part")
@@ -117,7 +103,27 @@ class VersionIndex:
         return self._embedder
 
     def search_text(self, texts: list[str], k: int = 10) -> list[list[Hit]]:
+        """Top-k for each text, embedded as a query by the version's own model."""
         return self.search_vectors(self.embedder.embed_queries(texts), k)
+
+    def search(self, text: str | None = None, vector=None, fingerprint: str | None = None, k: int = 10) -> SearchResult:
+        """One query, by ``text`` or by a ``vector`` made in space ``fingerprint``; the hits name this version.
+
+        Raises:
+            VersionError: a vector from another space (or of another size), or neither/both of text and vector.
+        """
+        if (text is None) == (vector is None):
+            raise VersionError("search needs exactly one of text or vector")
+        if text is not None:
+            hits = self.search_text([text], k)[0]
+        else:
+            if fingerprint != self.fingerprint:
+                raise VersionError(
+                    f"the vector was made in space {fingerprint}, but version {self.version} is in space "
+                    f"{self.fingerprint}; embed the query with that version's model (or search by text)"
+                )
+            hits = self.search_vectors(np.asarray(vector, dtype=np.float32), k)[0]
+        return SearchResult(self.version, self.fingerprint, hits)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, *, exact: bool = False) -> list[list[Hit]]:
         """Top-k over every shard for each query row. ``exact`` brute-forces each shard."""
@@ -147,25 +153,3 @@ def _read_keys(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     t = pq.read_table(str(path), columns=["key", "id"])
     return t.column("key").to_numpy(), t.column("id").to_numpy(zero_copy_only=False)
-
-
-def resolve_version(cfg: Config, version: str | None, alias: str = "active") -> str:
-    """``version`` itself, or the version the alias points at."""
-    if version:
-        return version
-    from embray.registry import Registry
-
-    target = Registry(cfg).aliases().get(alias)
-    if not target:
-        raise VersionError(
-            f"collection {cfg.collection!r} has no {alias!r} version yet; run `embray backfill --config ...` "
-            "(the first version becomes active) or name one with --version"
-        )
-    return target
-
-
-def open_version(cfg: Config, version: str | None = None) -> VersionIndex:
-    """Open ``version`` of the configured collection (default: the active one) for search."""
-    store = Store(cfg.store.uri, cfg.store.storage_options)
-    vid = resolve_version(cfg, version)
-    return VersionIndex(store, read_manifest(store, cfg.collection, vid))

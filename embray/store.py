@@ -79,6 +79,23 @@ class Store:
     def download(self, rel: str, local: str | os.PathLike[str]) -> None:
         self._call(self.fs.get_file, self.path(rel), str(local))
 
+    def parquet_names(self, rel: str) -> list[str]:
+        """Names of the finished Parquet files directly under ``rel`` (temporary dot-files left out)."""
+        return [n for n in self.listdir(rel) if n.endswith(".parquet") and not n.startswith(".")]
+
+    def read_table(self, rel: str, columns: list[str] | None = None):
+        """A Parquet file of the store as a pyarrow Table."""
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.path(rel), filesystem=self.pyarrow_fs(), columns=columns)
+
+    def local_copy(self, rel: str, dest: str | os.PathLike[str]) -> None:
+        """Copy a store file to a local path (a download from S3, a file copy on local disk)."""
+        if self.remote:
+            self.download(rel, dest)
+        else:
+            shutil.copyfile(self.path(rel), dest)
+
     # --- writes ------------------------------------------------------------
     def upload(self, local: str | os.PathLike[str], rel: str) -> None:
         """Move a finished local file to ``rel`` (a rename on local disk, an upload on S3)."""
@@ -176,6 +193,12 @@ def sha256_of(fh) -> tuple[str, int]:
         h.update(chunk)
         n += len(chunk)
     return h.hexdigest(), n
+
+
+def sha256_file(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(sha256 hex, bytes) of a local file."""
+    with open(path, "rb") as fh:
+        return sha256_of(fh)
 
 
 def local_tmpdir(prefix: str = "embray-") -> Path:

@@ -22,6 +22,7 @@ import datetime as dt
 import getpass
 import json
 import os
+import re
 import secrets
 import socket
 from typing import Any
@@ -29,10 +30,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from embray.errors import VersionError
-from embray.models import ModelSpec
+from embray.layout import manifest_rel, version_dir, versions_dir
+from embray.models.spec import ModelSpec
 from embray.store import Store
 
-MANIFEST = "manifest.json"
 FORMAT = "embray.version/1"
 
 
@@ -93,6 +94,14 @@ class Manifest(BaseModel):
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True).encode()
 
 
+_VERSION_ID = re.compile(r"^v\d{8}T\d{9}Z-[0-9a-f]{6}$")
+
+
+def is_version_id(name: str) -> bool:
+    """True for names shaped like the ids :func:`new_version_id` makes (so not an alias)."""
+    return bool(_VERSION_ID.match(name))
+
+
 def new_version_id(now: dt.datetime | None = None) -> str:
     """Sortable by creation time (to the millisecond), unique across machines: ``v20261125T194500123Z-3f9a1c``."""
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -111,17 +120,13 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-def version_dir(collection: str, version: str) -> str:
-    return f"{collection}/versions/{version}"
-
-
 def file_rel(manifest: Manifest, entry: FileEntry) -> str:
     """Store-relative path of one of a version's files (its own, or one reused from an earlier version)."""
     return f"{version_dir(manifest.collection, entry.version or manifest.version)}/{entry.path}"
 
 
 def read_manifest(store: Store, collection: str, version: str) -> Manifest:
-    rel = f"{version_dir(collection, version)}/{MANIFEST}"
+    rel = manifest_rel(collection, version)
     try:
         raw = store.read_bytes(rel)
     except FileNotFoundError as e:
@@ -144,8 +149,8 @@ def list_versions(store: Store, collection: str) -> list[Manifest]:
 def list_version_dirs(store: Store, collection: str) -> tuple[list[str], list[str]]:
     """(committed, uncommitted) version directory names: the latter are builds in progress, failed or killed."""
     committed, uncommitted = [], []
-    for name in store.listdir(f"{collection}/versions"):
-        if store.exists(f"{version_dir(collection, name)}/{MANIFEST}"):
+    for name in store.listdir(versions_dir(collection)):
+        if store.exists(manifest_rel(collection, name)):
             committed.append(name)
         else:
             uncommitted.append(name)
@@ -154,6 +159,5 @@ def list_version_dirs(store: Store, collection: str) -> tuple[list[str], list[st
 
 def commit_manifest(store: Store, manifest: Manifest) -> str:
     """Make the version visible: the manifest is the last write, and create-only."""
-    rel = f"{version_dir(manifest.collection, manifest.version)}/{MANIFEST}"
-    store.create_exclusive(rel, manifest.to_json())
+    store.create_exclusive(manifest_rel(manifest.collection, manifest.version), manifest.to_json())
     return store.url(version_dir(manifest.collection, manifest.version))

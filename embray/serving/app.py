@@ -11,7 +11,6 @@ holding it finishes.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real types of the route parameters.
-import datetime as dt
 import hmac
 import json
 import logging
@@ -24,66 +23,22 @@ from typing import Any
 
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, model_validator
 from ray import serve
 
-from embray.config import Config, load_config
-from embray.errors import EmbrayError, VersionError
-from embray.monitor import read_status
+from embray.collection import Collection
+from embray.config import Config, load_config, parse_config
+from embray.errors import ConfigError, EmbrayError, VersionError
+from embray.layout import reload_file
+from embray.registry import ACTIVE
 from embray.search import VersionIndex
-from embray.store import Store
-from embray.versions import read_manifest, utcnow
+from embray.serving.metrics import ServeMetrics
+from embray.serving.schemas import CollectionInfo, SearchRequest, SearchResponse
+from embray.versions import utcnow
 
 log = logging.getLogger("embray.serve")
 
-MAX_K = 1000
 WARMUP_QUERY = "embray warm-up query"
-RELOAD_FILE = "_status/reload.json"  # written by a reload; every replica of the collection checks on seeing it
-RELOAD_TICK_S = 1.0
-
-
-class SearchRequest(BaseModel):
-    """Search by ``text`` (embedded with the serving version's model), or by a ``vector`` made with ``fingerprint``."""
-
-    text: str | None = Field(None, description="Query text.")
-    vector: list[float] | None = Field(None, description="Query vector; needs `fingerprint`.")
-    fingerprint: str | None = Field(None, description="Fingerprint of the model that made `vector`.")
-    k: int = Field(10, ge=1, le=MAX_K, description="Results to return.")
-
-    @model_validator(mode="after")
-    def _one_query(self) -> "SearchRequest":
-        if (self.text is None) == (self.vector is None):
-            raise ValueError("give exactly one of `text` or `vector`")
-        if self.vector is not None and not self.fingerprint:
-            raise ValueError("a `vector` query must name the `fingerprint` of the model that made it")
-        if self.text is not None and not self.text.strip():
-            raise ValueError("`text` is empty")
-        return self
-
-
-class Hit(BaseModel):
-    id: str | int
-    score: float
-
-
-class SearchResponse(BaseModel):
-    version: str = Field(description="The version the results came from.")
-    fingerprint: str = Field(description="Its vector space.")
-    results: list[Hit] = Field(description="Best first.")
-    took_ms: float
-
-
-class CollectionInfo(BaseModel):
-    collection: str
-    version: str | None
-    fingerprint: str | None
-    model: str | None
-    rows: int | None
-    dims: int | None
-    loaded_at: str | None
-    load_seconds: float | None
-    last_check: str | None
-    last_error: str | None
+RELOAD_TICK_S = 1.0  # how often a replica looks for the reload marker another replica wrote
 
 
 @dataclass
@@ -109,85 +64,6 @@ def _bearer(authorization: str | None) -> str | None:
     return None
 
 
-class _Metrics:
-    def __init__(self, collection: str):
-        from ray.serve import metrics
-
-        self.collection = collection
-        self.latency = metrics.Histogram(
-            "embray_request_latency_ms",
-            description="Request latency by endpoint.",
-            boundaries=[1, 2, 5, 10, 15, 25, 50, 100, 250, 500, 1000, 5000],
-            tag_keys=("collection", "endpoint"),
-        )
-        self.requests = metrics.Counter(
-            "embray_requests_total",
-            description="Requests by endpoint, serving version and outcome.",
-            tag_keys=("collection", "endpoint", "version", "outcome"),
-        )
-        self.active = metrics.Gauge(
-            "embray_active_version",
-            description="1 for the version this replica serves.",
-            tag_keys=("collection", "version"),
-        )
-        self.load_seconds = metrics.Gauge(
-            "embray_version_load_seconds",
-            description="Seconds to load and warm the served version.",
-            tag_keys=("collection", "version"),
-        )
-        self.rows = metrics.Gauge(
-            "embray_served_rows", description="Rows in the served version.", tag_keys=("collection", "version")
-        )
-        # From the monitor's last status (<collection>/_status/status.json), re-read on every poll.
-        self.stale_fraction = metrics.Gauge(
-            "embray_staleness_fraction",
-            description="Stale share of the active version's rows at the monitor's last check.",
-            tag_keys=("collection",),
-        )
-        self.stale_rows = metrics.Gauge(
-            "embray_stale_rows",
-            description="Rows new, changed or deleted in the source since the active version was built.",
-            tag_keys=("collection", "kind"),
-        )
-        self.status_ok = metrics.Gauge(
-            "embray_status_ok", description="1 when the monitor's last status had no problem.", tag_keys=("collection",)
-        )
-        self.status_age = metrics.Gauge(
-            "embray_status_age_seconds",
-            description="Seconds since the monitor's last status check (alert when it stops).",
-            tag_keys=("collection",),
-        )
-
-    def status(self, st: dict[str, Any]) -> None:
-        tags = {"collection": self.collection}
-        stale = st.get("staleness") or {}
-        if stale:
-            self.stale_fraction.set(stale["fraction"], tags=tags)
-            for kind in ("new", "changed", "deleted"):
-                self.stale_rows.set(stale[kind], tags={**tags, "kind": kind})
-        self.status_ok.set(1.0 if st.get("ok") else 0.0, tags=tags)
-        checked = st.get("checked_at")
-        if checked:
-            age = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(checked)).total_seconds()
-            self.status_age.set(age, tags=tags)
-
-    def served(self, old: str | None, new: Loaded) -> None:
-        if old:
-            gone = {"collection": self.collection, "version": old}
-            for gauge in (self.active, self.rows, self.load_seconds):
-                gauge.set(0, tags=gone)
-        tags = {"collection": self.collection, "version": new.version}
-        self.active.set(1, tags=tags)
-        self.load_seconds.set(new.load_seconds, tags=tags)
-        self.rows.set(new.index.manifest.rows, tags=tags)
-
-    def record(self, endpoint: str, version: str | None, outcome: str, ms: float) -> None:
-        self.requests.inc(
-            tags={"collection": self.collection, "endpoint": endpoint, "version": version or "none", "outcome": outcome}
-        )
-        self.latency.observe(ms, tags={"collection": self.collection, "endpoint": endpoint})
-
-
 app = FastAPI(
     title="embray",
     description="Search a managed embedding collection. Every answer comes from the collection's active version "
@@ -200,15 +76,14 @@ app = FastAPI(
 @serve.ingress(app)
 class EmbrayServer:
     def __init__(self, config: dict[str, Any]):
-        from embray.config import parse_config
-
         self.cfg: Config = parse_config(config["data"], base_dir=config.get("base_dir", "."), origin="serve")
-        self.store = Store(self.cfg.store.uri, self.cfg.store.storage_options)
+        self.collection = Collection(self.cfg)
+        self.store = self.collection.store
         self.current: Loaded | None = None
         self.last_check: str | None = None
         self.last_error: str | None = None
         self._switch = threading.Lock()
-        self.metrics = _Metrics(self.cfg.collection)
+        self.metrics = ServeMetrics(self.cfg.collection)
         self.check()  # serve at once if there is an active version; /readyz says when there is one
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="embray-alias-poller", daemon=True)
@@ -216,9 +91,7 @@ class EmbrayServer:
 
     # --- version switching ---------------------------------------------------------------
     def _active_alias(self) -> str | None:
-        from embray.registry import ACTIVE, Registry
-
-        return Registry(self.cfg).aliases().get(ACTIVE)
+        return self.collection.aliases().get(ACTIVE)
 
     def check(self) -> bool:
         """Load the version `active` points at, if it is not the one served. True when it switched."""
@@ -230,7 +103,7 @@ class EmbrayServer:
                     self.last_error = None
                     return False
                 t = time.monotonic()
-                index = VersionIndex(self.store, read_manifest(self.store, self.cfg.collection, target))
+                index = self.collection.index(target)
                 index.search_text([WARMUP_QUERY], k=1)  # loads the encoder and touches every shard
                 loaded = Loaded(index, utcnow(), time.monotonic() - t)
             except EmbrayError as e:
@@ -244,13 +117,13 @@ class EmbrayServer:
             old = self.current.version if self.current else None
             self.current = loaded  # the switch: one reference; in-flight requests keep the one they read
             self.last_error = None
-            self.metrics.served(old, loaded)
+            self.metrics.served(old, loaded.version, loaded.load_seconds, index.manifest.rows)
             log.info("serving %s (was %s); loaded and warmed in %.2fs", loaded.version, old, loaded.load_seconds)
             return True
 
     def _reload_marker(self) -> bytes | None:
         try:
-            return self.store.read_bytes(f"{self.cfg.collection}/{RELOAD_FILE}")
+            return self.store.read_bytes(reload_file(self.cfg.collection))
         except (FileNotFoundError, EmbrayError):
             return None
 
@@ -273,7 +146,7 @@ class EmbrayServer:
             if due:
                 next_poll = now + self.cfg.serve.poll_s
                 try:
-                    st = read_status(self.store, self.cfg.collection)
+                    st = self.collection.last_status()
                     if st:
                         self.metrics.status(st)
                 except Exception as e:  # noqa: BLE001 - a bad status file must not stop alias checks
@@ -420,7 +293,7 @@ class EmbrayServer:
             raise HTTPException(401, "reload needs `Authorization: Bearer <admin token>`")
         # The marker tells the other replicas (each polls it every second) to check too.
         try:
-            self.store.write_bytes(f"{self.cfg.collection}/{RELOAD_FILE}", json.dumps({"at": utcnow()}).encode())
+            self.store.write_bytes(reload_file(self.cfg.collection), json.dumps({"at": utcnow()}).encode())
         except EmbrayError as e:  # read-only store credentials: this replica still checks; the rest on their poll
             log.warning("reload marker not written (%s): other replicas switch on their next poll", e)
         switched = self.check()
@@ -438,7 +311,7 @@ def build(args: dict[str, Any]):
     """Application builder for `serve deploy` / `serve run`: ``args: {config: path/to/embray.yaml}``."""
     path = args.get("config") or os.environ.get("EMBRAY_CONFIG")
     if not path:
-        raise EmbrayError("the Serve application needs `args: {config: path/to/embray.yaml}` or EMBRAY_CONFIG")
+        raise ConfigError("the Serve application needs `args: {config: path/to/embray.yaml}` or EMBRAY_CONFIG")
     return application(load_config(path), os.path.dirname(os.path.abspath(path)))
 
 
@@ -452,45 +325,3 @@ def application(cfg: Config, base_dir: str = "."):
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": s.num_cpus},
     ).bind({"data": data, "base_dir": base_dir})
-
-
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-
-
-def run_blocking(cfg: Config, *, haproxy: bool = False) -> None:
-    """`embray serve`: start Serve on a local (or the configured) Ray, deploy, block until Ctrl-C or SIGTERM.
-
-    ``haproxy`` puts Ray Serve's HAProxy ingress in front of the replicas instead of its Python proxy
-    (serve/README.md); it only takes effect for a Ray that this process starts.
-    """
-    import signal
-
-    import ray
-
-    from embray.build import init_ray
-
-    if haproxy:
-        if cfg.ray.address or ray.is_initialized():
-            raise EmbrayError(
-                "--haproxy applies only to a local Ray that `embray serve` starts; on a cluster set "
-                + " ".join(f"{k}={v}" for k, v in HAPROXY_ENV.items())
-                + " on every node before `ray start`"
-            )
-        os.environ.update(HAPROXY_ENV)
-        # A local HAProxy is Serve's own and learns of a stopping replica at once: no 30 s drain on Ctrl-C.
-        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        init_ray(cfg.ray)
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-        serve.run(application(cfg), name="embray", route_prefix="/")
-        url = f"http://{cfg.serve.host}:{cfg.serve.port}"
-        log.info("embray serving collection %s at %s (API docs: %s/docs); Ctrl-C stops", cfg.collection, url, url)
-        while not stop.wait(0.5):
-            pass
-    finally:
-        log.info("stopping")
-        serve.shutdown()
-        log.info("stopped")

@@ -1,0 +1,371 @@
+"""Builds: every new version (backfill, refresh, migration) goes through one pipeline.
+
+    start   fingerprint, corpus files and schemas, the parent's shards, an MLflow run
+    scan    (:mod:`embray.build.scan`)   one Ray task per source file -> rows by shard, hashed, checked
+    plan    (:mod:`embray.build.plan`)   one Ray task per shard -> rejects, diff, chunks still to embed
+    embed   (:mod:`embray.build.embed`)  Ray Data actor pool -> vector cache files
+    shards  (:mod:`embray.build.shards`) one Ray task per shard -> embeddings part + USearch index
+    commit  manifest last, create-only -> MLflow metrics, model version
+    abandon on any failure: the version directory is removed, the run marked failed
+
+A :class:`Build` is that lifecycle (in the spirit of Ray Data's ``Datasink``: ``on_write_start`` /
+``write`` / ``on_write_complete`` / ``on_write_failed``); :func:`run_build` drives it, and
+:func:`plan_build` runs only start, scan and plan, writing nothing but scratch files (a dry run).
+
+Crash safety: nothing is visible before the manifest is committed. Embedded chunks stay in the cache
+from the moment they finish, so a rerun after a kill finds them and embeds only what is left; scan,
+plan and shards are cheap next to embedding and are simply redone. The result equals an uninterrupted
+build's: the same ids, content hashes and vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+from embray import layout
+from embray.build.embed import check_pool_fits, embed_chunks
+from embray.build.plan import parent_shards, plan_shard
+from embray.build.scan import scan_file
+from embray.build.shards import build_shard, cached_dims
+from embray.build.types import BuildSpec, ShardBuild, ShardPlan
+from embray.context import Context
+from embray.errors import EmbrayError, ModelError, SourceError, StoreError
+from embray.models import fingerprint
+from embray.results import COUNTS, BuildResult, Counts, PlanResult
+from embray.runtime import gather, init_ray
+from embray.source import inspect_source
+from embray.versions import Manifest, ShardEntry, commit_manifest, new_version_id, utcnow, who
+
+log = logging.getLogger("embray")
+
+
+def _stage(kind: str, stage: str, error: type[EmbrayError], fn, *args):
+    """Run one stage. Ray wraps a task's exception: an EmbrayError comes out as itself (whatever its
+    constructor), anything else as ``error`` naming the stage and the cause."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - re-raised as an EmbrayError
+        cause = getattr(e, "cause", None) or e
+        if isinstance(cause, EmbrayError):
+            if cause is e:
+                raise
+            raise cause from e
+        last = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+        raise error(f"the {kind} failed while {stage}: {type(cause).__name__}: {last}") from e
+
+
+@dataclass
+class _Timings:
+    plan: float = 0.0
+    embed: float = 0.0
+    shards: float = 0.0
+
+
+class Build:
+    """One build of a version; ``dry_run`` builds go as far as the plan, in a scratch directory."""
+
+    def __init__(self, ctx: Context, spec: BuildSpec, *, dry_run: bool = False):
+        self.ctx, self.cfg, self.store, self.spec, self.dry_run = ctx, ctx.cfg, ctx.store, spec, dry_run
+        self.kind = spec.kind
+        self.shards = ctx.cfg.index.shards
+        self.run_id: str | None = None
+        self.t0 = time.monotonic()
+        self.times = _Timings()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Checks first (fingerprint, corpus schemas, parent's shard count), then the MLflow run."""
+        cfg = self.cfg
+        self.fp = self.spec.fingerprint or fingerprint(self.spec.model)
+        self.src = inspect_source(cfg.source)
+        self.parents = parent_shards(self.spec.parent, self.fp, self.shards)
+        self.vid = new_version_id()
+        # A dry run writes only scratch files, outside versions/ (gc and listings never see it), and takes no lease.
+        self.vdir = (
+            layout.scratch_dir(cfg.collection, self.vid)
+            if self.dry_run
+            else layout.version_dir(cfg.collection, self.vid)
+        )
+        self.staged = layout.staging_dir(self.vdir)
+        self.cdirs = [layout.cache_dir(cfg.collection, self.fp, k, self.shards) for k in range(self.shards)]
+        parent = self.spec.parent
+        log.info(
+            "%s %s: %d files from %s -> %s%s",
+            self.kind,
+            self.vid,
+            len(self.src.files),
+            cfg.source.uri,
+            self.store.url(self.vdir),
+            f" (parent {parent.version})" if parent else "",
+        )
+        if not self.dry_run:
+            reg = self.ctx.registry
+            self.run_id = reg.start_run(self.vid, self.kind, self._params())
+            reg.log_corpus(self.run_id, cfg.source.uri, self.src.digest, {"id": self.src.id_type, "text": "string"})
+        init_ray(cfg.ray)
+        check_pool_fits(cfg.embed, cfg.ray)
+
+    def _params(self) -> dict:
+        cfg, spec = self.cfg, self.spec
+        return {
+            "collection": cfg.collection,
+            "version": self.vid,
+            "parent": spec.parent.version if spec.parent else "",
+            "model": spec.model.label,
+            "backend": spec.model.backend,
+            "fingerprint": self.fp,
+            "corpus_uri": cfg.source.uri,
+            "corpus_files": len(self.src.files),
+            "store_uri": cfg.store.uri,
+            "index.metric": cfg.index.metric,
+            "index.dtype": cfg.index.dtype,
+            "index.shards": self.shards,
+            "embed.batch_size": cfg.embed.batch_size,
+            "embed.actors": cfg.embed.actors,
+            **spec.params,
+        }
+
+    def scan(self) -> int:
+        """Stage 1; returns the rows read."""
+        import ray
+
+        sc, task = self.cfg.source, ray.remote(num_cpus=1)(scan_file)
+        refs = [
+            task.remote(
+                self.src, i, sc.id_column, sc.text_column, self.shards, self.store, self.staged, sc.updated_at_column
+            )
+            for i in range(len(self.src.files))
+        ]
+        return sum(_stage(self.kind, "reading the corpus", SourceError, gather, refs))
+
+    def plan(self) -> list[ShardPlan]:
+        """Stage 2."""
+        import ray
+
+        task = ray.remote(num_cpus=1)(plan_shard)
+        args = (self.store, self.staged, self.vdir)
+        refs = [
+            task.remote(*args, k, self.parents[k], self.cdirs[k], self.fp, self.cfg.embed.batch_size, self.dry_run)
+            for k in range(self.shards)
+        ]
+        return _stage(self.kind, "planning the shards", StoreError, gather, refs)
+
+    def embed(self, plans: list[ShardPlan]) -> int:
+        """Stage 3; returns the texts embedded."""
+        chunks = [c for p in plans for c in p.chunks]
+        self.chunks = chunks
+        return _stage(
+            self.kind,
+            "embedding",
+            ModelError,
+            embed_chunks,
+            self.cfg.embed,
+            self.spec.model,
+            self.fp,
+            self.store,
+            chunks,
+        )
+
+    def build_shards(self, plans: list[ShardPlan]) -> tuple[int, list[ShardBuild]]:
+        """Stage 4; returns (dims, shards)."""
+        import ray
+
+        dims = (
+            self.spec.parent.dims
+            if self.parents[0] is not None
+            else cached_dims(self.store, self.chunks, self.cdirs, self.spec.model.dims)
+        )
+        task = ray.remote(num_cpus=1)(build_shard)
+        refs = [
+            task.remote(
+                self.store,
+                self.staged,
+                self.vdir,
+                dims,
+                self.cfg.index,
+                self.fp,
+                plans[k],
+                self.parents[k],
+                self.cdirs[k],
+            )
+            for k in range(self.shards)
+        ]
+        return dims, _stage(self.kind, "building the shards", StoreError, gather, refs)
+
+    def commit(
+        self, input_rows: int, plans: list[ShardPlan], counts: Counts, dims: int, built: list[ShardBuild]
+    ) -> Manifest:
+        """Write the manifest, last and create-only: from here on the version exists."""
+        self.store.delete(self.staged)
+        cfg, spec, src = self.cfg, self.spec, self.src
+        rows, rejected, by_reason = _totals(plans)
+        entries: list[ShardEntry] = [b.entry for b in built]
+        manifest = Manifest(
+            collection=cfg.collection,
+            version=self.vid,
+            parent=spec.parent.version if spec.parent else None,
+            created=utcnow(),
+            created_by=who(),
+            model=spec.model,
+            fingerprint=self.fp,
+            dims=dims,
+            index=cfg.index.model_dump(),
+            source={
+                "uri": cfg.source.uri,
+                "id_column": cfg.source.id_column,
+                "text_column": cfg.source.text_column,
+                "files": len(src.files),
+                "digest": src.digest,
+                "id_type": src.id_type,
+            },
+            counts={
+                "kind": self.kind,
+                "input_rows": input_rows,
+                "rows": rows,
+                "rejected": rejected,
+                "by_reason": by_reason,
+                **counts.to_dict(),
+                "shards_reused": sum(1 for p in plans if p.unchanged and self.parents[p.shard] is not None),
+                "shards_updated": sum(1 for b in built if b.incremental),
+            },
+            shards=entries,
+            content_digest=hashlib.sha256("".join(e.content_digest for e in entries).encode()).hexdigest(),
+            stats={
+                "seconds": round(time.monotonic() - self.t0, 3),
+                "plan_seconds": round(self.times.plan, 3),
+                "embed_seconds": round(self.times.embed, 3),
+                "shard_seconds": round(self.times.shards, 3),
+            },
+            mlflow_run_id=self.run_id,
+        )
+        self.uri = commit_manifest(self.store, manifest)
+        return manifest
+
+    def record(self, manifest: Manifest) -> BuildResult:
+        """After the commit: the run's metrics, its end, and the MLflow model version."""
+        c = manifest.counts
+        seconds = manifest.stats["seconds"]
+        log.info("committed %s: %d rows, %d rejected, %.1fs", self.vid, c["rows"], c["rejected"], seconds)
+        reg = self.ctx.registry
+        metrics = {
+            **{k: c[k] for k in ("rows", "rejected", "input_rows", *COUNTS, "shards_reused", "shards_updated")},
+            "seconds": seconds,
+            "embed_seconds": self.times.embed,
+            "rows_per_s": c["rows"] / seconds if seconds else 0.0,
+            **{f"rejected.{k.replace(' ', '_')}": v for k, v in c["by_reason"].items()},
+        }
+        reg.log_metrics(self.run_id, metrics)
+        reg.end_run(self.run_id, ok=True)
+        return BuildResult(
+            version=self.vid,
+            parent=manifest.parent,
+            uri=self.uri,
+            fingerprint=self.fp,
+            rows=c["rows"],
+            rejected=c["rejected"],
+            rejected_by_reason=dict(c["by_reason"]),
+            counts=Counts(**{k: c[k] for k in COUNTS}),
+            seconds=seconds,
+            model_version=reg.register(manifest, self.uri),
+            manifest=manifest,
+        )
+
+    def abandon(self, e: BaseException) -> None:
+        """Remove what the failed build wrote and record the failure; never hides the original error.
+
+        The vector cache is kept: it only ever holds finished chunks, and a rerun reuses them.
+        """
+        if not self.dry_run:
+            log.error("build failed (%s); removing %s", e, self.store.url(self.vdir))
+        try:
+            self.store.delete(self.vdir)
+        except EmbrayError as cleanup:
+            log.error(
+                "could not remove %s: %s (it has no manifest, so it is not visible)", self.store.url(self.vdir), cleanup
+            )
+        if self.run_id is None:
+            return
+        try:
+            self.ctx.registry.end_run(self.run_id, ok=False, error=f"{type(e).__name__}: {e}")
+        except EmbrayError as mlflow_error:
+            log.error("could not mark MLflow run %s failed: %s", self.run_id, mlflow_error)
+
+
+def _totals(plans: list[ShardPlan]) -> tuple[int, int, dict[str, int]]:
+    """(rows, rejected, rejected by reason) over every shard."""
+    by_reason: dict[str, int] = {}
+    for p in plans:
+        for r, n in p.by_reason.items():
+            by_reason[r] = by_reason.get(r, 0) + n
+    return sum(p.rows for p in plans), sum(p.rejected for p in plans), by_reason
+
+
+def _planned(b: Build) -> tuple[int, list[ShardPlan], Counts]:
+    t = time.monotonic()
+    input_rows = b.scan()
+    plans = b.plan()
+    b.times.plan = time.monotonic() - t
+    counts = sum((p.counts for p in plans), Counts())
+    rows, rejected, _ = _totals(plans)
+    log.info(
+        "%s %s planned in %.1fs: %d rows (%d rejected), %s",
+        b.kind,
+        b.vid,
+        b.times.plan,
+        rows,
+        rejected,
+        ", ".join(f"{k} {v}" for k, v in counts.to_dict().items()),
+    )
+    return input_rows, plans, counts
+
+
+def run_build(ctx: Context, spec: BuildSpec) -> BuildResult:
+    """Build one version of ``ctx``'s collection. The caller holds the writer lease."""
+    b = Build(ctx, spec)
+    b.start()
+    try:
+        input_rows, plans, counts = _planned(b)
+        rows, rejected, by_reason = _totals(plans)
+        if rows == 0:
+            raise SourceError(
+                f"the source corpus {ctx.cfg.source.uri} has no embeddable rows "
+                f"({rejected} rejected: {by_reason}); add data before a {spec.kind}"
+            )
+        t = time.monotonic()
+        embedded = b.embed(plans)
+        b.times.embed = time.monotonic() - t
+        log.info("%s %s: embedded %d rows in %.1fs", b.kind, b.vid, embedded, b.times.embed)
+        t = time.monotonic()
+        dims, built = b.build_shards(plans)
+        b.times.shards = time.monotonic() - t
+        manifest = b.commit(input_rows, plans, Counts(**{**counts.to_dict(), "embedded": embedded}), dims, built)
+    except BaseException as e:
+        b.abandon(e)
+        raise
+    return b.record(manifest)
+
+
+def plan_build(ctx: Context, spec: BuildSpec) -> PlanResult:
+    """Only plan a build (a dry run): what it would embed, reuse and drop. Writes only scratch files."""
+    b = Build(ctx, spec, dry_run=True)
+    b.start()
+    try:
+        _, plans, counts = _planned(b)
+    finally:
+        ctx.store.delete(b.vdir)
+    rows, rejected, by_reason = _totals(plans)
+    stale = [p.oldest_stale_us for p in plans if p.oldest_stale_us is not None]
+    return PlanResult(
+        parent=spec.parent.version if spec.parent else None,
+        fingerprint=b.fp,
+        rows=rows,
+        rejected=rejected,
+        rejected_by_reason=by_reason,
+        counts=Counts(**{**counts.to_dict(), "embedded": 0}),  # planned; nothing was sent
+        to_embed=counts.embedded,
+        oldest_stale_us=min(stale) if stale else None,
+        seconds=time.monotonic() - b.t0,
+    )

@@ -1,0 +1,96 @@
+"""Stage 1, scan: one Ray task per source file reads it in row batches, hashes each row's text, marks
+rows that cannot be embedded, assigns each row its shard, and writes per-shard staging files."""
+
+from __future__ import annotations
+
+from embray import layout
+from embray import rows as R
+from embray.errors import SourceError
+from embray.source import SourceInfo
+from embray.store import Store, local_tmpdir
+
+UPDATED_AT = "updated_at"  # staging column: when the source says a row last changed (UTC), or null
+BATCH_ROWS = 65536
+
+
+def updated_at(batch, col: str | None):
+    """The source's change time of each row as UTC timestamps; nulls when the column is absent or not a time."""
+    import pyarrow as pa
+
+    utc = pa.timestamp("us", tz="UTC")
+    if col and col in batch.schema.names:
+        arr = batch.column(col)
+        if pa.types.is_timestamp(arr.type):  # naive times are read as UTC; nanoseconds are truncated
+            return arr.cast(pa.timestamp(arr.type.unit, tz=arr.type.tz or "UTC")).cast(utc, safe=False)
+        if pa.types.is_date(arr.type):
+            return arr.cast(pa.timestamp("us")).cast(utc)
+    return pa.nulls(batch.num_rows, utc)
+
+
+def prepare(batch, *, id_col: str, text_col: str, shards: int, url: str, updated_col: str | None = None):
+    """Hash content, assign shards, and mark rows that cannot be embedded."""
+    import pyarrow as pa
+
+    ids = batch.column(id_col).to_pylist()
+    texts = batch.column(text_col).to_pylist()
+    reasons = [R.reject_reason(i, t) for i, t in zip(ids, texts, strict=True)]
+    hashes = [R.content_hash(t) if r is None else None for t, r in zip(texts, reasons, strict=True)]
+    return pa.table(
+        {
+            "id": batch.column(id_col),
+            "text": batch.column(text_col).cast(pa.string()),
+            "content_hash": pa.array(hashes, pa.string()),
+            "reason": pa.array(reasons, pa.string()),
+            "path": pa.array([url] * len(ids), pa.string()),
+            UPDATED_AT: updated_at(batch, updated_col),
+            "shard": pa.array([R.shard_of(i, shards) if i is not None else 0 for i in ids], pa.int32()),
+        }
+    )
+
+
+def scan_file(
+    src: SourceInfo,
+    index: int,
+    id_col: str,
+    text_col: str,
+    shards: int,
+    store: Store,
+    staged: str,
+    updated_col: str | None = None,
+) -> int:
+    """Read one source file in row batches; write its rows to per-shard staging files. Returns rows read."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = src.files[index]
+    url = src.url(path)
+    tmp = local_tmpdir("embray-scan-")
+    writers: dict[int, pq.ParquetWriter] = {}
+    rows = 0
+    try:
+        try:
+            pf = pq.ParquetFile(src.store.pyarrow_fs().open_input_file(path))
+            columns = [id_col, text_col]
+            if updated_col and updated_col in pf.schema_arrow.names and updated_col not in columns:
+                columns.append(updated_col)
+            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                table = prepare(
+                    batch, id_col=id_col, text_col=text_col, shards=shards, url=url, updated_col=updated_col
+                )
+                rows += table.num_rows
+                for k in pc.unique(table.column("shard")).to_pylist():
+                    part = table.filter(pc.equal(table.column("shard"), pa.scalar(k, pa.int32()))).drop(["shard"])
+                    if k not in writers:
+                        writers[k] = pq.ParquetWriter(str(tmp / f"{k}.parquet"), part.schema)
+                    writers[k].write_table(part.cast(writers[k].schema))
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+            raise SourceError(f"{url} cannot be read as Parquet ({type(e).__name__}: {e}); repair or remove it") from e
+        for k, w in writers.items():
+            w.close()
+            store.upload(str(tmp / f"{k}.parquet"), layout.scan_file(staged, k, index))
+    finally:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+    return rows

@@ -1,0 +1,65 @@
+"""The contracts between the build stages: what each stage hands the next, as frozen dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from embray.models.spec import ModelSpec
+from embray.results import Counts
+from embray.versions import FileEntry, Manifest, ShardEntry
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What one build makes: its kind, model, and the version it derives from."""
+
+    kind: str  # backfill | refresh | migrate
+    model: ModelSpec
+    parent: Manifest | None = None  # lineage; its vectors are reused only when its fingerprint is the model's
+    params: dict[str, Any] = field(default_factory=dict)  # extra MLflow params
+    fingerprint: str | None = None  # known already (a dry run against a version): skips hashing the weights
+
+
+@dataclass(frozen=True)
+class ParentShard:
+    """What a build may take from its parent's shard: only ever from the same vector space."""
+
+    version: str
+    entry: ShardEntry
+    embeddings_rel: str | None
+    index_rel: str | None
+    index_cfg: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Texts still to embed (``need``, a staging file) and the cache file their vectors go to."""
+
+    need: str
+    cache: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The plan stage's verdict on one shard: which rows are rejected, reused, or still to embed."""
+
+    shard: int
+    rows: int  # rows the shard will hold
+    rejected: int
+    by_reason: dict[str, int]
+    rejects: FileEntry | None  # the shard's rejects file (None in a dry run or without rejects)
+    counts: Counts  # counts.embedded: distinct texts found in neither the parent nor the cache
+    content_digest: str
+    unchanged: bool  # same rows as the parent's shard: reuse its files by reference
+    oldest_stale_us: int | None  # the earliest source change time (µs) of a new or changed row
+    chunks: tuple[Chunk, ...] = ()
+
+
+@dataclass(frozen=True)
+class ShardBuild:
+    """A written (or reused) shard."""
+
+    entry: ShardEntry
+    incremental: bool  # updated in place from the parent's graph

@@ -1,0 +1,424 @@
+"""``embray.Collection``: the one object users and every front end (CLI, jobs, Serve, monitor) hold.
+
+    from embray import Collection
+
+    docs = Collection.open("embray.yaml")
+    built = docs.backfill()                      # BuildResult; the first version becomes `active`
+    docs.refresh(promote=True)                   # only what changed, through the gates
+    docs.search("parse a date string", k=5)      # SearchResult from the active version
+    ds = docs.dataset()                          # the active version's rows as a Ray Dataset
+
+A collection owns its config, its store and its MLflow registry, each made once (lazily). Every
+method takes the options of its CLI command and returns a typed, frozen result whose ``to_dict()``
+is that command's ``--json`` output.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from embray import aliases as _aliases
+from embray import flows, monitor, quality
+from embray import gc as _gc
+from embray.config import Config, load_config, load_model_spec, parse_config, parse_model_spec
+from embray.context import Context
+from embray.errors import ConfigError
+from embray.layout import version_dir
+from embray.models.spec import ModelSpec
+from embray.registry import ACTIVE
+from embray.results import (
+    AuditReport,
+    BuildResult,
+    EvalReport,
+    GateReport,
+    GcResult,
+    PlanResult,
+    PromoteResult,
+    RollbackResult,
+    SearchResult,
+    StatusReport,
+    VerifyReport,
+    VersionInfo,
+)
+from embray.runtime import init_ray
+from embray.search import VersionIndex
+from embray.store import Store
+from embray.verify import verify as _verify
+from embray.versions import Manifest, file_rel, is_version_id, list_versions, read_manifest
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from embray.registry import Registry
+
+_OPEN_VERSIONS = 2  # opened versions kept (each with its encoder): the current one and the one before
+
+
+class Collection:
+    """One managed embedding collection: its config, store and MLflow registry, and every operation on it.
+
+    Args:
+        config: A validated :class:`Config`, or a mapping of the YAML's keys (relative paths resolve
+            against ``base_dir``).
+        base_dir: Directory relative paths in a mapping resolve against (default: the working directory).
+
+    Raises:
+        ConfigError: ``config`` is not a valid configuration.
+    """
+
+    def __init__(self, config: Config | Mapping[str, Any], *, base_dir: str | os.PathLike[str] = "."):
+        if isinstance(config, Config):
+            cfg = config
+        elif isinstance(config, Mapping):
+            cfg = parse_config(dict(config), base_dir=base_dir)
+        else:
+            raise ConfigError(
+                f"Collection() takes a Config or a mapping of config keys, not {type(config).__name__}; "
+                "use Collection.open('embray.yaml') for a file"
+            )
+        self._ctx = Context(cfg)
+        self._lock = threading.Lock()
+        self._indexes: OrderedDict[str, VersionIndex] = OrderedDict()
+        self._active: tuple[str, float] | None = None  # (version, monotonic time it was read)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Collection:
+        """Open the collection described by a YAML config file.
+
+        Args:
+            path: The ``embray.yaml`` file; relative paths in it resolve against its directory.
+            overrides: Top-level keys that replace the file's (e.g. ``{"store": {...}}``).
+
+        Raises:
+            ConfigError: The file is missing, not YAML, or not a valid configuration.
+        """
+        return cls(load_config(path, overrides))
+
+    def __repr__(self) -> str:
+        return f"Collection({self.name!r}, store={self.config.store.uri!r})"
+
+    # --- handles --------------------------------------------------------------------------------
+    @property
+    def config(self) -> Config:
+        return self._ctx.cfg
+
+    @property
+    def name(self) -> str:
+        return self._ctx.collection
+
+    @property
+    def store(self) -> Store:
+        """The version store (local disk or S3), made on first use."""
+        return self._ctx.store
+
+    @property
+    def registry(self) -> Registry:
+        """The MLflow registry of ``embray.<name>``, made on first use."""
+        return self._ctx.registry
+
+    @property
+    def context(self) -> Context:
+        """Config, store and registry together, as the library's operations take them."""
+        return self._ctx
+
+    # --- builds ---------------------------------------------------------------------------------
+    def backfill(self, *, promote: bool = True) -> BuildResult:
+        """Embed the whole source corpus into a new version.
+
+        Args:
+            promote: Make the first version of the collection ``active`` (later ones never are).
+
+        Returns:
+            The committed version's :class:`BuildResult`.
+
+        Raises:
+            ConflictError: Another job writes this collection.
+            SourceError: The corpus is missing, unreadable, or has no embeddable rows.
+            StoreError, RegistryError, ModelError: The store, MLflow or the model failed; nothing is visible.
+        """
+        result = flows.backfill(self._ctx, promote=promote)
+        self._alias_moved()
+        return result
+
+    def refresh(
+        self, parent: str | None = None, *, dry_run: bool = False, promote: bool = False
+    ) -> BuildResult | PlanResult:
+        """Re-embed only the rows that changed since a version, into a child version.
+
+        Args:
+            parent: The version (or alias) to refresh; default ``active``.
+            dry_run: Only report what changed (a :class:`PlanResult`); embed and write nothing.
+            promote: Make the child ``active`` through the promotion gates.
+
+        Returns:
+            :class:`BuildResult`, or :class:`PlanResult` for a dry run.
+
+        Raises:
+            VersionError: The config's model is not the parent's (use :meth:`migrate`).
+            GateError: ``promote`` and the child failed a gate (it stays committed, not active).
+            ConflictError: Another job writes this collection.
+        """
+        parent_id = self.resolve(parent) if parent else None
+        if dry_run:
+            return flows.plan_refresh(self._ctx, parent_id)
+        try:
+            return flows.refresh(self._ctx, parent=parent_id, promote_it=promote)
+        finally:
+            self._alias_moved()
+
+    def migrate(self, model: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) -> BuildResult:
+        """Re-embed the whole collection with another model into a version marked ``candidate``.
+
+        Args:
+            model: The new :class:`ModelSpec`, a mapping of its keys, or a YAML file holding it.
+
+        Raises:
+            VersionError: The model is the active version's (use :meth:`refresh`).
+            ConfigError: The model spec is invalid.
+        """
+        if isinstance(model, str | os.PathLike):
+            spec = load_model_spec(model)
+        elif isinstance(model, Mapping):
+            spec = parse_model_spec(dict(model))
+        else:
+            spec = model
+        result = flows.migrate(self._ctx, spec)
+        self._alias_moved()
+        return result
+
+    # --- versions and aliases -------------------------------------------------------------------
+    def versions(self) -> list[VersionInfo]:
+        """Committed versions, oldest first, with their aliases (read-only)."""
+        manifests = list_versions(self.store, self.name)
+        registered = self.registry.registered_versions() if manifests else set()
+        by_version: dict[str, list[str]] = {}
+        for alias, vid in self.aliases().items():
+            by_version.setdefault(vid, []).append(alias)
+        return [
+            VersionInfo(
+                id=m.version,
+                model=m.model.label,
+                fingerprint=m.fingerprint,
+                rows=m.rows,
+                rejected=m.counts.get("rejected", 0),
+                dims=m.dims,
+                shards=len(m.shards),
+                created=m.created,
+                parent=m.parent,
+                aliases=sorted(by_version.get(m.version, [])),
+                registered=m.version in registered,
+            )
+            for m in manifests
+        ]
+
+    def aliases(self) -> dict[str, str]:
+        """alias (``active``, ``candidate``) -> version id, from MLflow."""
+        return self.registry.aliases()
+
+    def resolve(self, version_or_alias: str | None = None) -> str:
+        """The version id that ``version_or_alias`` names (default ``active``).
+
+        Raises:
+            VersionError: No such alias or committed version.
+        """
+        name = version_or_alias or ACTIVE
+        aliases = self.aliases()
+        if name in aliases:
+            return aliases[name]
+        if name in (ACTIVE, "candidate"):
+            return flows.resolve(self._ctx, None, name)  # raises, saying how to make one
+        read_manifest(self.store, self.name, name)  # raises VersionError naming it when it is not committed
+        return name
+
+    def manifest(self, version: str | None = None) -> Manifest:
+        """The committed manifest of ``version`` (an id or alias; default ``active``)."""
+        return read_manifest(self.store, self.name, self.resolve(version))
+
+    def verify(self, version: str) -> VerifyReport:
+        """Check a version: files and checksums, one fingerprint, row counts, unique ids (``ok`` says)."""
+        return _verify(self.store, self.name, self._id(version))
+
+    def gates(self, version: str, *, queries: str | None = None) -> GateReport:
+        """Run the promotion gates (verify, ANN recall@10, labelled nDCG@10) without promoting."""
+        return quality.check_gates(self._ctx, self._id(version), queries=queries)
+
+    def promote(
+        self, version: str, *, reason: str | None = None, queries: str | None = None, force: bool = False
+    ) -> PromoteResult:
+        """Make ``version`` active once it passes the gates.
+
+        Args:
+            version: Version id or alias (e.g. ``"candidate"``).
+            reason: Why; recorded in MLflow with who and when. Required with ``force``.
+            queries: Labelled JSONL for the nDCG gate (default ``monitor.queries``).
+            force: Override failed quality gates (never verify).
+
+        Raises:
+            GateError: A gate refused it; the message has the numbers.
+            ConfigError: ``force`` without a ``reason``.
+        """
+        try:
+            return _aliases.promote(self._ctx, self._id(version), reason=reason or "", force=force, queries=queries)
+        finally:
+            self._alias_moved()
+
+    def rollback(self, *, reason: str | None = None) -> RollbackResult:
+        """Make the previously active version active again.
+
+        Raises:
+            VersionError: There is no earlier active version.
+        """
+        try:
+            return _aliases.rollback(self._ctx, reason=reason or "")
+        finally:
+            self._alias_moved()
+
+    def gc(self, keep: int, *, dry_run: bool = False) -> GcResult:
+        """Delete old versions that no alias points at and no kept version reuses, failed builds, unused caches.
+
+        Args:
+            keep: Newest versions to keep (aliased ones always stay); at least 1.
+            dry_run: Only report what would be deleted.
+
+        Raises:
+            ConfigError: ``keep`` < 1.
+            ConflictError: Another job writes this collection.
+        """
+        return _gc.gc(self._ctx, keep=keep, dry_run=dry_run)
+
+    # --- search ---------------------------------------------------------------------------------
+    def index(self, version: str | None = None) -> VersionIndex:
+        """A searchable, memory-mapped version (default ``active``), opened once and reused.
+
+        The ``active`` alias is re-read at most every ``serve.poll_s`` seconds (at once after this
+        object moved it), so a loop of searches neither reloads shards nor asks MLflow each time.
+        """
+        vid = self._active_version() if version in (None, ACTIVE) else self._id(version)
+        with self._lock:
+            vi = self._indexes.get(vid)
+            if vi is not None:
+                self._indexes.move_to_end(vid)
+                return vi
+        vi = VersionIndex(self.store, read_manifest(self.store, self.name, vid))
+        with self._lock:
+            vi = self._indexes.setdefault(vid, vi)
+            while len(self._indexes) > _OPEN_VERSIONS:
+                self._indexes.popitem(last=False)
+        return vi
+
+    def search(
+        self,
+        text: str | None = None,
+        vector: Any = None,
+        fingerprint: str | None = None,
+        k: int = 10,
+        version: str | None = None,
+    ) -> SearchResult:
+        """Top-k from one version (default ``active``), by ``text`` or by a ``vector`` made in space ``fingerprint``.
+
+        A text is embedded with the version's own model; a vector from another space is refused.
+
+        Raises:
+            VersionError: No such version, a vector without the version's fingerprint, or a wrong size.
+            ConfigError: ``k`` outside 1..1000.
+        """
+        if not 1 <= k <= 1000:
+            raise ConfigError(f"k={k}: ask for 1 to 1000 results")
+        return self.index(version).search(text=text, vector=vector, fingerprint=fingerprint, k=k)
+
+    def dataset(self, version: str | None = None) -> ray.data.Dataset:
+        """A version's rows (``id``, ``content_hash``, ``vector``) as a Ray Dataset, read from its embeddings
+        parts as the manifest lists them (a refreshed version's include the parts it reuses from its parent).
+
+        The vectors are float32, L2-normalised, exactly as stored. Connects to (or starts) the configured Ray.
+        """
+        import ray.data
+
+        m = self.manifest(version)
+        paths = [self.store.path(file_rel(m, s.embeddings)) for s in m.shards if s.embeddings and s.rows]
+        init_ray(self.config.ray)
+        fs = self.store.pyarrow_fs() if self.store.remote else None
+        return ray.data.read_parquet(paths, filesystem=fs, columns=["id", "content_hash", "vector"])
+
+    # --- monitoring -----------------------------------------------------------------------------
+    def status(self, *, verify: bool = True, staleness: bool = True) -> StatusReport:
+        """Is the collection current, consistent and served as its alias says? (``ok`` / ``problems``)."""
+        return monitor.status(self._ctx, check_verify=verify, check_staleness=staleness)
+
+    def eval(
+        self, version: str, *, against: str | None = None, queries: str | None = None, sample: int | None = None
+    ) -> EvalReport:
+        """Measure a version: ANN recall@10 vs exact, overlap@10 with ``against``, labelled nDCG@10.
+
+        Results are logged to the version's MLflow run and tags.
+        """
+        other = self._id(against) if against else None
+        return quality.evaluate(self._ctx, self._id(version), against=other, queries=queries, sample=sample)
+
+    def audit(
+        self, version: str, *, sample: int | None = None, min_cosine: float | None = None, seed: int | None = None
+    ) -> AuditReport:
+        """Re-embed a sample of a version's rows and compare with the stored vectors (``ok`` false on drift)."""
+        return quality.audit(self._ctx, self._id(version), sample=sample, min_cosine=min_cosine, seed=seed)
+
+    def check(self, *, promote_if_gates_pass: bool = False) -> StatusReport:
+        """One monitor step: status; a refresh when stale; optionally a gated promotion (``action`` says)."""
+        try:
+            return monitor.check_once(self._ctx, promote_if_gates_pass=promote_if_gates_pass)
+        finally:
+            self._alias_moved()
+
+    def monitor(
+        self,
+        *,
+        interval_s: float | None = None,
+        iterations: int | None = None,
+        promote_if_gates_pass: bool = False,
+        on_check: Callable[[StatusReport], None] | None = None,
+    ) -> list[StatusReport]:
+        """Run :meth:`check` every ``interval_s`` (default ``monitor.interval_s``), ``iterations`` times or
+        until interrupted; each check is logged to one MLflow run and written for the Serve app's gauges."""
+        try:
+            return monitor.run_monitor(
+                self._ctx,
+                interval_s=interval_s,
+                iterations=iterations,
+                promote_if_gates_pass=promote_if_gates_pass,
+                on_check=on_check,
+            )
+        finally:
+            self._alias_moved()
+
+    def record_status(self, st: StatusReport) -> None:
+        """Write a status where the Serve app exports it as gauges (``<collection>/_status/status.json``)."""
+        monitor.record_status(self._ctx, st)
+
+    def last_status(self) -> dict[str, Any] | None:
+        """The status the monitor last recorded (its JSON), or None."""
+        return monitor.read_status(self.store, self.name)
+
+    def version_uri(self, version: str) -> str:
+        """The store URI of a version's directory."""
+        return self.store.url(version_dir(self.name, self._id(version)))
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _id(self, version: str) -> str:
+        """A version id from an id or an alias name, without a round trip for plain ids."""
+        if is_version_id(version):
+            return version
+        return self.resolve(version)
+
+    def _active_version(self) -> str:
+        now = time.monotonic()
+        cached = self._active
+        if cached is None or now - cached[1] > self.config.serve.poll_s:
+            cached = self._active = (flows.resolve(self._ctx, None), now)
+        return cached[0]
+
+    def _alias_moved(self) -> None:
+        self._active = None

@@ -1,0 +1,87 @@
+"""Garbage collection: old versions no alias points at and no kept version reuses, failed builds, unused caches."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from embray import layout
+from embray.context import Context
+from embray.errors import ConfigError, EmbrayError
+from embray.lock import WRITER, Lease
+from embray.results import GcResult
+from embray.store import Store
+from embray.versions import Manifest, list_version_dirs, read_manifest
+
+log = logging.getLogger("embray")
+
+
+def _old_scratch(store: Store, collection: str, older_than_s: float = 3600) -> list[str]:
+    """Scratch directories of dry runs (named like version ids, so by start time) older than an hour."""
+    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
+    old = []
+    for name in store.listdir(layout.scratch_root(collection)):
+        try:
+            started = dt.datetime.strptime(name[1:16], "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            continue  # not ours
+        if started < cutoff:
+            old.append(name)
+    return old
+
+
+def _kept(manifests: dict[str, Manifest], aliased: set[str], keep: int) -> set[str]:
+    """The ``keep`` newest, every aliased one, and whatever a kept version reuses files from, transitively."""
+    newest = sorted(manifests, key=lambda v: (manifests[v].created, v))[-keep:]
+    kept = set(newest) | (aliased & set(manifests))
+    todo = list(kept)
+    while todo:
+        for ref in manifests[todo.pop()].referenced_versions():
+            if ref not in kept and ref in manifests:
+                kept.add(ref)
+                todo.append(ref)
+    return kept
+
+
+def gc(ctx: Context, *, keep: int, dry_run: bool = False) -> GcResult:
+    """Delete old versions no alias points at and no kept version reuses files of; and failed builds."""
+    if keep < 1:
+        raise ConfigError(f"gc keep={keep}: keep at least 1 version (--keep N with N >= 1)")
+    store, col = ctx.store, ctx.collection
+    with Lease(store, col, WRITER, job="gc"):
+        committed, uncommitted = list_version_dirs(store, col)
+        manifests = {v: read_manifest(store, col, v) for v in committed}
+        kept = _kept(manifests, {v for v in ctx.registry.aliases().values() if v}, keep)
+        live_fps = {manifests[v].fingerprint for v in kept}
+        out = GcResult(
+            kept=sorted(kept),
+            deleted=[v for v in committed if v not in kept],
+            unfinished=uncommitted,
+            caches=[fp for fp in store.listdir(layout.caches_dir(col)) if fp not in live_fps],
+            scratch=_old_scratch(store, col),
+            dry_run=dry_run,
+        )
+        if dry_run:
+            return out
+        for v in out.deleted:
+            store.delete(layout.manifest_rel(col, v))  # invisible first, then the files
+            store.delete(layout.version_dir(col, v))
+            try:
+                ctx.registry.delete_version(v)
+            except EmbrayError as e:
+                log.warning("deleted %s but could not remove its MLflow model version: %s", v, e)
+        for v in uncommitted:
+            store.delete(layout.version_dir(col, v))
+        for fp in out.caches:
+            store.delete(f"{layout.caches_dir(col)}/{fp}")
+        for name in out.scratch:
+            store.delete(layout.scratch_dir(col, name))
+    log.info(
+        "gc %s: kept %d, deleted %d versions, %d unfinished builds, %d caches",
+        col,
+        len(kept),
+        len(out.deleted),
+        len(uncommitted),
+        len(out.caches),
+    )
+    return out

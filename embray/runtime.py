@@ -1,0 +1,38 @@
+"""Ray, started once per process, and waiting on groups of tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from embray.config import RayConfig
+from embray.errors import ConfigError
+
+
+def init_ray(rc: RayConfig) -> None:
+    """Connect to the configured Ray cluster, or start a local one (once per process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False}
+    if rc.address:
+        kwargs["address"] = rc.address
+    elif rc.num_cpus:
+        kwargs["num_cpus"] = rc.num_cpus
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as e:
+        raise ConfigError(f"ray.address {rc.address!r}: cannot connect ({e}); check the address or use null") from e
+
+
+def gather(refs: list) -> list:
+    """``ray.get`` of several tasks; when one fails, wait for the others to end before raising, so that
+    nothing is still writing when the caller cleans up. (No ``ray.cancel``: in Ray 2.60 cancelling a task
+    that is finishing can abort the driver, "Tried to complete task that was not pending".)"""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except BaseException:
+        ray.wait(refs, num_returns=len(refs), timeout=300)
+        raise

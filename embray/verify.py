@@ -1,0 +1,123 @@
+"""Verify a committed version: is every file there and intact, in one vector space, consistent with its manifest?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from embray import rows as R
+from embray.errors import VersionError
+from embray.results import VerifyReport
+from embray.store import Store, local_tmpdir, sha256_of
+from embray.vectors import file_fingerprint
+from embray.versions import Manifest, ShardEntry, file_rel, read_manifest
+
+
+def _file_problems(store: Store, m: Manifest) -> list[str]:
+    problems: list[str] = []
+    fps = {s.fingerprint for s in m.shards}
+    if fps - {m.fingerprint}:
+        problems.append(f"mixed fingerprints: manifest {m.fingerprint}, shards {sorted(fps - {m.fingerprint})}")
+    if len(m.shards) != int(m.index.get("shards", len(m.shards))):
+        problems.append(f"manifest lists {len(m.shards)} shards, its index config says {m.index.get('shards')}")
+    for f in m.files():
+        rel = file_rel(m, f)
+        try:
+            with store.fs.open(store.path(rel), "rb") as fh:
+                sha, size = sha256_of(fh)
+        except FileNotFoundError:
+            problems.append(f"missing file {store.url(rel)}")
+            continue
+        if (sha, size) != (f.sha256, f.bytes):
+            problems.append(
+                f"checksum mismatch {store.url(rel)}: {size} bytes sha256 {sha[:16]}..., "
+                f"manifest says {f.bytes} bytes sha256 {f.sha256[:16]}..."
+            )
+    return problems
+
+
+def _part_problems(m: Manifest, s: ShardEntry, part, seen: set[Any]) -> list[str]:
+    """An embeddings part against its shard entry: fingerprint, rows, unique and well-placed ids, digest."""
+    problems = []
+    part_fp = file_fingerprint(part.schema)
+    if part_fp != m.fingerprint:
+        problems.append(f"shard {s.shard}: embeddings part has fingerprint {part_fp!r}, the version {m.fingerprint}")
+    if part.num_rows != s.rows:
+        problems.append(f"shard {s.shard}: embeddings part has {part.num_rows} rows, manifest {s.rows}")
+    ids = part.column("id").to_pylist()
+    dup = len(ids) - len(set(ids))
+    if dup:
+        problems.append(f"shard {s.shard}: {dup} duplicate ids")
+    across = seen.intersection(ids)
+    if across:
+        problems.append(f"shard {s.shard}: {len(across)} ids also in another shard, e.g. {next(iter(across))!r}")
+    seen.update(ids)
+    misplaced = sum(1 for i in ids if R.shard_of(i, len(m.shards)) != s.shard)
+    if misplaced:
+        problems.append(f"shard {s.shard}: {misplaced} ids belong to another shard")
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    hashes = part.column("content_hash").to_pylist()
+    if R.digest_pairs([ids[i] for i in order], [hashes[i] for i in order]) != s.content_digest:
+        problems.append(f"shard {s.shard}: content digest does not match the manifest")
+    return problems
+
+
+def _index_problems(store: Store, m: Manifest, s: ShardEntry, part, tmp: Path) -> list[str]:
+    import numpy as np
+    from usearch.index import Index
+
+    local = tmp / "index.usearch"
+    if store.remote:
+        store.download(file_rel(m, s.index), local)
+    try:
+        index = Index.restore(str(local if store.remote else store.path(file_rel(m, s.index))), view=True)
+        if index is None:
+            return [f"shard {s.shard}: index file is not a USearch index"]
+        if len(index) != s.rows or index.ndim != m.dims:
+            return [
+                f"shard {s.shard}: index holds {len(index)} vectors of {index.ndim} dims, manifest {s.rows} of {m.dims}"
+            ]
+        if s.rows and not np.all(index.contains(part.column("key").to_numpy())):
+            return [f"shard {s.shard}: index and embeddings part disagree on keys"]
+        return []
+    finally:
+        local.unlink(missing_ok=True)
+
+
+def problems(store: Store, collection: str, version: str) -> list[str]:
+    """Every problem found with a committed version; an empty list means it is sound.
+
+    Checks: the manifest parses; every file is present with its recorded size and sha256; every
+    embeddings part and shard carries the manifest's fingerprint; part, index and manifest row
+    counts agree; ids are unique and in the shard their hash assigns; content digests match.
+    """
+    try:
+        m = read_manifest(store, collection, version)
+    except VersionError as e:
+        return [str(e)]
+    found = _file_problems(store, m)
+    if found:
+        return found  # the rest reads those files
+    seen: set[Any] = set()
+    total = 0
+    tmp = local_tmpdir("embray-verify-")
+    try:
+        for s in m.shards:
+            if s.embeddings is None or s.index is None:
+                found.append(f"shard {s.shard} has no {'embeddings' if s.embeddings is None else 'index'} file")
+                continue
+            part = store.read_table(file_rel(m, s.embeddings))
+            found += _part_problems(m, s, part, seen)
+            total += part.num_rows
+            found += _index_problems(store, m, s, part, tmp)
+    finally:
+        tmp.rmdir()
+    if total != m.counts.get("rows", total) or total != m.rows:
+        found.append(f"parts hold {total} rows, manifest says {m.counts.get('rows')}")
+    return found
+
+
+def verify(store: Store, collection: str, version: str) -> VerifyReport:
+    """:func:`problems` as a report."""
+    found = problems(store, collection, version)
+    return VerifyReport(version=version, ok=not found, problems=found)

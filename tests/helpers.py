@@ -1,0 +1,148 @@
+"""Helpers shared by the tests and the benchmarks: corpora, configs, version contents, STS-B.
+
+Fixtures stay in conftest.py; everything a test or a benchmark imports lives here.
+"""
+
+from __future__ import annotations
+
+import csv
+import socket
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+STSB = SHARED / "data" / "stsb" / "sts-test.csv"
+WORDS = (
+    "river mountain forest ocean desert valley glacier canyon meadow island volcano prairie "
+    "tiger falcon salmon beetle otter heron badger lizard walrus parrot bison moth "
+    "copper silver marble granite amber cobalt quartz basalt nickel zinc slate iron"
+).split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def doc_text(i: int, n_words: int = 8) -> str:
+    """Deterministic text for row i: overlapping vocabularies, so nearest neighbours mean something."""
+    return " ".join(WORDS[(i * 7 + j * j * 3 + (i // 5) * j) % len(WORDS)] for j in range(n_words)) + f" item{i % 97}"
+
+
+def write_corpus(root, files: int = 3, rows: int = 100, *, fs=None, start: int = 0, int_ids: bool = False):
+    """Write ``files`` Parquet files of ``rows`` rows each; returns the {id: text} written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = {}
+    for f in range(files):
+        lo = start + f * rows
+        ids = list(range(lo, lo + rows)) if int_ids else [f"doc-{i:06d}" for i in range(lo, lo + rows)]
+        texts = [doc_text(i) for i in range(lo, lo + rows)]
+        out.update(zip(ids, texts, strict=True))
+        table = pa.table({"id": ids, "text": texts})
+        path = f"{str(root).rstrip('/')}/part-{f:05d}.parquet"
+        if fs is None:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, path)
+        else:
+            with fs.open(path, "wb") as fh:
+                pq.write_table(table, fh)
+    return out
+
+
+def write_rows(root, rows: dict, files: int = 3) -> None:
+    """Rewrite the corpus under ``root`` as ``files`` Parquet files holding exactly ``rows``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for old in root.glob("*.parquet"):
+        old.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    items = sorted(rows.items())
+    for f in range(files):
+        part = items[f::files]
+        pq.write_table(
+            pa.table({"id": [i for i, _ in part], "text": [t for _, t in part]}), root / f"part-{f:05d}.parquet"
+        )
+
+
+def mutate(rows: dict, n_insert: int, n_update: int, n_delete: int) -> tuple[dict, set, set, set]:
+    """A changed copy of ``rows``: (rows, inserted ids, updated ids, deleted ids)."""
+    ids = sorted(rows)
+    updated = set(ids[1 : 1 + 3 * n_update : 3])
+    deleted = set(ids[2 : 2 + 3 * n_delete : 3])
+    out = {i: t for i, t in rows.items() if i not in deleted}
+    for i in updated:
+        out[i] = rows[i] + " revised edition"
+    inserted = {f"new-{j:04d}" for j in range(n_insert)}
+    for j, i in enumerate(sorted(inserted)):
+        out[i] = doc_text(50_000 + j) + " fresh"
+    return out, inserted, updated, deleted
+
+
+def make_config(tmp_path, **over):
+    """A validated Config for a hash-backend collection under tmp_path; keyword args override sections."""
+    from embray.config import parse_config
+
+    data = {
+        "collection": "docs",
+        "source": {"uri": str(tmp_path / "corpus")},
+        "store": {"uri": str(tmp_path / "store")},
+        "model": {"backend": "hash", "name": "words", "dims": 64},
+        "index": {"metric": "cos", "dtype": "f16", "shards": 3},
+        "embed": {"batch_size": 128, "actors": 1, "num_cpus": 1},
+    }
+    for key, value in over.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
+    return parse_config(data, base_dir=tmp_path)
+
+
+def content(cfg, version: str) -> dict:
+    """id -> (content_hash, vector) of a committed version, read from its manifest's files."""
+    import pyarrow.parquet as pq
+
+    from embray.store import Store
+    from embray.versions import file_rel, read_manifest
+
+    store = Store(cfg.store.uri, cfg.store.storage_options)
+    m = read_manifest(store, cfg.collection, version)
+    out = {}
+    for s in m.shards:
+        part = pq.read_table(store.path(file_rel(m, s.embeddings)), filesystem=store.pyarrow_fs())
+        vecs = np.stack(part.column("vector").to_numpy(zero_copy_only=False))
+        for i, h, v in zip(part.column("id").to_pylist(), part.column("content_hash").to_pylist(), vecs, strict=True):
+            out[i] = (h, v)
+    return out
+
+
+def assert_same_content(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][0] == b[k][0], k
+        np.testing.assert_array_equal(a[k][1], b[k][1])
+
+
+def read_stsb() -> tuple[list[float], list[str], list[str]]:
+    """The STS benchmark test split: (gold scores, left sentences, right sentences)."""
+    gold, left, right = [], [], []
+    with open(STSB, newline="", encoding="utf-8") as fh:
+        for row in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(row) >= 7:
+                gold.append(float(row[4]))
+                left.append(row[5])
+                right.append(row[6])
+    assert len(gold) > 1000
+    return gold, left, right
+
+
+def stsb_spearman(embedder) -> float:
+    """Spearman correlation of an embedder's cosine with the STS-B gold scores."""
+    from scipy.stats import spearmanr
+
+    gold, left, right = read_stsb()
+    a, b = embedder.embed_documents(left), embedder.embed_documents(right)
+    return spearmanr(np.sum(a * b, axis=1), gold).statistic
