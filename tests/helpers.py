@@ -113,6 +113,8 @@ def content(cfg, version: str) -> dict:
     out = {}
     for s in m.shards:
         part = pq.read_table(store.path(file_rel(m, s.embeddings)), filesystem=store.pyarrow_fs())
+        if part.num_rows == 0:
+            continue
         vecs = np.stack(part.column("vector").to_numpy(zero_copy_only=False))
         for i, h, v in zip(part.column("id").to_pylist(), part.column("content_hash").to_pylist(), vecs, strict=True):
             out[i] = (h, v)
