@@ -89,11 +89,11 @@ EMBEDDED: list[int] = []  # texts each embray backfill sent to the model
 
 
 def embray_backfill(cfg) -> float:
-    from embray.flows import backfill
+    from embray import Collection
 
     t = time.perf_counter()
-    result = backfill(cfg, promote=False)
-    EMBEDDED.append(result.counts["embedded"])
+    result = Collection(cfg).backfill(promote=False)
+    EMBEDDED.append(result.counts.embedded)
     return time.perf_counter() - t
 
 

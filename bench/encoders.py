@@ -34,8 +34,7 @@ from backfill import ROOT, machine, write_section  # noqa: E402 - the sibling be
 MARK_BEGIN = "<!-- bench/encoders.py begin -->"
 MARK_END = "<!-- bench/encoders.py end -->"
 sys.path.insert(0, str(ROOT))
-from tests.test_models import STSB  # noqa: E402 - the test split and its reader, shared with the STS-B tests
-from tests.test_models import _stsb as read_stsb  # noqa: E402
+from tests.helpers import STSB, read_stsb  # noqa: E402 - the test split and its reader, shared with the STS-B tests
 
 BATCH = 256
 

@@ -45,34 +45,36 @@ def main() -> None:
 
     import ray
 
+    from embray import Collection
     from embray.config import parse_config
-    from embray.monitor import status
-    from embray.quality import audit, evaluate
+    from embray.quality import evaluate
 
-    cfg = parse_config(
-        {
-            "collection": "bench",
-            "source": {"uri": str(work / "corpus")},
-            "store": {"uri": str(work / "store")},
-            "model": {"backend": "sentence-transformers"},
-            "index": {"shards": 4},
-        },
-        base_dir=work,
+    col = Collection(
+        parse_config(
+            {
+                "collection": "bench",
+                "source": {"uri": str(work / "corpus")},
+                "store": {"uri": str(work / "store")},
+                "model": {"backend": "sentence-transformers"},
+                "index": {"shards": 4},
+            },
+            base_dir=work,
+        )
     )
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     times: dict[str, list[float]] = {"status": [], "status --no-verify": [], "eval": [], "audit": []}
     last: dict[str, dict] = {}
-    active = status(cfg, check_verify=False, check_staleness=False)["active"]["id"]
+    active = col.status(verify=False, staleness=False).active.id
     for r in range(args.rounds):
         steps = [
-            ("status", status, (cfg,), {}),
-            ("status --no-verify", status, (cfg,), {"check_verify": False}),
-            ("eval", evaluate, (cfg, active), {"sample": args.sample, "record": False}),
-            ("audit", audit, (cfg, active), {"sample": args.audit_sample, "seed": r}),
+            ("status", col.status, (), {}),
+            ("status --no-verify", col.status, (), {"verify": False}),
+            ("eval", evaluate, (col.context, active), {"sample": args.sample, "record": False}),
+            ("audit", col.audit, (active,), {"sample": args.audit_sample, "seed": r}),
         ]
         for name, fn, a, kw in steps:
             t = time.perf_counter()
-            last[name] = fn(*a, **kw)
+            last[name] = fn(*a, **kw).to_dict()
             times[name].append(time.perf_counter() - t)
             print(f"round {r} {name}: {times[name][-1]:.1f}s", flush=True)
     st, ev, au = last["status"], last["eval"], last["audit"]

@@ -78,9 +78,9 @@ def main() -> None:
     import pyarrow.parquet as pq
     import ray
 
+    from embray import Collection
     from embray.config import parse_config
     from embray.demo import write_demo
-    from embray.flows import backfill, refresh
 
     tmp = Path(tempfile.mkdtemp(prefix="embray-bench-refresh-"))
     _, n = write_demo(tmp / "demo", docs=args.minilm_docs, files=8)
@@ -116,17 +116,17 @@ def main() -> None:
             continue
         full_s, ref_s, ratio_emb, stats = [], [], [], []
         for r in range(rounds):
-            c = cfg(name, model, r)
+            c = Collection(cfg(name, model, r))
             write_corpus(tmp / f"{name}-corpus", base, files=16 if label == "hash" else 8)
             t = time.perf_counter()
-            backfill(c)
+            c.backfill()
             full_s.append(time.perf_counter() - t)
             changed, n_changed, n_deleted = mutate(base, 0.01, seed=r)
             write_corpus(tmp / f"{name}-corpus", changed, files=16 if label == "hash" else 8)
             t = time.perf_counter()
-            res = refresh(c)
+            res = c.refresh()
             ref_s.append(time.perf_counter() - t)
-            s = res.summary()
+            s = res.to_dict()
             assert s["new"] + s["changed"] == n_changed and s["deleted"] == n_deleted, s
             ratio_emb.append(s["embedded"] / n_changed)
             stats.append(res.manifest.stats)

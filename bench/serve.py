@@ -185,10 +185,9 @@ def session(args: argparse.Namespace) -> None:
     import requests
     from ray import serve
 
+    from embray import Collection
     from embray.config import parse_config
     from embray.demo import write_demo
-    from embray.flows import backfill
-    from embray.search import open_version
     from embray.serving import application
 
     work = Path(args.workdir) / f"{args.model}-{args.docs}"
@@ -220,7 +219,7 @@ def session(args: argparse.Namespace) -> None:
         for f in range(16):
             pq.write_table(pa.table({"id": ids[f::16], "text": texts[f::16]}), work / "corpus" / f"p{f:02d}.parquet")
         t = time.perf_counter()
-        backfill(cfg)
+        Collection(cfg).backfill()
         print(f"built the index in {time.perf_counter() - t:.0f}s", file=sys.stderr, flush=True)
 
     import torch
@@ -228,7 +227,7 @@ def session(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)  # as in the Serve replica, which Ray gives 1 CPU (OMP_NUM_THREADS=1)
     rng = np.random.default_rng(0)
     queries = [" ".join(docs[i].split()[:12]) for i in rng.choice(len(docs), 300, replace=False)]
-    vi = open_version(cfg)
+    vi = Collection(cfg).index()
     qvecs = vi.embedder.embed_queries(queries)
     fp = vi.fingerprint
 

@@ -42,14 +42,11 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from embray import Collection
     from embray.config import parse_config
-    from embray.flows import backfill
-    from embray.monitor import check_once, status_metrics
-    from embray.registry import Registry
 
     sys.path.insert(0, str(ROOT))
-    from tests.conftest import doc_text
-    from tests.test_monitor import write_with_times as write_corpus  # id, text, updated_at (naive UTC, ms)
+    from tests.helpers import doc_text, write_with_times
 
     work = Path(tempfile.mkdtemp(prefix="embray-staleness-"))
     corpus = work / "corpus"
@@ -58,20 +55,22 @@ def main() -> None:
     clock = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
     rows = {f"doc-{i:07d}": doc_text(i) for i in range(args.rows)}
     times = dict.fromkeys(rows, clock)
-    write_corpus(corpus, rows, times, files=4)
-    cfg = parse_config(
-        {
-            "collection": "cycle",
-            "source": {"uri": str(corpus)},
-            "store": {"uri": str(work / "store")},
-            "model": {"backend": "hash", "name": "words", "dims": 64},
-            "index": {"shards": 4},
-            "embed": {"batch_size": 512},
-            "monitor": {"max_stale_fraction": args.threshold, "eval_sample": 100},
-        }
+    write_with_times(corpus, rows, times, files=4)
+    col = Collection(
+        parse_config(
+            {
+                "collection": "cycle",
+                "source": {"uri": str(corpus)},
+                "store": {"uri": str(work / "store")},
+                "model": {"backend": "hash", "name": "words", "dims": 64},
+                "index": {"shards": 4},
+                "embed": {"batch_size": 512},
+                "monitor": {"max_stale_fraction": args.threshold, "eval_sample": 100},
+            }
+        )
     )
-    backfill(cfg)
-    registry = Registry(cfg)
+    col.backfill()
+    registry = col.registry
     run_id = registry.start_job_run("staleness-cycle", {"embray.job": "monitor"}, {"bench": "staleness_cycle"})
     table = []
     next_id = args.rows
@@ -88,17 +87,17 @@ def main() -> None:
             rows[f"doc-{next_id:07d}"] = doc_text(next_id) + " new"
             times[f"doc-{next_id:07d}"] = clock
             next_id += 1
-        write_corpus(corpus, rows, times, files=4)
+        write_with_times(corpus, rows, times, files=4)
         t = time.monotonic()
-        st = check_once(cfg, promote_if_gates_pass=True)
+        st = col.check(promote_if_gates_pass=True)
         seconds = time.monotonic() - t
-        m = status_metrics(st)
-        m["refreshed"] = float(bool(st["action"]["refreshed"]))
+        m = st.metrics()
+        m["refreshed"] = float(bool(st.action.refreshed))
         m["check_seconds"] = seconds
         registry.log_metrics(run_id, m, step=step)
-        s = st["staleness"]
-        table.append((step, s["stale"], s["fraction"], st["action"]["refreshed"] is not None, st["ok"], seconds))
-        print(f"step {step}: stale {s['stale']} ({s['fraction']:.3%}), refreshed={bool(st['action']['refreshed'])}")
+        s = st.staleness
+        table.append((step, s.stale, s.fraction, st.action.refreshed is not None, st.ok, seconds))
+        print(f"step {step}: stale {s.stale} ({s.fraction:.3%}), refreshed={bool(st.action.refreshed)}")
     registry.end_run(run_id, ok=True)
 
     hist = registry.client.get_metric_history(run_id, "staleness.fraction")

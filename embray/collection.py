@@ -193,7 +193,14 @@ class Collection:
 
     # --- versions and aliases -------------------------------------------------------------------
     def versions(self) -> list[VersionInfo]:
-        """Committed versions, oldest first, with their aliases (read-only)."""
+        """Committed versions, oldest first, with their aliases (read-only).
+
+        Returns:
+            One :class:`VersionInfo` per committed version (``embray versions --json``).
+
+        Raises:
+            StoreError, RegistryError: The store or MLflow cannot be read.
+        """
         manifests = list_versions(self.store, self.name)
         registered = self.registry.registered_versions() if manifests else set()
         by_version: dict[str, list[str]] = {}
@@ -217,11 +224,24 @@ class Collection:
         ]
 
     def aliases(self) -> dict[str, str]:
-        """alias (``active``, ``candidate``) -> version id, from MLflow."""
+        """The collection's aliases, read from MLflow now.
+
+        Returns:
+            alias (``active``, ``candidate``) -> version id.
+
+        Raises:
+            RegistryError: MLflow cannot be reached.
+        """
         return self.registry.aliases()
 
     def resolve(self, version_or_alias: str | None = None) -> str:
-        """The version id that ``version_or_alias`` names (default ``active``).
+        """The version id that ``version_or_alias`` names.
+
+        Args:
+            version_or_alias: A version id or an alias name; default ``active``.
+
+        Returns:
+            The version id, a string.
 
         Raises:
             VersionError: No such alias or committed version.
@@ -236,15 +256,39 @@ class Collection:
         return name
 
     def manifest(self, version: str | None = None) -> Manifest:
-        """The committed manifest of ``version`` (an id or alias; default ``active``)."""
+        """The committed manifest of a version.
+
+        Args:
+            version: A version id or alias; default ``active``.
+
+        Raises:
+            VersionError: No such committed version, or its manifest is malformed.
+        """
         return read_manifest(self.store, self.name, self.resolve(version))
 
     def verify(self, version: str) -> VerifyReport:
-        """Check a version: files and checksums, one fingerprint, row counts, unique ids (``ok`` says)."""
-        return _verify(self.store, self.name, self._id(version))
+        """Check a version: files and checksums, one fingerprint, row counts, unique and well-placed ids.
+
+        Args:
+            version: A version id or alias.
+
+        Returns:
+            :class:`VerifyReport`; ``ok`` is false and ``problems`` names each problem when it is not sound
+            (a version that is not committed is a problem in the report, not an error).
+        """
+        vid = self.aliases().get(version, version) if not is_version_id(version) else version
+        return _verify(self.store, self.name, vid)
 
     def gates(self, version: str, *, queries: str | None = None) -> GateReport:
-        """Run the promotion gates (verify, ANN recall@10, labelled nDCG@10) without promoting."""
+        """Run the promotion gates (verify, ANN recall@10, labelled nDCG@10) without promoting.
+
+        Args:
+            version: A version id or alias.
+            queries: Labelled JSONL for the nDCG gate (default ``monitor.queries``).
+
+        Returns:
+            :class:`GateReport` with each gate's number and threshold.
+        """
         return quality.check_gates(self._ctx, self._id(version), queries=queries)
 
     def promote(
@@ -293,10 +337,19 @@ class Collection:
 
     # --- search ---------------------------------------------------------------------------------
     def index(self, version: str | None = None) -> VersionIndex:
-        """A searchable, memory-mapped version (default ``active``), opened once and reused.
+        """A searchable, memory-mapped version, opened once and reused.
 
         The ``active`` alias is re-read at most every ``serve.poll_s`` seconds (at once after this
         object moved it), so a loop of searches neither reloads shards nor asks MLflow each time.
+
+        Args:
+            version: A version id or alias; default ``active``.
+
+        Returns:
+            The :class:`VersionIndex` (its encoder loads on the first text query).
+
+        Raises:
+            VersionError: No such version, or it mixes fingerprints.
         """
         vid = self._active_version() if version in (None, ACTIVE) else self._id(version)
         with self._lock:
@@ -323,6 +376,16 @@ class Collection:
 
         A text is embedded with the version's own model; a vector from another space is refused.
 
+        Args:
+            text: The query text; or
+            vector: a query vector, with
+            fingerprint: the fingerprint of the model that made it.
+            k: Results to return, 1..1000.
+            version: A version id or alias; default ``active``.
+
+        Returns:
+            :class:`SearchResult`, best first, naming the version and its fingerprint.
+
         Raises:
             VersionError: No such version, a vector without the version's fingerprint, or a wrong size.
             ConfigError: ``k`` outside 1..1000.
@@ -336,6 +399,15 @@ class Collection:
         parts as the manifest lists them (a refreshed version's include the parts it reuses from its parent).
 
         The vectors are float32, L2-normalised, exactly as stored. Connects to (or starts) the configured Ray.
+
+        Args:
+            version: A version id or alias; default ``active``.
+
+        Returns:
+            A lazy ``ray.data.Dataset``; in numpy batches ``np.stack(batch["vector"])`` is (rows, dims).
+
+        Raises:
+            VersionError: No such committed version.
         """
         import ray.data
 
@@ -347,7 +419,15 @@ class Collection:
 
     # --- monitoring -----------------------------------------------------------------------------
     def status(self, *, verify: bool = True, staleness: bool = True) -> StatusReport:
-        """Is the collection current, consistent and served as its alias says? (``ok`` / ``problems``)."""
+        """Is the collection current, consistent and served as its alias says?
+
+        Args:
+            verify: Verify every aliased version (reads every file).
+            staleness: Measure the active version's staleness (a dry-run refresh on Ray).
+
+        Returns:
+            :class:`StatusReport`; ``ok`` is false and ``problems`` says why when a threshold is broken.
+        """
         return monitor.status(self._ctx, check_verify=verify, check_staleness=staleness)
 
     def eval(
@@ -356,6 +436,15 @@ class Collection:
         """Measure a version: ANN recall@10 vs exact, overlap@10 with ``against``, labelled nDCG@10.
 
         Results are logged to the version's MLflow run and tags.
+
+        Args:
+            version: A version id or alias.
+            against: Another version: overlap@10 of their results on sampled source texts.
+            queries: Labelled JSONL (default ``monitor.queries``): nDCG@10 and recall@10.
+            sample: Sampled queries (default ``monitor.eval_sample``).
+
+        Returns:
+            :class:`EvalReport`.
         """
         other = self._id(against) if against else None
         return quality.evaluate(self._ctx, self._id(version), against=other, queries=queries, sample=sample)
@@ -363,11 +452,28 @@ class Collection:
     def audit(
         self, version: str, *, sample: int | None = None, min_cosine: float | None = None, seed: int | None = None
     ) -> AuditReport:
-        """Re-embed a sample of a version's rows and compare with the stored vectors (``ok`` false on drift)."""
+        """Re-embed a sample of a version's rows and compare them with the stored vectors.
+
+        Args:
+            version: A version id or alias.
+            sample: Rows to re-embed (default ``monitor.audit_sample``).
+            min_cosine: Threshold (default ``monitor.audit_min_cosine``).
+            seed: Sample seed (default: a fresh random sample).
+
+        Returns:
+            :class:`AuditReport`; ``ok`` is false on drift or a changed fingerprint.
+        """
         return quality.audit(self._ctx, self._id(version), sample=sample, min_cosine=min_cosine, seed=seed)
 
     def check(self, *, promote_if_gates_pass: bool = False) -> StatusReport:
-        """One monitor step: status; a refresh when stale; optionally a gated promotion (``action`` says)."""
+        """One monitor step: status; a refresh when stale; optionally a gated promotion.
+
+        Args:
+            promote_if_gates_pass: Promote what a refresh built, through the gates.
+
+        Returns:
+            :class:`StatusReport` whose ``action`` says what was done.
+        """
         try:
             return monitor.check_once(self._ctx, promote_if_gates_pass=promote_if_gates_pass)
         finally:
@@ -381,8 +487,19 @@ class Collection:
         promote_if_gates_pass: bool = False,
         on_check: Callable[[StatusReport], None] | None = None,
     ) -> list[StatusReport]:
-        """Run :meth:`check` every ``interval_s`` (default ``monitor.interval_s``), ``iterations`` times or
-        until interrupted; each check is logged to one MLflow run and written for the Serve app's gauges."""
+        """Run :meth:`check` on an interval; each check is logged to one MLflow run and written for Serve's gauges.
+
+        A failed check (MLflow, the store or the source unreachable) is a data point; the loop goes on.
+
+        Args:
+            interval_s: Seconds between checks (default ``monitor.interval_s``).
+            iterations: Stop after this many checks (default: until interrupted).
+            promote_if_gates_pass: Promote what a refresh built, through the gates.
+            on_check: Called with each check's :class:`StatusReport` as it happens.
+
+        Returns:
+            Every check's :class:`StatusReport`.
+        """
         try:
             return monitor.run_monitor(
                 self._ctx,

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (2 CPUs, as on the development machines)."""

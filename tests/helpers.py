@@ -70,6 +70,28 @@ def write_rows(root, rows: dict, files: int = 3) -> None:
         )
 
 
+def write_with_times(root, rows: dict, times: dict, files: int = 2) -> None:
+    """Rewrite the corpus with an ``updated_at`` column (naive millisecond timestamps, read as UTC)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for old in root.glob("*.parquet"):
+        old.unlink()
+    items = sorted(rows.items())
+    for f in range(files):
+        part = items[f::files]
+        pq.write_table(
+            pa.table(
+                {
+                    "id": [i for i, _ in part],
+                    "text": [t for _, t in part],
+                    "updated_at": pa.array([times[i].replace(tzinfo=None) for i, _ in part], pa.timestamp("ms")),
+                }
+            ),
+            root / f"part-{f:05d}.parquet",
+        )
+
+
 def mutate(rows: dict, n_insert: int, n_update: int, n_delete: int) -> tuple[dict, set, set, set]:
     """A changed copy of ``rows``: (rows, inserted ids, updated ids, deleted ids)."""
     ids = sorted(rows)

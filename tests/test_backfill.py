@@ -11,15 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embray import Collection
 from embray.errors import SourceError, StoreError
-from embray.flows import backfill
 from embray.models import fingerprint, load_embedder
 from embray.registry import Registry
 from embray.rows import shard_of
 from embray.store import Store
 from embray.versions import list_versions
 
-from .conftest import free_port, make_config, write_corpus
+from .helpers import free_port, make_config, write_corpus
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -31,7 +31,7 @@ def _versions_dir(cfg) -> Path:
 def test_backfill_builds_a_complete_registered_version(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", files=3, rows=100)
     cfg = make_config(tmp_path)
-    result = backfill(cfg)
+    result = Collection(cfg).backfill()
 
     assert result.rows == 300 and result.rejected == 0 and result.promoted
     m = result.manifest
@@ -79,11 +79,11 @@ def test_backfill_builds_a_complete_registered_version(tmp_path):
 def test_later_versions_do_not_move_active_and_no_promote_sets_no_alias(tmp_path):
     write_corpus(tmp_path / "corpus", files=1, rows=50, int_ids=True)
     cfg = make_config(tmp_path)
-    first = backfill(cfg, promote=False)
+    first = Collection(cfg).backfill(promote=False)
     assert not first.promoted and Registry(cfg).aliases() == {}
-    second = backfill(cfg)
+    second = Collection(cfg).backfill()
     assert second.promoted  # the first version that may be promoted becomes active
-    third = backfill(cfg)
+    third = Collection(cfg).backfill()
     assert not third.promoted
     assert Registry(cfg).aliases() == {"active": second.version}
     assert [m.version for m in list_versions(Store(cfg.store.uri), cfg.collection)] == sorted(
@@ -102,7 +102,7 @@ def test_bad_rows_are_rejected_with_their_reason_and_counted(tmp_path):
     )
     pq.write_table(pa.table({"id": ["d", "f"], "text": ["dup y", "ok two"]}), corpus / "part-1.parquet")
     cfg = make_config(tmp_path, index={"shards": 2})
-    result = backfill(cfg)
+    result = Collection(cfg).backfill()
     m = result.manifest
     assert result.rows == 3 and result.rejected == 5
     assert m.counts["by_reason"] == {"null text": 1, "empty text": 1, "duplicate id": 2, "null id": 1}
@@ -140,7 +140,7 @@ def test_missing_column_is_named_with_the_fix(tmp_path):
         match=r"has no column 'body' \(source\.text_column\); its columns are "
         r"\['id', 'text'\]: set source\.text_column",
     ):
-        backfill(cfg)
+        Collection(cfg).backfill()
     _no_version_left(cfg)
 
 
@@ -150,10 +150,10 @@ def test_non_string_text_and_corrupt_files_are_refused(tmp_path):
     pq.write_table(pa.table({"id": ["x"], "text": [3]}), corpus / "part-9.parquet")
     cfg = make_config(tmp_path)
     with pytest.raises(SourceError, match=r"part-9\.parquet: column 'text' has type int64, not string"):
-        backfill(cfg)
+        Collection(cfg).backfill()
     (corpus / "part-9.parquet").write_bytes(b"this is not parquet at all")
     with pytest.raises(SourceError, match=r"part-9\.parquet is not a readable Parquet file"):
-        backfill(cfg)
+        Collection(cfg).backfill()
     _no_version_left(cfg)
 
 
@@ -168,7 +168,7 @@ def test_failure_mid_run_leaves_no_visible_version(tmp_path):
     path.write_bytes(bytes(data))
     cfg = make_config(tmp_path)
     with pytest.raises(SourceError, match=r"part-00001\.parquet cannot be read as Parquet \(OSError"):
-        backfill(cfg)
+        Collection(cfg).backfill()
     _no_version_left(cfg)
     reg = Registry(cfg)
     (run,) = reg.client.search_runs([reg.experiment_id()])
@@ -179,7 +179,7 @@ def test_failure_mid_run_leaves_no_visible_version(tmp_path):
 def test_missing_source_and_unreachable_store(tmp_path):
     cfg = make_config(tmp_path)
     with pytest.raises(SourceError, match=r"source\.uri .*corpus does not exist"):
-        backfill(cfg)
+        Collection(cfg).backfill()
     write_corpus(tmp_path / "corpus", files=1, rows=5)
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = make_config(
@@ -196,4 +196,4 @@ def test_missing_source_and_unreachable_store(tmp_path):
         mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
     )
     with pytest.raises(StoreError, match=r"store s3://nowhere/embray is not reachable or not writable"):
-        backfill(cfg)
+        Collection(cfg).backfill()

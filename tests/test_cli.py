@@ -12,7 +12,7 @@ import pytest
 
 from embray.cli import main
 
-from .conftest import REPO, make_config, write_corpus
+from .helpers import REPO, make_config, mutate, write_corpus, write_rows
 
 
 def _write_config(tmp_path) -> str:
@@ -91,8 +91,6 @@ def test_refresh_verify_promote_rollback_gc_commands(tmp_path, capsys):
         return json.loads(capsys.readouterr().out)
 
     v1 = cli_json("backfill", "--config", config)["version"]
-    from .test_refresh import mutate, write_rows
-
     write_rows(tmp_path / "corpus", mutate(rows, 3, 2, 1)[0], files=2)
     plan = cli_json("refresh", "--config", config, "--dry-run")
     assert {k: plan[k] for k in ("version", "parent", "new", "changed", "deleted", "embedded", "to_embed")} == {

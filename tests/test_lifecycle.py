@@ -12,17 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embray import Collection
 from embray.errors import ConflictError, GateError, VersionError
-from embray.flows import backfill, migrate, refresh
-from embray.lifecycle import gc, promote, rollback, verify
 from embray.lock import WRITER, Lease
 from embray.models import ModelSpec
 from embray.registry import ACTIVE, CANDIDATE, Registry
 from embray.store import Store
 from embray.versions import file_rel, list_versions, read_manifest
 
-from .conftest import make_config, write_corpus
-from .test_refresh import mutate, write_rows
+from .helpers import make_config, mutate, write_corpus, write_rows
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -32,10 +30,11 @@ def three(tmp_path):
     """A collection with three versions: v1 (active), v2 (a refresh), v3 (a migration, candidate)."""
     rows = write_corpus(tmp_path / "corpus", files=2, rows=120)
     cfg = make_config(tmp_path)
-    v1 = backfill(cfg)
+    col = Collection(cfg)
+    v1 = col.backfill()
     write_rows(tmp_path / "corpus", mutate(rows, 5, 5, 5)[0])
-    v2 = refresh(cfg)
-    v3 = migrate(cfg, ModelSpec(backend="hash", name="words", dims=64, seed=9))
+    v2 = col.refresh()
+    v3 = col.migrate(ModelSpec(backend="hash", name="words", dims=64, seed=9))
     return cfg, v1.version, v2.version, v3.version
 
 
@@ -46,17 +45,18 @@ def _store(cfg) -> Store:
 def test_verify_passes_sound_versions_and_catches_a_corrupted_file(three):
     cfg, v1, v2, _ = three
     store = _store(cfg)
-    assert verify(store, cfg.collection, v1) == [] and verify(store, cfg.collection, v2) == []
+    col = Collection(cfg)
+    assert col.verify(v1).problems == [] and col.verify(v2).problems == []
     m = read_manifest(store, cfg.collection, v2)
     path = store.path(file_rel(m, m.shards[1].index))
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    problems = verify(store, cfg.collection, v2)
+    problems = col.verify(v2).problems
     assert len(problems) == 1 and "checksum mismatch" in problems[0] and "shard-00001.usearch" in problems[0]
     with pytest.raises(GateError, match=r"refusing to promote .*verify: .*checksum mismatch"):
-        promote(cfg, v2, force=True, reason="force never overrides verify")
-    assert verify(store, cfg.collection, "v19990101T000000Z-000000")[0].startswith("version v1999")
+        col.promote(v2, force=True, reason="force never overrides verify")
+    assert col.verify("v19990101T000000Z-000000").problems[0].startswith("version v1999")
 
 
 def test_verify_catches_a_version_that_mixes_fingerprints(three):
@@ -80,27 +80,28 @@ def test_verify_catches_a_version_that_mixes_fingerprints(three):
     ]
     fake = m1.model_copy(update={"version": forged, "shards": shards})
     store.write_bytes(f"{cfg.collection}/versions/{forged}/manifest.json", fake.to_json())
-    problems = verify(store, cfg.collection, forged)
+    problems = Collection(cfg).verify(forged).problems
     assert any("embeddings part has fingerprint" in p and m3.fingerprint in p for p in problems), problems
 
 
 def test_promote_rollback_and_their_record_in_mlflow(three):
     cfg, v1, v2, v3 = three
     reg = Registry(cfg)
-    out = promote(cfg, v2, reason="fresher")
-    assert (out["active"], out["previous"], out["forced"]) == (v2, v1, False)
-    assert [g["gate"] for g in out["gates"]] == ["verify", "recall_at_10"] and all(g["passed"] for g in out["gates"])
+    col = Collection(cfg)
+    out = col.promote(v2, reason="fresher")
+    assert (out.active, out.previous, out.forced) == (v2, v1, False)
+    assert [g.gate for g in out.gates] == ["verify", "recall_at_10"] and all(g.passed for g in out.gates)
     tags = reg.model_version(v2).tags
     assert tags["embray.promote_reason"] == "fresher" and tags["embray.previous_active"] == v1
     assert tags["embray.promote_by"] and tags["embray.promote_at"]
-    promote(cfg, v3)
+    col.promote(v3)
     aliases = reg.aliases()
     assert aliases[ACTIVE] == v3 and CANDIDATE not in aliases  # the candidate was promoted
-    assert rollback(cfg, reason="bad results") == {"active": v2, "previous": v3}
+    assert col.rollback(reason="bad results").to_dict() == {"active": v2, "previous": v3}
     assert reg.model_version(v2).tags["embray.rollback_reason"] == "bad results"
-    assert rollback(cfg) == {"active": v1, "previous": v2}
+    assert col.rollback().to_dict() == {"active": v1, "previous": v2}
     with pytest.raises(VersionError, match=r"no earlier active version to roll back to"):
-        rollback(cfg)
+        col.rollback()
 
 
 def test_concurrent_promotes_leave_the_alias_on_a_requested_version(three):
@@ -109,7 +110,7 @@ def test_concurrent_promotes_leave_the_alias_on_a_requested_version(three):
 
     def go(v):
         try:
-            promote(cfg, v)
+            Collection(cfg).promote(v)
         except Exception as e:  # noqa: BLE001 - collected and asserted below
             errors.append(e)
 
@@ -134,12 +135,12 @@ def test_second_writer_fails_fast_naming_the_running_job(tmp_path):
     with Lease(store, cfg.collection, WRITER, job="refresh", ttl_s=30):
         t0 = time.monotonic()
         with pytest.raises(ConflictError, match=r"busy: refresh run by .* holds its writer lease"):
-            backfill(cfg)
+            Collection(cfg).backfill()
         assert time.monotonic() - t0 < 10
         with pytest.raises(ConflictError, match=r"busy: refresh"):
-            gc(cfg, keep=1)
+            Collection(cfg).gc(keep=1)
     assert list_versions(store, cfg.collection) == []
-    backfill(cfg)  # released: the next writer proceeds
+    Collection(cfg).backfill()  # released: the next writer proceeds
 
 
 def test_an_expired_lease_is_taken_over(tmp_path):
@@ -157,7 +158,7 @@ def test_an_expired_lease_is_taken_over(tmp_path):
         "expires_at": time.time() - 10,
     }
     store.write_bytes(f"{cfg.collection}/_locks/writer.json", json.dumps(record).encode())
-    assert backfill(cfg).rows == 50
+    assert Collection(cfg).backfill().rows == 50
     assert not store.exists(f"{cfg.collection}/_locks/writer.json")
 
 
@@ -165,46 +166,48 @@ def test_gc_keeps_aliased_and_referenced_versions(tmp_path):
     rows = write_corpus(tmp_path / "corpus", files=2, rows=100)
     cfg = make_config(tmp_path)
     store = _store(cfg)
-    v1 = backfill(cfg).version  # active
-    v2 = refresh(cfg).version  # unchanged: reuses every file of v1
+    col = Collection(cfg)
+    v1 = col.backfill().version  # active
+    v2 = col.refresh().version  # unchanged: reuses every file of v1
     write_rows(tmp_path / "corpus", mutate(rows, 3, 3, 3)[0])
-    v3 = refresh(cfg, promote_it=True).version  # active now; rebuilt shards, no reference to v1
-    v4 = refresh(cfg).version  # reuses v3's files
+    v3 = col.refresh(promote=True).version  # active now; rebuilt shards, no reference to v1
+    v4 = col.refresh().version  # reuses v3's files
     # A killed build's leftovers: a version directory without a manifest.
     orphan = f"{cfg.collection}/versions/v20261126T000000Z-dead00"
     store.write_bytes(f"{orphan}/embeddings/shard-00000.parquet", b"partial")
     # v1 and v2 are old, unaliased; v4 (newest) references v3, which is active anyway.
-    plan = gc(cfg, keep=1, dry_run=True)
-    assert set(plan["deleted"]) == {v1, v2} and set(plan["kept"]) == {v3, v4}
-    assert plan["unfinished"] == ["v20261126T000000Z-dead00"]
+    plan = col.gc(keep=1, dry_run=True)
+    assert set(plan.deleted) == {v1, v2} and set(plan.kept) == {v3, v4}
+    assert plan.unfinished == ["v20261126T000000Z-dead00"]
     assert len(list_versions(store, cfg.collection)) == 4  # a dry run deletes nothing
 
     # Make v2 the candidate: then v2 stays, and with it v1, whose files v2 reuses.
     Registry(cfg).set_alias(CANDIDATE, v2)
-    out = gc(cfg, keep=1)
-    assert set(out["deleted"]) == set() and set(out["kept"]) == {v1, v2, v3, v4}
+    out = col.gc(keep=1)
+    assert set(out.deleted) == set() and set(out.kept) == {v1, v2, v3, v4}
     assert not store.exists(orphan)
     Registry(cfg).delete_alias(CANDIDATE)
-    out = gc(cfg, keep=1)
-    assert set(out["deleted"]) == {v1, v2}
+    out = col.gc(keep=1)
+    assert set(out.deleted) == {v1, v2}
     assert [m.version for m in list_versions(store, cfg.collection)] == [v3, v4]
     assert Registry(cfg).registered_versions() == {v3, v4}
-    assert verify(store, cfg.collection, v4) == [] and verify(store, cfg.collection, v3) == []
+    assert col.verify(v4).problems == [] and col.verify(v3).problems == []
 
 
 def test_gc_drops_the_cache_of_models_no_version_uses(tmp_path):
     write_corpus(tmp_path / "corpus", files=1, rows=60)
     cfg = make_config(tmp_path)
     store = _store(cfg)
-    backfill(cfg)
-    candidate = migrate(cfg, ModelSpec(backend="hash", name="words", dims=64, seed=3))
+    col = Collection(cfg)
+    col.backfill()
+    candidate = col.migrate(ModelSpec(backend="hash", name="words", dims=64, seed=3))
     caches = store.listdir(f"{cfg.collection}/cache")
     assert len(caches) == 2
-    assert gc(cfg, keep=1)["caches"] == []  # the candidate stays (aliased), so does its cache
+    assert col.gc(keep=1).caches == []  # the candidate stays (aliased), so does its cache
     Registry(cfg).delete_alias(CANDIDATE)
-    refresh(cfg)  # the newest version now, in the active model's space
-    out = gc(cfg, keep=1)
-    assert out["deleted"] == [candidate.version] and out["caches"] == [candidate.fingerprint]
+    col.refresh()  # the newest version now, in the active model's space
+    out = col.gc(keep=1)
+    assert out.deleted == [candidate.version] and out.caches == [candidate.fingerprint]
     assert store.listdir(f"{cfg.collection}/cache") == [
         read_manifest(store, cfg.collection, Registry(cfg).aliases()[ACTIVE]).fingerprint
     ]
@@ -214,16 +217,17 @@ def test_a_damaged_cache_file_is_only_a_miss(tmp_path):
     write_corpus(tmp_path / "corpus", files=1, rows=60)
     cfg = make_config(tmp_path, embed={"batch_size": 8})  # several cache chunks per shard
     store = _store(cfg)
-    first = backfill(cfg, promote=False)
+    col = Collection(cfg)
+    first = col.backfill(promote=False)
     cache = store.path(f"{cfg.collection}/cache")
     files = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs]
     with open(files[0], "wb") as fh:
         fh.write(b"PAR1 truncated")
-    second = backfill(cfg, promote=False)
-    assert 0 < second.counts["embedded"] < 60
+    second = col.backfill(promote=False)
+    assert 0 < second.counts.embedded < 60
     assert second.manifest.content_digest == first.manifest.content_digest
     shutil.rmtree(cache)
-    assert backfill(cfg, promote=False).counts["embedded"] == 60
+    assert col.backfill(promote=False).counts.embedded == 60
     # A cache file from another space is never used, even when placed in this space's directory.
     last = list_versions(store, cfg.collection)[-1]
     hashes = [
@@ -235,6 +239,6 @@ def test_a_damaged_cache_file_is_only_a_miss(tmp_path):
     os.makedirs(os.path.dirname(files[0]))
     foreign = pa.table({"content_hash": hashes, "vector": [[1.0] + [0.0] * 63] * len(hashes)})
     pq.write_table(foreign.replace_schema_metadata({b"embray.fingerprint": b"0" * 24}), files[0])
-    again = backfill(cfg, promote=False)
-    assert again.counts["embedded"] == 60 and again.manifest.content_digest == first.manifest.content_digest
-    assert verify(store, cfg.collection, again.version) == []
+    again = col.backfill(promote=False)
+    assert again.counts.embedded == 60 and again.manifest.content_digest == first.manifest.content_digest
+    assert col.verify(again.version).problems == []

@@ -1,4 +1,3 @@
-import csv
 import json
 import shutil
 import subprocess
@@ -10,7 +9,7 @@ import pytest
 from embray.errors import ModelError
 from embray.models import ModelSpec, fingerprint, load_embedder, resolve_model_path
 
-from .conftest import SHARED
+from .helpers import STSB, stsb_spearman
 
 HASH = ModelSpec(backend="hash", name="words", dims=64)
 
@@ -104,29 +103,6 @@ def test_vllm_backend_matches_sentence_transformers_on_gpu():
     assert (np.sum(v * s, axis=1) > 0.99).all()
 
 
-STSB = SHARED / "data" / "stsb" / "sts-test.csv"
-
-
-def _stsb() -> tuple[list[float], list[str], list[str]]:
-    gold, left, right = [], [], []
-    with open(STSB, newline="", encoding="utf-8") as fh:
-        for row in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE):
-            if len(row) >= 7:
-                gold.append(float(row[4]))
-                left.append(row[5])
-                right.append(row[6])
-    assert len(gold) > 1000
-    return gold, left, right
-
-
-def _stsb_spearman(embedder) -> float:
-    from scipy.stats import spearmanr
-
-    gold, left, right = _stsb()
-    a, b = embedder.embed_documents(left), embedder.embed_documents(right)
-    return spearmanr(np.sum(a * b, axis=1), gold).statistic
-
-
 needs_stsb = pytest.mark.skipif(
     not STSB.exists(), reason=f"STS benchmark file {STSB} is absent (it lives in ../shared/)"
 )
@@ -135,7 +111,7 @@ needs_stsb = pytest.mark.skipif(
 @pytest.mark.slow
 @needs_stsb
 def test_sentence_transformers_reaches_published_stsb_score():
-    rho = _stsb_spearman(load_embedder(ModelSpec()))
+    rho = stsb_spearman(load_embedder(ModelSpec()))
     assert rho >= 0.815, f"Spearman {rho:.4f} below 0.815 (published 0.8203)"
 
 
@@ -154,13 +130,13 @@ def test_existing_fingerprints_do_not_change():
 
 
 def test_onnx_fingerprints_differ_from_their_source_and_each_other(monkeypatch):
-    import embray.models as models
+    import embray.models.spec as spec
 
     st, int8, fp32 = fingerprint(ModelSpec()), fingerprint(ONNX_INT8), fingerprint(ONNX_FP32)
     assert len({st, int8, fp32}) == 3
     assert fingerprint(ModelSpec(backend="onnx", quantize="int8")) == int8  # int8 is the default
     assert ONNX_INT8.canonical()["export"].startswith("embray-onnx-v")
-    monkeypatch.setattr(models, "_ONNX_RECIPE", models._ONNX_RECIPE + " (changed)")
+    monkeypatch.setattr(spec, "ONNX_RECIPE", spec.ONNX_RECIPE + " (changed)")
     assert fingerprint(ONNX_INT8) != int8  # another export recipe is another space
 
 
@@ -178,7 +154,7 @@ def test_onnx_backend_without_onnxruntime_says_how_to_get_it(monkeypatch):
 
 
 def test_onnx_backend_reads_the_sentence_transformers_layout(tmp_path):
-    from embray.models import _st_layout
+    from embray.models.onnx import _st_layout
 
     (tmp_path / "1_Pooling").mkdir()
     modules = [
@@ -251,7 +227,7 @@ def test_onnx_vectors_agree_with_sentence_transformers(onnx_cache, minilm):
 def test_onnx_export_is_cached_and_not_redone(onnx_cache, monkeypatch):
     import torch
 
-    import embray.models as models
+    import embray.models.onnx as onnx
 
     cache, loaded = onnx_cache
     monkeypatch.setenv("EMBRAY_CACHE", str(cache))
@@ -263,8 +239,8 @@ def test_onnx_export_is_cached_and_not_redone(onnx_cache, monkeypatch):
     def refuse(*args):
         raise AssertionError("exported again although the cache holds the model")
 
-    monkeypatch.setattr(models, "_export_onnx", refuse)
-    monkeypatch.setattr(models, "_quantize_int8", refuse)
+    monkeypatch.setattr(onnx, "_export_onnx", refuse)
+    monkeypatch.setattr(onnx, "_quantize_int8", refuse)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU Serve replica
     try:
@@ -281,5 +257,89 @@ def test_onnx_export_is_cached_and_not_redone(onnx_cache, monkeypatch):
 @needs_stsb
 @pytest.mark.parametrize("quantize, floor", [("none", 0.815), ("int8", 0.81)])
 def test_onnx_stsb_score(onnx_cache, quantize, floor):
-    rho = _stsb_spearman(onnx_cache[1][quantize])
+    rho = stsb_spearman(onnx_cache[1][quantize])
     assert rho >= floor, f"onnx ({quantize}) Spearman {rho:.4f} below {floor}"
+
+
+# --- precision (sentence-transformers on CUDA) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["hash", "onnx", "vllm"])
+def test_precision_is_refused_outside_sentence_transformers(backend):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"precision: fp16 applies only to backend: sentence-transformers"):
+        ModelSpec(backend=backend, dims=384, precision="fp16")
+    with pytest.raises(ValidationError):
+        ModelSpec(precision="int8")
+
+
+def test_precision_is_a_compute_setting_not_a_space():
+    # A version built on a GPU in fp16 is served and audited by CPU replicas in fp32: one space, one fingerprint.
+    assert "precision" not in ModelSpec(precision="fp16").canonical()
+    assert {fingerprint(ModelSpec(precision=p)) for p in (None, "fp32", "fp16", "bf16")} == {"2b621ef4322a93cda7861177"}
+
+
+def test_reduced_precision_is_for_cuda_only(caplog):
+    import torch
+
+    from embray.models.sentence_transformers import _compute_dtype
+
+    assert _compute_dtype(None, "cuda") is torch.float32
+    assert _compute_dtype("fp32", "cuda") is torch.float32
+    assert _compute_dtype("fp16", "cuda") is torch.float16
+    assert _compute_dtype("bf16", "cuda") is torch.bfloat16
+    with caplog.at_level("WARNING", logger="embray"):
+        assert _compute_dtype("fp16", "cpu") is torch.float32
+        assert _compute_dtype("bf16", "mps") is torch.float32
+    assert "model.precision fp16 applies on CUDA only; running in fp32 on cpu" in caplog.text
+
+
+@pytest.mark.slow
+def test_fp16_spec_on_a_cpu_gives_the_fp32_vectors(minilm, caplog):
+    with caplog.at_level("WARNING", logger="embray"):
+        e = load_embedder(ModelSpec(device="cpu", precision="fp16"))
+    assert "running in fp32 on cpu" in caplog.text
+    assert e.dtype == next(e.model.parameters()).dtype == minilm.dtype
+    np.testing.assert_array_equal(e.embed_documents(TEXTS), minilm.embed_documents(TEXTS))
+
+
+@pytest.mark.slow
+def test_weights_stored_in_fp16_are_computed_in_fp32(tmp_path, minilm):
+    # transformers >= 5 loads a checkpoint in its stored dtype; the spec's precision (null: fp32) decides instead.
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = resolve_model_path(ModelSpec())
+    copy = tmp_path / "minilm-fp16"
+    shutil.copytree(src, copy)
+    weights = load_file(str(src / "model.safetensors"))
+    save_file({k: v.half().contiguous() for k, v in weights.items()}, str(copy / "model.safetensors"))
+    e = load_embedder(ModelSpec(name=str(copy), device="cpu"))
+    assert e.dtype is torch.float32 and next(e.model.parameters()).dtype is torch.float32
+    vecs = e.embed_documents(TEXTS)
+    assert vecs.dtype == np.float32
+    assert np.sum(vecs * minilm.embed_documents(TEXTS), axis=1).min() > 0.99999
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision, dtype", [("fp16", "float16"), ("bf16", "bfloat16")])
+def test_reduced_precision_on_cuda_returns_float32_close_to_fp32(precision, dtype):
+    import torch
+
+    fp32 = load_embedder(ModelSpec(device="cuda")).embed_documents(TEXTS)
+    e = load_embedder(ModelSpec(device="cuda", precision=precision))
+    assert next(e.model.parameters()).dtype is getattr(torch, dtype)
+    vecs = e.embed_documents(TEXTS)
+    assert vecs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+    assert np.sum(vecs * fp32, axis=1).min() > 0.999

@@ -11,38 +11,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embray import Collection
 from embray.cli import main
-from embray.flows import backfill, migrate
 from embray.models import ModelSpec
-from embray.monitor import read_status, run_monitor, status
+from embray.monitor import read_status
 from embray.registry import ACTIVE, Registry
 from embray.store import Store
 from embray.versions import file_rel, read_manifest
 
-from .conftest import REPO, make_config, write_corpus
+from .helpers import REPO, make_config, write_corpus, write_rows, write_with_times
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 UTC = dt.timezone.utc
-
-
-def write_with_times(root, rows: dict, times: dict, files: int = 2) -> None:
-    """Rewrite the corpus with an ``updated_at`` column (naive millisecond timestamps, read as UTC)."""
-    for old in root.glob("*.parquet"):
-        old.unlink()
-    items = sorted(rows.items())
-    for f in range(files):
-        part = items[f::files]
-        pq.write_table(
-            pa.table(
-                {
-                    "id": [i for i, _ in part],
-                    "text": [t for _, t in part],
-                    "updated_at": pa.array([times[i].replace(tzinfo=None) for i, _ in part], pa.timestamp("ms")),
-                }
-            ),
-            root / f"part-{f:05d}.parquet",
-        )
 
 
 def cli_json(capsys, *args) -> tuple[int, object]:
@@ -60,7 +41,7 @@ def test_status_reports_staleness_oldest_change_verify_and_exit_code(tmp_path, c
     base = dt.datetime(2026, 11, 1, tzinfo=UTC)
     write_with_times(tmp_path / "corpus", rows, dict.fromkeys(rows, base))
     cfg = make_config(tmp_path, monitor={"max_stale_fraction": 0.05})
-    v1 = backfill(cfg).version
+    v1 = Collection(cfg).backfill().version
     config = tmp_path / "embray.yaml"
     config.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
 
@@ -100,9 +81,9 @@ def test_status_reports_staleness_oldest_change_verify_and_exit_code(tmp_path, c
     assert st["consistent"] is True  # stale is not broken
 
     # A candidate in another space shows up with its own fingerprint; a corrupt one fails consistency.
-    v2 = migrate(cfg, ModelSpec(backend="hash", name="words", dims=32, seed=3)).version
+    v2 = Collection(cfg).migrate(ModelSpec(backend="hash", name="words", dims=32, seed=3)).version
     lenient = cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"max_stale_fraction": 0.5})})
-    st = status(lenient)
+    st = Collection(lenient).status().to_dict()
     assert st["ok"] and st["candidate"]["id"] == v2
     assert {fp: e["versions"] for fp, e in st["fingerprints"].items()} == {
         st["active"]["fingerprint"]: {"active": v1},
@@ -114,7 +95,7 @@ def test_status_reports_staleness_oldest_change_verify_and_exit_code(tmp_path, c
     with open(path, "r+b") as fh:
         fh.seek(100)
         fh.write(b"\x00garbage\x00")
-    st = status(lenient)
+    st = Collection(lenient).status().to_dict()
     assert st["consistent"] is False and not st["ok"]
     assert st["verify"][v2]["ok"] is False and st["verify"][v1]["ok"] is True
     assert any(p.startswith(f"candidate {v2} fails verify: checksum mismatch") for p in st["problems"])
@@ -124,25 +105,24 @@ def test_status_without_updated_at_and_without_an_active_version(tmp_path):
     write_corpus(tmp_path / "corpus", files=1, rows=30)
     cfg = make_config(tmp_path)
     Registry(cfg).ensure_model()
-    st = status(cfg)
+    col = Collection(cfg)
+    st = col.status().to_dict()
     assert st["active"] is None and st["staleness"] is None and not st["ok"]
     assert "has no active version" in st["problems"][0]
-    backfill(cfg)
-    st = status(cfg)
+    col.backfill()
+    st = col.status().to_dict()
     assert st["ok"] and st["staleness"]["oldest_stale_at"] is None  # the corpus has no updated_at column
 
 
 def test_monitor_refreshes_when_stale_promotes_through_gates_and_logs_metrics(tmp_path, capsys, monkeypatch):
     rows = write_corpus(tmp_path / "corpus", files=2, rows=100)
     cfg = make_config(tmp_path, monitor={"max_stale_fraction": 0.02})
-    v1 = backfill(cfg).version
+    v1 = Collection(cfg).backfill().version
     for i in sorted(rows)[:10]:
         rows[i] += " edited"
-    from .test_refresh import write_rows
-
     write_rows(tmp_path / "corpus", rows, files=2)
 
-    results = run_monitor(cfg, interval_s=0, iterations=2, promote_if_gates_pass=True)
+    results = [r.to_dict() for r in Collection(cfg).monitor(interval_s=0, iterations=2, promote_if_gates_pass=True)]
     first, second = results
     assert first["staleness"]["changed"] == 10 and not first["ok"]
     v2 = first["action"]["refreshed"]
@@ -177,8 +157,6 @@ def test_monitor_refreshes_when_stale_promotes_through_gates_and_logs_metrics(tm
 def test_monitor_records_a_refused_promotion_and_does_not_rebuild_it(tmp_path):
     from embray.versions import list_versions
 
-    from .test_refresh import write_rows
-
     rows = write_corpus(tmp_path / "corpus", files=2, rows=200)
     # A starved HNSW graph: ANN recall stays below the floor, so the gate refuses what the monitor builds.
     cfg = make_config(
@@ -186,12 +164,14 @@ def test_monitor_records_a_refused_promotion_and_does_not_rebuild_it(tmp_path):
         index={"connectivity": 2, "expansion_add": 2, "expansion_search": 1, "shards": 1},
         monitor={"max_stale_fraction": 0.02, "recall_floor": 0.99},
     )
-    v1 = backfill(cfg).version
+    v1 = Collection(cfg).backfill().version
     for i in sorted(rows)[:20]:
         rows[i] += " edited"
     write_rows(tmp_path / "corpus", rows, files=2)
 
-    first, second = run_monitor(cfg, interval_s=0, iterations=2, promote_if_gates_pass=True)
+    first, second = (
+        r.to_dict() for r in Collection(cfg).monitor(interval_s=0, iterations=2, promote_if_gates_pass=True)
+    )
     v2 = first["action"]["refreshed"]
     assert v2 and first["action"]["promoted"] is None
     assert "recall_at_10" in first["action"]["refused"] and "floor 0.99" in first["action"]["refused"]
@@ -204,8 +184,6 @@ def test_monitor_records_a_refused_promotion_and_does_not_rebuild_it(tmp_path):
 
 
 def test_updated_at_in_nanoseconds_or_another_zone_and_gc_of_killed_dry_runs(tmp_path):
-    from embray.lifecycle import gc
-
     rows = write_corpus(tmp_path / "corpus", files=1, rows=40)
     ids = sorted(rows)
     ns = pa.array([1_763_000_000_123_456_789 + k for k in range(40)], pa.timestamp("ns", tz="America/New_York"))
@@ -214,10 +192,11 @@ def test_updated_at_in_nanoseconds_or_another_zone_and_gc_of_killed_dry_runs(tmp
         tmp_path / "corpus" / "part-00000.parquet",
     )
     cfg = make_config(tmp_path)
-    backfill(cfg)  # a build reads the column too: nanoseconds must not fail it
+    col = Collection(cfg)
+    col.backfill()  # a build reads the column too: nanoseconds must not fail it
     texts = [rows[i] + (" changed" if k == 5 else "") for k, i in enumerate(ids)]
     pq.write_table(pa.table({"id": ids, "text": texts, "updated_at": ns}), tmp_path / "corpus" / "part-00000.parquet")
-    st = status(cfg)
+    st = col.status().to_dict()
     assert st["staleness"]["changed"] == 1
     expected = dt.datetime.fromtimestamp((1_763_000_000_123_456_789 + 5) // 1000 / 1e6, tz=UTC)
     assert st["staleness"]["oldest_stale_at"] == expected.isoformat(timespec="seconds")
@@ -225,6 +204,6 @@ def test_updated_at_in_nanoseconds_or_another_zone_and_gc_of_killed_dry_runs(tmp
     store = Store(cfg.store.uri)
     store.write_bytes("docs/_scratch/v20200101T000000000Z-0a0b0c/scan/x.parquet", b"left by a killed status")
     store.write_bytes(f"docs/_scratch/{'v' + dt.datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}000Z-0d0e0f/x", b"running")
-    out = gc(cfg, keep=1)
-    assert out["scratch"] == ["v20200101T000000000Z-0a0b0c"]
+    out = col.gc(keep=1)
+    assert out.scratch == ["v20200101T000000000Z-0a0b0c"]
     assert store.listdir("docs/_scratch") == [n for n in store.listdir("docs/_scratch") if "0d0e0f" in n] != []

@@ -9,18 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from embray import Collection
 from embray.cli import main
 from embray.errors import ConfigError, GateError
-from embray.flows import backfill, migrate, refresh
-from embray.lifecycle import promote
 from embray.models import ModelSpec
-from embray.quality import audit, evaluate, load_queries
+from embray.quality import evaluate, load_queries
 from embray.registry import ACTIVE, CANDIDATE, Registry
 from embray.store import Store
 from embray.versions import file_rel, read_manifest
 
-from .conftest import make_config, write_corpus
-from .test_refresh import write_rows
+from .helpers import make_config, write_corpus, write_rows
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -36,7 +34,7 @@ def labelled(path, rows: dict, n: int = 40) -> str:
 def coll(tmp_path):
     rows = write_corpus(tmp_path / "corpus", files=2, rows=200)
     cfg = make_config(tmp_path, monitor={"queries": str(labelled(tmp_path / "queries.jsonl", rows))})
-    return cfg, rows, backfill(cfg).version
+    return cfg, rows, Collection(cfg).backfill().version
 
 
 def test_eval_measures_recall_overlap_and_ndcg_and_records_them_in_mlflow(coll, tmp_path):
@@ -44,38 +42,41 @@ def test_eval_measures_recall_overlap_and_ndcg_and_records_them_in_mlflow(coll, 
     for i in sorted(rows)[:20]:
         rows[i] += " amended"
     write_rows(tmp_path / "corpus", rows, files=2)
-    v2 = refresh(cfg).version
-    v3 = migrate(cfg, ModelSpec(backend="hash", name="words", dims=8, seed=5)).version
+    col = Collection(cfg)
+    v2 = col.refresh().version
+    v3 = col.migrate(ModelSpec(backend="hash", name="words", dims=8, seed=5)).version
 
-    r = evaluate(cfg, v1, against=v2)
-    assert r["recall_at_10"] >= 0.95 and r["recall_queries"] == cfg.monitor.eval_sample
-    assert r["overlap_at_10"] >= 0.8  # 20 of 400 rows changed: mostly the same neighbours
-    assert r["ndcg_at_10"] >= 0.9 and r["labelled_recall_at_10"] >= 0.95 and r["labelled_queries"] == 40
-    far = evaluate(cfg, v1, against=v3, record=False)
-    assert far["overlap_at_10"] < r["overlap_at_10"]  # another vector space: other neighbours
-    assert evaluate(cfg, v3, record=False)["ndcg_at_10"] < r["ndcg_at_10"]  # 8 dims lose information
+    r = col.eval(v1, against=v2)
+    assert r.recall_at_10 >= 0.95 and r.recall_queries == cfg.monitor.eval_sample
+    assert r.overlap_at_10 >= 0.8  # 20 of 400 rows changed: mostly the same neighbours
+    assert r.ndcg_at_10 >= 0.9 and r.labelled_recall_at_10 >= 0.95 and r.labelled_queries == 40
+    # Collection.eval always records; these two comparisons must not overwrite v1's recorded numbers.
+    far = evaluate(col.context, v1, against=v3, record=False)
+    assert far.overlap_at_10 < r.overlap_at_10  # another vector space: other neighbours
+    assert evaluate(col.context, v3, record=False).ndcg_at_10 < r.ndcg_at_10  # 8 dims lose information
 
     reg = Registry(cfg)
     run = reg.client.get_run(read_manifest(Store(cfg.store.uri), cfg.collection, v1).mlflow_run_id)
-    assert run.data.metrics["eval.recall_at_10"] == r["recall_at_10"]
-    assert run.data.metrics["eval.ndcg_at_10"] == r["ndcg_at_10"]
+    assert run.data.metrics["eval.recall_at_10"] == r.recall_at_10
+    assert run.data.metrics["eval.ndcg_at_10"] == r.ndcg_at_10
     tags = reg.model_version(v1).tags
-    assert float(tags["embray.eval.overlap_at_10"]) == r["overlap_at_10"]
+    assert float(tags["embray.eval.overlap_at_10"]) == r.overlap_at_10
 
 
 def test_gates_refuse_a_worse_version_with_the_numbers_and_force_records_why(coll, capsys):
     cfg, _, v1 = coll
     # Only the nDCG gate is under test here (the recall gate has its own test): its floor is set to 0.
     cfg = cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"recall_floor": 0.0})})
-    worse = migrate(cfg, ModelSpec(backend="hash", name="words", dims=8, seed=5)).version
+    col = Collection(cfg)
+    worse = col.migrate(ModelSpec(backend="hash", name="words", dims=8, seed=5)).version
     with pytest.raises(GateError, match=r"refusing to promote .*ndcg_at_10: nDCG@10 0\.\d+ vs active .* margin 0\.02"):
-        promote(cfg, worse)
+        col.promote(worse)
     assert Registry(cfg).aliases() == {ACTIVE: v1, CANDIDATE: worse}  # nothing moved
 
     with pytest.raises(ConfigError, match="--force needs --reason"):
-        promote(cfg, worse, force=True)
-    out = promote(cfg, worse, force=True, reason="accepting a smaller model for latency")
-    assert out["forced"] and out["active"] == worse
+        col.promote(worse, force=True)
+    out = col.promote(worse, force=True, reason="accepting a smaller model for latency")
+    assert out.forced and out.active == worse
     tags = Registry(cfg).model_version(worse).tags
     assert tags["embray.promote_forced"] == "true"
     assert tags["embray.promote_reason"] == "accepting a smaller model for latency"
@@ -85,15 +86,16 @@ def test_gates_refuse_a_worse_version_with_the_numbers_and_force_records_why(col
 def test_recall_gate_refuses_a_poorly_built_index(tmp_path, capsys):
     write_corpus(tmp_path / "corpus", files=2, rows=400)
     good = make_config(tmp_path)
-    v1 = backfill(good).version
+    v1 = Collection(good).backfill().version
     # The same corpus indexed with a starved HNSW graph: searches miss true neighbours.
     poor = make_config(
         tmp_path, index={"connectivity": 2, "expansion_add": 2, "expansion_search": 1, "shards": 1}, monitor={}
     )
     poor = poor.model_copy(update={"store": good.store, "collection": good.collection})
-    v2 = migrate(poor, ModelSpec(backend="hash", name="words", dims=64, seed=1)).version
-    r = evaluate(poor, v2, record=False)
-    assert r["recall_at_10"] < 0.95
+    poor_col = Collection(poor)
+    v2 = poor_col.migrate(ModelSpec(backend="hash", name="words", dims=64, seed=1)).version
+    r = evaluate(poor_col.context, v2, record=False)
+    assert r.recall_at_10 < 0.95
     config = tmp_path / "embray.yaml"
     config.write_text(json.dumps(good.model_dump(mode="json")))
     with pytest.raises(SystemExit) as e:
@@ -106,8 +108,8 @@ def test_recall_gate_refuses_a_poorly_built_index(tmp_path, capsys):
 
 def test_audit_passes_a_sound_version_and_catches_tampered_vectors(coll, tmp_path, capsys):
     cfg, rows, v1 = coll
-    ok = audit(cfg, v1, sample=400, seed=0)
-    assert ok["ok"] and ok["compared"] == 400 and ok["min_cosine"] >= 0.999 and ok["drifted"] == 0
+    ok = Collection(cfg).audit(v1, sample=400, seed=0)
+    assert ok.ok and ok.compared == 400 and ok.min_cosine >= 0.999 and ok.drifted == 0
 
     # Tamper with 7 stored vectors of shard 0 (rewrite its part: verify would flag the checksum too).
     store = Store(cfg.store.uri)

@@ -3,79 +3,30 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+from embray import Collection
 from embray.errors import ConfigError, VersionError
-from embray.flows import backfill, migrate, refresh
-from embray.lifecycle import verify
 from embray.models import ModelSpec, fingerprint
 from embray.registry import ACTIVE, CANDIDATE, Registry
-from embray.search import open_version
 from embray.store import Store
-from embray.versions import file_rel, list_versions, read_manifest
+from embray.versions import list_versions
 
-from .conftest import doc_text, make_config, write_corpus
+from .helpers import assert_same_content, content, make_config, mutate, write_corpus, write_rows
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-
-
-def write_rows(root, rows: dict, files: int = 3) -> None:
-    """Rewrite the corpus under ``root`` as ``files`` Parquet files holding exactly ``rows``."""
-    for old in root.glob("*.parquet"):
-        old.unlink()
-    root.mkdir(parents=True, exist_ok=True)
-    items = sorted(rows.items())
-    for f in range(files):
-        part = items[f::files]
-        pq.write_table(
-            pa.table({"id": [i for i, _ in part], "text": [t for _, t in part]}), root / f"part-{f:05d}.parquet"
-        )
-
-
-def content(cfg, version: str) -> dict:
-    """id -> (content_hash, vector) of a committed version, read from its manifest's files."""
-    store = Store(cfg.store.uri, cfg.store.storage_options)
-    m = read_manifest(store, cfg.collection, version)
-    out = {}
-    for s in m.shards:
-        part = pq.read_table(store.path(file_rel(m, s.embeddings)))
-        vecs = np.stack(part.column("vector").to_numpy(zero_copy_only=False))
-        for i, h, v in zip(part.column("id").to_pylist(), part.column("content_hash").to_pylist(), vecs, strict=True):
-            out[i] = (h, v)
-    return out
-
-
-def assert_same_content(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k][0] == b[k][0], k
-        np.testing.assert_array_equal(a[k][1], b[k][1])
-
-
-def mutate(rows: dict, n_insert: int, n_update: int, n_delete: int) -> tuple[dict, set, set, set]:
-    ids = sorted(rows)
-    updated = set(ids[1 : 1 + 3 * n_update : 3])
-    deleted = set(ids[2 : 2 + 3 * n_delete : 3])
-    out = {i: t for i, t in rows.items() if i not in deleted}
-    for i in updated:
-        out[i] = rows[i] + " revised edition"
-    inserted = {f"new-{j:04d}" for j in range(n_insert)}
-    for j, i in enumerate(sorted(inserted)):
-        out[i] = doc_text(50_000 + j) + " fresh"
-    return out, inserted, updated, deleted
 
 
 def test_refresh_embeds_exactly_what_changed_and_equals_a_fresh_build(tmp_path):
     rows = write_corpus(tmp_path / "corpus", files=3, rows=200)
     cfg = make_config(tmp_path)
-    parent = backfill(cfg)
+    col = Collection(cfg)
+    parent = col.backfill()
     changed_rows, inserted, updated, deleted = mutate(rows, n_insert=25, n_update=15, n_delete=10)
     write_rows(tmp_path / "corpus", changed_rows)
 
-    child = refresh(cfg)
-    s = child.summary()
+    child = col.refresh()
+    s = child.to_dict()
     assert (s["new"], s["changed"], s["deleted"]) == (25, 15, 10)
     assert s["reused"] == 600 - 15 - 10 and s["embedded"] == 40 and s["rows"] == 615
     assert s["parent"] == parent.version and s["aliases"] == []  # not promoted unless asked
@@ -91,15 +42,15 @@ def test_refresh_embeds_exactly_what_changed_and_equals_a_fresh_build(tmp_path):
     mv = Registry(cfg).model_version(child.version)
     assert mv.tags["embray.parent"] == parent.version
     assert Registry(cfg).aliases()[ACTIVE] == parent.version
-    assert verify(Store(cfg.store.uri), cfg.collection, child.version) == []
+    assert col.verify(child.version).problems == []
 
     # Same content as building the mutated corpus from scratch (in a fresh store).
     fresh_cfg = make_config(tmp_path, store={"uri": str(tmp_path / "fresh-store")})
-    fresh = backfill(fresh_cfg)
+    fresh = Collection(fresh_cfg).backfill()
     assert_same_content(content(cfg, child.version), content(fresh_cfg, fresh.version))
     # The parent is untouched, and search over the child sees the change.
     assert set(content(cfg, parent.version)) == set(rows)
-    vi = open_version(cfg, child.version)
+    vi = col.index(child.version)
     new_id = sorted(inserted)[0]
     assert vi.search_text([changed_rows[new_id]], k=1)[0][0].id == new_id
     gone = sorted(deleted)[0]
@@ -109,69 +60,73 @@ def test_refresh_embeds_exactly_what_changed_and_equals_a_fresh_build(tmp_path):
 def test_refresh_of_unchanged_corpus_embeds_nothing_and_reuses_every_shard(tmp_path):
     write_corpus(tmp_path / "corpus", files=2, rows=150)
     cfg = make_config(tmp_path)
-    parent = backfill(cfg)
+    col = Collection(cfg)
+    parent = col.backfill()
 
-    plan = refresh(cfg, dry_run=True)
-    assert plan.version is None and (plan.counts["new"], plan.counts["changed"], plan.counts["deleted"]) == (0, 0, 0)
+    plan = col.refresh(dry_run=True)
+    assert plan.to_dict()["version"] is None
+    assert (plan.counts.new, plan.counts.changed, plan.counts.deleted) == (0, 0, 0)
     assert len(list_versions(Store(cfg.store.uri), cfg.collection)) == 1  # a dry run writes no version
 
-    child = refresh(cfg, promote_it=True)
-    assert child.counts["embedded"] == 0 and child.counts["reused"] == 300
+    child = col.refresh(promote=True)
+    assert child.counts.embedded == 0 and child.counts.reused == 300
     m = child.manifest
     assert m.counts["shards_reused"] == 3
     assert all(s.embeddings.version == parent.version and s.index.version == parent.version for s in m.shards)
     assert Registry(cfg).aliases()[ACTIVE] == child.version
-    assert open_version(cfg).search_text(["river mountain"], k=3)[0]
+    assert col.index().search_text(["river mountain"], k=3)[0]
     # A grandchild reuses the same files, still pointing at the version that holds them.
-    grandchild = refresh(cfg)
+    grandchild = col.refresh()
     assert {s.index.version for s in grandchild.manifest.shards} == {parent.version}
 
 
 def test_migrate_is_a_separate_space_and_its_rerun_costs_nothing(tmp_path):
     write_corpus(tmp_path / "corpus", files=2, rows=100)
     cfg = make_config(tmp_path)
-    v1 = backfill(cfg)
+    col = Collection(cfg)
+    v1 = col.backfill()
     other = ModelSpec(backend="hash", name="words", dims=64, seed=1)  # same dims, a different space
     assert fingerprint(other) != fingerprint(cfg.model)
 
-    m1 = migrate(cfg, other)
-    assert m1.fingerprint == fingerprint(other) and m1.counts["embedded"] == 200
+    m1 = col.migrate(other)
+    assert m1.fingerprint == fingerprint(other) and m1.counts.embedded == 200
     aliases = Registry(cfg).aliases()
     assert aliases[ACTIVE] == v1.version and aliases[CANDIDATE] == m1.version
     assert m1.manifest.parent == v1.version
     assert {s.fingerprint for s in m1.manifest.shards} == {m1.fingerprint}
-    assert verify(Store(cfg.store.uri), cfg.collection, m1.version) == []
+    assert col.verify(m1.version).problems == []
     # No vector of the old space was reused: every vector is the new model's.
     old, new = content(cfg, v1.version), content(cfg, m1.version)
     assert all(not np.array_equal(old[i][1], new[i][1]) for i in old)
 
-    m2 = migrate(cfg, other)  # the rerun: everything from the (fingerprint, content_hash) cache
-    assert m2.counts["embedded"] == 0 and m2.counts["cache_hits"] == 200
+    m2 = col.migrate(other)  # the rerun: everything from the (fingerprint, content_hash) cache
+    assert m2.counts.embedded == 0 and m2.counts.cache_hits == 200
     assert_same_content(content(cfg, m1.version), content(cfg, m2.version))
 
     # Refresh keeps to the parent's space: with the config on another model it refuses.
     with pytest.raises(VersionError, match=r"never mixes two vector spaces: use `embray migrate`"):
-        refresh(cfg.model_copy(update={"model": other}))
+        Collection(cfg.model_copy(update={"model": other})).refresh()
     # A migration to the active model itself is refused too.
     with pytest.raises(VersionError, match=r"already uses"):
-        migrate(cfg, cfg.model)
+        col.migrate(cfg.model)
 
 
 def test_content_that_comes_back_is_not_embedded_again(tmp_path):
     rows = write_corpus(tmp_path / "corpus", files=2, rows=100)
     cfg = make_config(tmp_path)
-    backfill(cfg)
+    col = Collection(cfg)
+    col.backfill()
     gone = sorted(rows)[:10]
     write_rows(tmp_path / "corpus", {i: t for i, t in rows.items() if i not in gone})
-    assert refresh(cfg, promote_it=True).counts["deleted"] == 10
+    assert col.refresh(promote=True).counts.deleted == 10
     write_rows(tmp_path / "corpus", rows)
-    back = refresh(cfg)
-    assert back.counts["new"] == 10 and back.counts["embedded"] == 0 and back.counts["cache_hits"] == 10
+    back = col.refresh()
+    assert back.counts.new == 10 and back.counts.embedded == 0 and back.counts.cache_hits == 10
 
 
 def test_refresh_refuses_a_changed_shard_count(tmp_path):
     write_corpus(tmp_path / "corpus", files=1, rows=50)
     cfg = make_config(tmp_path)
-    backfill(cfg)
+    Collection(cfg).backfill()
     with pytest.raises(ConfigError, match=r"index.shards is 5 but version .* has 3 shards"):
-        refresh(make_config(tmp_path, index={"shards": 5}))
+        Collection(make_config(tmp_path, index={"shards": 5})).refresh()

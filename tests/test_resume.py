@@ -17,13 +17,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from embray import Collection
 from embray.errors import EmbrayError
-from embray.flows import backfill, refresh
 from embray.store import Store
 from embray.versions import list_version_dirs, list_versions
 
-from .conftest import REPO, make_config, write_corpus
-from .test_refresh import assert_same_content, content, mutate, write_rows
+from .helpers import REPO, assert_same_content, content, make_config, mutate, write_corpus, write_rows
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -105,7 +104,7 @@ def test_sigkill_of_the_driver_then_rerun_resumes(tmp_path, kind):
     before, base_rows = 0, 0
     total = len(set(rows.values()))  # distinct texts: what a backfill sends to the model
     if kind == "refresh":
-        backfill(cfg.model_copy(update={"model": cfg.model.model_copy(update={"latency_ms": 0.0})}))
+        Collection(cfg.model_copy(update={"model": cfg.model.model_copy(update={"latency_ms": 0.0})})).backfill()
         old_texts = set(rows.values())
         rows, *_ = mutate(rows, n_insert=600, n_update=300, n_delete=50)
         write_rows(tmp_path / "corpus", rows, files=4)
@@ -121,15 +120,15 @@ def test_sigkill_of_the_driver_then_rerun_resumes(tmp_path, kind):
     cached = _cached_rows(store_root)
 
     # The rerun (here in-process) takes over the dead driver's lease and embeds only what is left.
-    result = backfill(cfg) if kind == "backfill" else refresh(cfg)
+    result = Collection(cfg).backfill() if kind == "backfill" else Collection(cfg).refresh()
     done_before = cached - base_rows
     assert 0 < done_before < total
-    assert result.counts["embedded"] == total - done_before
-    assert result.counts["cache_hits"] == done_before
+    assert result.counts.embedded == total - done_before
+    assert result.counts.cache_hits == done_before
 
     # The same content as an uninterrupted run on a fresh store.
     fresh = make_config(tmp_path, store={"uri": str(tmp_path / "fresh")}, model=SLOW | {"latency_ms": 0.0})
-    assert_same_content(content(cfg, result.version), content(fresh, backfill(fresh).version))
+    assert_same_content(content(cfg, result.version), content(fresh, Collection(fresh).backfill().version))
 
 
 def _embed_worker_pids() -> list[int]:
@@ -140,7 +139,7 @@ def _embed_worker_pids() -> list[int]:
                 cmd = (p / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"_EmbedChunks" in cmd:
+            if b"EmbedChunks" in cmd:
                 pids.append(int(p.name))
     return pids
 
@@ -153,7 +152,7 @@ def test_sigkill_of_an_embedding_worker(tmp_path):
 
     def run():
         try:
-            outcome["result"] = backfill(cfg)
+            outcome["result"] = Collection(cfg).backfill()
         except EmbrayError as e:
             outcome["error"] = e
 
@@ -168,11 +167,11 @@ def test_sigkill_of_an_embedding_worker(tmp_path):
     t.join(timeout=300)
     assert not t.is_alive()
     fresh = make_config(tmp_path, store={"uri": str(tmp_path / "fresh")}, model=SLOW | {"latency_ms": 0.0})
-    expected = content(fresh, backfill(fresh).version)
+    expected = content(fresh, Collection(fresh).backfill().version)
     if "error" in outcome:  # the job may give up; then nothing is visible and a rerun resumes
         assert list_versions(Store(cfg.store.uri), "docs") == []
-        result = backfill(cfg)
-        assert result.counts["embedded"] < ROWS
+        result = Collection(cfg).backfill()
+        assert result.counts.embedded < ROWS
     else:  # or Ray restarts the actor and retries the chunk
         result = outcome["result"]
     assert_same_content(content(cfg, result.version), expected)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from embray import Collection
 from embray.errors import ConflictError
-from embray.flows import backfill
-from embray.search import open_version
 from embray.store import Store
 from embray.versions import list_versions, read_manifest
 
-from .conftest import doc_text, make_config, write_corpus
+from .helpers import doc_text, make_config, mutate, write_corpus
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -29,14 +28,15 @@ def test_backfill_from_s3_to_s3_and_search(tmp_path, bucket):
     name, options, fs = bucket
     corpus = write_corpus(f"{name}/corpus", files=4, rows=60, fs=fs)
     cfg = s3_config(tmp_path, name, options)
-    result = backfill(cfg)
+    col = Collection(cfg)
+    result = col.backfill()
     assert result.rows == 240 and result.uri == f"s3://{name}/embray/docs/versions/{result.version}"
     store = Store(cfg.store.uri, options)
     assert [m.version for m in list_versions(store, "docs")] == [result.version]
     keys = fs.find(f"{name}/embray/docs/versions/{result.version}")
     assert sum(k.endswith(".usearch") for k in keys) == 3 and not any("_staging" in k for k in keys)
 
-    vi = open_version(cfg)  # the active alias, shards downloaded, checked and memory-mapped
+    vi = col.index()  # the active alias, shards downloaded, checked and memory-mapped
     assert vi.version == result.version
     target = "doc-000123"
     (hits,) = vi.search_text([corpus[target]], k=5)
@@ -51,19 +51,16 @@ def test_backfill_from_s3_to_s3_and_search(tmp_path, bucket):
 
 
 def test_refresh_migrate_verify_promote_gc_on_s3(tmp_path, bucket):
-    from embray.flows import migrate, refresh
-    from embray.lifecycle import gc, promote, rollback, verify
     from embray.models import ModelSpec
     from embray.registry import ACTIVE, CANDIDATE, Registry
-
-    from .test_refresh import mutate
 
     name, options, fs = bucket
     rows = write_corpus(f"{name}/corpus", files=2, rows=60, fs=fs)
     cfg = s3_config(tmp_path, name, options)
     store = Store(cfg.store.uri, options)
-    v1 = backfill(cfg).version
-    assert refresh(cfg).counts["embedded"] == 0
+    col = Collection(cfg)
+    v1 = col.backfill().version
+    assert col.refresh().counts.embedded == 0
     changed, inserted, updated, deleted = mutate(rows, 4, 3, 2)
     for f in fs.find(f"{name}/corpus"):
         fs.rm(f)
@@ -73,26 +70,26 @@ def test_refresh_migrate_verify_promote_gc_on_s3(tmp_path, bucket):
     with fs.open(f"{name}/corpus/part-00000.parquet", "wb") as fh:
         pq.write_table(pa.table({"id": list(changed), "text": list(changed.values())}), fh)
     fs.invalidate_cache()
-    child = refresh(cfg)
-    assert (child.counts["new"], child.counts["changed"], child.counts["deleted"]) == (4, 3, 2)
-    assert child.counts["embedded"] == 7 and verify(store, "docs", child.version) == []
-    cand = migrate(cfg, ModelSpec(backend="hash", name="words", dims=64, seed=5))
+    child = col.refresh()
+    assert (child.counts.new, child.counts.changed, child.counts.deleted) == (4, 3, 2)
+    assert child.counts.embedded == 7 and col.verify(child.version).problems == []
+    cand = col.migrate(ModelSpec(backend="hash", name="words", dims=64, seed=5))
     assert Registry(cfg).aliases() == {ACTIVE: v1, CANDIDATE: cand.version}
 
-    promote(cfg, child.version, reason="s3")
-    vi = open_version(cfg)
+    col.promote(child.version, reason="s3")
+    vi = col.index()
     new_id = sorted(inserted)[0]
     assert vi.version == child.version and vi.search_text([changed[new_id]], k=1)[0][0].id == new_id
-    assert rollback(cfg)["active"] == v1
+    assert col.rollback().active == v1
 
     # A corrupted object on S3 is caught, and the version cannot be promoted.
     m = read_manifest(store, "docs", child.version)
     key = f"{name}/embray/docs/versions/{child.version}/{m.shards[0].embeddings.path}"
     fs.pipe_file(key, fs.cat_file(key)[:-10] + b"0123456789")
-    assert any("checksum mismatch" in p for p in verify(store, "docs", child.version))
+    assert any("checksum mismatch" in p for p in col.verify(child.version).problems)
 
-    out = gc(cfg, keep=1)
-    assert child.version in out["deleted"] and v1 in out["kept"] and cand.version in out["kept"]
+    out = col.gc(keep=1)
+    assert child.version in out.deleted and v1 in out.kept and cand.version in out.kept
     assert not fs.exists(f"{name}/embray/docs/versions/{child.version}/manifest.json")
 
 
@@ -100,13 +97,13 @@ def test_status_eval_audit_and_monitor_on_s3(tmp_path, bucket):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from embray.monitor import check_once, read_status, record_status, status
-    from embray.quality import audit, evaluate
+    from embray.monitor import read_status
 
     name, options, fs = bucket
     rows = write_corpus(f"{name}/corpus", files=2, rows=60, fs=fs)
     cfg = s3_config(tmp_path, name, options)
-    v1 = backfill(cfg).version
+    col = Collection(cfg)
+    v1 = col.backfill().version
     ids = sorted(rows)
     for i in ids[:6]:
         rows[i] += " revised"
@@ -114,16 +111,16 @@ def test_status_eval_audit_and_monitor_on_s3(tmp_path, bucket):
         pq.write_table(pa.table({"id": ids[:60], "text": [rows[i] for i in ids[:60]]}), fh)
     fs.invalidate_cache()
 
-    st = status(cfg)
-    assert (st["staleness"]["changed"], st["staleness"]["fraction"]) == (6, 0.05) and st["consistent"] is True
-    assert st["ok"]  # 5% is not above the default threshold
-    record_status(cfg, st)
+    st = col.status()
+    assert (st.staleness.changed, st.staleness.fraction) == (6, 0.05) and st.consistent is True
+    assert st.ok  # 5% is not above the default threshold
+    col.record_status(st)
     assert read_status(Store(cfg.store.uri, options), "docs")["staleness"]["changed"] == 6
-    assert evaluate(cfg, v1)["recall_at_10"] >= 0.95
-    a = audit(cfg, v1, sample=120, seed=1)
-    assert a["ok"] and a["compared"] == 114 and a["source_changed"] == 6
+    assert col.eval(v1).recall_at_10 >= 0.95
+    a = col.audit(v1, sample=120, seed=1)
+    assert a.ok and a.compared == 114 and a.source_changed == 6
 
-    strict = cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"max_stale_fraction": 0.01})})
-    step = check_once(strict, promote_if_gates_pass=True)
-    assert step["action"]["promoted"] == step["action"]["refreshed"] != v1
-    assert status(strict)["ok"]
+    strict = Collection(cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"max_stale_fraction": 0.01})}))
+    step = strict.check(promote_if_gates_pass=True)
+    assert step.action.promoted == step.action.refreshed != v1
+    assert strict.status().ok

@@ -6,13 +6,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from embray import Collection
 from embray.errors import VersionError
-from embray.flows import backfill
-from embray.search import VersionIndex, open_version
+from embray.search import VersionIndex
 from embray.store import Store
 from embray.versions import file_rel
 
-from .conftest import make_config, write_corpus
+from .helpers import make_config, mutate, write_corpus, write_rows
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -22,7 +22,7 @@ def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     corpus = write_corpus(tmp / "corpus", files=4, rows=5000)
     cfg = make_config(tmp, model={"dims": 96}, index={"shards": 4}, embed={"batch_size": 2000})
-    result = backfill(cfg)
+    result = Collection(cfg).backfill()
     return cfg, result, corpus
 
 
@@ -36,7 +36,7 @@ def _all_vectors(cfg, manifest):
 
 def test_ann_recall_at_10_against_exact_search(built):
     cfg, result, _ = built
-    vi = open_version(cfg)
+    vi = Collection(cfg).index()
     ids, vecs = _all_vectors(cfg, result.manifest)
     rng = np.random.default_rng(7)
     queries = vecs[rng.choice(len(vecs), 200, replace=False)] + rng.normal(0, 0.05, (200, vecs.shape[1]))
@@ -69,7 +69,7 @@ def test_ann_recall_at_10_against_exact_search(built):
 
 def test_text_search_uses_the_versions_model_and_ranks_best_first(built):
     cfg, _, corpus = built
-    vi = open_version(cfg)
+    vi = Collection(cfg).index()
     query = corpus["doc-004321"]
     (hits,) = vi.search_text([query], k=10)
     # The query's own document scores ~1 (hash collisions in 96 dims can tie a few others with it).
@@ -98,16 +98,12 @@ def test_mixed_fingerprints_and_foreign_vectors_are_refused(built):
 def test_no_active_version_is_a_clear_error(tmp_path):
     cfg = make_config(tmp_path)
     with pytest.raises(VersionError, match=r"has no 'active' version yet; run `embray backfill"):
-        open_version(cfg)
+        Collection(cfg).index()
 
 
 def test_recall_holds_on_shards_updated_in_place(built, tmp_path):
     """A refresh edits the parent's HNSW graphs (removals and additions); search quality must not drop."""
     import shutil
-
-    from embray.flows import refresh
-
-    from .test_refresh import mutate, write_rows
 
     cfg, _, corpus = built
     # Work on a copy so the module's other tests keep their version.
@@ -117,9 +113,10 @@ def test_recall_holds_on_shards_updated_in_place(built, tmp_path):
     copy = make_config(root, model={"dims": 96}, index={"shards": 4}, embed={"batch_size": 2000})
     changed = mutate(corpus, n_insert=400, n_update=400, n_delete=200)[0]
     write_rows(root / "corpus", changed, files=4)
-    child = refresh(copy)
+    col = Collection(copy)
+    child = col.refresh()
     assert child.manifest.counts["shards_updated"] == 4
-    vi = open_version(copy, child.version)
+    vi = col.index(child.version)
     ids, vecs = _all_vectors(copy, child.manifest)
     assert sorted(ids) == sorted(changed)
     rng = np.random.default_rng(11)

@@ -13,13 +13,10 @@ import time
 import pytest
 import requests
 
-from embray.flows import backfill, refresh
-from embray.lifecycle import promote, rollback
+from embray import Collection
 from embray.models import ModelSpec, fingerprint, load_embedder
-from embray.monitor import record_status, status
 
-from .conftest import REPO, free_port, make_config, write_corpus
-from .test_refresh import mutate, write_rows
+from .helpers import REPO, free_port, make_config, mutate, write_corpus, write_rows
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -50,10 +47,11 @@ def served(tmp_path_factory):
     cfg = make_config(
         tmp, serve={"port": port, "poll_s": 1.0, "admin_token": TOKEN, "max_text_chars": 500, "num_cpus": 0.5}
     )
-    v1 = backfill(cfg).version
+    col = Collection(cfg)
+    v1 = col.backfill().version
     changed, inserted, *_ = mutate(rows, 20, 20, 10)
     write_rows(tmp / "corpus", changed, files=2)
-    v2 = refresh(cfg).version
+    v2 = col.refresh().version
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(application(cfg), name="embray", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -145,8 +143,9 @@ def test_prometheus_metrics_name_the_served_version(served):
     import ray
 
     url, v1 = served["url"], served["v1"]
-    st = status(served["cfg"], check_verify=False)  # what the monitor records; the replicas export it
-    record_status(served["cfg"], st)
+    col = Collection(served["cfg"])
+    st = col.status(verify=False)  # what the monitor records; the replicas export it
+    col.record_status(st)
     for _ in range(3):
         assert _search(url, {"text": "river mountain", "k": 2}).status_code == 200
     assert _search(url, {"text": "river", "k": 0}).status_code == 422
@@ -177,7 +176,7 @@ def test_prometheus_metrics_name_the_served_version(served):
         (line,) = [ln for ln in lines if ln.startswith(name + "{") and needle in ln]
         return float(line.rsplit(" ", 1)[1])
 
-    s = st["staleness"]  # the fixture changed the corpus after v1: 20 new, 20 changed, 10 deleted
+    s = st.to_dict()["staleness"]  # the fixture changed the corpus after v1: 20 new, 20 changed, 10 deleted
     assert (s["new"], s["changed"], s["deleted"]) == (20, 20, 10)
     assert gauge("ray_embray_staleness_fraction", 'collection="docs"') == pytest.approx(s["fraction"])
     assert gauge("ray_embray_stale_rows", 'kind="changed"') == 20.0
@@ -188,19 +187,19 @@ def test_prometheus_metrics_name_the_served_version(served):
 def test_status_compares_what_is_served_with_the_alias(served, tmp_path):
     url, cfg, v1 = served["url"], served["cfg"], served["v1"]
     here = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"url": url})})
-    st = status(here, check_verify=False, check_staleness=False)
+    st = Collection(here).status(verify=False, staleness=False).to_dict()
     assert st["served"] == v1 and st["served_matches"] is True and st["problems"] == []
 
     # Another store whose collection is also called docs: its alias names another version.
     write_corpus(tmp_path / "corpus", files=1, rows=20)
     other = make_config(tmp_path, serve={"url": url})
-    v_other = backfill(other).version
-    st = status(other, check_verify=False, check_staleness=False)
+    v_other = Collection(other).backfill().version
+    st = Collection(other).status(verify=False, staleness=False).to_dict()
     assert st["served"] == v1 and st["served_matches"] is False and not st["ok"]
     assert f"serves {v1} but alias active is {v_other}" in st["problems"][0]
 
     gone = other.model_copy(update={"serve": other.serve.model_copy(update={"url": f"http://127.0.0.1:{free_port()}"})})
-    st = status(gone, check_verify=False, check_staleness=False)
+    st = Collection(gone).status(verify=False, staleness=False).to_dict()
     assert st["served"] is None and not st["ok"] and "unreachable" in st["problems"][0]
 
 
@@ -237,20 +236,20 @@ def test_cutover_under_load_through_a_promotion_and_a_rollback(served):
     reload = {"Authorization": f"Bearer {TOKEN}"}
     try:
         time.sleep(1.0)
-        promote(cfg, v2, reason="cutover test")
+        Collection(cfg).promote(v2, reason="cutover test")
         r = requests.post(f"{url}/v1/collections/docs/reload", headers=reload, timeout=60)
         t_v2 = time.monotonic()
         assert r.json()["version"] == v2
         time.sleep(1.5)
         t_rollback = time.monotonic()
-        rollback(cfg, reason="cutover test")
+        Collection(cfg).rollback(reason="cutover test")
         r = requests.post(f"{url}/v1/collections/docs/reload", headers=reload, timeout=60)
         t_v1 = time.monotonic()
         assert r.json()["version"] == v1
         time.sleep(1.0)
         # And without a reload call: the poller picks up a promotion within poll_s (plus loading).
         t_promote_call = time.monotonic()  # the poller may switch while promote() is still writing its tags
-        promote(cfg, v2, reason="poll test")
+        Collection(cfg).promote(v2, reason="poll test")
         t_promoted = time.monotonic()
         deadline = t_promoted + 30
         while time.monotonic() < deadline and not any(t0 > t_promoted and v == v2 for t0, _, _, v in log[-20:]):
@@ -272,7 +271,7 @@ def test_cutover_under_load_through_a_promotion_and_a_rollback(served):
     # The new version answers with the row only it has.
     r = _search(url, {"text": query, "k": 1})
     assert r.json()["version"] == v2 and r.json()["results"][0]["id"] == new_id
-    rollback(cfg)  # leave v1 active for any later test
+    Collection(cfg).rollback()  # leave v1 active for any later test
 
 
 @pytest.mark.parametrize("ingress", ["default", "haproxy"])
@@ -284,7 +283,7 @@ def test_embray_serve_command_answers_and_stops_on_ctrl_c(tmp_path, ingress):
         "collection: docs\nsource: {uri: ./corpus}\nstore: {uri: ./store}\n"
         "model: {backend: hash, name: words, dims: 32}\nindex: {shards: 2}\nray: {num_cpus: 2}\n"
     )
-    backfill(make_config(tmp_path, model={"dims": 32}, index={"shards": 2}))
+    Collection(make_config(tmp_path, model={"dims": 32}, index={"shards": 2})).backfill()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("EMBRAY_ADMIN_TOKEN", None)
     proc = subprocess.Popen(
@@ -330,7 +329,7 @@ def test_overload_gets_503_instead_of_piling_up(served, tmp_path):
         model={"latency_ms": 400.0},
         serve={"max_ongoing_requests": 1, "max_queued_requests": 1, "num_cpus": 0.25, "poll_s": 3600},
     )
-    backfill(cfg)  # the version's own model spec carries the latency, so its queries are slow
+    Collection(cfg).backfill()  # the version's own model spec carries the latency, so its queries are slow
     serve.run(application(cfg), name="slow", route_prefix="/slow")
     url = served["url"] + "/slow"
     _wait_ready(url)
@@ -357,9 +356,10 @@ def test_two_replicas_both_switch_on_one_reload(served, tmp_path):
         collection="two",
         serve={"replicas": 2, "num_cpus": 0.25, "poll_s": 3600, "admin_token": TOKEN},
     )
-    v1 = backfill(cfg).version
+    col = Collection(cfg)
+    v1 = col.backfill().version
     write_rows(tmp_path / "corpus", mutate(rows, 5, 5, 5)[0], files=1)
-    v2 = refresh(cfg).version
+    v2 = col.refresh().version
     serve.run(application(cfg), name="two", route_prefix="/two")
     url = served["url"] + "/two"
     try:
@@ -368,7 +368,7 @@ def test_two_replicas_both_switch_on_one_reload(served, tmp_path):
         with requests.Session() as s:
             before = {s.post(search, json={"text": "river", "k": 1}, timeout=30).json()["version"] for _ in range(20)}
             assert before == {v1}
-            promote(cfg, v2, reason="two replicas")
+            col.promote(v2, reason="two replicas")
             r = s.post(f"{url}/v1/collections/two/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
             assert r.status_code == 200 and r.json()["version"] == v2
             time.sleep(3.0)  # the other replica sees the marker within a second, then loads

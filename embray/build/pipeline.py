@@ -79,6 +79,8 @@ class Build:
     def start(self) -> None:
         """Checks first (fingerprint, corpus schemas, parent's shard count), then the MLflow run."""
         cfg = self.cfg
+        init_ray(cfg.ray)
+        check_pool_fits(cfg.embed, cfg.ray)
         self.fp = self.spec.fingerprint or fingerprint(self.spec.model)
         self.src = inspect_source(cfg.source)
         self.parents = parent_shards(self.spec.parent, self.fp, self.shards)
@@ -105,8 +107,6 @@ class Build:
             reg = self.ctx.registry
             self.run_id = reg.start_run(self.vid, self.kind, self._params())
             reg.log_corpus(self.run_id, cfg.source.uri, self.src.digest, {"id": self.src.id_type, "text": "string"})
-        init_ray(cfg.ray)
-        check_pool_fits(cfg.embed, cfg.ray)
 
     def _params(self) -> dict:
         cfg, spec = self.cfg, self.spec

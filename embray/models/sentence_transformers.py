@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from embray.errors import ModelError
 from embray.models.base import Embedder
 from embray.models.spec import ModelSpec, resolve_model_path
 
+log = logging.getLogger("embray")
+
+
+def _compute_dtype(precision: str | None, device_type: str):
+    """The torch dtype a sentence-transformers model computes in: ``precision`` on CUDA, float32 elsewhere.
+
+    fp16 and bf16 on a CPU are slow (and fp16 poorly supported there), and a spec's ``precision`` travels with
+    its versions to CPU Serve replicas and audits: those run the same space in fp32 instead of refusing it.
+    """
+    import torch
+
+    if precision in (None, "fp32"):
+        return torch.float32
+    if device_type != "cuda":
+        log.warning("model.precision %s applies on CUDA only; running in fp32 on %s", precision, device_type)
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
 
 class SentenceTransformerEmbedder(Embedder):
-    """sentence-transformers on CPU or GPU, from local weights."""
+    """sentence-transformers on CPU or GPU, from local weights; on CUDA in ``spec.precision``."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
@@ -23,6 +43,11 @@ class SentenceTransformerEmbedder(Embedder):
             self.model = SentenceTransformer(str(path), device=spec.device, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - wrap whatever the loader raises at the boundary
             raise ModelError(f"cannot load sentence-transformers model from {path}: {e}") from e
+        # transformers >= 5 loads a checkpoint in the dtype it is stored in (fp16 files: fp16, even on a CPU):
+        # the compute dtype is set here instead, so that it is the spec's and not the file's.
+        self.dtype = _compute_dtype(spec.precision, self.model.device.type)
+        if next(self.model.parameters()).dtype != self.dtype:
+            self.model.to(self.dtype)
         if spec.max_tokens:
             self.model.max_seq_length = spec.max_tokens
         self._dims = int(self.model.get_embedding_dimension())
@@ -33,10 +58,21 @@ class SentenceTransformerEmbedder(Embedder):
         return self._dims
 
     def embed_batch(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(
+        if self.model.device.type != "cuda":
+            return self.model.encode(
+                texts,
+                batch_size=self.spec.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=False,
+                show_progress_bar=False,
+            )
+        # On a GPU the vectors stay on the device until the last batch: with convert_to_numpy, encode copies
+        # each batch to the host, which waits for the GPU, so tokenising the next batch cannot overlap it.
+        vecs = self.model.encode(
             texts,
             batch_size=self.spec.batch_size,
-            convert_to_numpy=True,
+            convert_to_tensor=True,
             normalize_embeddings=False,
             show_progress_bar=False,
         )
+        return vecs.float().cpu().numpy()

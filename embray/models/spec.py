@@ -39,7 +39,8 @@ ONNX_OPSET = 17
 
 
 class ModelSpec(BaseModel):
-    """What makes a vector space. Everything but ``device`` and ``batch_size`` is in the fingerprint."""
+    """What makes a vector space. Everything but the compute settings (``device``, ``precision``,
+    ``batch_size``, ``latency_ms``) is in the fingerprint."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -60,6 +61,14 @@ class ModelSpec(BaseModel):
     device: str | None = Field(
         None, description="Torch device; null: cuda when available, else cpu. Not fingerprinted."
     )
+    precision: Literal["fp32", "fp16", "bf16"] | None = Field(
+        None,
+        description="'sentence-transformers' only: the dtype the model computes in on a CUDA device; null: fp32. "
+        "On any other device it runs in fp32 (with a warning), so a version built on a GPU in fp16 is served and "
+        "audited by CPU replicas as the same space. Vectors are always float32. Not fingerprinted: on STS-B, fp16 "
+        "vectors are within cosine 0.999998 of fp32 ones and bf16 within 0.9998 (docs/benchmarks.md); fp16 is "
+        "the one to use on a GPU (as fast as bf16 there, and closer to fp32).",
+    )
     batch_size: int = Field(
         64, ge=1, description="Texts per forward pass inside the model ('onnx': always 1). Not fingerprinted."
     )
@@ -76,6 +85,11 @@ class ModelSpec(BaseModel):
             raise ValueError("the 'hash' backend needs dims (e.g. dims: 384)")
         if self.quantize is not None and self.backend != "onnx":
             raise ValueError(f"quantize: {self.quantize} applies only to backend: onnx; remove it or set backend: onnx")
+        if self.precision is not None and self.backend != "sentence-transformers":
+            raise ValueError(
+                f"precision: {self.precision} applies only to backend: sentence-transformers; remove it or set "
+                "backend: sentence-transformers"
+            )
         return self
 
     @property
@@ -98,7 +112,9 @@ class ModelSpec(BaseModel):
         'onnx' spec adds its quantisation and the export recipe; other backends' canonical form is
         unchanged by those fields, so their fingerprints are too.
         """
-        out = self.model_dump(exclude={"device", "batch_size", "latency_ms", "quantize"})
+        # Compute settings are left out: ``precision`` too, so a GPU build in fp16 and a CPU replica in fp32 are
+        # one space (min cosine on STS-B: fp16 0.999998, bf16 0.9998 to fp32; docs/benchmarks.md).
+        out = self.model_dump(exclude={"device", "precision", "batch_size", "latency_ms", "quantize"})
         out.update(normalize="l2", dtype="float32")
         if self.backend == "onnx":  # an exported or quantised model is not its source's space
             out.update(quantize=self.quantize or "int8", export=ONNX_RECIPE)
