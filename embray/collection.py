@@ -163,7 +163,7 @@ class Collection:
             GateError: ``promote`` and the child failed a gate (it stays committed, not active).
             ConflictError: Another job writes this collection.
         """
-        parent_id = self.resolve(parent) if parent else None
+        parent_id = self._id(parent) if parent else None
         if dry_run:
             return flows.plan_refresh(self._ctx, parent_id)
         try:
