@@ -45,6 +45,7 @@ class Registry:
             os.makedirs(os.path.dirname(self.uri[len("sqlite:///") :]) or ".", exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self._experiment_id: str | None = None
+        self._model_ready = False
 
     def _call(self, fn, *args, **kwargs):
         from mlflow.exceptions import MlflowException
@@ -141,8 +142,11 @@ class Registry:
 
     # --- registered model versions --------------------------------------------
     def ensure_model(self) -> None:
+        """Create the registered model ``embray.<collection>`` if it does not exist (checked once per Registry)."""
         from mlflow.exceptions import MlflowException
 
+        if self._model_ready:
+            return
         try:
             self.client.get_registered_model(self.name)
         except MlflowException:
@@ -152,6 +156,7 @@ class Registry:
                 tags={"embray.collection": self.cfg.collection},
                 description=f"embray collection {self.cfg.collection}: one model version per index version.",
             )
+        self._model_ready = True
 
     def register(self, manifest: Manifest, uri: str) -> str:
         """Register a committed version; idempotent (returns the existing model version)."""
