@@ -173,7 +173,7 @@ def test_prometheus_metrics_name_the_served_version(served):
     assert any(ln.startswith("ray_embray_request_latency_ms_bucket") for ln in lines)
 
     def gauge(name: str, needle: str) -> float:
-        (line,) = [ln for ln in lines if ln.startswith(name + "{") and needle in ln]
+        (line,) = [ln for ln in lines if ln.startswith(name + "{") and needle in ln and 'collection="docs"' in ln]
         return float(line.rsplit(" ", 1)[1])
 
     s = st.to_dict()["staleness"]  # the fixture changed the corpus after v1: 20 new, 20 changed, 10 deleted

@@ -83,7 +83,10 @@ class EmbrayServer:
         self.last_check: str | None = None
         self.last_error: str | None = None
         self._switch = threading.Lock()
-        self.metrics = ServeMetrics(self.cfg.collection)
+        mon = self.cfg.monitor
+        self.metrics = ServeMetrics(
+            self.cfg.collection, stale_threshold=mon.max_stale_fraction, monitor_interval_s=mon.interval_s
+        )
         self.check()  # serve at once if there is an active version; /readyz says when there is one
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="embray-alias-poller", daemon=True)
@@ -97,10 +100,12 @@ class EmbrayServer:
         """Load the version `active` points at, if it is not the one served. True when it switched."""
         with self._switch:  # one load at a time; requests never wait on this
             self.last_check = utcnow()
+            target = None
             try:
                 target = self._active_alias()
                 if target is None or (self.current is not None and self.current.version == target):
                     self.last_error = None
+                    self.metrics.alias(target is not None)
                     return False
                 t = time.monotonic()
                 index = self.collection.index(target)
@@ -108,6 +113,8 @@ class EmbrayServer:
                 loaded = Loaded(index, utcnow(), time.monotonic() - t)
             except EmbrayError as e:
                 self.last_error = str(e)
+                if target is not None:  # read the alias but could not load its version (not: MLflow down)
+                    self.metrics.alias(False)
                 log.error(
                     "could not load the active version: %s (still serving %s)",
                     e,
@@ -117,7 +124,8 @@ class EmbrayServer:
             old = self.current.version if self.current else None
             self.current = loaded  # the switch: one reference; in-flight requests keep the one they read
             self.last_error = None
-            self.metrics.served(old, loaded.version, loaded.load_seconds, index.manifest.rows)
+            self.metrics.served(old, loaded.version, loaded.load_seconds, index.manifest.rows, index.manifest.created)
+            self.metrics.alias(True)
             log.info("serving %s (was %s); loaded and warmed in %.2fs", loaded.version, old, loaded.load_seconds)
             return True
 
@@ -151,6 +159,10 @@ class EmbrayServer:
                         self.metrics.status(st)
                 except Exception as e:  # noqa: BLE001 - a bad status file must not stop alias checks
                     log.warning("cannot export the monitor's status: %s", e)
+            try:  # Ray drops a gauge ~20-30 s after its last set: keep every state gauge set
+                self.metrics.refresh()
+            except Exception as e:  # noqa: BLE001 - metrics must not stop alias checks
+                log.warning("cannot refresh the metrics: %s", e)
             if self._stop.wait(tick):
                 return
 

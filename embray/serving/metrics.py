@@ -9,10 +9,15 @@ from typing import Any
 class ServeMetrics:
     """The Serve app's Prometheus metrics (Ray prefixes them with ``ray_`` on its metrics endpoint)."""
 
-    def __init__(self, collection: str):
+    def __init__(self, collection: str, *, stale_threshold: float, monitor_interval_s: float):
         from ray.serve import metrics
 
         self.collection = collection
+        # Ray drops a gauge from its metrics endpoint 20-30 s after its last set() (measured with Ray 2.60): every
+        # state gauge is remembered here and set again every second by the poller (refresh), so it stays exported.
+        self._sticky: dict[tuple[str, tuple], tuple[Any, float, dict[str, str]]] = {}
+        self._checked_at: dt.datetime | None = None  # the monitor's last check: status age grows from it
+        tags = {"collection": collection}
         self.latency = metrics.Histogram(
             "embray_request_latency_ms",
             description="Request latency by endpoint.",
@@ -57,28 +62,74 @@ class ServeMetrics:
             tag_keys=("collection",),
         )
 
+        self.serving_alias = metrics.Gauge(
+            "embray_serving_alias",
+            description="1 while this replica serves the version alias `active` names, 0 while it serves another "
+            "(or none).",
+            tag_keys=("collection",),
+        )
+        self.version_created = metrics.Gauge(
+            "embray_served_version_created_seconds",
+            description="When the served version was built (Unix seconds); its age is time() minus this.",
+            tag_keys=("collection", "version"),
+        )
+        # The thresholds the alert rules compare with, from the config (deploy/prometheus/embray-alerts.yaml).
+        threshold = metrics.Gauge(
+            "embray_staleness_threshold",
+            description="monitor.max_stale_fraction: the stale fraction above which the collection is stale.",
+            tag_keys=("collection",),
+        )
+        interval = metrics.Gauge(
+            "embray_monitor_interval_seconds",
+            description="monitor.interval_s: how often the monitor is meant to check.",
+            tag_keys=("collection",),
+        )
+        self._set(threshold, stale_threshold, tags)
+        self._set(interval, monitor_interval_s, tags)
+
+    def _set(self, gauge, value: float, tags: dict[str, str]) -> None:
+        gauge.set(value, tags=tags)
+        self._sticky[(gauge.info["name"], tuple(sorted(tags.items())))] = (gauge, value, tags)
+
+    def refresh(self) -> None:
+        """Set every state gauge again (the poller calls it every second), so none ages out of Ray's endpoint."""
+        for gauge, value, tags in list(self._sticky.values()):
+            gauge.set(value, tags=tags)
+        self._status_age()
+
+    def alias(self, serving_it: bool) -> None:
+        self._set(self.serving_alias, 1.0 if serving_it else 0.0, {"collection": self.collection})
+
     def status(self, st: dict[str, Any]) -> None:
+        """Export the monitor's last status (its JSON, as ``<collection>/_status/status.json`` holds it)."""
         tags = {"collection": self.collection}
         stale = st.get("staleness") or {}
         if stale:
-            self.stale_fraction.set(stale["fraction"], tags=tags)
+            self._set(self.stale_fraction, stale["fraction"], tags)
             for kind in ("new", "changed", "deleted"):
-                self.stale_rows.set(stale[kind], tags={**tags, "kind": kind})
-        self.status_ok.set(1.0 if st.get("ok") else 0.0, tags=tags)
+                self._set(self.stale_rows, stale[kind], {**tags, "kind": kind})
+        self._set(self.status_ok, 1.0 if st.get("ok") else 0.0, tags)
         checked = st.get("checked_at")
         if checked:
-            age = (dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(checked)).total_seconds()
-            self.status_age.set(age, tags=tags)
+            self._checked_at = dt.datetime.fromisoformat(checked)
+            self._status_age()
 
-    def served(self, old: str | None, version: str, load_seconds: float, rows: int) -> None:
-        if old:
+    def _status_age(self) -> None:
+        if self._checked_at is not None:
+            age = (dt.datetime.now(dt.timezone.utc) - self._checked_at).total_seconds()
+            self.status_age.set(age, tags={"collection": self.collection})
+
+    def served(self, old: str | None, version: str, load_seconds: float, rows: int, created: str) -> None:
+        if old:  # set to 0 once, then left to age out
             gone = {"collection": self.collection, "version": old}
-            for gauge in (self.active, self.rows, self.load_seconds):
+            for gauge in (self.active, self.rows, self.load_seconds, self.version_created):
                 gauge.set(0, tags=gone)
+                self._sticky.pop((gauge.info["name"], tuple(sorted(gone.items()))), None)
         tags = {"collection": self.collection, "version": version}
-        self.active.set(1, tags=tags)
-        self.load_seconds.set(load_seconds, tags=tags)
-        self.rows.set(rows, tags=tags)
+        self._set(self.version_created, dt.datetime.fromisoformat(created).timestamp(), tags)
+        self._set(self.active, 1, tags)
+        self._set(self.load_seconds, load_seconds, tags)
+        self._set(self.rows, rows, tags)
 
     def record(self, endpoint: str, version: str | None, outcome: str, ms: float) -> None:
         self.requests.inc(
