@@ -377,3 +377,68 @@ def test_two_replicas_both_switch_on_one_reload(served, tmp_path):
         assert {r.json()["version"] for r in after} == {v2}
     finally:
         serve.delete("two")
+
+
+def test_the_openapi_document_tells_the_truth(served):
+    """Every status code the tests can provoke on a route is documented there, with an error body; the request
+    schema states its rules; an unknown field (a typo such as `top_k`) is refused instead of ignored."""
+    url, fp = served["url"], fingerprint(served["cfg"].model)
+    doc = requests.get(f"{url}/openapi.json", timeout=10).json()
+    paths = doc["paths"]
+    search = paths["/v1/collections/{name}/search"]["post"]
+    documented = (
+        {("search", int(c)) for c in search["responses"]}
+        | {("info", int(c)) for c in paths["/v1/collections/{name}"]["get"]["responses"]}
+        | {("reload", int(c)) for c in paths["/v1/collections/{name}/reload"]["post"]["responses"]}
+        | {("readyz", int(c)) for c in paths["/readyz"]["get"]["responses"]}
+    )
+    assert {("search", c) for c in (200, 401, 404, 409, 413, 422, 500, 503)} <= documented
+    assert {("reload", c) for c in (200, 401, 403, 404)} <= documented
+    for code in ("401", "404", "409", "413", "422", "503"):
+        assert search["responses"][code]["description"]
+        assert search["responses"][code]["content"]["application/json"]["schema"]
+
+    observed = set()
+    base = f"{url}/v1/collections/docs"
+    for body in (
+        {"text": "river", "k": 2},  # 200
+        {"text": "river", "top_k": 2},  # 422: unknown field
+        {"text": "river", "vector": [0.1] * 64, "fingerprint": fp},  # 422: both
+        {"k": 3},  # 422: neither
+        {"vector": [0.1] * 64},  # 422: no fingerprint
+        {"vector": [0.1] * 64, "fingerprint": "0" * 24},  # 409
+        {"text": "x" * 501},  # 413
+    ):
+        observed.add(("search", _search(url, body).status_code))
+    observed.add(
+        ("search", requests.post(f"{url}/v1/collections/nope/search", json={"text": "a"}, timeout=10).status_code)
+    )
+    observed.add(("info", requests.get(base, timeout=10).status_code))
+    observed.add(("info", requests.get(f"{url}/v1/collections/nope", timeout=10).status_code))
+    observed.add(("reload", requests.post(f"{base}/reload", timeout=10).status_code))
+    observed.add(
+        (
+            "reload",
+            requests.post(f"{base}/reload", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).status_code,
+        )
+    )
+    observed.add(("readyz", requests.get(f"{url}/readyz", timeout=10).status_code))
+    assert observed == {
+        ("search", 200),
+        ("search", 422),
+        ("search", 409),
+        ("search", 413),
+        ("search", 404),
+        ("info", 200),
+        ("info", 404),
+        ("reload", 401),
+        ("reload", 200),
+        ("readyz", 200),
+    }
+    assert observed <= documented, observed - documented
+    typo = _search(url, {"text": "river", "top_k": 2})
+    assert typo.status_code == 422 and "top_k" in typo.text
+
+    schema = doc["components"]["schemas"]["SearchRequest"]
+    assert schema["additionalProperties"] is False
+    assert {"required": ["vector", "fingerprint"], "not": {"required": ["text"]}} in schema["oneOf"]

@@ -32,7 +32,7 @@ from embray.layout import reload_file
 from embray.registry import ACTIVE
 from embray.search import VersionIndex
 from embray.serving.metrics import ServeMetrics
-from embray.serving.schemas import CollectionInfo, SearchRequest, SearchResponse
+from embray.serving.schemas import CollectionInfo, NotReady, SearchRequest, SearchResponse, errors
 from embray.versions import utcnow
 
 log = logging.getLogger("embray.serve")
@@ -199,14 +199,19 @@ class EmbrayServer:
     async def healthz(self) -> dict:
         return {"ok": True}
 
-    @app.get("/readyz", summary="A version is loaded and warm.")
+    @app.get("/readyz", summary="A version is loaded and warm.", responses={503: {"model": NotReady}})
     async def readyz(self):
         cur = self.current
         if cur is None:
             return JSONResponse({"ready": False, "reason": self.last_error or "no active version yet"}, status_code=503)
         return {"ready": True, "version": cur.version}
 
-    @app.get("/v1/collections/{name}", response_model=CollectionInfo, summary="What this server serves.")
+    @app.get(
+        "/v1/collections/{name}",
+        response_model=CollectionInfo,
+        summary="What this server serves.",
+        responses=errors(401, 404, 500),
+    )
     def info(self, name: str, authorization: str | None = Header(None), x_api_key: str | None = Header(None)):
         self._collection(name)
         self._auth_query(authorization, x_api_key)
@@ -229,7 +234,7 @@ class EmbrayServer:
         "/v1/collections/{name}/search",
         response_model=SearchResponse,
         summary="Top-k search.",
-        responses={409: {"description": "the vector's fingerprint is not the serving version's"}},
+        responses=errors(401, 404, 409, 413, 422, 500, 503),
     )
     async def search(
         self,
@@ -294,7 +299,11 @@ class EmbrayServer:
             self.metrics.record(endpoint, version, "error", (time.perf_counter() - t) * 1000)
             raise HTTPException(500, str(e)) from e
 
-    @app.post("/v1/collections/{name}/reload", summary="Check the `active` alias now (admin token).")
+    @app.post(
+        "/v1/collections/{name}/reload",
+        summary="Check the `active` alias now (admin token).",
+        responses=errors(401, 403, 404, 500),
+    )
     def reload(self, name: str, authorization: str | None = Header(None)):
         self._collection(name)
         want = _secret(self.cfg.serve.admin_token, "EMBRAY_ADMIN_TOKEN")

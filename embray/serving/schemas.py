@@ -1,13 +1,28 @@
 """The HTTP API's request and response bodies (the OpenAPI schema at /docs is made from these)."""
 
 # No `from __future__ import annotations`: FastAPI and pydantic must see the real types.
-from pydantic import BaseModel, Field, model_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_K = 1000
 
 
 class SearchRequest(BaseModel):
-    """Search by ``text`` (embedded with the serving version's model), or by a ``vector`` made with ``fingerprint``."""
+    """Search by ``text`` (embedded with the serving version's model), or by a ``vector`` made with ``fingerprint``.
+
+    Exactly one of the two; unknown fields are refused (422), so a typo such as ``top_k`` is not ignored.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["text"], "not": {"required": ["vector"]}},
+                {"required": ["vector", "fingerprint"], "not": {"required": ["text"]}},
+            ]
+        },
+    )
 
     text: str | None = Field(None, description="Query text.")
     vector: list[float] | None = Field(None, description="Query vector; needs `fingerprint`.")
@@ -48,3 +63,31 @@ class CollectionInfo(BaseModel):
     load_seconds: float | None
     last_check: str | None
     last_error: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: ``detail`` says what was wrong and how to fix it (a list of field errors for a
+    request body that fails validation)."""
+
+    detail: str | list[dict[str, Any]]
+
+
+class NotReady(BaseModel):
+    ready: bool = False
+    reason: str
+
+
+def errors(*codes: int) -> dict[int, dict[str, Any]]:
+    """OpenAPI ``responses`` for the error codes a route can answer with."""
+    what = {
+        401: "the API key (X-API-Key) or the admin token (Authorization: Bearer) is missing or wrong",
+        403: "reload is disabled on this server (no serve.admin_token / EMBRAY_ADMIN_TOKEN)",
+        404: "no such collection on this server",
+        409: "the vector's fingerprint is not the serving version's: embed with that version's model, or send text",
+        413: "the text is longer than serve.max_text_chars",
+        422: "the request is malformed: not exactly one of text / vector, a vector without its fingerprint, an "
+        "unknown field, k outside 1..1000, wrong vector dimensions, or NaN / infinite values",
+        500: "an unexpected error (the server's log has it)",
+        503: "no version is loaded yet (or Serve is overloaded: max_queued_requests)",
+    }
+    return {c: {"model": ErrorBody, "description": what[c]} for c in codes}
