@@ -52,6 +52,17 @@ def backfill(config_path: str, no_promote: bool, as_json: bool) -> None:
     _emit(s, as_json, _build_human(s))
 
 
+def _estimate_human(e: dict[str, Any]) -> str:
+    size = f"{e['bytes_added'] / 1e6:.1f} MB" if e["bytes_added"] is not None else "unknown"
+    shards = f"shards: {e['shards_rebuilt']} rebuilt, {e['shards_updated']} updated, {e['shards_reused']} reused"
+    if e["seconds"] is None:
+        return f"\n  {shards}; store +{size}\n  time: {e['basis']}"
+    return (
+        f"\n  {shards}; store +{size}\n  about {e['seconds']:.0f} s, {e['cpu_hours']:.3f} CPU-h, "
+        f"{e['gpu_hours']:.3f} GPU-h ({e['basis']})"
+    )
+
+
 def _build_human(s: dict[str, Any]) -> str:
     reasons = ", ".join(f"{n} {r}" for r, n in s["rejected_by_reason"].items()) or "none"
     lineage = f" from {s['parent']}" if s.get("parent") else ""
@@ -82,7 +93,7 @@ def refresh(config_path: str, parent: str | None, dry_run: bool, promote_it: boo
             as_json,
             f"{s['parent']} vs the source now: new {s['new']}, changed {s['changed']}, deleted {s['deleted']}, "
             f"unchanged {s['reused']}, rejected {s['rejected']}; a refresh would embed "
-            f"{s['to_embed']} texts (dry run: nothing written)",
+            f"{s['to_embed']} texts (dry run: nothing written)" + _estimate_human(s["estimate"]),
         )
         return
     _emit(s, as_json, _build_human(s))
@@ -93,10 +104,20 @@ def refresh(config_path: str, parent: str | None, dry_run: bool, promote_it: boo
 @click.option(
     "--model", "model_path", required=True, type=click.Path(dir_okay=False), help="YAML file: the new model spec."
 )
+@click.option("--dry-run", is_flag=True, help="Only print what it would embed and cost; embed and write nothing.")
 @json_option
-def migrate(config_path: str, model_path: str, as_json: bool) -> None:
+def migrate(config_path: str, model_path: str, dry_run: bool, as_json: bool) -> None:
     """Re-embed the whole collection with another model into a `candidate` version."""
-    s = _open(config_path).migrate(model_path).to_dict()
+    s = _open(config_path).migrate(model_path, dry_run=dry_run).to_dict()
+    if dry_run:
+        _emit(
+            s,
+            as_json,
+            f"a migration to fingerprint {s['fingerprint']} would embed {s['to_embed']} texts "
+            f"({s['cache_hits']} of the {s['rows']} rows come from the cache) (dry run: nothing written)"
+            + _estimate_human(s["estimate"]),
+        )
+        return
     _emit(s, as_json, _build_human(s) + f"\n  promote it with `embray promote {s['version']} --config {config_path}`")
 
 

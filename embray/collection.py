@@ -152,7 +152,8 @@ class Collection:
 
         Args:
             parent: The version (or alias) to refresh; default ``active``.
-            dry_run: Only report what changed (a :class:`PlanResult`); embed and write nothing.
+            dry_run: Only report what changed and what a refresh would cost (a :class:`PlanResult` with
+                ``estimate``); embed and write nothing.
             promote: Make the child ``active`` through the promotion gates.
 
         Returns:
@@ -171,11 +172,14 @@ class Collection:
         finally:
             self._alias_moved()
 
-    def migrate(self, model: ModelSpec | Mapping[str, Any] | str | os.PathLike[str]) -> BuildResult:
+    def migrate(
+        self, model: ModelSpec | Mapping[str, Any] | str | os.PathLike[str], *, dry_run: bool = False
+    ) -> BuildResult | PlanResult:
         """Re-embed the whole collection with another model into a version marked ``candidate``.
 
         Args:
             model: The new :class:`ModelSpec`, a mapping of its keys, or a YAML file holding it.
+            dry_run: Only report what it would embed and cost (a :class:`PlanResult` with ``estimate``).
 
         Raises:
             VersionError: The model is the active version's (use :meth:`refresh`).
@@ -187,6 +191,8 @@ class Collection:
             spec = parse_model_spec(dict(model))
         else:
             spec = model
+        if dry_run:
+            return flows.plan_migrate(self._ctx, spec)
         result = flows.migrate(self._ctx, spec)
         self._alias_moved()
         return result

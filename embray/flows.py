@@ -89,7 +89,8 @@ def _refresh_base(ctx: Context, parent: str | None) -> Manifest:
 def plan_refresh(ctx: Context, parent: str | None = None) -> PlanResult:
     """What a refresh of ``parent`` (default: active) would do now. Writes only scratch files; takes no lease."""
     base = _refresh_base(ctx, parent)
-    return plan_build(ctx, BuildSpec("refresh", base.model, parent=base, fingerprint=base.fingerprint))
+    spec = BuildSpec("refresh", base.model, parent=base, fingerprint=base.fingerprint)
+    return plan_build(ctx, spec, with_estimate=True)
 
 
 def refresh(ctx: Context, *, parent: str | None = None, promote_it: bool = False) -> BuildResult:
@@ -104,9 +105,8 @@ def refresh(ctx: Context, *, parent: str | None = None, promote_it: bool = False
     return result
 
 
-def migrate(ctx: Context, model: ModelSpec) -> BuildResult:
-    """Re-embed the whole collection with ``model`` into a new version marked ``candidate``."""
-    _open_for_writing(ctx)
+def _migration_parent(ctx: Context, model: ModelSpec) -> Manifest | None:
+    """The active version a migration to ``model`` starts from (lineage only: no vector is reused)."""
     active = ctx.registry.aliases().get(ACTIVE)
     parent = read_manifest(ctx.store, ctx.collection, active) if active else None
     fp = fingerprint(model)
@@ -115,6 +115,19 @@ def migrate(ctx: Context, model: ModelSpec) -> BuildResult:
             f"the active version {parent.version} already uses {model.label} (fingerprint {fp}); "
             "a migration needs a different model: use `embray refresh` to bring it up to date instead"
         )
+    return parent
+
+
+def plan_migrate(ctx: Context, model: ModelSpec) -> PlanResult:
+    """What a migration to ``model`` would embed and cost. Writes only scratch files; takes no lease."""
+    parent = _migration_parent(ctx, model)
+    return plan_build(ctx, BuildSpec("migrate", model, parent=parent), with_estimate=True)
+
+
+def migrate(ctx: Context, model: ModelSpec) -> BuildResult:
+    """Re-embed the whole collection with ``model`` into a new version marked ``candidate``."""
+    _open_for_writing(ctx)
+    parent = _migration_parent(ctx, model)
     params = {"migrated_from": parent.fingerprint if parent else ""}
     with Lease(ctx.store, ctx.collection, WRITER, job="migrate"):
         result = run_build(ctx, BuildSpec("migrate", model, parent=parent, params=params))

@@ -135,6 +135,17 @@ class Registry:
         now = int(time.time() * 1000)
         self._call(self.client.log_batch, run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def finished_build_runs(self, fingerprint: str, limit: int = 20) -> list[tuple[str, dict[str, float]]]:
+        """(run id, latest metrics) of this collection's finished builds with model ``fingerprint``, newest first."""
+        runs = self._call(
+            self.client.search_runs,
+            [self.experiment_id()],
+            filter_string=f"params.fingerprint = '{fingerprint}' and attributes.status = 'FINISHED'",
+            max_results=limit,
+            order_by=["attributes.start_time DESC"],
+        )
+        return [(r.info.run_id, dict(r.data.metrics)) for r in runs]
+
     def end_run(self, run_id: str, ok: bool, error: str | None = None) -> None:
         if error:
             self._call(self.client.set_tag, run_id, "embray.error", error[:5000])

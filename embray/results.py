@@ -100,6 +100,22 @@ class BuildResult(_Result):
 
 
 @dataclass(frozen=True)
+class Estimate(_Result):
+    """What a planned build will cost (see :mod:`embray.estimate`); ``basis`` says where the numbers come from."""
+
+    to_embed: int
+    shards_rebuilt: int
+    shards_updated: int
+    shards_reused: int
+    seconds: float | None  # wall time; None without earlier builds of this model to go by
+    texts_per_s: float | None
+    cpu_hours: float | None  # embedding actors' reserved CPU-hours
+    gpu_hours: float | None
+    bytes_added: int | None  # store bytes of the new embeddings parts and index shards
+    basis: str
+
+
+@dataclass(frozen=True)
 class PlanResult(_Result):
     """A dry-run refresh: what a refresh of ``parent`` would do now; nothing was written or embedded."""
 
@@ -112,6 +128,7 @@ class PlanResult(_Result):
     to_embed: int  # texts a refresh would send to the model
     oldest_stale_us: int | None  # the source's earliest change time (µs since the epoch) not in the parent
     seconds: float
+    estimate: Estimate | None = None  # asked for by `refresh --dry-run` and `migrate --dry-run`
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +146,7 @@ class PlanResult(_Result):
             "model_version": None,
             "aliases": [],
             "dry_run": True,
+            **({"estimate": self.estimate.to_dict()} if self.estimate else {}),
         }
 
 

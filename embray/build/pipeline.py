@@ -29,12 +29,13 @@ from embray import layout
 from embray.build.embed import check_pool_fits, embed_chunks
 from embray.build.plan import parent_shards, plan_shard
 from embray.build.scan import scan_file
-from embray.build.shards import build_shard, cached_dims
+from embray.build.shards import build_shard, cached_dims, updates_in_place
 from embray.build.types import BuildSpec, ShardBuild, ShardPlan
 from embray.context import Context
 from embray.errors import EmbrayError, ModelError, SourceError, StoreError
+from embray.estimate import estimate, throughput_history
 from embray.models import fingerprint
-from embray.results import COUNTS, BuildResult, Counts, PlanResult
+from embray.results import COUNTS, BuildResult, Counts, Estimate, PlanResult
 from embray.runtime import gather, init_ray
 from embray.source import inspect_source
 from embray.versions import Manifest, ShardEntry, commit_manifest, new_version_id, utcnow, who
@@ -74,6 +75,7 @@ class Build:
         self.run_id: str | None = None
         self.t0 = time.monotonic()
         self.times = _Timings()
+        self.estimate: Estimate | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -257,6 +259,11 @@ class Build:
             "rows_per_s": c["rows"] / seconds if seconds else 0.0,
             **{f"rejected.{k.replace(' ', '_')}": v for k, v in c["by_reason"].items()},
         }
+        metrics["bytes_added"] = sum(f.bytes for f in manifest.files() if f.version in (None, self.vid))
+        est = self.estimate  # estimate vs actual, side by side in the run
+        if est is not None:
+            numbers = {"seconds": est.seconds, "to_embed": est.to_embed, "bytes_added": est.bytes_added}
+            metrics.update({f"estimate.{k}": v for k, v in numbers.items() if v is not None})
         reg.log_metrics(self.run_id, metrics)
         reg.end_run(self.run_id, ok=True)
         return BuildResult(
@@ -271,6 +278,19 @@ class Build:
             seconds=seconds,
             model_version=reg.register(manifest, self.uri),
             manifest=manifest,
+        )
+
+    def forecast(self, plans: list[ShardPlan], counts: Counts) -> Estimate:
+        """What the planned build will cost (from this model's earlier builds in MLflow)."""
+        parents = self.parents
+        return estimate(
+            self.cfg,
+            to_embed=counts.embedded,
+            rows=sum(p.rows for p in plans),
+            rows_written=sum(p.rows for p in plans if not (p.unchanged and parents[p.shard] is not None)),
+            shards=_shard_actions(plans, parents, self.cfg.index),
+            dims=self.spec.parent.dims if parents[0] is not None else self.spec.model.dims,
+            history=throughput_history(self.ctx.registry, self.fp),
         )
 
     def abandon(self, e: BaseException) -> None:
@@ -328,6 +348,7 @@ def run_build(ctx: Context, spec: BuildSpec) -> BuildResult:
     b.start()
     try:
         input_rows, plans, counts = _planned(b)
+        b.estimate = b.forecast(plans, counts)
         rows, rejected, by_reason = _totals(plans)
         if rows == 0:
             raise SourceError(
@@ -348,8 +369,21 @@ def run_build(ctx: Context, spec: BuildSpec) -> BuildResult:
     return b.record(manifest)
 
 
-def plan_build(ctx: Context, spec: BuildSpec) -> PlanResult:
-    """Only plan a build (a dry run): what it would embed, reuse and drop. Writes only scratch files."""
+def _shard_actions(plans: list[ShardPlan], parents: list, index_cfg) -> dict[str, int]:
+    """How many shards a build rebuilds, updates in place, and reuses from its parent."""
+    out = {"rebuilt": 0, "updated": 0, "reused": 0}
+    for p in plans:
+        parent = parents[p.shard]
+        if p.unchanged and parent is not None:
+            out["reused"] += 1
+        else:
+            out["updated" if updates_in_place(p, parent, index_cfg) else "rebuilt"] += 1
+    return out
+
+
+def plan_build(ctx: Context, spec: BuildSpec, *, with_estimate: bool = False) -> PlanResult:
+    """Only plan a build (a dry run): what it would embed, reuse and drop, and (``with_estimate``) what it
+    would cost. Writes only scratch files."""
     b = Build(ctx, spec, dry_run=True)
     b.start()
     try:
@@ -368,4 +402,5 @@ def plan_build(ctx: Context, spec: BuildSpec) -> PlanResult:
         to_embed=counts.embedded,
         oldest_stale_us=min(stale) if stale else None,
         seconds=time.monotonic() - b.t0,
+        estimate=b.forecast(plans, counts) if with_estimate else None,
     )

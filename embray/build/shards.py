@@ -83,7 +83,8 @@ def _reused(plan: ShardPlan, parent: ParentShard, fp: str) -> ShardBuild:
     return ShardBuild(entry, incremental=False)
 
 
-def _incremental(plan: ShardPlan, parent: ParentShard | None, index_cfg: IndexConfig) -> bool:
+def updates_in_place(plan: ShardPlan, parent: ParentShard | None, index_cfg: IndexConfig) -> bool:
+    """Whether a changed shard is updated from its parent's graph (a small change) rather than rebuilt."""
     c = plan.counts
     return (
         parent is not None
@@ -187,7 +188,7 @@ def build_shard(
     p = store.read_table(layout.plan_file(staged, shard))
     hashes = p.column("content_hash").to_pylist()
     same = np.asarray(p.column("status").to_numpy(zero_copy_only=False) == "same", dtype=bool)
-    incremental = _incremental(plan, parent, index_cfg)
+    incremental = updates_in_place(plan, parent, index_cfg)
     parent_part = None
     if parent is not None and parent.embeddings_rel:
         parent_part = read_checked(store, parent.embeddings_rel, fp, ["key", "content_hash", "vector"])
