@@ -215,5 +215,7 @@ def embed_warm(ec: EmbedConfig, spec: ModelSpec, fp: str, store: Store, chunks: 
         return ray.get(actor.embed.remote(spec, fp, store, needs, caches, ec.keep_warm_s))
     except Exception as e:  # noqa: BLE001 - the warm actor is only a shortcut: fall back, never fail here
         cause = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        log.warning("warm embedding actor %s unusable (%s: %s); embedding in a plain task", name, type(e).__name__, cause)
+        log.warning(
+            "warm embedding actor %s unusable (%s: %s); embedding in a plain task", name, type(e).__name__, cause
+        )
         return None
