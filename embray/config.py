@@ -5,7 +5,7 @@
     store: {uri: ./.embray, storage_options: {}}
     model: {backend: sentence-transformers, name: all-MiniLM-L6-v2}
     index: {metric: cos, dtype: f16, shards: 4}
-    embed: {batch_size: 256, actors: 1}
+    embed: {batch_size: 256, actors: 1, keep_warm_s: 300}   # small jobs reuse a loaded model
     mlflow: {tracking_uri: null}     # null: a sqlite file under the store root
     ray: {address: null}             # null: a local Ray
     serve: {port: 8000, poll_s: 10}  # the Ray Serve endpoint (see serve/README.md)

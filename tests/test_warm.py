@@ -193,3 +193,23 @@ def test_builds_complete_beside_warm_actors_that_hold_the_cpus(tmp_path):
     write_corpus(tmp_path / "third" / "corpus", files=2, rows=50)
     third = make_config(tmp_path / "third", embed={"keep_warm_s": 60})
     assert _backfill_within(third, 120).counts.embedded == 100
+
+
+@pytest.mark.slow
+def test_minilm_vectors_from_the_warm_actor_equal_the_plain_task_s_byte_for_byte(tmp_path):
+    orig = write_corpus(tmp_path / "corpus", files=2, rows=20)
+    rows, *_ = mutate(orig, n_insert=3, n_update=2, n_delete=1)
+    minilm = {"backend": "sentence-transformers", "name": "all-MiniLM-L6-v2", "dims": None}
+    built = {}
+    for keep in (60, 0):  # warm first (the backfill makes the actor, the refresh reuses it), then plain tasks
+        cfg = make_config(tmp_path, store={"uri": str(tmp_path / f"store-{keep}")}, model=minilm)
+        cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update={"keep_warm_s": keep})})
+        col = Collection(cfg)
+        write_rows(tmp_path / "corpus", orig, files=2)
+        col.backfill()
+        write_rows(tmp_path / "corpus", rows, files=2)
+        built[keep] = (cfg, col.refresh())
+        assert _info(built[60][0])["calls"] == 2  # both warm jobs went through it, the plain ones did not
+    (warm_cfg, warm), (cold_cfg, cold) = built[60], built[0]
+    assert warm.counts.embedded == cold.counts.embedded == 5
+    assert_same_content(content(warm_cfg, warm.version), content(cold_cfg, cold.version))

@@ -48,8 +48,15 @@ READY_TIMEOUT_S = 300.0
 
 def warm_name(spec: ModelSpec, fp: str, ec: EmbedConfig) -> str:
     """The actor's name: the fingerprint, and a digest of what else decides the exact vectors and placement
-    (the full spec with its compute settings, threads, resources)."""
-    settings = f"{spec.model_dump_json()}|{ec.threads}|{ec.num_cpus}|{ec.num_gpus}"
+    (the full spec with its compute settings, threads, resources) and of the embray release (an actor left
+    by another release's job is not used)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("embray")
+    except PackageNotFoundError:
+        release = "unknown"
+    settings = f"{spec.model_dump_json()}|{ec.threads}|{ec.num_cpus}|{ec.num_gpus}|{release}"
     return f"{PREFIX}{fp}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
