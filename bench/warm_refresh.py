@@ -27,6 +27,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# The head and every command run here, on loopback: no token (Ray 2.59+ wants one for `ray start` clusters).
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backfill import ROOT, machine, write_section  # noqa: E402 - the sibling benchmark's helpers
@@ -47,6 +49,7 @@ def _start_head(tmp: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+         "--node-ip-address=127.0.0.1",
          "--disable-usage-stats", f"--temp-dir={tmp / 'ray'}"],
         start_new_session=True, stdout=open(tmp / "ray-head.log", "wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -60,7 +63,16 @@ def _start_head(tmp: Path) -> tuple[subprocess.Popen, str]:
         if ok.returncode == 0:
             return head, address
         time.sleep(2)
-    raise SystemExit(f"ray start did not come up: {(tmp / 'ray-head.log').read_text()[-2000:]}")
+    _stop(head)
+    raise SystemExit(f"ray start did not come up: {ok.stderr[-2000:]}")
+
+
+def _stop(head: subprocess.Popen) -> None:
+    os.killpg(head.pid, signal.SIGTERM)  # the head this script started, and its session
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
 
 
 def _config(tmp: Path, address: str, keep: float) -> Path:
@@ -121,11 +133,7 @@ def main() -> None:
                 print(f"keep_warm_s {keep:g}: refresh {wall:.1f}s (embed {embed_s:.2f}s, {res['embedded']} texts)",
                       file=sys.stderr, flush=True)  # fmt: skip
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # the head this script started, and its session
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        _stop(head)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     med = statistics.median
