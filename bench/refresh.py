@@ -1,13 +1,18 @@
-"""Refresh cost: a refresh after a 1% change vs a full backfill of the same corpus, same machine, one run.
+"""Refresh cost: a refresh after a 1% change vs a full backfill of the same corpus, same machine, one run;
+and the same refresh cold (the model loaded for it) vs warm (embed.keep_warm_s: the model already loaded).
 
     .venv/bin/python bench/refresh.py [--rows 100000] [--minilm-docs 6000] [--rounds 3] [--write]
 
 For each model (the `hash` backend on --rows rows; MiniLM on --minilm-docs stdlib docstrings):
-  backfill  a full build of the corpus into a fresh store
-  mutate    1% of the rows: 0.4% inserted, 0.4% updated, 0.2% deleted (new texts are unique)
-  refresh   the child version of that backfill
-Reports rows embedded / rows changed (must be exactly 1.0) and refresh time / backfill time (target <= 0.1),
-medians over rounds; Ray is started once. --write puts the table into docs/benchmarks.md.
+  backfill      a full build of the corpus into a fresh store
+  mutate        1% of the rows: 0.4% inserted, 0.4% updated, 0.2% deleted (new texts are unique)
+  refresh       the child version of that backfill, cold: no warm actor on this Ray (released before it), so
+                it loads the model (in the warm actor it makes; --keep-warm-s 0: in a plain task)
+  mutate again  another 1%
+  warm refresh  the grandchild, back to back: the warm actor of the refresh above embeds it
+Reports rows embedded / rows changed (must be exactly 1.0), refresh time / backfill time (target <= 0.1) and
+warm / cold refresh time, medians over rounds; Ray is started once. --write puts the table into
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--minilm-rounds", type=int, default=2)
     ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--keep-warm-s", type=float, default=300.0)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
 
@@ -79,6 +85,7 @@ def main() -> None:
     import ray
 
     from embray import Collection
+    from embray.build.warm import release_warm
     from embray.config import parse_config
     from embray.demo import write_demo
 
@@ -98,7 +105,7 @@ def main() -> None:
                 "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},  # one database, created before timing
                 "model": model,
                 "index": {"shards": args.shards},
-                "embed": {"batch_size": 512, "actors": 1, "num_cpus": 1},
+                "embed": {"batch_size": 512, "actors": 1, "num_cpus": 1, "keep_warm_s": args.keep_warm_s},
             },
             base_dir=tmp,
         )
@@ -114,7 +121,7 @@ def main() -> None:
     ):
         if rounds == 0:
             continue
-        full_s, ref_s, ratio_emb, stats = [], [], [], []
+        full_s, ref_s, ratio_emb, stats, warm_s, warm_stats = [], [], [], [], [], []
         for r in range(rounds):
             c = Collection(cfg(name, model, r))
             write_corpus(tmp / f"{name}-corpus", base, files=16 if label == "hash" else 8)
@@ -123,6 +130,7 @@ def main() -> None:
             full_s.append(time.perf_counter() - t)
             changed, n_changed, n_deleted = mutate(base, 0.01, seed=r)
             write_corpus(tmp / f"{name}-corpus", changed, files=16 if label == "hash" else 8)
+            release_warm("bench: the first refresh of a round is cold")
             t = time.perf_counter()
             res = c.refresh()
             ref_s.append(time.perf_counter() - t)
@@ -130,9 +138,17 @@ def main() -> None:
             assert s["new"] + s["changed"] == n_changed and s["deleted"] == n_deleted, s
             ratio_emb.append(s["embedded"] / n_changed)
             stats.append(res.manifest.stats)
+            again, n_again, _ = mutate(changed, 0.01, seed=1000 + r)
+            write_corpus(tmp / f"{name}-corpus", again, files=16 if label == "hash" else 8)
+            t = time.perf_counter()
+            warm = c.refresh()
+            warm_s.append(time.perf_counter() - t)
+            assert warm.counts.embedded == n_again, warm.to_dict()
+            warm_stats.append(warm.manifest.stats)
             print(
                 f"{label} round {r + 1}: backfill {full_s[-1]:.1f}s, refresh {ref_s[-1]:.1f}s "
-                f"(embedded {s['embedded']} of {n_changed} changed; stages {res.manifest.stats})",
+                f"(embedded {s['embedded']} of {n_changed} changed; stages {res.manifest.stats}), "
+                f"warm refresh {warm_s[-1]:.1f}s (stages {warm.manifest.stats})",
                 file=sys.stderr,
                 flush=True,
             )
@@ -148,6 +164,8 @@ def main() -> None:
                 med(ref_s),
                 [f / rr for f, rr in zip(ref_s, full_s, strict=True)],
                 stats,
+                warm_s,
+                warm_stats,
             )
         )
     ray.shutdown()
@@ -158,31 +176,38 @@ def main() -> None:
         "## Refresh after a 1% change vs a full backfill",
         "",
         f"Command: `.venv/bin/python bench/refresh.py --rows {args.rows} --minilm-docs {args.minilm_docs} "
-        f"--rounds {args.rounds} --minilm-rounds {args.minilm_rounds} --shards {args.shards}` "
+        f"--rounds {args.rounds} --minilm-rounds {args.minilm_rounds} --shards {args.shards} "
+        f"--keep-warm-s {args.keep_warm_s:g}` "
         f"(commit {commit.stdout.strip() or '?'})",
         "",
         f"Machine: {machine()}.",
         "",
         "Each round: backfill into a fresh store, then change 1% of the rows (0.4% inserted, 0.4% updated, "
         "0.2% deleted) and refresh. Texts are unique, so rows embedded / rows changed must be exactly 1.0. "
-        "Times are wall-clock medians and include MLflow logging; Ray was started once.",
+        "Times are wall-clock medians and include MLflow logging; Ray was started once. "
+        "*refresh* is cold: no warm actor was alive (released before it), so it loads the model. *warm refresh* is "
+        "another 1% change refreshed right after it, back to back: its few batches go to the warm actor the cold "
+        "refresh made (`embed.keep_warm_s`), which already holds the model.",
         "",
         "| model | rows | changed (new+updated) | deleted | embedded / changed | backfill s | refresh s "
-        "| refresh / backfill |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| refresh / backfill | warm refresh s | warm / cold |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for label, rows, n_changed, n_deleted, emb, full, ref, ratios, _ in results:
+    for label, rows, n_changed, n_deleted, emb, full, ref, ratios, _, warm, _ in results:
         lines.append(
             f"| {label} | {rows} | {n_changed} | {n_deleted} | {', '.join(f'{x:.2f}' for x in emb)} | {full:.1f} "
-            f"| {ref:.1f} | {statistics.median(ratios):.3f} (rounds: {', '.join(f'{x:.3f}' for x in ratios)}) |"
+            f"| {ref:.1f} | {statistics.median(ratios):.3f} (rounds: {', '.join(f'{x:.3f}' for x in ratios)}) "
+            f"| {statistics.median(warm):.1f} (rounds: {', '.join(f'{x:.1f}' for x in warm)}) "
+            f"| {statistics.median(warm) / ref:.2f} |"
         )
     lines += ["", "Refresh stages (median seconds): "]
-    for label, *_, stats in results:
-        keys = ("plan_seconds", "embed_seconds", "shard_seconds", "seconds")
-        lines.append(
-            f"- {label}: "
-            + ", ".join(f"{k.replace('_seconds', '')} {statistics.median(s[k] for s in stats):.2f}" for k in keys)
-        )
+    keys = ("plan_seconds", "embed_seconds", "shard_seconds", "seconds")
+    for label, *_, stats, _, warm_stats in results:
+        for kind, st in (("cold", stats), ("warm", warm_stats)):
+            lines.append(
+                f"- {label}, {kind}: "
+                + ", ".join(f"{k.replace('_seconds', '')} {statistics.median(s[k] for s in st):.2f}" for k in keys)
+            )
     lines.append(MARK_END)
     text = "\n".join(lines)
     print(text)

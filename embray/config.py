@@ -5,7 +5,7 @@
     store: {uri: ./.embray, storage_options: {}}
     model: {backend: sentence-transformers, name: all-MiniLM-L6-v2}
     index: {metric: cos, dtype: f16, shards: 4}
-    embed: {batch_size: 256, actors: 1}
+    embed: {batch_size: 256, actors: 1, keep_warm_s: 300}   # small jobs reuse a loaded model
     mlflow: {tracking_uri: null}     # null: a sqlite file under the store root
     ray: {address: null}             # null: a local Ray
     serve: {port: 8000, poll_s: 10}  # the Ray Serve endpoint (see serve/README.md)
@@ -76,6 +76,16 @@ class EmbedConfig(_Strict):
     )
     num_gpus: float = Field(0.0, ge=0, description="GPUs each actor reserves (GPU nodes in production).")
     threads: int | None = Field(None, ge=1, description="Torch threads per actor; null uses every core of the node.")
+    keep_warm_s: float = Field(
+        300.0,
+        ge=0,
+        description="Small jobs (a few batches: a typical refresh or monitor refresh) embed in a detached actor "
+        "per model fingerprint that keeps the model loaded this many seconds after its last use, so the next "
+        "small job skips the model load; it holds embed.num_cpus / embed.num_gpus while alive, and gives way "
+        "to a build that needs them. It lives as long as the Ray it runs on (a cluster, `ray start`, the monitor "
+        "loop, a notebook); a local Ray started by one command ends with it. 0: load the model in a plain task "
+        "every time.",
+    )
 
 
 class MlflowConfig(_Strict):

@@ -1,65 +1,29 @@
-"""Stage 3, embed: the planned chunks go through a Ray Data actor pool (or, for a handful of rows, one
-plain Ray task); each finished chunk becomes one file of the vector cache, keyed by (fingerprint,
-content_hash), written whole or not at all, so a rerun after a crash finds it."""
+"""Stage 3, embed: the planned chunks go through a Ray Data actor pool (or, for a handful of rows, a warm
+actor that already holds the model, else one plain Ray task); each finished chunk becomes one file of the
+vector cache, keyed by (fingerprint, content_hash), written whole or not at all, so a rerun after a crash
+finds it."""
 
 from __future__ import annotations
 
-import os
-import socket
+import logging
 
+from embray.build.chunks import EmbedChunks
 from embray.build.types import Chunk
+from embray.build.warm import embed_warm, make_room
 from embray.config import EmbedConfig, RayConfig
-from embray.errors import ConfigError, ModelError
-from embray.models import fingerprint, load_embedder
+from embray.errors import ConfigError
 from embray.models.spec import ModelSpec
-from embray.store import Store, local_tmpdir
-from embray.vectors import to_arrow, with_fingerprint
+from embray.store import Store
 
-# Up to this many embed.batch_size batches are embedded in one Ray task rather than an actor pool.
+log = logging.getLogger("embray")
+
+# Up to this many embed.batch_size batches are embedded in one Ray task (or a warm actor) rather than an actor pool.
 SMALL_EMBED_BATCHES = 4
-
-
-class EmbedChunks:
-    """One model replica in the Ray Data actor pool; each call embeds whole chunks into the cache."""
-
-    def __init__(self, spec: ModelSpec, expected_fingerprint: str, threads: int | None, store: Store):
-        if spec.backend != "hash":
-            import torch
-
-            torch.set_num_threads(threads or os.cpu_count() or 1)
-        got = fingerprint(spec)
-        if got != expected_fingerprint:
-            raise ModelError(
-                f"worker {socket.gethostname()} resolved {spec.label} to fingerprint {got}, but the job embeds "
-                f"{expected_fingerprint}: its weights differ; give every node the same model files"
-            )
-        self.fp = got
-        self.store = store
-        self.embedder = load_embedder(spec)
-
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        done = []
-        for need, cache in zip(batch["need"], batch["cache"], strict=True):
-            chunk = self.store.read_table(str(need))
-            vectors = self.embedder.embed_documents(chunk.column("text").to_pylist())
-            table = pa.table(
-                {"content_hash": chunk.column("content_hash"), "vector": to_arrow(vectors, vectors.shape[1])}
-            )
-            tmp = local_tmpdir("embray-embed-")
-            pq.write_table(with_fingerprint(table, self.fp), str(tmp / "chunk.parquet"))
-            self.store.upload(str(tmp / "chunk.parquet"), str(cache))  # whole or not at all: a rerun trusts it
-            tmp.rmdir()
-            done.append(chunk.num_rows)
-        return {"rows": np.array(done, dtype=np.int64)}
 
 
 def _embed_in_task(spec: ModelSpec, fp: str, threads: int | None, store: Store, chunks: list[Chunk]) -> int:
     embed = EmbedChunks(spec, fp, threads, store)
-    return int(embed({"need": [c.need for c in chunks], "cache": [c.cache for c in chunks]})["rows"].sum())
+    return sum(embed.embed_into(store, [c.need for c in chunks], [c.cache for c in chunks]))
 
 
 def check_pool_fits(ec: EmbedConfig, rc: RayConfig) -> None:
@@ -80,8 +44,9 @@ def check_pool_fits(ec: EmbedConfig, rc: RayConfig) -> None:
 def embed_chunks(ec: EmbedConfig, spec: ModelSpec, fp: str, store: Store, chunks: list[Chunk]) -> int:
     """Embed every planned chunk into the cache; returns the rows embedded.
 
-    Bulk work streams through a Ray Data actor pool. A handful of rows (a typical refresh) goes to one
-    plain Ray task instead, in an already warm worker: the pool's start-up would cost more than the work.
+    Bulk work streams through a Ray Data actor pool. A handful of rows (a typical refresh) goes to the warm
+    actor of this model (``embed.keep_warm_s > 0``: made on first use, it keeps the model loaded between
+    jobs), or else to one plain Ray task: the pool's start-up would cost more than the work.
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -89,8 +54,15 @@ def embed_chunks(ec: EmbedConfig, spec: ModelSpec, fp: str, store: Store, chunks
     if not chunks:
         return 0
     if sum(c.rows for c in chunks) <= SMALL_EMBED_BATCHES * ec.batch_size:
+        if ec.keep_warm_s > 0:
+            rows = embed_warm(ec, spec, fp, store, chunks)
+            if rows is not None:
+                return rows
         task = ray.remote(num_cpus=ec.num_cpus, num_gpus=ec.num_gpus)(_embed_in_task)
         return ray.get(task.remote(spec, fp, ec.threads, store, chunks))
+    # Warm actors give way to the pool. Measured on a 2-CPU local Ray: a 1-CPU pool beside a 1-CPU warm actor
+    # finishes (the pool's input comes from the driver, no read tasks), so only the pool's own needs count.
+    make_room(ec.actors * ec.num_cpus, ec.actors * ec.num_gpus, "an embedding actor pool needs room")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ds = ray.data.from_items(

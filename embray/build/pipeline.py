@@ -31,6 +31,7 @@ from embray.build.plan import parent_shards, plan_shard
 from embray.build.scan import scan_file
 from embray.build.shards import build_shard, cached_dims, updates_in_place
 from embray.build.types import BuildSpec, ShardBuild, ShardPlan
+from embray.build.warm import TASK_CPUS, make_room
 from embray.context import Context
 from embray.errors import EmbrayError, ModelError, SourceError, StoreError
 from embray.estimate import estimate, throughput_history
@@ -83,6 +84,7 @@ class Build:
         cfg = self.cfg
         init_ray(cfg.ray)
         check_pool_fits(cfg.embed, cfg.ray)
+        make_room(TASK_CPUS, 0, "the scan, plan and shard tasks need a CPU")  # warm actors give way
         self.fp = self.spec.fingerprint or fingerprint(self.spec.model)
         self.src = inspect_source(cfg.source)
         self.parents = parent_shards(self.spec.parent, self.fp, self.shards)
