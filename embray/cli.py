@@ -25,21 +25,63 @@ def _emit(obj: Any, as_json: bool, human: str) -> None:
     click.echo(json.dumps(obj, indent=2, default=str) if as_json else human)
 
 
-def _open(config_path: str):
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _open(config_path: str, as_json: bool | None = None):
+    """The collection. For the long commands (those that pass ``as_json``) on a terminal, without --json or
+    --verbose: with a live progress display, and the log lines of embray, Ray and the model libraries in a
+    log file that is named when the command ends."""
     from embray.collection import Collection
 
-    return Collection.open(config_path)
+    ctx = click.get_current_context()
+    verbose = (ctx.find_root().params or {}).get("verbose", False)
+    if as_json is None or as_json or verbose or not sys.stderr.isatty():
+        return Collection.open(config_path)
+    from embray.progress import TerminalProgress
+
+    log_file = _quiet_logging()
+    ctx.call_on_close(lambda: click.echo(f"log: {log_file} (--verbose shows it live)", err=True))
+    return Collection.open(config_path, progress=TerminalProgress())
+
+
+def _quiet_logging() -> str:
+    """Send every log record (embray's, Ray's, the libraries') to a file instead of the terminal; keep Ray
+    workers' output in Ray's own log files. Returns the file's path."""
+    import os
+    import tempfile
+    import time
+
+    from embray.runtime import quiet_workers
+
+    folder = os.path.join(tempfile.gettempdir(), "embray-logs")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"embray-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    import mlflow  # noqa: F401 - imported now, so that the handlers they install at import are replaced below
+    import ray  # noqa: F401
+
+    for name in ("ray", "mlflow", "alembic"):  # libraries with handlers of their own on stderr
+        lib = logging.getLogger(name)
+        for h in list(lib.handlers):
+            lib.removeHandler(h)
+        lib.propagate = True
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    quiet_workers()
+    return path
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr (otherwise, on a terminal: a log file).")
 def cli(verbose: bool) -> None:
     """Embeddings as a managed asset: versioned, fingerprinted indexes built by Ray, tracked in MLflow."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
 
 
 @cli.command()
@@ -48,7 +90,7 @@ def cli(verbose: bool) -> None:
 @json_option
 def backfill(config_path: str, no_promote: bool, as_json: bool) -> None:
     """Embed the whole source corpus into a new version."""
-    s = _open(config_path).backfill(promote=not no_promote).to_dict()
+    s = _open(config_path, as_json).backfill(promote=not no_promote).to_dict()
     _emit(s, as_json, _build_human(s))
 
 
@@ -86,7 +128,7 @@ def _build_human(s: dict[str, Any]) -> str:
 @json_option
 def refresh(config_path: str, parent: str | None, dry_run: bool, promote_it: bool, as_json: bool) -> None:
     """Re-embed only the rows that changed since a version, into a child version."""
-    s = _open(config_path).refresh(parent, dry_run=dry_run, promote=promote_it).to_dict()
+    s = _open(config_path, as_json).refresh(parent, dry_run=dry_run, promote=promote_it).to_dict()
     if dry_run:
         _emit(
             s,
@@ -108,7 +150,7 @@ def refresh(config_path: str, parent: str | None, dry_run: bool, promote_it: boo
 @json_option
 def migrate(config_path: str, model_path: str, dry_run: bool, as_json: bool) -> None:
     """Re-embed the whole collection with another model into a `candidate` version."""
-    s = _open(config_path).migrate(model_path, dry_run=dry_run).to_dict()
+    s = _open(config_path, as_json).migrate(model_path, dry_run=dry_run).to_dict()
     if dry_run:
         _emit(
             s,
@@ -189,7 +231,7 @@ def gc(config_path: str, keep: int, dry_run: bool, as_json: bool) -> None:
 @json_option
 def status(config_path: str, no_verify: bool, as_json: bool) -> None:
     """Is the collection current, consistent and served as its alias says? Exit 1 when not."""
-    out = _open(config_path).status(verify=not no_verify).to_dict()
+    out = _open(config_path, as_json).status(verify=not no_verify).to_dict()
     _emit(out, as_json, _status_human(out))
     if not out["ok"]:
         sys.exit(1)
@@ -229,7 +271,7 @@ def _status_human(s: dict[str, Any]) -> str:
 @json_option
 def eval_(version: str, config_path: str, against: str | None, queries: str | None, sample: int | None, as_json: bool):
     """Measure VERSION: ANN recall@10 vs exact, overlap with another version, labelled nDCG@10."""
-    out = _open(config_path).eval(version, against=against, queries=queries, sample=sample).to_dict()
+    out = _open(config_path, as_json).eval(version, against=against, queries=queries, sample=sample).to_dict()
     human = [f"{version}: recall@10 {out['recall_at_10']} (ANN vs exact, {out['recall_queries']} queries)"]
     if "overlap_at_10" in out:
         human.append(f"  overlap@10 with {out['against']}: {out['overlap_at_10']} ({out['overlap_queries']} texts)")
@@ -252,7 +294,7 @@ def audit(
     version: str, config_path: str, sample: int | None, min_cosine: float | None, seed: int | None, as_json: bool
 ):
     """Re-embed a sample of VERSION's rows and compare with the stored vectors; exit 1 on drift."""
-    out = _open(config_path).audit(version, sample=sample, min_cosine=min_cosine, seed=seed).to_dict()
+    out = _open(config_path, as_json).audit(version, sample=sample, min_cosine=min_cosine, seed=seed).to_dict()
     human = (
         f"{version}: {'ok' if out['ok'] else 'DRIFT'}: {out['compared']} rows re-embedded, min cosine "
         f"{out['min_cosine']}, mean {out['mean_cosine']} (threshold {out['threshold']}); "

@@ -30,6 +30,7 @@ from embray.context import Context
 from embray.errors import ConfigError
 from embray.layout import version_dir
 from embray.models.spec import ModelSpec
+from embray.progress import Progress
 from embray.registry import ACTIVE
 from embray.results import (
     AuditReport,
@@ -66,12 +67,20 @@ class Collection:
         config: A validated :class:`Config`, or a mapping of the YAML's keys (relative paths resolve
             against ``base_dir``).
         base_dir: Directory relative paths in a mapping resolve against (default: the working directory).
+        progress: Where builds report their stages and how far they got (e.g. :class:`TerminalProgress`);
+            default: nowhere.
 
     Raises:
         ConfigError: ``config`` is not a valid configuration.
     """
 
-    def __init__(self, config: Config | Mapping[str, Any], *, base_dir: str | os.PathLike[str] = "."):
+    def __init__(
+        self,
+        config: Config | Mapping[str, Any],
+        *,
+        base_dir: str | os.PathLike[str] = ".",
+        progress: Progress | None = None,
+    ):
         if isinstance(config, Config):
             cfg = config
         elif isinstance(config, Mapping):
@@ -81,13 +90,15 @@ class Collection:
                 f"Collection() takes a Config or a mapping of config keys, not {type(config).__name__}; "
                 "use Collection.open('embray.yaml') for a file"
             )
-        self._ctx = Context(cfg)
+        self._ctx = Context(cfg, progress)
         self._lock = threading.Lock()
         self._indexes: OrderedDict[str, VersionIndex] = OrderedDict()
         self._active: tuple[str, float] | None = None  # (version, monotonic time it was read)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Collection:
+    def open(
+        cls, path: str | os.PathLike[str], overrides: dict[str, Any] | None = None, *, progress: Progress | None = None
+    ) -> Collection:
         """Open the collection described by a YAML config file.
 
         Args:
@@ -97,7 +108,7 @@ class Collection:
         Raises:
             ConfigError: The file is missing, not YAML, or not a valid configuration.
         """
-        return cls(load_config(path, overrides))
+        return cls(load_config(path, overrides), progress=progress)
 
     def __repr__(self) -> str:
         return f"Collection({self.name!r}, store={self.config.store.uri!r})"

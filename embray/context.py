@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 from embray.config import Config
+from embray.progress import NullProgress, Progress
 from embray.registry import Registry
 from embray.store import Store
 
@@ -16,8 +17,9 @@ from embray.store import Store
 class Context:
     """``cfg`` plus a :class:`Store` and a :class:`Registry`, each made once, when first used."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, progress: Progress | None = None):
         self.cfg = cfg
+        self.progress: Progress = progress or NullProgress()  # where long operations report how far they got
 
     @property
     def collection(self) -> str:
@@ -33,7 +35,7 @@ class Context:
 
     def with_config(self, cfg: Config) -> Context:
         """The same handles under a changed config (same store and MLflow; e.g. another shard count)."""
-        other = Context(cfg)
+        other = Context(cfg, self.progress)
         for name in ("store", "registry"):
             if name in self.__dict__:
                 other.__dict__[name] = self.__dict__[name]

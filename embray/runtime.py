@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from embray.config import RayConfig
 from embray.errors import ConfigError
+
+_LOG_TO_DRIVER = True  # the CLI turns it off on a terminal: workers' output goes to Ray's log files
+
+
+def quiet_workers() -> None:
+    """Keep Ray workers' output (model loading bars, library warnings) in Ray's log files, off this terminal."""
+    global _LOG_TO_DRIVER
+    _LOG_TO_DRIVER = False
 
 
 def init_ray(rc: RayConfig) -> None:
@@ -14,7 +23,7 @@ def init_ray(rc: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"log_to_driver": True, "include_dashboard": False}
+    kwargs: dict[str, Any] = {"log_to_driver": _LOG_TO_DRIVER, "include_dashboard": False}
     if rc.address:
         kwargs["address"] = rc.address
     elif rc.num_cpus:
@@ -25,13 +34,19 @@ def init_ray(rc: RayConfig) -> None:
         raise ConfigError(f"ray.address {rc.address!r}: cannot connect ({e}); check the address or use null") from e
 
 
-def gather(refs: list) -> list:
+def gather(refs: list, on_done: Callable[[int], None] | None = None) -> list:
     """``ray.get`` of several tasks; when one fails, wait for the others to end before raising, so that
     nothing is still writing when the caller cleans up. (No ``ray.cancel``: in Ray 2.60 cancelling a task
     that is finishing can abort the driver, "Tried to complete task that was not pending".)"""
     import ray
 
     try:
+        if on_done is not None:  # report each task as it ends (the results still come back in order)
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)  # raises at once if that task failed
+                on_done(len(ready))
         return ray.get(refs)
     except BaseException:
         ray.wait(refs, num_returns=len(refs), timeout=300)

@@ -124,3 +124,58 @@ def test_refresh_verify_promote_rollback_gc_commands(tmp_path, capsys):
     assert report["ok"] is False and "checksum mismatch" in report["problems"][0]
     res = _run("promote", v2, "--config", config, cwd=tmp_path)
     assert res.returncode == 4 and res.stderr.startswith("error: refusing to promote")  # GateError
+
+
+def _run_in_a_terminal(args: list[str], cwd, timeout: float = 300) -> str:
+    """Run the CLI with its stdout and stderr on a pseudo-terminal, as a person at a terminal would; its screen."""
+    import pty
+    import select
+    import time
+
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"COLUMNS": "120"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embray.cli", *args], cwd=cwd, stdin=follower, stdout=follower, stderr=follower, env=env
+    )
+    os.close(follower)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the process ended
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=30)
+    os.close(leader)
+    assert proc.returncode == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def test_on_a_terminal_long_commands_show_progress_and_keep_the_log_lines_in_a_file(tmp_path):
+    write_corpus(tmp_path / "corpus", files=3, rows=100)
+    config = _write_config(tmp_path)
+    screen = _run_in_a_terminal(["backfill", "--config", config], cwd=tmp_path)
+    # what stays on screen: each line's text after its last carriage return (the pty ends lines with \r\n)
+    lines = [ln.rstrip("\r").split("\r")[-1].replace("\x1b[K", "") for ln in screen.split("\n")]
+    stages = [ln.split()[0] for ln in lines if ln.split() and ln.split()[0] in ("scan", "plan", "embed", "shards")]
+    assert stages == ["scan", "plan", "embed", "shards"], screen
+    embed = next(ln for ln in lines if ln.startswith("embed"))
+    assert "300/300 texts" in embed and "100.0%" in embed and "texts/s" in embed
+    assert any(ln.startswith("version v") and "committed: 300 rows" in ln for ln in lines)
+    # none of Ray's, MLflow's or embray's log lines on the screen; they are in the log file it names
+    assert "WARNING" not in screen and " INFO " not in screen and "Token authentication" not in screen
+    log_line = next(ln for ln in lines if ln.startswith("log: "))
+    log_file = log_line.split()[1]
+    text = open(log_file).read()
+    assert "INFO embray: committed" in text and "INFO mlflow" in text
+
+    # --json and --verbose stay as they were: JSON only on stdout, logs on stderr, no progress display
+    verbose = _run_in_a_terminal(["--verbose", "refresh", "--config", config, "--dry-run"], cwd=tmp_path)
+    assert " INFO embray:" in verbose and "log: " not in verbose and "\x1b[K" not in verbose

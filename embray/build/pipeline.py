@@ -76,6 +76,7 @@ class Build:
         self.run_id: str | None = None
         self.t0 = time.monotonic()
         self.times = _Timings()
+        self.progress = ctx.progress
         self.estimate: Estimate | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -143,7 +144,8 @@ class Build:
             )
             for i in range(len(self.src.files))
         ]
-        return sum(_stage(self.kind, "reading the corpus", SourceError, gather, refs))
+        self.progress.stage("scan", len(refs), "files")
+        return sum(_stage(self.kind, "reading the corpus", SourceError, gather, refs, self.progress.advance))
 
     def plan(self) -> list[ShardPlan]:
         """Stage 2."""
@@ -155,12 +157,14 @@ class Build:
             task.remote(*args, k, self.parents[k], self.cdirs[k], self.fp, self.cfg.embed.batch_size, self.dry_run)
             for k in range(self.shards)
         ]
-        return _stage(self.kind, "planning the shards", StoreError, gather, refs)
+        self.progress.stage("plan", len(refs), "shards")
+        return _stage(self.kind, "planning the shards", StoreError, gather, refs, self.progress.advance)
 
     def embed(self, plans: list[ShardPlan]) -> int:
         """Stage 3; returns the texts embedded."""
         chunks = [c for p in plans for c in p.chunks]
         self.chunks = chunks
+        self.progress.stage("embed", sum(c.rows for c in chunks), "texts")
         return _stage(
             self.kind,
             "embedding",
@@ -171,6 +175,7 @@ class Build:
             self.fp,
             self.store,
             chunks,
+            self.progress.advance,
         )
 
     def build_shards(self, plans: list[ShardPlan]) -> tuple[int, list[ShardBuild]]:
@@ -197,7 +202,8 @@ class Build:
             )
             for k in range(self.shards)
         ]
-        return dims, _stage(self.kind, "building the shards", StoreError, gather, refs)
+        self.progress.stage("shards", len(refs), "shards")
+        return dims, _stage(self.kind, "building the shards", StoreError, gather, refs, self.progress.advance)
 
     def commit(
         self, input_rows: int, plans: list[ShardPlan], counts: Counts, dims: int, built: list[ShardBuild]
@@ -364,11 +370,16 @@ def run_build(ctx: Context, spec: BuildSpec) -> BuildResult:
         t = time.monotonic()
         dims, built = b.build_shards(plans)
         b.times.shards = time.monotonic() - t
+        b.progress.stage("commit")
         manifest = b.commit(input_rows, plans, Counts(**{**counts.to_dict(), "embedded": embedded}), dims, built)
     except BaseException as e:
+        b.progress.close()
         b.abandon(e)
         raise
-    return b.record(manifest)
+    try:
+        return b.record(manifest)
+    finally:
+        b.progress.close()
 
 
 def _shard_actions(plans: list[ShardPlan], parents: list, index_cfg) -> dict[str, int]:
@@ -391,6 +402,7 @@ def plan_build(ctx: Context, spec: BuildSpec, *, with_estimate: bool = False) ->
     try:
         _, plans, counts = _planned(b)
     finally:
+        b.progress.close()
         ctx.store.delete(b.vdir)
     rows, rejected, by_reason = _totals(plans)
     stale = [p.oldest_stale_us for p in plans if p.oldest_stale_us is not None]
