@@ -28,10 +28,10 @@ def _emit(obj: Any, as_json: bool, human: str) -> None:
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def _open(config_path: str, as_json: bool | None = None):
-    """The collection. For the long commands (those that pass ``as_json``) on a terminal, without --json or
-    --verbose: with a live progress display, and the log lines of embray, Ray and the model libraries in a
-    log file that is named when the command ends."""
+def _open(config_path: str, as_json: bool | None = None, *, show_log: bool = True):
+    """The collection. For the commands that pass ``as_json`` on a terminal, without --json or --verbose: a live
+    progress display, and everything else the process writes to stderr (embray's, Ray's and the libraries' log
+    lines, Ray's core messages, model loading bars) in a log file, named when the command ends (``show_log``)."""
     from embray.collection import Collection
 
     ctx = click.get_current_context()
@@ -40,14 +40,21 @@ def _open(config_path: str, as_json: bool | None = None):
         return Collection.open(config_path)
     from embray.progress import TerminalProgress
 
-    log_file = _quiet_logging()
-    ctx.call_on_close(lambda: click.echo(f"log: {log_file} (--verbose shows it live)", err=True))
-    return Collection.open(config_path, progress=TerminalProgress())
+    terminal, log_file, restore = _stderr_to_log_file()
+
+    def done() -> None:
+        restore()
+        if show_log:
+            click.echo(f"log: {log_file} (--verbose shows it live)", err=True)
+
+    ctx.call_on_close(done)
+    return Collection.open(config_path, progress=TerminalProgress(terminal))
 
 
-def _quiet_logging() -> str:
-    """Send every log record (embray's, Ray's, the libraries') to a file instead of the terminal; keep Ray
-    workers' output in Ray's own log files. Returns the file's path."""
+def _stderr_to_log_file():
+    """Point this process's stderr (file descriptor 2: Python's logging and warnings, Ray's C++ core, tqdm) at a
+    log file, and keep Ray workers' output in Ray's session logs. Returns (a stream on the terminal, the file's
+    path, a function that puts stderr back)."""
     import os
     import tempfile
     import time
@@ -57,28 +64,26 @@ def _quiet_logging() -> str:
     folder = os.path.join(tempfile.gettempdir(), "embray-logs")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"embray-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log")
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    import mlflow  # noqa: F401 - imported now, so that the handlers they install at import are replaced below
-    import ray  # noqa: F401
-
-    for name in ("ray", "mlflow", "alembic"):  # libraries with handlers of their own on stderr
-        lib = logging.getLogger(name)
-        for h in list(lib.handlers):
-            lib.removeHandler(h)
-        lib.propagate = True
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     quiet_workers()
-    return path
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        terminal.close()
+
+    return terminal, path, restore
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr (otherwise, on a terminal: a log file).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr (else, on a terminal: in a log file).")
 def cli(verbose: bool) -> None:
     """Embeddings as a managed asset: versioned, fingerprinted indexes built by Ray, tracked in MLflow."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
@@ -362,7 +367,7 @@ def versions(config_path: str, as_json: bool) -> None:
 @json_option
 def search(config_path: str, query: str, k: int, version: str | None, as_json: bool) -> None:
     """Search the active version with QUERY, embedded by that version's own model."""
-    col = _open(config_path)
+    col = _open(config_path, as_json, show_log=False)
     res = col.search(query, k=k, version=version)
     out = res.to_dict()
     human = [f"version {res.version} ({col.index(res.version).manifest.model.label}, fingerprint {res.fingerprint})"]

@@ -126,7 +126,7 @@ def test_refresh_verify_promote_rollback_gc_commands(tmp_path, capsys):
     assert res.returncode == 4 and res.stderr.startswith("error: refusing to promote")  # GateError
 
 
-def _run_in_a_terminal(args: list[str], cwd, timeout: float = 300) -> str:
+def _run_in_a_terminal(args: list[str], cwd, timeout: float = 300, rc: int = 0) -> str:
     """Run the CLI with its stdout and stderr on a pseudo-terminal, as a person at a terminal would; its screen."""
     import pty
     import select
@@ -154,7 +154,7 @@ def _run_in_a_terminal(args: list[str], cwd, timeout: float = 300) -> str:
             break
     proc.wait(timeout=30)
     os.close(leader)
-    assert proc.returncode == 0, out.decode(errors="replace")
+    assert proc.returncode == rc, out.decode(errors="replace")
     return out.decode(errors="replace")
 
 
@@ -175,6 +175,12 @@ def test_on_a_terminal_long_commands_show_progress_and_keep_the_log_lines_in_a_f
     log_file = log_line.split()[1]
     text = open(log_file).read()
     assert "INFO embray: committed" in text and "INFO mlflow" in text
+
+    # an error still reaches the terminal, in one line
+    (tmp_path / "corpus" / "part-00000.parquet").write_bytes(b"not parquet")
+    failed = _run_in_a_terminal(["refresh", "--config", config], cwd=tmp_path, rc=1)
+    assert "error: " in failed and "is not a readable Parquet file" in failed and "Traceback" not in failed
+    write_corpus(tmp_path / "corpus", files=3, rows=100)
 
     # --json and --verbose stay as they were: JSON only on stdout, logs on stderr, no progress display
     verbose = _run_in_a_terminal(["--verbose", "refresh", "--config", config, "--dry-run"], cwd=tmp_path)
