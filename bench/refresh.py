@@ -122,6 +122,7 @@ def main() -> None:
         if rounds == 0:
             continue
         full_s, ref_s, ratio_emb, stats, warm_s, warm_stats = [], [], [], [], [], []
+        estimated = []  # (build, MLflow metrics): the estimate logged beside the actual
         for r in range(rounds):
             c = Collection(cfg(name, model, r))
             write_corpus(tmp / f"{name}-corpus", base, files=16 if label == "hash" else 8)
@@ -138,6 +139,7 @@ def main() -> None:
             assert s["new"] + s["changed"] == n_changed and s["deleted"] == n_deleted, s
             ratio_emb.append(s["embedded"] / n_changed)
             stats.append(res.manifest.stats)
+            estimated.append(("refresh (cold)", c.registry.client.get_run(res.manifest.mlflow_run_id).data.metrics))
             again, n_again, _ = mutate(changed, 0.01, seed=1000 + r)
             write_corpus(tmp / f"{name}-corpus", again, files=16 if label == "hash" else 8)
             t = time.perf_counter()
@@ -145,6 +147,7 @@ def main() -> None:
             warm_s.append(time.perf_counter() - t)
             assert warm.counts.embedded == n_again, warm.to_dict()
             warm_stats.append(warm.manifest.stats)
+            estimated.append(("refresh (warm)", c.registry.client.get_run(warm.manifest.mlflow_run_id).data.metrics))
             print(
                 f"{label} round {r + 1}: backfill {full_s[-1]:.1f}s, refresh {ref_s[-1]:.1f}s "
                 f"(embedded {s['embedded']} of {n_changed} changed; stages {res.manifest.stats}), "
@@ -166,6 +169,7 @@ def main() -> None:
                 stats,
                 warm_s,
                 warm_stats,
+                estimated,
             )
         )
     ray.shutdown()
@@ -193,7 +197,7 @@ def main() -> None:
         "| refresh / backfill | warm refresh s | warm / cold |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for label, rows, n_changed, n_deleted, emb, full, ref, ratios, _, warm, _ in results:
+    for label, rows, n_changed, n_deleted, emb, full, ref, ratios, _, warm, _, _ in results:
         lines.append(
             f"| {label} | {rows} | {n_changed} | {n_deleted} | {', '.join(f'{x:.2f}' for x in emb)} | {full:.1f} "
             f"| {ref:.1f} | {statistics.median(ratios):.3f} (rounds: {', '.join(f'{x:.3f}' for x in ratios)}) "
@@ -202,11 +206,31 @@ def main() -> None:
         )
     lines += ["", "Refresh stages (median seconds): "]
     keys = ("plan_seconds", "embed_seconds", "shard_seconds", "seconds")
-    for label, *_, stats, _, warm_stats in results:
+    for label, *_, stats, _, warm_stats, _ in results:
         for kind, st in (("cold", stats), ("warm", warm_stats)):
             lines.append(
                 f"- {label}, {kind}: "
                 + ", ".join(f"{k.replace('_seconds', '')} {statistics.median(s[k] for s in st):.2f}" for k in keys)
+            )
+    lines += [
+        "",
+        "Estimate vs actual: what each refresh's dry-run estimate (`embray refresh --dry-run`, the same numbers the "
+        "build logs as `estimate.*` in its MLflow run) said before it ran, against what the build then did. Each "
+        "round is a new collection, so the cold refresh is estimated from that round's backfill alone (bulk "
+        "embedding rate; a small refresh also pays the model load), and the warm one from the backfill and the "
+        "cold refresh.",
+        "",
+        "| model | build | estimate s | actual s | texts estimated | texts embedded | bytes estimated "
+        "| bytes written |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, *_, estimated in results:
+        for build, m in estimated:
+            est = f"{m['estimate.seconds']:.1f}" if "estimate.seconds" in m else "none yet"
+            lines.append(
+                f"| {label} | {build} | {est} | {m['seconds']:.1f} | {m['estimate.to_embed']:.0f} "
+                f"| {m['embedded']:.0f} "
+                f"| {m.get('estimate.bytes_added', 0) / 1e6:.1f} MB | {m['bytes_added'] / 1e6:.1f} MB |"
             )
     lines.append(MARK_END)
     text = "\n".join(lines)
