@@ -1,14 +1,21 @@
-"""Backfill throughput: embray vs plain SentenceTransformer.encode, same corpus, model and machine.
+"""Backfill throughput: embray's CPU backends vs plain SentenceTransformer.encode, same corpus, model and machine.
 
-    .venv/bin/python bench/backfill.py [--docs 6000] [--rounds 3] [--hash-rows 100000] [--write]
+    .venv/bin/python bench/backfill.py [--docs 6000] [--long-docs 2000] [--rounds 2] [--hash-rows 100000]
+                                       [--runs st-fp32,st-bf16,st-bf16-2x1,onnx-int8] [--write]
 
-Runs, interleaved in one process so that machine noise hits both alike:
-  plain   load all-MiniLM-L6-v2 and encode every text (sentence-transformers, this process, all cores)
-  embray  `backfill()` of the same Parquet corpus into a fresh store, on a local Ray that is already up:
-          scan and hash, plan, embed in the actor pool (actor start and model load included), build
-          USearch shards, commit the manifest, register in MLflow
-  hash    the same pipeline with the `hash` backend on a larger corpus: the pipeline's own ceiling
-Prints a markdown table of medians; --write puts it into docs/benchmarks.md.
+Two corpora: the demo's stdlib docstrings (short API reference) and --long-docs man pages of this machine
+(prose, most past MiniLM's 256-token limit). For each, interleaved round by round in one process so that
+machine noise hits all alike:
+  plain        a fresh process: import, load all-MiniLM-L6-v2 and `SentenceTransformer.encode` every text in
+               fp32, batch 64, all cores (what a user would write)
+  st-fp32      `backfill()` with backend sentence-transformers, fp32 (1 actor, all cores)
+  st-bf16      the same with model.precision bf16 (native bf16 on AMX / AVX512-BF16 CPUs; the quickstart's)
+  st-bf16-2x1  bf16 with 2 actors of 1 thread (embed.num_cpus 0.5) instead of 1 actor of 2 threads
+  onnx-int8    backend onnx, dynamic int8 (one text per forward pass)
+Each embray run is a whole backfill into a fresh store on a local Ray that is already up: scan and hash,
+plan, embed in the actor pool (actor start and model load included), USearch shards, manifest, MLflow.
+Then, once: the `hash` backend on --hash-rows rows (the pipeline's own ceiling) and STS-B of each encoder.
+Prints markdown tables of medians; --write puts them into docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.helpers: the corpora and STS-B, shared with the tests
 MARK_BEGIN = "<!-- bench/backfill.py begin -->"
 MARK_END = "<!-- bench/backfill.py end -->"
 
@@ -97,14 +105,63 @@ def embray_backfill(cfg) -> float:
     return time.perf_counter() - t
 
 
+RUNS = {  # name: (what the table calls it, model settings, embed settings)
+    "st-fp32": ("embray, sentence-transformers fp32", {"backend": "sentence-transformers"}, {}),
+    "st-bf16": (
+        "embray, sentence-transformers bf16 (quickstart)",
+        {"backend": "sentence-transformers", "precision": "bf16"},
+        {},
+    ),
+    "st-bf16-2x1": (
+        "embray, bf16, 2 actors x 1 thread",
+        {"backend": "sentence-transformers", "precision": "bf16"},
+        {"actors": 2, "num_cpus": 0.5, "threads": 1},
+    ),
+    "onnx-int8": ("embray, onnx int8 (dynamic, one text per pass)", {"backend": "onnx"}, {}),
+}
+
+
+def write_long_docs(out: Path, n: int, files: int = 8) -> int:
+    """--long-docs man pages (tests/helpers.man_pages) as a Parquet corpus; returns the rows written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.helpers import man_pages
+
+    pages = man_pages(n)
+    out.mkdir(parents=True)
+    for f in range(files):
+        part = pages[f::files]
+        pq.write_table(pa.table({"id": [p[0] for p in part], "text": [p[2] for p in part]}), out / f"part-{f}.parquet")
+    return len(pages)
+
+
+def stsb_scores(runs: list[str]) -> dict[str, float]:
+    """STS-B Spearman of each run's encoder (plain = sentence-transformers fp32), in this process."""
+    from embray.models import ModelSpec, load_embedder
+    from tests.helpers import STSB, stsb_spearman
+
+    if not STSB.exists():
+        return {}
+    out = {"plain": stsb_spearman(load_embedder(ModelSpec(device="cpu")))}
+    for name in runs:
+        out[name] = stsb_spearman(load_embedder(ModelSpec(**RUNS[name][1])))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=6000)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--hash-rows", type=int, default=100_000)
+    ap.add_argument("--long-docs", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--hash-rows", type=int, default=100_000, help="0: leave the hash run out")
     ap.add_argument("--batch-size", type=int, default=512, help="embed.batch_size (rows per actor call)")
-    ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md")
+    ap.add_argument("--runs", default=",".join(RUNS), help=f"embray runs, comma-separated, of: {', '.join(RUNS)}")
+    ap.add_argument("--write", action="store_true", help="write the tables into docs/benchmarks.md")
     args = ap.parse_args()
+    runs = [r for r in args.runs.split(",") if r]
+    if unknown := set(runs) - set(RUNS):
+        ap.error(f"unknown --runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -112,20 +169,28 @@ def main() -> None:
 
     from embray.config import parse_config
     from embray.demo import write_demo
+    from embray.models import ModelSpec, load_embedder
 
     tmp = Path(tempfile.mkdtemp(prefix="embray-bench-"))
+    os.environ["EMBRAY_CACHE"] = str(tmp / "cache")  # the onnx export is made once, below, before the rounds
     _, n = write_demo(tmp / "demo", docs=args.docs, files=8)
     texts = pq.read_table(tmp / "demo" / "corpus").column("text").to_pylist()
-    # Hash corpus: the docstrings repeated under new ids, up to --hash-rows rows, in 16 files.
-    big = tmp / "big"
+    corpora = {"docstrings": (tmp / "demo" / "corpus", n)}
+    if args.long_docs:
+        corpora["man pages"] = (tmp / "long", write_long_docs(tmp / "long", args.long_docs))
+    mean_chars = {
+        name: statistics.mean(len(t) for t in pq.read_table(path).column("text").to_pylist())
+        for name, (path, _) in corpora.items()
+    }
+    big = tmp / "big"  # the docstrings repeated under new ids, up to --hash-rows rows, in 16 files
     big.mkdir()
     reps = -(-args.hash_rows // n)
     ids = [f"{r}:{i}" for r in range(reps) for i in range(n)][: args.hash_rows]
     body = [f"{t} [{k}]" for k, t in enumerate((texts * reps)[: args.hash_rows])]  # unique: no cache hits
-    for f in range(16):
+    for f in range(16 if args.hash_rows else 0):
         pq.write_table(pa.table({"id": ids[f::16], "text": body[f::16]}), big / f"part-{f:02d}.parquet")
 
-    def cfg(name: str, source: Path, model: dict, store: str = "store"):
+    def cfg(name: str, source: Path, model: dict, embed: dict | None = None, store: str = "store"):
         return parse_config(
             {
                 "collection": name,
@@ -134,84 +199,85 @@ def main() -> None:
                 "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},  # one database, created by the warmup
                 "model": model,
                 "index": {"shards": 4},
-                "embed": {"batch_size": args.batch_size, "actors": 1, "num_cpus": 1},
+                "embed": {"batch_size": args.batch_size, "actors": 1, "num_cpus": 1, **(embed or {})},
             },
             base_dir=tmp,
         )
 
-    minilm = cfg("bench-minilm", tmp / "demo" / "corpus", {"backend": "sentence-transformers"})
+    if "onnx-int8" in runs:
+        load_embedder(ModelSpec(backend="onnx"))  # export and quantise once; the rounds measure using it
     hashed = cfg("bench-hash", big, {"backend": "hash", "name": "words", "dims": 384})
-
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    embray_backfill(hashed.model_copy(update={"collection": "warmup"}))  # warm Ray's worker pool
-    plain_s, encode_s, embray_s, hash_s = [], [], [], []
+    embray_backfill(cfg("warmup", corpora["docstrings"][0], {"backend": "hash", "dims": 64}))  # Ray's workers
+    EMBEDDED.clear()
+    secs: dict[tuple[str, str], list[float]] = {}
+    embedded: dict[tuple[str, str], int] = {}
     for r in range(args.rounds):
-        total, encode_only = plain_encode(tmp / "demo" / "corpus")
-        plain_s.append(total)
-        encode_s.append(encode_only)
-        # A fresh store each round: a second build in the same store would find every vector in its cache.
-        embray_s.append(
-            embray_backfill(
-                minilm.model_copy(update={"store": minilm.store.model_copy(update={"uri": str(tmp / f"store-{r}")})})
+        for corpus, (source, _) in corpora.items():
+            secs.setdefault((corpus, "plain"), []).append(plain_encode(source)[0])
+            for name in runs:
+                _, model, embed = RUNS[name]
+                c = cfg(f"bench-{name}", source, model, embed, store=f"store-{corpus}-{name}-{r}")  # fresh store
+                secs.setdefault((corpus, name), []).append(embray_backfill(c))
+                embedded[(corpus, name)] = EMBEDDED[-1]
+            done = ", ".join(f"{k[1]} {v[-1]:.1f}s" for k, v in secs.items() if k[0] == corpus)
+            print(
+                f"round {r + 1}, {corpus}: {done}",
+                file=sys.stderr,
+                flush=True,
             )
-        )
-        hash_s.append(
-            embray_backfill(
-                hashed.model_copy(update={"store": hashed.store.model_copy(update={"uri": str(tmp / f"store-{r}")})})
-            )
-        )
-        print(
-            f"round {r + 1}: plain {plain_s[-1]:.1f}s (encode {encode_s[-1]:.1f}s), "
-            f"embray {embray_s[-1]:.1f}s, hash {hash_s[-1]:.1f}s",
-            file=sys.stderr,
-            flush=True,
-        )
+    hash_s = embray_backfill(hashed) if args.hash_rows else None
     ray.shutdown()
+    stsb = stsb_scores(runs)
 
     med = statistics.median
-    embedded = EMBEDDED[1]  # the first MiniLM round (index 0 is the hash warm-up)
-    ratios = [p / e for p, e in zip(plain_s, embray_s, strict=True)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    rows = [
-        ("plain script: import, load MiniLM, `SentenceTransformer.encode` all (1 process)", n, med(plain_s), None),
-        ("... of which `encode` alone (model already loaded)", n, med(encode_s), None),
-        (f"embray backfill, MiniLM (1 actor, batch {args.batch_size}, 4 shards)", n, med(embray_s), med(ratios)),
-        ("embray backfill, `hash` backend (pipeline ceiling)", args.hash_rows, med(hash_s), None),
-    ]
     table = [
         MARK_BEGIN,
         "## Backfill throughput",
         "",
-        f"Command: `.venv/bin/python bench/backfill.py --docs {args.docs} --rounds {args.rounds} "
-        f"--hash-rows {args.hash_rows} --batch-size {args.batch_size}` (commit {commit.stdout.strip() or '?'})",
+        f"Command: `.venv/bin/python bench/backfill.py --docs {args.docs} --long-docs {args.long_docs} "
+        f"--rounds {args.rounds} --hash-rows {args.hash_rows} --batch-size {args.batch_size} --runs {','.join(runs)}` "
+        f"(commit {commit.stdout.strip() or '?'})",
         "",
         f"Machine: {machine()}.",
         "",
-        f"Corpus: {n} Python standard library docstrings (mean {sum(map(len, texts)) / n:.0f} characters), "
-        f"8 Parquet files ({len(set(texts))} distinct texts; embray embeds each distinct text once per shard, "
-        "plain encode embeds every row); the `hash` run uses the same texts made unique under new ids in 16 files. "
-        f"Medians of {args.rounds} interleaved rounds; Ray was started once before the rounds.",
-        "",
-        "| run | rows | seconds (median) | rows/s | vs plain encode |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for name, count, secs, ratio in rows:
-        table.append(
-            f"| {name} | {count} | {secs:.1f} | {count / secs:.1f} | {'' if ratio is None else f'{ratio:.2f}x'} |"
+        "Corpora: "
+        + "; ".join(
+            f"*{name}*, {rows} rows (mean {mean_chars[name]:.0f} characters) in 8 Parquet files"
+            for name, (_, rows) in corpora.items()
         )
-    table += [
+        + ". The docstrings repeat (embray embeds each distinct text once per shard, plain encode every row); the "
+        "man pages are unique and mostly past MiniLM's 256-token limit. *plain* is a fresh process (import, "
+        "load MiniLM, `SentenceTransformer.encode` every row in fp32, batch 64, all cores); each embray run is "
+        "a whole backfill into a fresh store (actor start and model load included, 4 shards, embed.batch_size "
+        f"{args.batch_size}) on a Ray started once. Medians of {args.rounds} interleaved rounds; the ratio is "
+        "per corpus row, plain's seconds over the run's. STS-B: Spearman on the test split (published 0.8203).",
         "",
-        "Per round (plain / embray seconds): "
-        + ", ".join(f"{p:.1f} / {e:.1f}" for p, e in zip(plain_s, embray_s, strict=True))
-        + f"; ratio per round: {', '.join(f'{x:.2f}' for x in ratios)}.",
-        "",
-        f"The ratio is per corpus row. embray embeds each distinct text once per shard ({embedded} texts here, "
-        f"where plain encode embeds all {n} rows); per text sent to the model it runs at "
-        f"{embedded / med(embray_s):.1f} texts/s against plain encode's {n / med(plain_s):.1f} "
-        f"({embedded / med(embray_s) / (n / med(plain_s)):.2f}x): the rest is the embedding actor's start "
-        "(import, model load) and the Ray pipeline around it.",
-        MARK_END,
+        "| corpus | run | rows | seconds (median) | rows/s | vs plain | texts embedded | STS-B |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    for corpus, (_, rows) in corpora.items():
+        plain = med(secs[(corpus, "plain")])
+        for name in ["plain", *runs]:
+            s_ = med(secs[(corpus, name)])
+            label = "plain `SentenceTransformer.encode` script" if name == "plain" else RUNS[name][0]
+            score = f"{stsb[name]:.4f}" if name in stsb else ""
+            table.append(
+                f"| {corpus} | {label} | {rows} | {s_:.1f} | {rows / s_:.1f} | {plain / s_:.2f}x "
+                f"| {embedded.get((corpus, name), rows)} | {score} |"
+            )
+    table += ["", "Per round (seconds): "]
+    for (corpus, name), v in secs.items():
+        table.append(f"- {corpus}, {name}: " + ", ".join(f"{x:.1f}" for x in v))
+    if hash_s is not None:
+        table += [
+            "",
+            f"Pipeline ceiling: the `hash` backend (no model) backfills {args.hash_rows} rows (the docstrings made "
+            f"unique, 16 files) in {hash_s:.1f} s, {args.hash_rows / hash_s:.0f} rows/s (one run), most of it HNSW "
+            "shard building.",
+        ]
+    table.append(MARK_END)
     text = "\n".join(table)
     print(text)
     if args.write:

@@ -170,3 +170,101 @@ def stsb_spearman(embedder) -> float:
     gold, left, right = read_stsb()
     a, b = embedder.embed_documents(left), embedder.embed_documents(right)
     return spearmanr(np.sum(a * b, axis=1), gold).statistic
+
+
+# --- offline corpora for quality and throughput: man pages (prose documentation) and stdlib docstrings --------
+
+MAN_ROOT = Path("/usr/share/man")
+_ROFF_ESCAPES = [
+    (r"\\f(\[[^]]*\]|\(..|.)", ""),  # font changes
+    (r"\\[/,&:%|^]", ""),  # spacing hints and zero-width marks
+    (r"\\\((..)", " "),  # special characters
+    (r"\\\*(\[[^]]*\]|\(..|.)", ""),  # strings
+    (r"\\s[-+]?\d+", ""),  # size changes
+    (r"\\-", "-"),
+    (r"\\e", "\\\\"),
+    (r'\\"', ""),
+]
+
+
+def _roff_text(src: str) -> tuple[str, str]:
+    """(NAME description, body text) of a man page's roff source; a plain reading, no formatter needed."""
+    import re
+
+    lines, name, section = [], "", ""
+    for raw in src.splitlines():
+        line = raw
+        for pat, rep in _ROFF_ESCAPES:
+            line = re.sub(pat, rep, line)
+        if line.startswith((".", "'")):
+            macro, _, args = line[1:].partition(" ")
+            if macro == "SH":
+                section = args.strip().strip('"').upper()
+                continue
+            if macro not in ("B", "I", "BR", "IR", "RB", "BI", "IB", "RI", "SS", "IP", "TP", "Nm", "Nd"):
+                continue
+            line = args.replace('"', "")
+        line = line.strip()
+        if not line:
+            continue
+        if section == "NAME":
+            name = f"{name} {line}".strip()
+        elif section and section != "SYNOPSIS":
+            lines.append(line)
+    description = name.split(" - ", 1)[1].strip() if " - " in name else ""
+    return description, " ".join(" ".join(lines).split())
+
+
+def man_pages(n: int, min_chars: int = 800) -> list[tuple[str, str, str]]:
+    """Up to ``n`` man pages of sections 1 and 8 as (name, NAME description, body), a stable spread chosen by
+    a hash of the page's file name; links, pages with a short body or a description seen before, and the
+    generated near-duplicate gcloud pages are left out."""
+    import gzip
+    import hashlib
+
+    files = sorted(p for s in ("man1", "man8") for p in (MAN_ROOT / s).glob("*.gz"))
+    files.sort(key=lambda p: hashlib.sha256(p.name.encode()).hexdigest())
+    out, seen = [], set()
+    for path in files:
+        try:
+            src = gzip.decompress(path.read_bytes()).decode("utf-8", "replace")
+        except (OSError, EOFError):
+            continue
+        if src.startswith(".so ") or path.name.startswith("gcloud"):  # a link; generated near-duplicates
+            continue
+        description, body = _roff_text(src)
+        if len(description) < 12 or len(body) < min_chars or description.lower() in seen:
+            continue
+        seen.add(description.lower())
+        out.append((path.name.split(".")[0], description, body))
+        if len(out) == n:
+            break
+    return out
+
+
+def docstring_pages(n: int, min_chars: int = 200) -> list[tuple[str, str, str]]:
+    """Up to ``n`` stdlib API docstrings as (qualified name, summary line, the rest), from the demo's collection;
+    docstrings whose summary is a signature or whose rest is short are left out."""
+    from embray.demo import collect
+
+    out, seen = [], set()
+    for name, doc in collect(100_000).items():
+        summary, _, rest = doc.partition("\n")
+        summary, rest = summary.strip(), " ".join(rest.split())
+        if "(" in summary.split(" ", 1)[0] or len(summary) < 20 or len(rest) < min_chars or summary in seen:
+            continue
+        seen.add(summary)
+        out.append((name, summary, rest))
+    out.sort(key=lambda p: __import__("hashlib").sha256(p[0].encode()).hexdigest())
+    return out[:n]
+
+
+def known_item_recall(embedder, pages: list[tuple[str, str, str]], k: int = 10) -> float:
+    """Known-item recall@k: each page's summary (title line) as the query, its body as the document to find,
+    exact cosine search over all bodies."""
+    docs = embedder.embed_documents([body for _, _, body in pages])
+    queries = embedder.embed_queries([summary for _, summary, _ in pages])
+    scores = queries @ docs.T
+    own = scores[np.arange(len(pages)), np.arange(len(pages))]
+    rank = (scores > own[:, None]).sum(axis=1)  # pages scoring strictly better than the right one
+    return float((rank < k).mean())

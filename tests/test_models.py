@@ -9,7 +9,7 @@ import pytest
 from embray.errors import ModelError
 from embray.models import ModelSpec, fingerprint, load_embedder, resolve_model_path
 
-from .helpers import STSB, stsb_spearman
+from .helpers import STSB, docstring_pages, known_item_recall, man_pages, stsb_spearman
 
 HASH = ModelSpec(backend="hash", name="words", dims=64)
 
@@ -280,19 +280,24 @@ def test_precision_is_a_compute_setting_not_a_space():
     assert {fingerprint(ModelSpec(precision=p)) for p in (None, "fp32", "fp16", "bf16")} == {"2b621ef4322a93cda7861177"}
 
 
-def test_reduced_precision_is_for_cuda_only(caplog):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_reduced_precision_where_the_device_computes_it(caplog, monkeypatch, native_bf16):
     import torch
 
-    from embray.models.sentence_transformers import _compute_dtype
+    import embray.models.sentence_transformers as st
 
-    assert _compute_dtype(None, "cuda") is torch.float32
-    assert _compute_dtype("fp32", "cuda") is torch.float32
-    assert _compute_dtype("fp16", "cuda") is torch.float16
-    assert _compute_dtype("bf16", "cuda") is torch.bfloat16
+    monkeypatch.setattr(st, "cpu_has_bf16", lambda: native_bf16)
+    assert st._compute_dtype(None, "cuda") is torch.float32
+    assert st._compute_dtype("fp32", "cuda") is torch.float32
+    assert st._compute_dtype("fp16", "cuda") is torch.float16
+    assert st._compute_dtype("bf16", "cuda") is torch.bfloat16
+    assert st._compute_dtype(None, "cpu") is torch.float32
     with caplog.at_level("WARNING", logger="embray"):
-        assert _compute_dtype("fp16", "cpu") is torch.float32
-        assert _compute_dtype("bf16", "mps") is torch.float32
-    assert "model.precision fp16 applies on CUDA only; running in fp32 on cpu" in caplog.text
+        assert st._compute_dtype("fp16", "cpu") is torch.float32
+        assert st._compute_dtype("bf16", "mps") is torch.float32
+        assert st._compute_dtype("bf16", "cpu") is (torch.bfloat16 if native_bf16 else torch.float32)
+    assert "model.precision fp16 applies on CUDA (bf16: also on CPU); running in fp32 on cpu" in caplog.text
+    assert ("needs a CPU with AMX or AVX512-BF16" in caplog.text) is not native_bf16
 
 
 @pytest.mark.slow
@@ -343,3 +348,65 @@ def test_reduced_precision_on_cuda_returns_float32_close_to_fp32(precision, dtyp
     assert vecs.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
     assert np.sum(vecs * fp32, axis=1).min() > 0.999
+
+
+# --- bf16 on a CPU that computes it natively (AMX / AVX512-BF16): the recommended CPU setting ------------------
+
+
+def _cpu_bf16() -> bool:
+    from embray.models.sentence_transformers import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+needs_cpu_bf16 = pytest.mark.skipif(not _cpu_bf16(), reason="needs a CPU with AMX or AVX512-BF16 (native bf16)")
+
+
+@pytest.fixture(scope="module")
+def minilm_bf16():
+    return load_embedder(ModelSpec(device="cpu", precision="bf16"))
+
+
+@pytest.mark.slow
+@needs_cpu_bf16
+def test_bf16_on_cpu_gives_one_vector_per_text_whatever_its_batch(minilm_bf16, minilm):
+    import torch
+
+    e = minilm_bf16
+    assert e.dtype is torch.bfloat16 and next(e.model.parameters()).dtype is torch.bfloat16
+    pages = man_pages(40) or [(str(i), t, t * 20) for i, t in enumerate(TEXTS)]
+    texts = [*TEXTS, *(body for _, _, body in pages)]  # 1 to 256 tokens: batches pad the short ones a lot
+    alone = np.stack([e.embed_documents([t])[0] for t in texts])
+    assert alone.dtype == np.float32
+    rng, spec = np.random.default_rng(0), e.spec
+    for batch_size in (2, 7, 64):
+        order = rng.permutation(len(texts))  # other neighbours, other padding, other batch shapes
+        e.spec = e.spec.model_copy(update={"batch_size": batch_size})
+        batched = e.embed_documents([texts[i] for i in order])
+        cos = np.sum(batched * alone[order], axis=1)
+        assert cos.min() >= 0.9999, f"batch_size {batch_size}: a text's vector moved to cosine {cos.min():.6f}"
+    e.spec = spec
+    # the same space as fp32: a CPU without bf16 serves and audits a bf16-built version in fp32
+    assert np.sum(alone * minilm.embed_documents(texts), axis=1).min() >= 0.999
+
+
+@pytest.mark.slow
+@needs_stsb
+@needs_cpu_bf16
+def test_bf16_on_cpu_keeps_stsb(minilm_bf16):
+    rho = stsb_spearman(minilm_bf16)
+    assert rho >= 0.815, f"bf16 Spearman {rho:.4f} below 0.815"
+
+
+@pytest.mark.slow
+@needs_cpu_bf16
+@pytest.mark.parametrize("corpus", ["man pages", "stdlib docstrings"])
+def test_bf16_on_cpu_retrieves_as_well_as_fp32(minilm_bf16, minilm, corpus):
+    # Known-item retrieval on two kinds of text: prose documentation (man pages: NAME line -> page) and API
+    # reference (docstrings: summary line -> the rest). STS-B alone hides retrieval losses.
+    pages = man_pages(600) if corpus == "man pages" else docstring_pages(600)
+    if len(pages) < 600:
+        pytest.skip(f"{corpus}: found {len(pages)} of 600 pages on this machine")
+    fp32, bf16 = known_item_recall(minilm, pages), known_item_recall(minilm_bf16, pages)
+    assert fp32 > 0.5, f"the {corpus} set is broken: fp32 recall@10 {fp32:.3f}"
+    assert bf16 >= fp32 - 0.01, f"{corpus}: bf16 recall@10 {bf16:.3f} vs fp32 {fp32:.3f}"

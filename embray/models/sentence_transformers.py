@@ -13,24 +13,42 @@ from embray.models.spec import ModelSpec, resolve_model_path
 log = logging.getLogger("embray")
 
 
-def _compute_dtype(precision: str | None, device_type: str):
-    """The torch dtype a sentence-transformers model computes in: ``precision`` on CUDA, float32 elsewhere.
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16), where a bf16 model runs 2-3x faster than
+    fp32; elsewhere torch emulates bf16 and it is slower than fp32."""
+    import torch
 
-    fp16 and bf16 on a CPU are slow (and fp16 poorly supported there), and a spec's ``precision`` travels with
-    its versions to CPU Serve replicas and audits: those run the same space in fp32 instead of refusing it.
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+def _compute_dtype(precision: str | None, device_type: str):
+    """The torch dtype a sentence-transformers model computes in for ``precision`` on ``device_type``.
+
+    CUDA: fp16 or bf16 as asked. CPU: bf16 where the CPU computes it natively (:func:`cpu_has_bf16`). Anything
+    else runs in fp32, with a warning: a spec's ``precision`` travels with its versions to Serve replicas and
+    audits on other machines, and those run the same space in fp32 instead of refusing it.
     """
     import torch
 
     if precision in (None, "fp32"):
         return torch.float32
-    if device_type != "cuda":
-        log.warning("model.precision %s applies on CUDA only; running in fp32 on %s", precision, device_type)
+    if device_type == "cuda":
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if device_type == "cpu" and precision == "bf16":
+        if cpu_has_bf16():
+            return torch.bfloat16
+        log.warning("model.precision bf16 needs a CPU with AMX or AVX512-BF16; running in fp32 on this one")
         return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    log.warning("model.precision %s applies on CUDA (bf16: also on CPU); running in fp32 on %s", precision, device_type)
+    return torch.float32
 
 
 class SentenceTransformerEmbedder(Embedder):
-    """sentence-transformers on CPU or GPU, from local weights; on CUDA in ``spec.precision``."""
+    """sentence-transformers on CPU or GPU, from local weights, computing in ``spec.precision`` where it can."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)

@@ -63,11 +63,13 @@ class ModelSpec(BaseModel):
     )
     precision: Literal["fp32", "fp16", "bf16"] | None = Field(
         None,
-        description="'sentence-transformers' only: the dtype the model computes in on a CUDA device; null: fp32. "
-        "On any other device it runs in fp32 (with a warning), so a version built on a GPU in fp16 is served and "
-        "audited by CPU replicas as the same space. Vectors are always float32. Not fingerprinted: on STS-B, fp16 "
-        "vectors are within cosine 0.999998 of fp32 ones and bf16 within 0.9998 (docs/benchmarks.md); fp16 is "
-        "the one to use on a GPU (as fast as bf16 there, and closer to fp32).",
+        description="'sentence-transformers' only: the dtype the model computes in; null: fp32. fp16: on CUDA. "
+        "bf16: on CUDA, and on a CPU that computes bf16 natively (AMX or AVX512-BF16; 2-3x fp32's throughput "
+        "there, docs/benchmarks.md). Anywhere else it runs in fp32 (with a warning), so a version built in bf16 "
+        "is served and audited on other machines as the same space. Vectors are always float32. Not "
+        "fingerprinted: on STS-B, fp16 vectors are within cosine 0.999998 of fp32 ones and bf16 within 0.9998 "
+        "(GPU) / 0.9999 (CPU); retrieval recall and STS-B are unchanged. fp16 is the one to use on a GPU (as fast "
+        "as bf16 there, and closer to fp32), bf16 on a recent Intel CPU.",
     )
     batch_size: int = Field(
         64, ge=1, description="Texts per forward pass inside the model ('onnx': always 1). Not fingerprinted."
