@@ -78,3 +78,20 @@ def test_secrets_are_redacted():
         "secret": "***",
         "client_kwargs": {"endpoint_url": "http://x", "aws_session_token": "***"},
     }
+
+
+def test_the_demo_writes_a_config_with_the_recommended_cpu_model(tmp_path):
+    # The quickstart builds with what the README recommends on a CPU: MiniLM computing in bf16 (fp32 where the
+    # CPU has no native bf16), a compute setting that keeps MiniLM's fingerprint.
+    from embray.demo import write_demo
+    from embray.models import ModelSpec, fingerprint
+
+    path, rows = write_demo(tmp_path / "demo", docs=40, files=2)
+    cfg = load_config(path)
+    assert rows == 40 and len(list((tmp_path / "demo" / "corpus").glob("part-*.parquet"))) == 2
+    assert (cfg.model.backend, cfg.model.name, cfg.model.precision) == (
+        "sentence-transformers",
+        "all-MiniLM-L6-v2",
+        "bf16",
+    )
+    assert fingerprint(cfg.model) == fingerprint(ModelSpec())
