@@ -75,6 +75,18 @@ class EmbedConfig(_Strict):
         1.0, ge=0, description="CPUs each actor reserves; keep below the node's CPUs so reads and writes still run."
     )
     num_gpus: float = Field(0.0, ge=0, description="GPUs each actor reserves (GPU nodes in production).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each embedding actor or task reserves, e.g. {accelerator: 1}: embedding "
+        "then runs only on the nodes that offer them (start those with `ray start --resources`). The build "
+        "records the nodes it embedded on (MLflow param embed.nodes, `embed_nodes` in --json).",
+    )
+    placement_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="How long a build waits for an alive node that offers embed.num_cpus, num_gpus and "
+        "resources (an autoscaling cluster may be adding one) before it fails naming what is missing.",
+    )
     threads: int | None = Field(None, ge=1, description="Torch threads per actor; null uses every core of the node.")
     keep_warm_s: float = Field(
         300.0,
@@ -87,6 +99,16 @@ class EmbedConfig(_Strict):
         "every time.",
     )
 
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name} is not a custom resource: use embed.num_cpus / embed.num_gpus instead")
+            if amount <= 0:
+                raise ValueError(f"resource {name}: {amount} must be > 0")
+        return v
+
 
 class MlflowConfig(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; null: sqlite file under the store root.")
@@ -94,7 +116,11 @@ class MlflowConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: str | None = Field(None, description="Ray address ('auto', 'ray://...'); null: start a local Ray.")
+    address: str | None = Field(
+        None,
+        description="Ray address ('auto', 'host:6379', 'ray://...'). null: inside a Ray job (RAY_ADDRESS set) the "
+        "job's cluster, elsewhere a new local Ray of this process (never one `ray start` left on the machine).",
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; null: all of this machine's.")
 
 

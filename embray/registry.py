@@ -127,6 +127,11 @@ class Registry:
         self._call(self.client.log_batch, run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         return run.info.run_id
 
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self._call(self.client.log_batch, run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         import time
 

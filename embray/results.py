@@ -76,6 +76,7 @@ class BuildResult(_Result):
     seconds: float
     model_version: str | None
     aliases: tuple[str, ...] = ()
+    embed_nodes: tuple[str, ...] = ()  # Ray node ids the texts were embedded on (none when nothing was)
     manifest: Manifest | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -96,6 +97,7 @@ class BuildResult(_Result):
             "rows_per_s": round(self.rows / self.seconds, 1) if self.seconds else None,
             "model_version": self.model_version,
             "aliases": list(self.aliases),
+            "embed_nodes": list(self.embed_nodes),
         }
 
 

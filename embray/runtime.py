@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,20 +19,35 @@ def quiet_workers() -> None:
 
 
 def init_ray(rc: RayConfig) -> None:
-    """Connect to the configured Ray cluster, or start a local one (once per process)."""
+    """Connect to the configured Ray cluster, or start a local one (once per process).
+
+    ``ray.address`` null means the Ray this process is meant for: inside a Ray job (the job's driver has
+    ``RAY_ADDRESS`` set, as has a shell that exported it) that cluster; anywhere else a new local Ray of this
+    process, never a cluster that ``ray start`` left on this machine (Ray itself would join the one named in
+    its ``ray_current_cluster`` file; use ``address: auto`` for that). ``ray.num_cpus`` sizes a local Ray only.
+    """
     import ray
 
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"log_to_driver": _LOG_TO_DRIVER, "include_dashboard": False}
-    if rc.address:
-        kwargs["address"] = rc.address
-    elif rc.num_cpus:
-        kwargs["num_cpus"] = rc.num_cpus
+    address = cluster_address(rc)
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["address"] = "local"
+        if rc.num_cpus:
+            kwargs["num_cpus"] = rc.num_cpus
     try:
         ray.init(**kwargs)
     except ConnectionError as e:
-        raise ConfigError(f"ray.address {rc.address!r}: cannot connect ({e}); check the address or use null") from e
+        raise ConfigError(f"ray.address {address!r}: cannot connect ({e}); check the address or use null") from e
+
+
+def cluster_address(rc: RayConfig) -> str | None:
+    """The cluster this process runs on (``ray.address``, else ``RAY_ADDRESS``), or None for a local Ray of its
+    own, which no other node will ever join."""
+    return rc.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def gather(refs: list, on_done: Callable[[int], None] | None = None) -> list:

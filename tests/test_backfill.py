@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from embray import Collection
-from embray.errors import SourceError, StoreError
+from embray.errors import ConfigError, SourceError, StoreError
 from embray.models import fingerprint, load_embedder
 from embray.registry import Registry
 from embray.rows import shard_of
@@ -71,6 +71,11 @@ def test_backfill_builds_a_complete_registered_version(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["fingerprint"] == m.fingerprint and run.data.params["corpus_uri"] == cfg.source.uri
     assert run.data.metrics["rows"] == 300 and run.data.metrics["rows_per_s"] > 0
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()  # one local node: the embedding ran on it
+    assert result.embed_nodes == (here,) and result.to_dict()["embed_nodes"] == [here]
+    assert run.data.params["embed.nodes"] == here
     (ds_input,) = run.inputs.dataset_inputs
     assert ds_input.dataset.digest == m.source["digest"][:36]
     assert json.loads(ds_input.dataset.source)["uri"] == cfg.source.uri
@@ -197,3 +202,14 @@ def test_missing_source_and_unreachable_store(tmp_path):
     )
     with pytest.raises(StoreError, match=r"store s3://nowhere/embray is not reachable or not writable"):
         Collection(cfg).backfill()
+
+
+def test_a_resource_no_node_offers_fails_at_once_naming_it(tmp_path):
+    # embed.resources places embedding on the nodes that offer them; where none does, Ray would wait forever.
+    # On a local Ray of this process no node can join: the build fails at once, naming the resource.
+    write_corpus(tmp_path / "corpus", files=2, rows=20)
+    cfg = make_config(tmp_path, embed={"resources": {"accelerator": 1}, "placement_timeout_s": 600})
+    with pytest.raises(ConfigError, match=r"accelerator: 1.*no alive node has resource accelerator: start one with"):
+        Collection(cfg).backfill()
+    _no_version_left(cfg)
+    assert Registry(cfg).model_versions() == []

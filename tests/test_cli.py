@@ -42,7 +42,7 @@ def test_job_entry_point_then_versions_and_search_print_only_json(tmp_path, caps
     monkeypatch.setattr(sys, "argv", ["jobs/backfill.py", "--config", config, "--json"])
     runpy.run_path(str(REPO / "jobs" / "backfill.py"), run_name="__main__")  # what `ray job submit` runs
     built = json.loads(capsys.readouterr().out)
-    assert built["rows"] == 80 and built["aliases"] == ["active"]
+    assert built["rows"] == 80 and built["aliases"] == ["active"] and len(built["embed_nodes"]) == 1
 
     out = _run("versions", "--config", config, "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -105,6 +105,7 @@ def test_refresh_verify_promote_rollback_gc_commands(tmp_path, capsys):
     out = cli_json("refresh", "--config", config)
     assert {"version", "parent", "new", "changed", "deleted", "reused", "embedded"} <= set(out)
     assert (out["parent"], out["embedded"], out["reused"], out["aliases"]) == (v1, 5, 77, [])
+    assert len(out["embed_nodes"]) == 1
     v2 = out["version"]
     assert cli_json("verify", v2, "--config", config) == {"version": v2, "ok": True, "problems": []}
     out = cli_json("promote", v2, "--config", config, "--reason", "test")

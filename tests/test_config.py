@@ -95,3 +95,17 @@ def test_the_demo_writes_a_config_with_the_recommended_cpu_model(tmp_path):
         "bf16",
     )
     assert fingerprint(cfg.model) == fingerprint(ModelSpec())
+
+
+@pytest.mark.parametrize(
+    "resources, message",
+    [
+        ({"GPU": 1}, "GPU is not a custom resource: use embed.num_cpus / embed.num_gpus instead"),
+        ({"accelerator": 0}, "resource accelerator: 0.0 must be > 0"),
+    ],
+)
+def test_embed_resources_are_custom_and_positive(tmp_path, resources, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**MINIMAL, "embed": {"resources": resources}}, base_dir=tmp_path)
+    cfg = parse_config({**MINIMAL, "embed": {"resources": {"accelerator": 1}}}, base_dir=tmp_path)
+    assert cfg.embed.resources == {"accelerator": 1.0} and cfg.embed.placement_timeout_s == 120

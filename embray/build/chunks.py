@@ -17,6 +17,13 @@ from embray.store import Store, local_tmpdir
 from embray.vectors import to_arrow, with_fingerprint
 
 
+def node_id() -> str:
+    """The Ray node this process runs on (hex id)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 class EmbedChunks:
     """One model replica; each call embeds whole chunks into the cache."""
 
@@ -39,7 +46,8 @@ class EmbedChunks:
         """A Ray Data batch of ``need`` / ``cache`` paths -> ``rows`` embedded per chunk."""
         import numpy as np
 
-        return {"rows": np.array(self.embed_into(self.store, batch["need"], batch["cache"]), dtype=np.int64)}
+        rows = np.array(self.embed_into(self.store, batch["need"], batch["cache"]), dtype=np.int64)
+        return {"rows": rows, "node": np.array([node_id()] * len(rows))}
 
     def embed_into(self, store: Store, needs, caches) -> list[int]:
         """Embed each ``need`` file's texts into its ``cache`` file of ``store``; returns rows per chunk."""

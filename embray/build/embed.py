@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
-from embray.build.chunks import EmbedChunks
-from embray.build.types import Chunk
+from embray.build.chunks import EmbedChunks, node_id
+from embray.build.types import Chunk, Embedded
 from embray.build.warm import embed_warm, make_room
 from embray.config import EmbedConfig, RayConfig
 from embray.errors import ConfigError
 from embray.models.spec import ModelSpec
+from embray.runtime import cluster_address
 from embray.store import Store
 
 log = logging.getLogger("embray")
@@ -23,16 +25,16 @@ log = logging.getLogger("embray")
 SMALL_EMBED_BATCHES = 4
 
 
-def _embed_in_task(spec: ModelSpec, fp: str, threads: int | None, store: Store, chunks: list[Chunk]) -> int:
+def _embed_in_task(spec: ModelSpec, fp: str, threads: int | None, store: Store, chunks: list[Chunk]) -> tuple[int, str]:
     embed = EmbedChunks(spec, fp, threads, store)
-    return sum(embed.embed_into(store, [c.need for c in chunks], [c.cache for c in chunks]))
+    return sum(embed.embed_into(store, [c.need for c in chunks], [c.cache for c in chunks])), node_id()
 
 
 def check_pool_fits(ec: EmbedConfig, rc: RayConfig) -> None:
     """On a local Ray, refuse an actor pool that would leave the scan and shard tasks no CPU (a hang)."""
     import ray
 
-    if rc.address:
+    if cluster_address(rc):
         return  # a cluster may autoscale: let Ray place the actors
     cpus = ray.cluster_resources().get("CPU", 0)
     need = ec.actors * ec.num_cpus
@@ -43,6 +45,48 @@ def check_pool_fits(ec: EmbedConfig, rc: RayConfig) -> None:
         )
 
 
+def _needs(ec: EmbedConfig) -> dict[str, float]:
+    """What one embedding actor or task reserves."""
+    need = {"CPU": ec.num_cpus, "GPU": ec.num_gpus, **ec.resources}
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def wait_for_node(ec: EmbedConfig, rc: RayConfig) -> None:
+    """Return once an alive node offers what one embedding actor reserves; else fail naming what is missing:
+    at once on a local Ray of this process (no node will join it), after embed.placement_timeout_s on a
+    cluster (an autoscaler may be adding one). Without this, Ray would wait for such a node forever."""
+    import ray
+
+    need = _needs(ec)
+    waited = ec.placement_timeout_s if cluster_address(rc) else 0.0
+    deadline = time.monotonic() + waited
+    while True:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if any(all(n["Resources"].get(k, 0.0) >= v - 1e-9 for k, v in need.items()) for n in nodes):
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    wanted = ", ".join(f"{k}: {v:g}" for k, v in need.items())
+    offered = "; ".join(
+        ", ".join(f"{k}: {v:g}" for k, v in sorted(n["Resources"].items()) if k in need or k in ("CPU", "GPU"))
+        or "nothing asked for"
+        for n in nodes
+    )
+    custom = [k for k in ec.resources if not any(k in n["Resources"] for n in nodes)]
+    hint = (
+        f"no alive node has resource {', '.join(custom)}: start one with `ray start --resources "
+        f"'{{\"{custom[0]}\": 1}}'` or change embed.resources"
+        if custom
+        else "add such a node, or lower embed.num_cpus / embed.num_gpus / embed.resources"
+    )
+    raise ConfigError(
+        f"no alive Ray node offers what an embedding actor needs ({wanted}) after "
+        f"{waited:g}s; the {len(nodes)} alive node(s) offer: "
+        f"{offered or 'none'}; {hint}"
+    )
+
+
 def embed_chunks(
     ec: EmbedConfig,
     spec: ModelSpec,
@@ -50,35 +94,38 @@ def embed_chunks(
     store: Store,
     chunks: list[Chunk],
     on_rows: Callable[[int], None] | None = None,
-) -> int:
-    """Embed every planned chunk into the cache; returns the rows embedded.
+) -> Embedded:
+    """Embed every planned chunk into the cache; returns the rows embedded and the nodes they ran on.
 
     Bulk work streams through a Ray Data actor pool. A handful of rows (a typical refresh) goes to the warm
     actor of this model (``embed.keep_warm_s > 0``: made on first use, it keeps the model loaded between
-    jobs), or else to one plain Ray task: the pool's start-up would cost more than the work. ``on_rows`` hears
-    of every finished chunk's rows.
+    jobs), or else to one plain Ray task: the pool's start-up would cost more than the work. Each of them
+    reserves embed.num_cpus, num_gpus and resources, so it runs only on a node that offers them (the caller
+    checks that one exists: :func:`wait_for_node`). ``on_rows`` hears of every finished chunk's rows.
     """
     import ray
     from ray.data import ActorPoolStrategy
 
     if not chunks:
-        return 0
+        return Embedded(0)
     on_rows = on_rows or (lambda n: None)
     if sum(c.rows for c in chunks) <= SMALL_EMBED_BATCHES * ec.batch_size:
         if ec.keep_warm_s > 0:
-            rows = embed_warm(ec, spec, fp, store, chunks)
-            if rows is not None:
-                on_rows(rows)
-                return rows
-        task = ray.remote(num_cpus=ec.num_cpus, num_gpus=ec.num_gpus)(_embed_in_task)
-        rows = ray.get(task.remote(spec, fp, ec.threads, store, chunks))
+            done = embed_warm(ec, spec, fp, store, chunks)
+            if done is not None:
+                on_rows(done[0])
+                return Embedded(done[0], (done[1],))
+        task = ray.remote(num_cpus=ec.num_cpus, num_gpus=ec.num_gpus, resources=ec.resources or None)(_embed_in_task)
+        rows, node = ray.get(task.remote(spec, fp, ec.threads, store, chunks))
         on_rows(rows)
-        return rows
+        return Embedded(rows, (node,))
     # Warm actors give way to the pool. Measured on a 2-CPU local Ray: a 1-CPU pool beside a 1-CPU warm actor
     # finishes (the pool's input comes from the driver, no read tasks), so only the pool's own needs count.
-    make_room(ec.actors * ec.num_cpus, ec.actors * ec.num_gpus, "an embedding actor pool needs room")
+    pool = {k: v * ec.actors for k, v in ec.resources.items()}
+    make_room(ec.actors * ec.num_cpus, ec.actors * ec.num_gpus, "an embedding actor pool needs room", resources=pool)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"  # the CLI's own display
+    placement = {"resources": ec.resources} if ec.resources else {}
     ds = ray.data.from_items(
         [{"need": c.need, "cache": c.cache} for c in chunks], override_num_blocks=len(chunks)
     ).map_batches(
@@ -88,10 +135,12 @@ def embed_chunks(
         num_cpus=ec.num_cpus,
         num_gpus=ec.num_gpus,
         fn_constructor_kwargs={"spec": spec, "expected_fingerprint": fp, "threads": ec.threads, "store": store},
+        **placement,
     )
-    done = 0
+    done, nodes = 0, set()
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         rows = int(b["rows"].sum())
+        nodes.update(str(n) for n in b["node"])
         on_rows(rows)
         done += rows
-    return done
+    return Embedded(done, tuple(sorted(nodes)))

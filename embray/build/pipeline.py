@@ -26,11 +26,11 @@ import time
 from dataclasses import dataclass
 
 from embray import layout
-from embray.build.embed import check_pool_fits, embed_chunks
+from embray.build.embed import check_pool_fits, embed_chunks, wait_for_node
 from embray.build.plan import parent_shards, plan_shard
 from embray.build.scan import scan_file
 from embray.build.shards import build_shard, cached_dims, updates_in_place
-from embray.build.types import BuildSpec, ShardBuild, ShardPlan
+from embray.build.types import BuildSpec, Embedded, ShardBuild, ShardPlan
 from embray.build.warm import TASK_CPUS, make_room
 from embray.context import Context
 from embray.errors import EmbrayError, ModelError, SourceError, StoreError
@@ -78,6 +78,7 @@ class Build:
         self.times = _Timings()
         self.progress = ctx.progress
         self.estimate: Estimate | None = None
+        self.embed_nodes: tuple[str, ...] = ()  # Ray node ids the embedding ran on
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -160,10 +161,12 @@ class Build:
         self.progress.stage("plan", len(refs), "shards")
         return _stage(self.kind, "planning the shards", StoreError, gather, refs, self.progress.advance)
 
-    def embed(self, plans: list[ShardPlan]) -> int:
-        """Stage 3; returns the texts embedded."""
+    def embed(self, plans: list[ShardPlan]) -> Embedded:
+        """Stage 3; returns the texts embedded and the nodes they were embedded on."""
         chunks = [c for p in plans for c in p.chunks]
         self.chunks = chunks
+        if chunks:
+            wait_for_node(self.cfg.embed, self.cfg.ray)  # fails naming what no node offers, instead of hanging
         self.progress.stage("embed", sum(c.rows for c in chunks), "texts")
         return _stage(
             self.kind,
@@ -273,6 +276,7 @@ class Build:
             numbers = {"seconds": est.seconds, "to_embed": est.to_embed, "bytes_added": est.bytes_added}
             metrics.update({f"estimate.{k}": v for k, v in numbers.items() if v is not None})
         reg.log_metrics(self.run_id, metrics)
+        reg.log_params(self.run_id, {"embed.nodes": ",".join(self.embed_nodes) or "none"})
         reg.end_run(self.run_id, ok=True)
         return BuildResult(
             version=self.vid,
@@ -285,6 +289,7 @@ class Build:
             counts=Counts(**{k: c[k] for k in COUNTS}),
             seconds=seconds,
             model_version=reg.register(manifest, self.uri),
+            embed_nodes=self.embed_nodes,
             manifest=manifest,
         )
 
@@ -364,9 +369,10 @@ def run_build(ctx: Context, spec: BuildSpec) -> BuildResult:
                 f"({rejected} rejected: {by_reason}); add data before a {spec.kind}"
             )
         t = time.monotonic()
-        embedded = b.embed(plans)
+        emb = b.embed(plans)
+        embedded, b.embed_nodes = emb.rows, emb.nodes
         b.times.embed = time.monotonic() - t
-        log.info("%s %s: embedded %d rows in %.1fs", b.kind, b.vid, embedded, b.times.embed)
+        log.info("%s %s: embedded %d rows in %.1fs on node(s) %s", b.kind, b.vid, embedded, b.times.embed, emb.nodes)
         t = time.monotonic()
         dims, built = b.build_shards(plans)
         b.times.shards = time.monotonic() - t

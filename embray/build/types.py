@@ -63,3 +63,11 @@ class ShardBuild:
 
     entry: ShardEntry
     incremental: bool  # updated in place from the parent's graph
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """What stage 3 did: texts embedded, and the Ray node ids they were embedded on."""
+
+    rows: int
+    nodes: tuple[str, ...] = ()

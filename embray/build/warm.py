@@ -27,7 +27,7 @@ import os
 import threading
 import time
 
-from embray.build.chunks import EmbedChunks
+from embray.build.chunks import EmbedChunks, node_id
 from embray.config import EmbedConfig
 from embray.errors import ModelError
 from embray.models import fingerprint
@@ -56,7 +56,8 @@ def warm_name(spec: ModelSpec, fp: str, ec: EmbedConfig) -> str:
         release = version("embray")
     except PackageNotFoundError:
         release = "unknown"
-    settings = f"{spec.model_dump_json()}|{ec.threads}|{ec.num_cpus}|{ec.num_gpus}|{release}"
+    resources = sorted(ec.resources.items())
+    settings = f"{spec.model_dump_json()}|{ec.threads}|{ec.num_cpus}|{ec.num_gpus}|{resources}|{release}"
     return f"{PREFIX}{fp}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
@@ -73,8 +74,10 @@ class WarmEmbedder:
         self.calls = self.rows = 0
         threading.Thread(target=self._watch, name="embray-keep-warm", daemon=True).start()
 
-    def embed(self, spec: ModelSpec, fp: str, store: Store, needs: list, caches: list, keep_warm_s: float) -> int:
-        """Embed the chunks into ``store``'s cache; refuses a spec of another space (ModelError)."""
+    def embed(
+        self, spec: ModelSpec, fp: str, store: Store, needs: list, caches: list, keep_warm_s: float
+    ) -> tuple[int, str]:
+        """Embed the chunks into ``store``'s cache: (rows, this node's id); refuses a spec of another space."""
         if fp != self.fp or spec != self.spec or fingerprint(spec) != self.fp:
             raise ModelError(
                 f"the warm embedding actor holds {self.spec.label} (fingerprint {self.fp}); it was asked to embed "
@@ -87,7 +90,7 @@ class WarmEmbedder:
             self.busy, self.last_used = False, time.monotonic()
         self.calls += 1
         self.rows += rows
-        return rows
+        return rows, node_id()
 
     def info(self) -> dict:
         """What the actor holds and has done (the model is loaded once, at creation)."""
@@ -157,16 +160,26 @@ def release_warm(reason: str, keep: str | None = None) -> int:
     return n
 
 
-def make_room(cpus: float, gpus: float, reason: str, keep: str | None = None, wait_s: float = 10.0) -> bool:
-    """Whether ``cpus`` / ``gpus`` are free on this Ray; if not (after a moment for tasks that just ended to
-    hand theirs back), release the warm actors (but ``keep``) and wait up to ``wait_s`` for their resources."""
+def make_room(
+    cpus: float,
+    gpus: float,
+    reason: str,
+    keep: str | None = None,
+    wait_s: float = 10.0,
+    resources: dict[str, float] | None = None,
+) -> bool:
+    """Whether ``cpus`` / ``gpus`` (and custom ``resources``) are free on this Ray; if not (after a moment for
+    tasks that just ended to hand theirs back), release the warm actors (but ``keep``) and wait up to
+    ``wait_s`` for their resources."""
     import ray
+
+    need = {"CPU": cpus, "GPU": gpus, **(resources or {})}
 
     def fits_within(seconds: float) -> bool:
         deadline = time.monotonic() + seconds
         while True:
             free = ray.available_resources()
-            if free.get("CPU", 0.0) >= cpus - 1e-9 and free.get("GPU", 0.0) >= gpus - 1e-9:
+            if all(free.get(k, 0.0) >= v - 1e-9 for k, v in need.items()):
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -185,7 +198,7 @@ def _warm_actor(name: str, ec: EmbedConfig, spec: ModelSpec, fp: str, store: Sto
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         pass
-    if not make_room(ec.num_cpus + TASK_CPUS, ec.num_gpus, f"room for {name}", keep=name):
+    if not make_room(ec.num_cpus + TASK_CPUS, ec.num_gpus, f"room for {name}", keep=name, resources=ec.resources):
         log.info("no room for a warm embedding actor (%g CPUs, %g GPUs and a CPU for tasks)", ec.num_cpus, ec.num_gpus)
         return None
     return (
@@ -197,6 +210,7 @@ def _warm_actor(name: str, ec: EmbedConfig, spec: ModelSpec, fp: str, store: Sto
             get_if_exists=True,
             num_cpus=ec.num_cpus,
             num_gpus=ec.num_gpus,
+            resources=ec.resources or None,
             max_restarts=0,
             max_concurrency=1,
         )
@@ -204,9 +218,9 @@ def _warm_actor(name: str, ec: EmbedConfig, spec: ModelSpec, fp: str, store: Sto
     )
 
 
-def embed_warm(ec: EmbedConfig, spec: ModelSpec, fp: str, store: Store, chunks: list) -> int | None:
-    """Embed ``chunks`` in the warm actor of ``spec``; returns the rows, or None when the caller should use a
-    plain task instead (no room, the actor died or refused: logged)."""
+def embed_warm(ec: EmbedConfig, spec: ModelSpec, fp: str, store: Store, chunks: list) -> tuple[int, str] | None:
+    """Embed ``chunks`` in the warm actor of ``spec``; returns (rows, node id), or None when the caller should
+    use a plain task instead (no room, the actor died or refused: logged)."""
     import ray
 
     name = warm_name(spec, fp, ec)

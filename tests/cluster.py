@@ -1,0 +1,285 @@
+"""A multi-node cluster on this one machine, for the cluster tests: real processes on 127.0.0.1.
+
+- a Ray head (dashboard: Jobs API, Serve REST, state API) with 2 logical CPUs,
+- a Ray worker node with 1 logical CPU and the custom resource ``accelerator: 1`` (standing in for a GPU),
+- moto's S3 server, and an MLflow tracking server (sqlite backend, artifacts served by the server).
+
+Logical CPUs exceed the 2 cores of the development machines on purpose: Ray counts reservations, not cores,
+and an embedding actor, the scan / plan / shard tasks and a Serve replica must all find one.
+
+Ray runs with token authentication (``RAY_AUTH_MODE=token``, the cluster's own ``RAY_AUTH_TOKEN``): clients of
+the dashboard send :attr:`LocalCluster.auth`.
+
+Every process runs in a session of its own and is stopped by :meth:`LocalCluster.down` (SIGTERM to its
+process group, then SIGKILL of whatever still names the cluster's temp dir), never by ``ray stop``, which
+would stop every Ray on the machine. The Ray temp dir is the cluster's own, so ``ray start``'s
+``ray_current_cluster`` file lands there and a plain ``ray.init()`` elsewhere on the machine never joins it.
+
+    python -m tests.cluster up [DIR]     # prints the addresses as JSON; DIR/cluster.json keeps them
+    python -m tests.cluster down [DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .helpers import REPO, free_port
+
+BIN = Path(sys.executable).parent  # the venv's ray, mlflow and python
+ACCELERATOR = "accelerator"
+
+
+@dataclass
+class LocalCluster:
+    root: str  # everything of the cluster lives under it: Ray's temp dir, the MLflow db, logs
+    gcs_port: int = 0
+    dashboard_port: int = 0
+    s3_port: int = 0
+    mlflow_port: int = 0
+    serve_port: int = 0
+    token: str = field(default_factory=lambda: secrets.token_hex(16))  # Ray's token auth, as in production
+    pids: dict[str, int] = field(default_factory=dict)
+
+    # --- addresses -------------------------------------------------------------------------
+    @property
+    def ray_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def storage_options(self) -> dict:
+        return {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": self.s3_endpoint, "region_name": "us-east-1"},
+        }
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The header the dashboard (Jobs API, Serve REST, state API) wants."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def temp_dir(self) -> str:
+        return str(Path(self.root) / "ray")
+
+    # --- life ------------------------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str], env: dict | None = None) -> None:
+        log = open(Path(self.root) / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env(), start_new_session=True, cwd=self.root
+        )
+        self.pids[name] = proc.pid
+        self.save()
+
+    def env(self) -> dict:
+        """The environment of the cluster's processes (and so of its jobs' drivers and workers): the venv first on
+        PATH, this checkout's embray first on the import path, embray's offline settings."""
+        return {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": str(REPO),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Token auth on, with this cluster's token (never ~/.ray/auth_token: a token file there would turn
+            # auth on for every local ray.init() on the machine).
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+        }
+
+    def up(self, timeout_s: float = 180) -> LocalCluster:
+        Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.s3_port, self.mlflow_port, self.serve_port = free_port(), free_port(), free_port()
+        self._spawn("moto", [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)])
+        self._spawn(
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/mlflow.db",
+                "--artifacts-destination",
+                f"{self.root}/mlflow-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.mlflow_port),
+                "--workers",
+                "1",
+            ],
+        )
+        ray = str(BIN / "ray")
+        self._spawn(
+            "ray-head",
+            [
+                ray,
+                "start",
+                "--head",
+                "--block",
+                f"--port={self.gcs_port}",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=2",
+                "--num-gpus=0",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--temp-dir={self.temp_dir}",
+                "--disable-usage-stats",
+            ],
+        )
+        self._wait_http(f"{self.dashboard_url}/api/version", timeout_s, "the Ray dashboard")
+        self._spawn(
+            "ray-worker",
+            [
+                ray,
+                "start",
+                "--block",
+                f"--address={self.ray_address}",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=1",
+                "--num-gpus=0",
+                f"--resources={json.dumps({ACCELERATOR: 1})}",
+                f"--temp-dir={self.temp_dir}",
+                "--disable-usage-stats",
+            ],
+        )
+        deadline = time.monotonic() + timeout_s
+        while len(self.nodes()) < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the worker node did not join; see {self.root}/ray-worker.log")
+            time.sleep(1)
+        self._wait_http(f"{self.s3_endpoint}/", timeout_s, "moto's S3 server", ok=(200, 403))
+        self._wait_http(f"{self.tracking_uri}/health", timeout_s, "the MLflow server")
+        return self
+
+    def nodes(self) -> list[dict]:
+        """Alive nodes, from the dashboard's state API: [{node_id, is_head_node, resources_total, ...}]."""
+        import requests
+
+        r = requests.get(
+            f"{self.dashboard_url}/api/v0/nodes", params={"limit": 100, "detail": 1}, headers=self.auth, timeout=10
+        )
+        r.raise_for_status()
+        return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def node_ids(self) -> tuple[str, str]:
+        """(head node id, worker node id)."""
+        nodes = self.nodes()
+        head = next(n["node_id"] for n in nodes if n["is_head_node"])
+        worker = next(n["node_id"] for n in nodes if ACCELERATOR in n["resources_total"])
+        return head, worker
+
+    def down(self) -> None:
+        """Stop every process of this cluster, and only those."""
+        for pid in self.pids.values():
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(_alive(p) for p in self.pids.values()):
+            time.sleep(0.5)
+        for pid in self.pids.values():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        _kill_naming(self.temp_dir)  # Ray workers started by the raylets live in sessions of their own
+
+    # --- helpers ---------------------------------------------------------------------------
+    def save(self) -> None:
+        (Path(self.root) / "cluster.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, root: str) -> LocalCluster:
+        return cls(**json.loads((Path(root) / "cluster.json").read_text()))
+
+    def _wait_http(self, url: str, timeout_s: float, what: str, ok: tuple[int, ...] = (200,)) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if requests.get(url, headers=self.auth, timeout=5).status_code in ok:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not answer at {url} within {timeout_s:g}s; logs in {self.root}")
+            time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_naming(text: str) -> None:
+    """SIGKILL every process whose command line mentions ``text`` (Linux: /proc)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if text in (proc / "cmdline").read_bytes().decode("utf-8", "replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+def new_root() -> str:
+    """A short directory for a cluster (Ray's socket paths must stay under ~100 characters)."""
+    return tempfile.mkdtemp(prefix="embray-cl-", dir="/tmp")
+
+
+def main() -> None:
+    what = sys.argv[1] if len(sys.argv) > 1 else ""
+    root = sys.argv[2] if len(sys.argv) > 2 else str(REPO / ".cluster")
+    if what == "up":
+        Path(root).mkdir(parents=True, exist_ok=True)
+        c = LocalCluster(root=str(Path(root).resolve())).up()
+        print(
+            json.dumps(
+                {
+                    **asdict(c),
+                    "ray_address": c.ray_address,
+                    "dashboard": c.dashboard_url,
+                    "s3": c.s3_endpoint,
+                    "mlflow": c.tracking_uri,
+                },
+                indent=2,
+            )
+        )
+    elif what == "down":
+        LocalCluster.load(root).down()
+    else:
+        sys.exit("usage: python -m tests.cluster up|down [DIR]")
+
+
+if __name__ == "__main__":
+    main()
