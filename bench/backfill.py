@@ -155,7 +155,12 @@ def main() -> None:
     ap.add_argument("--long-docs", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hash-rows", type=int, default=100_000, help="0: leave the hash run out")
-    ap.add_argument("--batch-size", type=int, default=512, help="embed.batch_size (rows per actor call)")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="embed.batch_size (rows per actor call); a job of more than 4 batches goes through the actor pool",
+    )
     ap.add_argument("--runs", default=",".join(RUNS), help=f"embray runs, comma-separated, of: {', '.join(RUNS)}")
     ap.add_argument("--write", action="store_true", help="write the tables into docs/benchmarks.md")
     args = ap.parse_args()
@@ -199,7 +204,8 @@ def main() -> None:
                 "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},  # one database, created by the warmup
                 "model": model,
                 "index": {"shards": 4},
-                "embed": {"batch_size": args.batch_size, "actors": 1, "num_cpus": 1, **(embed or {})},
+                # keep_warm_s 0: every run loads its model (no warm actor from an earlier run holds one, or a CPU)
+                "embed": {"batch_size": args.batch_size, "actors": 1, "num_cpus": 1, "keep_warm_s": 0, **(embed or {})},
             },
             base_dir=tmp,
         )
