@@ -87,7 +87,16 @@ class EmbedConfig(_Strict):
         description="How long a build waits for an alive node that offers embed.num_cpus, num_gpus and "
         "resources (an autoscaling cluster may be adding one) before it fails naming what is missing.",
     )
-    threads: int | None = Field(None, ge=1, description="Torch threads per actor; null uses every core of the node.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch threads per actor; null uses every core of the node. On CPU nodes prefer one actor per "
+        "core with threads: 1 (e.g. 2 cores: actors 2, num_cpus 0.5, threads 1): measured on 2 cores it was as "
+        "fast as one actor of 2 threads on long texts and up to 1.44x faster on short ones (docs/benchmarks.md), "
+        "because Ray runs workers at nice 15 and a multi-threaded actor stalls at every operator whenever the "
+        "driver or raylet takes one of its cores, "
+        "and because a second actor overlaps tokenisation and Python work with the first one's matmuls.",
+    )
     keep_warm_s: float = Field(
         300.0,
         ge=0,
