@@ -173,7 +173,30 @@ class LocalCluster:
             time.sleep(1)
         self._wait_http(f"{self.s3_endpoint}/", timeout_s, "moto's S3 server", ok=(200, 403))
         self._wait_http(f"{self.tracking_uri}/health", timeout_s, "the MLflow server")
+        self._wait_for_jobs(timeout_s)
         return self
+
+    def _wait_for_jobs(self, timeout_s: float) -> None:
+        """Until the Jobs API runs a job: a fresh head's job agent registers a while after the dashboard answers
+        (until then a submission fails with "No available agent to submit job")."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard_url, headers=self.auth)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                job = client.submit_job(entrypoint="python -c 'import embray'")
+                break
+            except RuntimeError as e:
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the first job is still {status} after {timeout_s:g}s")
+            time.sleep(0.5)
+        if status != JobStatus.SUCCEEDED:
+            raise RuntimeError(f"a job cannot import embray on this cluster:\n{client.get_job_logs(job)[-2000:]}")
 
     def nodes(self) -> list[dict]:
         """Alive nodes, from the dashboard's state API: [{node_id, is_head_node, resources_total, ...}]."""
