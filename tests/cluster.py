@@ -148,6 +148,8 @@ class LocalCluster:
                 f"--dashboard-port={self.dashboard_port}",
                 f"--temp-dir={self.temp_dir}",
                 "--disable-usage-stats",
+                f"--ray-client-server-port={free_port()}",
+                *_agent_ports(),
             ],
         )
         self._wait_http(f"{self.dashboard_url}/api/version", timeout_s, "the Ray dashboard")
@@ -164,6 +166,7 @@ class LocalCluster:
                 f"--resources={json.dumps({ACCELERATOR: 1})}",
                 f"--temp-dir={self.temp_dir}",
                 "--disable-usage-stats",
+                *_agent_ports(),
             ],
         )
         deadline = time.monotonic() + timeout_s
@@ -253,6 +256,18 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what} did not answer at {url} within {timeout_s:g}s; logs in {self.root}")
             time.sleep(0.5)
+
+
+def _agent_ports() -> list[str]:
+    """Free ports for a node's agents. Ray's defaults (52365 for the dashboard agent, ...) are taken by any other
+    Ray on the machine (the test session's own local Ray runs one): the head's job agent would never come up,
+    and every submission would fail with "No available agent to submit job"."""
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
 
 
 def _alive(pid: int) -> bool:
