@@ -30,6 +30,14 @@ def _old_scratch(store: Store, collection: str, older_than_s: float = 3600) -> l
     return old
 
 
+def _unused_states(store: Store, collection: str, kept: list[Manifest]) -> list[str]:
+    """Source row-state files no kept version records (those of deleted versions and of failed builds).
+
+    The caller holds the writer lease, so no build is writing new ones meanwhile."""
+    used = {i.state.path for m in kept for i in m.inputs}
+    return [n for n in store.parquet_names(layout.sources_dir(collection)) if n not in used]
+
+
 def _kept(manifests: dict[str, Manifest], aliased: set[str], keep: int) -> set[str]:
     """The ``keep`` newest, every aliased one, and whatever a kept version reuses files from, transitively."""
     newest = sorted(manifests, key=lambda v: (manifests[v].created, v))[-keep:]
@@ -60,6 +68,7 @@ def gc(ctx: Context, *, keep: int, dry_run: bool = False) -> GcResult:
             caches=[fp for fp in store.listdir(layout.caches_dir(col)) if fp not in live_fps],
             scratch=_old_scratch(store, col),
             dry_run=dry_run,
+            source_states=_unused_states(store, col, [manifests[v] for v in kept]),
         )
         if dry_run:
             return out
@@ -76,6 +85,8 @@ def gc(ctx: Context, *, keep: int, dry_run: bool = False) -> GcResult:
             store.delete(f"{layout.caches_dir(col)}/{fp}")
         for name in out.scratch:
             store.delete(layout.scratch_dir(col, name))
+        for name in out.source_states:
+            store.delete(f"{layout.sources_dir(col)}/{name}")
     log.info(
         "gc %s: kept %d, deleted %d versions, %d unfinished builds, %d caches",
         col,

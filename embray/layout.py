@@ -8,6 +8,7 @@ Under the store root (local directory or ``s3://bucket/prefix``)::
     <collection>/versions/<version>/rejects/shard-00000.parquet    id, text, path, reason
     <collection>/versions/<version>/_staging/{scan,plan,need}/...  a build's work files, deleted on commit
     <collection>/cache/<fingerprint>/shard-00000-of-00004/<digest>.parquet   content_hash, vector
+    <collection>/sources/<digest>.parquet                          a source file's row states: id, content_hash...
     <collection>/_scratch/<id>/...                                 dry runs (status); never a version
     <collection>/_locks/{writer,aliases}.json                      leases
     <collection>/_status/status.json                               the monitor's last status
@@ -70,6 +71,16 @@ def plan_file(staged: str, shard: int) -> str:
 
 def need_file(staged: str, shard: int, digest: str) -> str:
     return f"{staged}/need/shard-{shard:05d}/{digest}.parquet"
+
+
+def sources_dir(collection: str) -> str:
+    """Row states of source files, named by their sha256, shared by the versions that read a file unchanged."""
+    return f"{collection}/sources"
+
+
+def source_state_name(sha256: str) -> str:
+    """Relative to a sources directory."""
+    return f"{sha256[:32]}.parquet"
 
 
 def embeddings_name(shard: int) -> str:

@@ -246,7 +246,8 @@ def _refresh_of_this_source(ctx: Context, active: str) -> str | None:
     ]
     if not children:
         return None
-    digest = inspect_source(ctx.cfg.source).digest
+    newest = children[-1]  # what it read stands for the unchanged files: only changed ones are hashed
+    digest = inspect_source(ctx.cfg.source, newest.inputs, newest.source.get("id_type", "")).digest
     same = [m.version for m in children if m.source.get("digest") == digest]
     return same[-1] if same else None
 

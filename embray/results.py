@@ -62,6 +62,14 @@ class Counts(_Result):
 
 
 @dataclass(frozen=True)
+class SourceFiles(_Result):
+    """Source files a build read (new or changed since its parent) and reused unread (unchanged)."""
+
+    read: int = 0
+    reused: int = 0
+
+
+@dataclass(frozen=True)
 class BuildResult(_Result):
     """A committed version made by ``backfill``, ``refresh`` or ``migrate``."""
 
@@ -77,6 +85,7 @@ class BuildResult(_Result):
     model_version: str | None
     aliases: tuple[str, ...] = ()
     embed_nodes: tuple[str, ...] = ()  # Ray node ids the texts were embedded on (none when nothing was)
+    source_files: SourceFiles = SourceFiles()
     manifest: Manifest | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -98,6 +107,7 @@ class BuildResult(_Result):
             "model_version": self.model_version,
             "aliases": list(self.aliases),
             "embed_nodes": list(self.embed_nodes),
+            "source_files": self.source_files.to_dict(),
         }
 
 
@@ -131,6 +141,7 @@ class PlanResult(_Result):
     oldest_stale_us: int | None  # the source's earliest change time (µs since the epoch) not in the parent
     seconds: float
     estimate: Estimate | None = None  # asked for by `refresh --dry-run` and `migrate --dry-run`
+    source_files: SourceFiles = SourceFiles()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,6 +159,7 @@ class PlanResult(_Result):
             "model_version": None,
             "aliases": [],
             "dry_run": True,
+            "source_files": self.source_files.to_dict(),
             **({"estimate": self.estimate.to_dict()} if self.estimate else {}),
         }
 
@@ -254,6 +266,7 @@ class GcResult(_Result):
     caches: list[str]  # vector caches (fingerprints) no kept version uses
     scratch: list[str]  # dry runs (status) killed more than an hour ago
     dry_run: bool
+    source_states: list[str] = field(default_factory=list)  # row-state files (sources/) no kept version records
 
 
 # --- quality ------------------------------------------------------------------------------------

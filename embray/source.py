@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
+import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from embray.config import SourceConfig
 from embray.errors import SourceError
 from embray.store import Store, list_source_files, sha256_of
+from embray.versions import SourceFile
+
+
+@dataclass(frozen=True)
+class FileSeen:
+    """One source file as listed now; ``sha256`` only where the store gives no ETag (None: not read)."""
+
+    path: str  # relative to source.uri
+    bytes: int
+    etag: str | None
+    sha256: str | None
+    mtime_ns: int | None
+    checked_ns: int
 
 
 @dataclass(frozen=True)
@@ -17,6 +34,8 @@ class SourceInfo:
     files: list[str]  # filesystem paths, sorted
     id_type: str  # arrow type name of the id column
     digest: str  # sha256 over each file's relative path, size and content digest (S3 ETag or sha256)
+    seen: list[FileSeen] = field(default_factory=list)  # per file
+    unchanged: list[SourceFile | None] = field(default_factory=list)  # per file: the parent's record, if unchanged
 
     def url(self, path: str) -> str:
         return self.store.fs.unstrip_protocol(path) if self.store.remote else path
@@ -51,23 +70,49 @@ def _check_schema(cfg: SourceConfig, store: Store, path: str) -> str:
     return str(id_type)
 
 
-def _file_digest(store: Store, path: str) -> str:
+# A file's mtime is trusted only once it is this much older than when it was checked: within one mtime
+# tick (1-2 s on coarse filesystems, a kernel clock tick elsewhere), a same-size rewrite keeps the mtime.
+RACY_NS = 2_000_000_000
+
+
+def _look(store: Store, path: str, prev: SourceFile | None) -> tuple[SourceFile | None, FileSeen]:
+    """Size, ETag or mtime of one file, and its sha256 when those cannot say it is unchanged since ``prev``.
+
+    Returns (``prev`` when the file is unchanged, else None; what was seen now).
+    """
+    checked = time.time_ns()
+    rel = path[len(store.root) :]
     info = store.fs.info(path)
+    size = int(info.get("size") or 0)
     etag = info.get("ETag") or info.get("etag")
-    if etag:
-        content = str(etag).strip('"')
-    else:
+    etag = str(etag).strip('"') if etag else None
+    mtime = None if store.remote else os.stat(path).st_mtime_ns
+    seen = FileSeen(path=rel, bytes=size, etag=etag, sha256=None, mtime_ns=mtime, checked_ns=checked)
+    if prev is not None and prev.bytes == size:
+        if etag is not None and prev.etag == etag:
+            return prev, seen
+        trusted = mtime is not None and mtime == prev.mtime_ns and mtime < prev.checked_ns - RACY_NS
+        if etag is None and trusted and prev.sha256:
+            return prev, dataclasses.replace(seen, sha256=prev.sha256)
+    if etag is None:
         with store.fs.open(path, "rb") as fh:
-            content = sha256_of(fh)[0]
-    return f"{path[len(store.root) :]}\t{info.get('size')}\t{content}\n"
+            seen = dataclasses.replace(seen, sha256=sha256_of(fh)[0])
+        if prev is not None and prev.etag is None and (prev.bytes, prev.sha256) == (size, seen.sha256):
+            return prev, seen
+    return None, seen
 
 
-def inspect_source(cfg: SourceConfig) -> SourceInfo:
-    """List the corpus files and check every file's schema before any work starts."""
+def inspect_source(cfg: SourceConfig, previous: Sequence[SourceFile] = (), previous_id_type: str = "") -> SourceInfo:
+    """List the corpus files and check the schema of every file that is new or changed since ``previous``
+    (what the parent version read), before any work starts. Unchanged files are neither read nor hashed."""
     store, files = list_source_files(cfg.uri, cfg.storage_options)
+    before = {p.path: p for p in previous}
     with ThreadPoolExecutor(max_workers=8) as pool:
-        id_types = list(pool.map(lambda f: _check_schema(cfg, store, f), files))
-        lines = list(pool.map(lambda f: _file_digest(store, f), files))
+        looks = list(pool.map(lambda f: _look(store, f, before.get(f[len(store.root) :])), files))
+        changed = [f for f, (prev, _) in zip(files, looks, strict=True) if prev is None]
+        id_types = list(pool.map(lambda f: _check_schema(cfg, store, f), changed))
+    if len(changed) < len(files):
+        id_types.append(previous_id_type)
     kinds = {("string" if t == "string" else "integer") for t in id_types}
     if len(kinds) > 1:
         raise SourceError(
@@ -75,5 +120,13 @@ def inspect_source(cfg: SourceConfig) -> SourceInfo:
             "write it with one type in every file"
         )
     id_type = "string" if kinds == {"string"} else "int64"
-    digest = hashlib.sha256("".join(lines).encode()).hexdigest()
-    return SourceInfo(store=store, files=files, id_type=id_type, digest=digest)
+    seen = [s for _, s in looks]
+    digest = hashlib.sha256("".join(f"{s.path}\t{s.bytes}\t{s.etag or s.sha256}\n" for s in seen).encode())
+    return SourceInfo(
+        store=store,
+        files=files,
+        id_type=id_type,
+        digest=digest.hexdigest(),
+        seen=seen,
+        unchanged=[prev for prev, _ in looks],
+    )

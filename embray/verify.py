@@ -20,8 +20,7 @@ def _file_problems(store: Store, m: Manifest) -> list[str]:
         problems.append(f"mixed fingerprints: manifest {m.fingerprint}, shards {sorted(fps - {m.fingerprint})}")
     if len(m.shards) != int(m.index.get("shards", len(m.shards))):
         problems.append(f"manifest lists {len(m.shards)} shards, its index config says {m.index.get('shards')}")
-    for f in m.files():
-        rel = file_rel(m, f)
+    for rel, f in [(file_rel(m, f), f) for f in m.files()] + list(m.state_files().items()):
         try:
             with store.fs.open(store.path(rel), "rb") as fh:
                 sha, size = sha256_of(fh)
@@ -87,7 +86,8 @@ def _index_problems(store: Store, m: Manifest, s: ShardEntry, part, tmp: Path) -
 def problems(store: Store, collection: str, version: str) -> list[str]:
     """Every problem found with a committed version; an empty list means it is sound.
 
-    Checks: the manifest parses; every file is present with its recorded size and sha256; every
+    Checks: the manifest parses; every file (source row states included) is present with its recorded
+    size and sha256; every
     embeddings part and shard carries the manifest's fingerprint; part, index and manifest row
     counts agree; ids are unique and in the shard their hash assigns; content digests match.
     """
@@ -114,6 +114,9 @@ def problems(store: Store, collection: str, version: str) -> list[str]:
         tmp.rmdir()
     if total != m.counts.get("rows", total) or total != m.rows:
         found.append(f"parts hold {total} rows, manifest says {m.counts.get('rows')}")
+    read = sum(i.rows for i in m.inputs)
+    if m.inputs and read != m.counts.get("input_rows", read):
+        found.append(f"source files held {read} rows, manifest says {m.counts.get('input_rows')} were read")
     return found
 
 

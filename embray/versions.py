@@ -11,6 +11,10 @@ Layout under the store root::
 A directory without ``manifest.json`` is an unfinished or failed build and is
 never listed, searched or registered.
 
+Per source file, a version records what it read (:class:`SourceFile`) in a row-state file under
+``<collection>/sources/``, named by its content and shared by every version that saw the file unchanged;
+``gc`` deletes the ones no kept version records.
+
 A refreshed version reuses the files of unchanged shards by reference: their
 ``FileEntry.version`` names the version directory that holds them, and ``gc``
 never deletes a version that a kept version references.
@@ -27,10 +31,10 @@ import secrets
 import socket
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from embray.errors import VersionError
-from embray.layout import manifest_rel, version_dir, versions_dir
+from embray.layout import manifest_rel, sources_dir, version_dir, versions_dir
 from embray.models.spec import ModelSpec
 from embray.store import Store
 
@@ -58,6 +62,26 @@ class ShardEntry(BaseModel):
     rejects: FileEntry | None
 
 
+class SourceFile(BaseModel):
+    """What a build saw of one source file, so that the next build reads it again only when it changed.
+
+    A file is unchanged when its size and ETag are the same (S3), or its size and mtime are the same and
+    that mtime is more than a clock tick older than when it was last checked (local disk; otherwise its
+    sha256 decides: a same-size rewrite within one mtime tick keeps the mtime, so a recent mtime is
+    never trusted alone).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str  # relative to source.uri, as the source digest spells it
+    bytes: int
+    etag: str | None = None  # the store's content tag (S3 ETag), where it gives one
+    sha256: str | None = None  # the file's content digest, where the store gives no ETag
+    mtime_ns: int | None = None
+    checked_ns: int  # wall clock when its size, mtime or digest were taken
+    rows: int
+    state: FileEntry  # in <collection>/sources/: id, row, content_hash, reason, updated_at, shard (text: rejects only)
+
+
 class Manifest(BaseModel):
     """The committed record of a version. Written once, never changed."""
 
@@ -78,13 +102,19 @@ class Manifest(BaseModel):
     content_digest: str
     stats: dict[str, float]
     mlflow_run_id: str | None = None
+    inputs: list[SourceFile] = Field(default_factory=list)  # per source file, in source order (none in older versions)
 
     @property
     def rows(self) -> int:
         return sum(s.rows for s in self.shards)
 
     def files(self) -> list[FileEntry]:
+        """The shards' files (the source row states are in :meth:`state_files`)."""
         return [f for s in self.shards for f in (s.embeddings, s.index, s.rejects) if f is not None]
+
+    def state_files(self) -> dict[str, FileEntry]:
+        """Store-relative path -> entry of each source file's row state."""
+        return {f"{sources_dir(self.collection)}/{i.state.path}": i.state for i in self.inputs}
 
     def referenced_versions(self) -> set[str]:
         """Other versions whose files this one reuses."""

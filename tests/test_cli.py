@@ -43,6 +43,7 @@ def test_job_entry_point_then_versions_and_search_print_only_json(tmp_path, caps
     runpy.run_path(str(REPO / "jobs" / "backfill.py"), run_name="__main__")  # what `ray job submit` runs
     built = json.loads(capsys.readouterr().out)
     assert built["rows"] == 80 and built["aliases"] == ["active"] and len(built["embed_nodes"]) == 1
+    assert built["source_files"] == {"read": 2, "reused": 0}
 
     out = _run("versions", "--config", config, "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

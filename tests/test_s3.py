@@ -124,3 +124,29 @@ def test_status_eval_audit_and_monitor_on_s3(tmp_path, bucket):
     step = strict.check(promote_if_gates_pass=True)
     assert step.action.promoted == step.action.refreshed != v1
     assert strict.status().ok
+
+
+def test_refresh_on_s3_reads_only_the_file_whose_etag_changed(tmp_path, bucket):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name, options, fs = bucket
+    write_corpus(f"{name}/corpus", files=3, rows=40, fs=fs)
+    cfg = s3_config(tmp_path, name, options)
+    col = Collection(cfg)
+    parent = col.backfill()
+    assert all(i.etag and i.sha256 is None for i in parent.manifest.inputs)  # S3 gives a content tag: no hashing
+
+    path = f"{name}/corpus/part-00001.parquet"
+    with fs.open(path, "rb") as fh:
+        t = pq.read_table(fh)
+    texts = t.column("text").to_pylist()
+    texts[0] = texts[0][:-1] + ("X" if texts[0][-1] != "X" else "Y")  # one row, same length
+    with fs.open(path, "wb") as fh:
+        pq.write_table(t.set_column(1, "text", pa.array(texts)), fh)
+
+    assert col.refresh(dry_run=True).source_files.to_dict() == {"read": 1, "reused": 2}
+    child = col.refresh()
+    assert child.source_files.to_dict() == {"read": 1, "reused": 2}
+    assert child.counts.changed == 1 and child.counts.embedded == 1
+    assert col.verify(child.version).ok

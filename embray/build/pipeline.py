@@ -1,7 +1,7 @@
 """Builds: every new version (backfill, refresh, migration) goes through one pipeline.
 
-    start   fingerprint, corpus files and schemas, the parent's shards, an MLflow run
-    scan    (:mod:`embray.build.scan`)   one Ray task per source file -> rows by shard, hashed, checked
+    start   fingerprint, the parent's shards, corpus files (which changed) and schemas, an MLflow run
+    scan    (:mod:`embray.build.scan`)   one Ray task per new or changed source file -> row states, texts
     plan    (:mod:`embray.build.plan`)   one Ray task per shard -> rejects, diff, chunks still to embed
     embed   (:mod:`embray.build.embed`)  Ray Data actor pool -> vector cache files
     shards  (:mod:`embray.build.shards`) one Ray task per shard -> embeddings part + USearch index
@@ -20,6 +20,7 @@ build's: the same ids, content hashes and vectors.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 from embray import layout
 from embray.build.embed import check_pool_fits, embed_chunks, wait_for_node
-from embray.build.plan import parent_shards, plan_shard
+from embray.build.plan import ShardInputs, parent_shards, plan_shard
 from embray.build.scan import scan_file
 from embray.build.shards import build_shard, cached_dims, updates_in_place
 from embray.build.types import BuildSpec, Embedded, ShardBuild, ShardPlan
@@ -36,10 +37,10 @@ from embray.context import Context
 from embray.errors import EmbrayError, ModelError, SourceError, StoreError
 from embray.estimate import estimate, throughput_history
 from embray.models import fingerprint
-from embray.results import COUNTS, BuildResult, Counts, Estimate, PlanResult
+from embray.results import COUNTS, BuildResult, Counts, Estimate, PlanResult, SourceFiles
 from embray.runtime import gather, init_ray
 from embray.source import inspect_source
-from embray.versions import Manifest, ShardEntry, commit_manifest, new_version_id, utcnow, who
+from embray.versions import Manifest, ShardEntry, SourceFile, commit_manifest, new_version_id, utcnow, who
 
 log = logging.getLogger("embray")
 
@@ -88,8 +89,10 @@ class Build:
         check_pool_fits(cfg.embed, cfg.ray)
         make_room(TASK_CPUS, 0, "the scan, plan and shard tasks need a CPU")  # warm actors give way
         self.fp = self.spec.fingerprint or fingerprint(self.spec.model)
-        self.src = inspect_source(cfg.source)
         self.parents = parent_shards(self.spec.parent, self.fp, self.shards)
+        before = self._parent_inputs()
+        id_type = self.spec.parent.source.get("id_type", "") if before else ""
+        self.src = inspect_source(cfg.source, before, id_type)  # reads only the new and changed files
         self.vid = new_version_id()
         # A dry run writes only scratch files, outside versions/ (gc and listings never see it), and takes no lease.
         self.vdir = (
@@ -98,6 +101,8 @@ class Build:
             else layout.version_dir(cfg.collection, self.vid)
         )
         self.staged = layout.staging_dir(self.vdir)
+        # Row states of the files this build reads, kept beside the versions (shared); a dry run's are scratch.
+        self.states = f"{self.vdir}/sources" if self.dry_run else layout.sources_dir(cfg.collection)
         self.cdirs = [layout.cache_dir(cfg.collection, self.fp, k, self.shards) for k in range(self.shards)]
         parent = self.spec.parent
         log.info(
@@ -113,6 +118,17 @@ class Build:
             reg = self.ctx.registry
             self.run_id = reg.start_run(self.vid, self.kind, self._params())
             reg.log_corpus(self.run_id, cfg.source.uri, self.src.digest, {"id": self.src.id_type, "text": "string"})
+
+    def _parent_inputs(self) -> list[SourceFile]:
+        """What the parent read of each source file, when it can stand for this build's reading: the same
+        vector space (so its rows need no new embedding) and the same source and columns."""
+        parent, sc = self.spec.parent, self.cfg.source
+        if parent is None or self.parents[0] is None:
+            return []
+        now = (sc.uri, sc.id_column, sc.text_column, sc.updated_at_column)
+        src = parent.source
+        then = (src.get("uri"), src.get("id_column"), src.get("text_column"), src.get("updated_at_column", "?"))
+        return list(parent.inputs) if now == then else []
 
     def _params(self) -> dict:
         cfg, spec = self.cfg, self.spec
@@ -135,27 +151,46 @@ class Build:
         }
 
     def scan(self) -> int:
-        """Stage 1; returns the rows read."""
+        """Stage 1, for the new and changed files only; returns the corpus's rows (read or reused)."""
         import ray
 
-        sc, task = self.cfg.source, ray.remote(num_cpus=1)(scan_file)
-        refs = [
-            task.remote(
-                self.src, i, sc.id_column, sc.text_column, self.shards, self.store, self.staged, sc.updated_at_column
-            )
-            for i in range(len(self.src.files))
-        ]
+        sc, src, task = self.cfg.source, self.src, ray.remote(num_cpus=1)(scan_file)
+        todo = [i for i, prev in enumerate(src.unchanged) if prev is None]
+        args = (sc.id_column, sc.text_column, self.shards, self.store, self.staged, self.states, sc.updated_at_column)
+        refs = [task.remote(src, i, *args, not self.dry_run) for i in todo]
         self.progress.stage("scan", len(refs), "files")
-        return sum(_stage(self.kind, "reading the corpus", SourceError, gather, refs, self.progress.advance))
+        done = _stage(self.kind, "reading the corpus", SourceError, gather, refs, self.progress.advance)
+        read = dict(zip(todo, done, strict=True))
+        self.inputs: list[SourceFile] = []
+        self.state_rels: list[str] = []
+        for i, (seen, prev) in enumerate(zip(src.seen, src.unchanged, strict=True)):
+            rows, state = read[i] if prev is None else (prev.rows, prev.state)
+            where = self.states if prev is None else layout.sources_dir(self.cfg.collection)
+            self.state_rels.append(f"{where}/{state.path}")
+            self.inputs.append(SourceFile(**dataclasses.asdict(seen), rows=rows, state=state))
+        self.files = SourceFiles(read=len(todo), reused=len(src.files) - len(todo))
+        return sum(f.rows for f in self.inputs)
 
     def plan(self) -> list[ShardPlan]:
         """Stage 2."""
         import ray
 
+        sc, src = self.cfg.source, self.src
+        urls = [src.url(f) for f in src.files]
+        inputs = ray.put(ShardInputs(self.state_rels, urls, self.staged, src, sc.text_column))
         task = ray.remote(num_cpus=1)(plan_shard)
-        args = (self.store, self.staged, self.vdir)
         refs = [
-            task.remote(*args, k, self.parents[k], self.cdirs[k], self.fp, self.cfg.embed.batch_size, self.dry_run)
+            task.remote(
+                self.store,
+                inputs,
+                self.vdir,
+                k,
+                self.parents[k],
+                self.cdirs[k],
+                self.fp,
+                self.cfg.embed.batch_size,
+                self.dry_run,
+            )
             for k in range(self.shards)
         ]
         self.progress.stage("plan", len(refs), "shards")
@@ -233,6 +268,7 @@ class Build:
                 "files": len(src.files),
                 "digest": src.digest,
                 "id_type": src.id_type,
+                "updated_at_column": cfg.source.updated_at_column,
             },
             counts={
                 "kind": self.kind,
@@ -243,6 +279,8 @@ class Build:
                 **counts.to_dict(),
                 "shards_reused": sum(1 for p in plans if p.unchanged and self.parents[p.shard] is not None),
                 "shards_updated": sum(1 for b in built if b.incremental),
+                "files_read": self.files.read,
+                "files_reused": self.files.reused,
             },
             shards=entries,
             content_digest=hashlib.sha256("".join(e.content_digest for e in entries).encode()).hexdigest(),
@@ -253,6 +291,7 @@ class Build:
                 "shard_seconds": round(self.times.shards, 3),
             },
             mlflow_run_id=self.run_id,
+            inputs=self.inputs,
         )
         self.uri = commit_manifest(self.store, manifest)
         return manifest
@@ -265,12 +304,17 @@ class Build:
         reg = self.ctx.registry
         metrics = {
             **{k: c[k] for k in ("rows", "rejected", "input_rows", *COUNTS, "shards_reused", "shards_updated")},
+            "files_read": self.files.read,
+            "files_reused": self.files.reused,
             "seconds": seconds,
             "embed_seconds": self.times.embed,
             "rows_per_s": c["rows"] / seconds if seconds else 0.0,
             **{f"rejected.{k.replace(' ', '_')}": v for k, v in c["by_reason"].items()},
         }
-        metrics["bytes_added"] = sum(f.bytes for f in manifest.files() if f.version in (None, self.vid))
+        own = [f.bytes for f in manifest.files() if f.version in (None, self.vid)]
+        reused = self.src.unchanged
+        new_states = {i.state.path: i.state.bytes for i, p in zip(manifest.inputs, reused, strict=True) if p is None}
+        metrics["bytes_added"] = sum(own) + sum(new_states.values())
         est = self.estimate  # estimate vs actual, side by side in the run
         if est is not None:
             numbers = {"seconds": est.seconds, "to_embed": est.to_embed, "bytes_added": est.bytes_added}
@@ -290,6 +334,7 @@ class Build:
             seconds=seconds,
             model_version=reg.register(manifest, self.uri),
             embed_nodes=self.embed_nodes,
+            source_files=self.files,
             manifest=manifest,
         )
 
@@ -423,4 +468,5 @@ def plan_build(ctx: Context, spec: BuildSpec, *, with_estimate: bool = False) ->
         oldest_stale_us=min(stale) if stale else None,
         seconds=time.monotonic() - b.t0,
         estimate=b.forecast(plans, counts) if with_estimate else None,
+        source_files=b.files,
     )

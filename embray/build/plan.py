@@ -1,6 +1,8 @@
-"""Stage 2, plan: one Ray task per shard rejects duplicate ids (every copy), diffs the rows against the
-parent's shard by content hash (new, changed, deleted, reused), looks up the vector cache, and writes
-the texts still to embed in chunks of similar lengths."""
+"""Stage 2, plan: one Ray task per shard reads its rows' ids and content hashes from every source file's
+row states (the scan's, or the parent's for an unchanged file), rejects duplicate ids (every copy), diffs
+the rows against the parent's shard by content hash (new, changed, deleted, reused), looks up the vector
+cache, and writes the texts still to embed in chunks of similar lengths. Its memory grows with the
+shard's ids and hashes; texts are read only for the rows to embed."""
 
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from embray import layout
 from embray import rows as R
 from embray.build.scan import UPDATED_AT
 from embray.build.types import Chunk, ParentShard, ShardPlan
-from embray.errors import ConfigError
+from embray.errors import ConfigError, SourceError
 from embray.results import Counts
+from embray.source import SourceInfo
 from embray.store import Store, local_tmpdir, sha256_file
 from embray.vectors import file_fingerprint
 from embray.versions import FileEntry, Manifest, file_rel
@@ -61,15 +64,34 @@ def cached_hashes(store: Store, cdir: str, fp: str) -> dict[str, str]:
     return out
 
 
-def _scanned(store: Store, staged: str, shard: int):
-    """Every row the scan stage assigned to ``shard``."""
-    import pyarrow as pa
+STATE_COLUMNS = ["id", "row", "content_hash", "reason", UPDATED_AT, "text"]
 
-    folder = layout.scan_dir(staged, shard)
-    tables = [store.read_table(f"{folder}/{n}") for n in store.parquet_names(folder)]
+
+def _shard_rows(store: Store, states: list[str], shard: int):
+    """The shard's rows from every source file's row states (its row group of each): ids and content
+    hashes, no texts (only a rejected row's). Adds ``file``, the file's position in ``states``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    tables = []
+    for f, rel in enumerate(states):
+        pf = pq.ParquetFile(store.pyarrow_fs().open_input_file(store.path(rel)))
+        col = pf.schema_arrow.get_field_index("shard")
+        groups = []
+        for g in range(pf.num_row_groups):
+            st = pf.metadata.row_group(g).column(col).statistics
+            if st is None or not st.has_min_max or st.min <= shard <= st.max:
+                groups.append(g)
+        if not groups:
+            continue
+        t = pf.read_row_groups(groups, columns=[*STATE_COLUMNS, "shard"])
+        t = t.filter(pc.equal(t.column("shard"), pa.scalar(shard, pa.int32()))).drop(["shard"])
+        tables.append(t.append_column("file", pa.array([f] * t.num_rows, pa.int32())))
     if tables:
         return pa.concat_tables(tables, promote_options="permissive")
-    return pa.table({c: pa.array([], pa.string()) for c in ("id", "text", "content_hash", "reason", "path")})
+    empty = {c: pa.array([], pa.string()) for c in ("id", "content_hash", "reason", "text")}
+    return pa.table({**empty, "row": pa.array([], pa.int64()), "file": pa.array([], pa.int32())})
 
 
 def _split_rejects(table) -> tuple[Any, Any, dict[str, int]]:
@@ -84,8 +106,9 @@ def _split_rejects(table) -> tuple[Any, Any, dict[str, int]]:
         if reasons[i] is None and row_id in dups:
             reasons[i] = f"{R.DUPLICATE_ID} ({dups[row_id]} rows share it)"
     reason_arr = pa.array(reasons, pa.string())
-    bad = table.filter(pc.is_valid(reason_arr)).select(["id", "text", "path"])
-    bad = bad.append_column("reason", reason_arr.filter(pc.is_valid(reason_arr)))
+    bad = table.filter(pc.is_valid(reason_arr)).set_column(
+        table.schema.get_field_index("reason"), "reason", reason_arr.filter(pc.is_valid(reason_arr))
+    )
     by_reason: dict[str, int] = {}
     for r in bad.column("reason").to_pylist():
         key = R.DUPLICATE_ID if r.startswith(R.DUPLICATE_ID) else r
@@ -93,12 +116,59 @@ def _split_rejects(table) -> tuple[Any, Any, dict[str, int]]:
     return table.filter(pc.is_null(reason_arr)).sort_by("id"), bad, by_reason
 
 
-def _write_rejects(store: Store, vdir: str, shard: int, bad) -> FileEntry:
+def _texts(store: Store, staged: str, shard: int, wanted: set[str], rows, src: SourceInfo, text_col: str):
+    """content_hash -> text for ``wanted``: from the texts the scan staged for this shard, then (for rows of
+    files this build did not read: an id that was a duplicate in the parent) from the source files."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    out: dict[str, str] = {}
+    folder = layout.scan_dir(staged, shard)
+    for name in store.parquet_names(folder):
+        if len(out) == len(wanted):
+            break
+        t = store.read_table(f"{folder}/{name}")
+        t = t.filter(pc.is_in(t.column("content_hash"), value_set=pa.array(list(wanted - out.keys()), pa.string())))
+        out.update(zip(t.column("content_hash").to_pylist(), t.column("text").to_pylist(), strict=True))
+    missing = wanted - out.keys()
+    if not missing:
+        return out
+    hit = rows.filter(pc.is_in(rows.column("content_hash"), value_set=pa.array(list(missing), pa.string())))
+    by_file: dict[int, dict[int, str]] = {}
+    for f, row, h in zip(*(hit.column(c).to_pylist() for c in ("file", "row", "content_hash")), strict=True):
+        by_file.setdefault(f, {})[row] = h
+    for f, want in by_file.items():
+        path = src.files[f]
+        col = pq.ParquetFile(src.store.pyarrow_fs().open_input_file(path)).read(columns=[text_col]).column(0)
+        for row, h in want.items():
+            text = col[row].as_py() if row < len(col) else None
+            if text is None or R.content_hash(text) != h:
+                raise SourceError(f"{src.url(path)} changed while this build read it; run the command again")
+            out[h] = text
+    return out
+
+
+def _write_rejects(store: Store, vdir: str, shard: int, bad, texts: dict[str, str], urls: list[str]) -> FileEntry:
+    """id, text, path, reason of every rejected row (a duplicate's text comes from ``texts``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = [
+        t if t is not None else texts.get(h)
+        for t, h in zip(bad.column("text").to_pylist(), bad.column("content_hash").to_pylist(), strict=True)
+    ]
+    table = pa.table(
+        {
+            "id": bad.column("id"),
+            "text": pa.array(text, pa.string()),
+            "path": pa.array([urls[f] for f in bad.column("file").to_pylist()], pa.string()),
+            "reason": bad.column("reason"),
+        }
+    )
     tmp = local_tmpdir("embray-rejects-")
     local = str(tmp / "rejects.parquet")
-    pq.write_table(bad, local)
+    pq.write_table(table, local)
     sha, size = sha256_file(local)
     rel = layout.rejects_name(shard)
     store.upload(local, f"{vdir}/{rel}")
@@ -147,10 +217,11 @@ def _diff(good, parent: ParentShard | None, store: Store, cached: dict[str, str]
     return d
 
 
-def _write_plan_and_chunks(store: Store, staged: str, shard: int, cdir: str, good, d: _Diff, chunk_rows: int):
+def _write_plan_and_chunks(
+    store: Store, staged: str, shard: int, cdir: str, good, d: _Diff, texts: dict[str, str], chunk_rows: int
+):
     """The shard's plan file (id, content_hash, status, parent_key) and its chunks of texts to embed."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     plan = pa.table(
@@ -165,14 +236,12 @@ def _write_plan_and_chunks(store: Store, staged: str, shard: int, cdir: str, goo
     pq.write_table(plan, str(tmp / "plan.parquet"))
     store.upload(str(tmp / "plan.parquet"), layout.plan_file(staged, shard))
     # Chunks of similar lengths: a model pads each batch to its longest text, so this wastes less compute.
-    texts = good.column("text")
-    lengths = pc.utf8_length(texts).to_numpy(zero_copy_only=False)
-    rows = sorted(d.todo.values(), key=lambda i: (lengths[i], i))
+    todo = sorted(d.todo.items(), key=lambda hi: (len(texts[hi[0]]), hi[1]))
     chunks = []
-    for j in range(0, len(rows), chunk_rows):
-        take = pa.array(rows[j : j + chunk_rows], pa.int64())
-        chunk = pa.table({"content_hash": pc.take(good.column("content_hash"), take), "text": pc.take(texts, take)})
-        digest = hashlib.sha256("".join(chunk.column("content_hash").to_pylist()).encode()).hexdigest()[:32]
+    for j in range(0, len(todo), chunk_rows):
+        hashes = [h for h, _ in todo[j : j + chunk_rows]]
+        chunk = pa.table({"content_hash": pa.array(hashes, pa.string()), "text": [texts[h] for h in hashes]})
+        digest = hashlib.sha256("".join(hashes).encode()).hexdigest()[:32]
         pq.write_table(chunk, str(tmp / "need.parquet"))
         rel = layout.need_file(staged, shard, digest)
         store.upload(str(tmp / "need.parquet"), rel)
@@ -181,9 +250,20 @@ def _write_plan_and_chunks(store: Store, staged: str, shard: int, cdir: str, goo
     return tuple(chunks)
 
 
+@dataclass(frozen=True)
+class ShardInputs:
+    """Where one shard's rows come from: every source file's row states, and the staged texts of this build."""
+
+    states: list[str]  # store-relative row-state file of each source file, in source order
+    urls: list[str]  # each source file's URL (for the rejects' path column)
+    staged: str
+    src: SourceInfo
+    text_column: str
+
+
 def plan_shard(
     store: Store,
-    staged: str,
+    inputs: ShardInputs,
     vdir: str,
     shard: int,
     parent: ParentShard | None,
@@ -194,13 +274,23 @@ def plan_shard(
 ) -> ShardPlan:
     """Decide, for one shard, which rows are rejected, reused, or still to embed (see the module doc).
 
-    A dry run writes nothing: no rejects, no plan, no chunks.
+    Reads ids and content hashes; texts only of the rows to embed and of rejected duplicates. A dry run
+    writes nothing: no rejects, no plan, no chunks.
     """
-    good, bad, by_reason = _split_rejects(_scanned(store, staged, shard))
-    rejects = _write_rejects(store, vdir, shard, bad) if bad.num_rows and not dry_run else None
+    import pyarrow.compute as pc
+
+    rows = _shard_rows(store, inputs.states, shard)
+    good, bad, by_reason = _split_rejects(rows)
     d = _diff(good, parent, store, cached_hashes(store, cdir, fp))
     c = d.counts
-    chunks = () if dry_run else _write_plan_and_chunks(store, staged, shard, cdir, good, d, chunk_rows)
+    rejects, chunks = None, ()
+    if not dry_run:
+        dup_hashes = bad.filter(pc.is_null(bad.column("text"))).column("content_hash").drop_null().to_pylist()
+        wanted = set(d.todo) | set(dup_hashes)
+        texts = _texts(store, inputs.staged, shard, wanted, rows, inputs.src, inputs.text_column) if wanted else {}
+        if bad.num_rows:
+            rejects = _write_rejects(store, vdir, shard, bad, texts, inputs.urls)
+        chunks = _write_plan_and_chunks(store, inputs.staged, shard, cdir, good, d, texts, chunk_rows)
     return ShardPlan(
         shard=shard,
         rows=good.num_rows,
