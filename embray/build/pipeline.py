@@ -30,6 +30,7 @@ from embray import layout
 from embray.build.embed import check_pool_fits, embed_chunks, wait_for_node
 from embray.build.plan import ShardInputs, parent_shards, plan_shard
 from embray.build.scan import scan_file
+from embray.build.shards import THREADS as SHARD_THREADS
 from embray.build.shards import build_shard, cached_dims, updates_in_place
 from embray.build.types import BuildSpec, Embedded, ShardBuild, ShardPlan
 from embray.build.warm import TASK_CPUS, make_room
@@ -225,7 +226,7 @@ class Build:
             if self.parents[0] is not None
             else cached_dims(self.store, self.chunks, self.cdirs, self.spec.model.dims)
         )
-        task = ray.remote(num_cpus=1)(build_shard)
+        task = ray.remote(num_cpus=SHARD_THREADS)(build_shard)  # one USearch thread each
         refs = [
             task.remote(
                 self.store,

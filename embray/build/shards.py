@@ -20,6 +20,9 @@ from embray.versions import FileEntry, ShardEntry
 
 # An in-place shard update stays cheaper and as good as a rebuild while the change is small.
 INCREMENTAL_MAX_CHANGE = 0.25
+# A shard task reserves one CPU (pipeline.py); USearch would otherwise start a thread per core of the node,
+# so eight shard tasks on a 64-core node would run 512 threads. Ray runs as many shard tasks as CPUs are free.
+THREADS = 1
 
 
 def lookup_vectors(store: Store, cdir: str, wanted: set[str], dims: int, fp: str, tables=()) -> dict[str, np.ndarray]:
@@ -136,7 +139,7 @@ def _update_in_place(index, store: Store, parent: ParentShard, parent_part, p, s
     for i in fresh:
         vectors[i] = found[hashes[i]]
     if len(fresh):
-        index.add(keys[fresh], vectors[fresh])
+        index.add(keys[fresh], vectors[fresh], threads=THREADS)
     return keys, vectors, next_key + len(fresh)
 
 
@@ -210,7 +213,7 @@ def build_shard(
         keys, next_key = np.arange(p.num_rows, dtype=np.uint64), p.num_rows
         vectors = np.array([found[h] for h in hashes], dtype=np.float32).reshape(-1, dims)
         if p.num_rows:
-            index.add(keys, vectors)
+            index.add(keys, vectors, threads=THREADS)
     files: dict[str, Any] = _write(store, vdir, shard, fp, p, keys, vectors, index, tmp)
     tmp.rmdir()
     entry = ShardEntry(
