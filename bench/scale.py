@@ -354,7 +354,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
             "mlflow": {"tracking_uri": f"sqlite:///{work}/mlflow.db"},
             "model": {"backend": "hash", "name": "words", "dims": 384},
             "index": {"shards": args.shards},
-            "embed": {"batch_size": 512, "actors": 1, "num_cpus": 1, "keep_warm_s": 300},
+            # the warm-up leaves no warm actor holding a CPU (a CLI backfill starts on a fresh Ray)
+            "embed": {"batch_size": 512, "actors": 1, "num_cpus": 1, "keep_warm_s": 0 if name == "warmup" else 300},
             "serve": {"poll_s": 3600},
         }
 

@@ -98,6 +98,7 @@ def test_refresh_and_status_read_only_the_changed_file(tmp_path, hashed):
     hashed.clear()
     again = col.refresh(dry_run=True)
     assert again.source_files.to_dict() == {"read": 0, "reused": 4} and again.to_embed == 0
+    assert again.counts.reused == again.rows == child.rows and again.rejected == child.rejected
     assert (again.counts.new, again.counts.changed, again.counts.deleted) == (0, 0, 0)
     assert hashed == [] or all(os.path.basename(p) == "part-00002.parquet" for p in hashed)  # just written: racy
 

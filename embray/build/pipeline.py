@@ -131,6 +131,16 @@ class Build:
         then = (src.get("uri"), src.get("id_column"), src.get("text_column"), src.get("updated_at_column", "?"))
         return list(parent.inputs) if now == then else []
 
+    def unchanged_corpus(self) -> bool:
+        """Every source file is one the parent read, unchanged, and none is gone: nothing to plan."""
+        parent, src = self.spec.parent, self.src
+        return (
+            parent is not None
+            and bool(parent.inputs)
+            and len(src.files) == len(parent.inputs)
+            and all(prev is not None for prev in src.unchanged)
+        )
+
     def _params(self) -> dict:
         cfg, spec = self.cfg, self.spec
         return {
@@ -434,6 +444,23 @@ def run_build(ctx: Context, spec: BuildSpec) -> BuildResult:
         b.progress.close()
 
 
+def _nothing_changed(b: Build, parent: Manifest) -> PlanResult:
+    """The plan of a corpus whose every file is as the parent read it: the parent's rows, all reused."""
+    c = parent.counts
+    return PlanResult(
+        parent=parent.version,
+        fingerprint=b.fp,
+        rows=parent.rows,
+        rejected=int(c.get("rejected", 0)),
+        rejected_by_reason=dict(c.get("by_reason", {})),
+        counts=Counts(reused=parent.rows),
+        to_embed=0,
+        oldest_stale_us=None,
+        seconds=time.monotonic() - b.t0,
+        source_files=SourceFiles(read=0, reused=len(b.src.files)),
+    )
+
+
 def _shard_actions(plans: list[ShardPlan], parents: list, index_cfg) -> dict[str, int]:
     """How many shards a build rebuilds, updates in place, and reuses from its parent."""
     out = {"rebuilt": 0, "updated": 0, "reused": 0}
@@ -451,6 +478,9 @@ def plan_build(ctx: Context, spec: BuildSpec, *, with_estimate: bool = False) ->
     would cost. Writes only scratch files."""
     b = Build(ctx, spec, dry_run=True)
     b.start()
+    if not with_estimate and b.unchanged_corpus():
+        ctx.store.delete(b.vdir)
+        return _nothing_changed(b, spec.parent)
     try:
         _, plans, counts = _planned(b)
     finally:
