@@ -142,6 +142,13 @@ class ServeConfig(_Strict):
     )
     api_key: str | None = Field(None, description="If set (or env EMBRAY_API_KEY), queries need header X-API-Key.")
     max_text_chars: int = Field(8192, ge=1, description="Longest query text accepted (413 above it).")
+    max_loaded_versions: int = Field(
+        3,
+        ge=1,
+        description="Versions one replica holds at once: the active one, and up to N - 1 that queries pinned with "
+        '{"version": ...} (loaded on demand, least recently used unloaded first; 1: a pinned query loads its '
+        "version, answers and lets it go).",
+    )
     replicas: int = Field(1, ge=1, description="Serve replicas, each holding the version's encoder and shards.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves.")
     max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica works on at once.")

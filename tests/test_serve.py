@@ -442,3 +442,53 @@ def test_the_openapi_document_tells_the_truth(served):
     schema = doc["components"]["schemas"]["SearchRequest"]
     assert schema["additionalProperties"] is False
     assert {"required": ["vector", "fingerprint"], "not": {"required": ["text"]}} in schema["oneOf"]
+
+
+def test_a_pinned_query_answers_from_that_version_and_replicas_keep_few(served):
+    """{"version": ...}: an id or alias answers from that committed version, loaded on demand; at most
+    serve.max_loaded_versions (3: the active one and two pinned) stay loaded; unknown names are 404."""
+    url, cfg = served["url"], served["cfg"]
+    col = Collection(cfg)
+    info = requests.get(f"{url}/v1/collections/docs", timeout=10).json()
+    active = info["version"]
+    extra = [col.refresh(parent=served["v1"]).version for _ in range(2)]  # unchanged corpus: cheap versions
+    others = [v for v in (served["v1"], served["v2"], *extra) if v != active]
+    assert len(others) >= 3
+    text = served["rows"]["doc-000042"]
+
+    for v in others:
+        r = _search(url, {"text": text, "k": 3, "version": v})
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] == v
+    pinned = requests.get(f"{url}/v1/collections/docs", timeout=10).json()["pinned"]
+    assert pinned == others[-2:]  # the least recently used one was unloaded
+    r = _search(url, {"text": text, "k": 3, "version": others[-2]})  # a hit moves it to the back
+    assert r.json()["version"] == others[-2]
+    assert requests.get(f"{url}/v1/collections/docs", timeout=10).json()["pinned"] == [others[-1], others[-2]]
+    assert requests.get(f"{url}/v1/collections/docs", timeout=10).json()["version"] == active  # unmoved
+
+    # Aliases: `active` is the served version; another alias is read from MLflow.
+    assert _search(url, {"text": text, "version": "active"}).json()["version"] == active
+    from embray.registry import CANDIDATE, Registry
+
+    Registry(cfg).set_alias(CANDIDATE, others[-1])
+    try:
+        assert _search(url, {"text": text, "version": CANDIDATE}).json()["version"] == others[-1]
+    finally:
+        Registry(cfg).delete_alias(CANDIDATE)
+
+    # A vector pinned to a version answers from it; one from another space is refused, naming both spaces.
+    vec = load_embedder(cfg.model).embed_queries([text])[0].tolist()
+    r = _search(url, {"vector": vec, "fingerprint": fingerprint(cfg.model), "k": 3, "version": others[0]})
+    assert r.status_code == 200 and r.json()["version"] == others[0]
+    other = ModelSpec(backend="hash", name="words", dims=64, seed=7)
+    ovec = load_embedder(other).embed_queries(["river"])[0].tolist()
+    r = _search(url, {"vector": ovec, "fingerprint": fingerprint(other), "version": others[0]})
+    assert r.status_code == 409 and others[0] in r.json()["detail"]
+
+    missing = "v20200101T000000000Z-abcdef"
+    r = _search(url, {"text": text, "version": missing})
+    assert r.status_code == 404 and missing in r.json()["detail"]
+    r = _search(url, {"text": text, "version": "no-such-alias"})
+    assert r.status_code == 404 and "neither a version id nor an alias" in r.json()["detail"]
+    assert requests.get(f"{url}/v1/collections/docs", timeout=10).json()["version"] == active

@@ -1,4 +1,5 @@
-"""The Ray Serve application: answers queries from the collection's `active` version, and only from it.
+"""The Ray Serve application: answers queries from the collection's `active` version (or, for a query that
+pins one with ``{"version": ...}``, from that committed version), and every answer from one version.
 
 One deployment, ``EmbrayServer``, with a FastAPI ingress. Each replica holds one loaded version: its
 query encoder (the version's own model, checked against the version's fingerprint) and its USearch
@@ -7,10 +8,12 @@ seconds (``POST /v1/collections/{name}/reload`` checks at once on the replica it
 marker that the other replicas look for every second); on a change the replica loads and
 warms the new version beside the old one, then swaps one reference. A request reads that reference
 once, so it is answered wholly from one version; the old version is released when the last request
-holding it finishes.
+holding it finishes. A pinned query's version is loaded on demand beside the active one and kept among
+the ``serve.max_loaded_versions`` (least recently used unloaded first).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real types of the route parameters.
+import asyncio
 import hmac
 import json
 import logging
@@ -18,6 +21,7 @@ import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +37,7 @@ from embray.registry import ACTIVE
 from embray.search import VersionIndex
 from embray.serving.metrics import ServeMetrics
 from embray.serving.schemas import CollectionInfo, NotReady, SearchRequest, SearchResponse, errors
-from embray.versions import utcnow
+from embray.versions import is_version_id, utcnow
 
 log = logging.getLogger("embray.serve")
 
@@ -83,6 +87,10 @@ class EmbrayServer:
         self.last_check: str | None = None
         self.last_error: str | None = None
         self._switch = threading.Lock()
+        self.pinned: OrderedDict[str, Loaded] = OrderedDict()  # versions queries named, least recently used first
+        self._pins = threading.Lock()  # guards self.pinned and self._aliases
+        self._pin_load = threading.Lock()  # one pinned load at a time
+        self._aliases: dict[str, tuple[str | None, float]] = {}  # alias -> (version, when read)
         mon = self.cfg.monitor
         self.metrics = ServeMetrics(
             self.cfg.collection, stale_threshold=mon.max_stale_fraction, monitor_interval_s=mon.interval_s
@@ -128,6 +136,69 @@ class EmbrayServer:
             self.metrics.alias(True)
             log.info("serving %s (was %s); loaded and warmed in %.2fs", loaded.version, old, loaded.load_seconds)
             return True
+
+    # --- pinned versions ({"version": ...} in a query) ----------------------------------------
+    def _pinned(self, requested: str, *, may_block: bool) -> "Loaded | None":
+        """The loaded version a query pinned (an id or an alias). Without ``may_block``, None where that would
+        need an MLflow read or a load; with it, loads the version (evicting the least recently used)."""
+        cur = self.current
+        if requested == ACTIVE:
+            return self._serving()
+        vid = requested
+        if not is_version_id(requested):
+            with self._pins:
+                hit = self._aliases.get(requested)
+            if hit is None or time.monotonic() - hit[1] >= self.cfg.serve.poll_s:
+                if not may_block:
+                    return None
+                hit = self._read_alias(requested)
+            if hit[0] is None:
+                raise HTTPException(
+                    404,
+                    f"{requested!r} is neither a version id nor an alias of {self.cfg.collection!r}; "
+                    "`embray versions` lists both",
+                )
+            vid = hit[0]
+        if cur is not None and vid == cur.version:
+            return cur
+        with self._pins:
+            got = self.pinned.get(vid)
+            if got is not None:
+                self.pinned.move_to_end(vid)
+                return got
+        return self._load_pinned(vid) if may_block else None
+
+    def _read_alias(self, name: str) -> tuple[str | None, float]:
+        try:
+            hit = (self.collection.aliases().get(name), time.monotonic())
+        except EmbrayError as e:
+            raise HTTPException(503, f"cannot read alias {name!r} from MLflow: {e}") from e
+        with self._pins:
+            self._aliases[name] = hit
+        return hit
+
+    def _load_pinned(self, vid: str) -> Loaded:
+        with self._pin_load:
+            with self._pins:
+                got = self.pinned.get(vid)
+            if got is not None:
+                return got
+            t = time.monotonic()
+            try:
+                index = self.collection.index(vid)
+                index.search_text([WARMUP_QUERY], k=1)
+            except VersionError as e:
+                raise HTTPException(404, f"version {vid} cannot be served: {e}") from e
+            except EmbrayError as e:
+                raise HTTPException(503, f"could not load version {vid}: {e}") from e
+            loaded = Loaded(index, utcnow(), time.monotonic() - t)
+            log.info("loaded %s for pinned queries in %.2fs", vid, loaded.load_seconds)
+            with self._pins:
+                self.pinned[vid] = loaded
+                while len(self.pinned) > self.cfg.serve.max_loaded_versions - 1:
+                    old, _ = self.pinned.popitem(last=False)  # requests holding it finish with it
+                    log.info("unloaded pinned version %s (serve.max_loaded_versions)", old)
+            return loaded
 
     def _reload_marker(self) -> bytes | None:
         try:
@@ -228,6 +299,7 @@ class EmbrayServer:
             load_seconds=round(cur.load_seconds, 3) if cur else None,
             last_check=self.last_check,
             last_error=self.last_error,
+            pinned=list(self.pinned),
         )
 
     @app.post(
@@ -245,16 +317,37 @@ class EmbrayServer:
     ):
         # Inline on the event loop, not in a thread: a replica has one CPU, so queries run one at a time
         # either way, and a thread hop costs about 1 ms (bench/serve.py). Version loads stay off the loop.
-        return self._search(name, body, authorization, x_api_key)
-
-    def _search(self, name: str, body: SearchRequest, authorization: str | None, x_api_key: str | None) -> Response:
         t = time.perf_counter()
+        pinned = None
+        if body.version is not None:
+            try:
+                self._collection(name)
+                self._auth_query(authorization, x_api_key)
+                pinned = self._pinned(body.version, may_block=False)
+                if pinned is None:  # an alias to read or a version to load: off the event loop
+                    pinned = await asyncio.to_thread(self._pinned, body.version, may_block=True)
+            except HTTPException as e:
+                endpoint = "text" if body.text is not None else "vector"
+                self.metrics.record(endpoint, None, str(e.status_code), (time.perf_counter() - t) * 1000)
+                raise
+        return self._search(name, body, authorization, x_api_key, pinned, t)
+
+    def _search(
+        self,
+        name: str,
+        body: SearchRequest,
+        authorization: str | None,
+        x_api_key: str | None,
+        pinned: "Loaded | None" = None,
+        t: float | None = None,
+    ) -> Response:
+        t = t or time.perf_counter()
         endpoint = "text" if body.text is not None else "vector"
         version = None
         try:
             self._collection(name)
             self._auth_query(authorization, x_api_key)
-            cur = self._serving()  # read once: the whole answer comes from this version
+            cur = pinned or self._serving()  # read once: the whole answer comes from this version
             version = cur.version
             idx = cur.index
             if body.text is not None:

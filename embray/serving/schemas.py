@@ -28,6 +28,12 @@ class SearchRequest(BaseModel):
     vector: list[float] | None = Field(None, description="Query vector; needs `fingerprint`.")
     fingerprint: str | None = Field(None, description="Fingerprint of the model that made `vector`.")
     k: int = Field(10, ge=1, le=MAX_K, description="Results to return.")
+    version: str | None = Field(
+        None,
+        description="Answer from this committed version (an id, or an alias such as `candidate`) instead of the "
+        "active one: loaded on demand, kept while among the replica's `serve.max_loaded_versions`.",
+        min_length=1,
+    )
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
@@ -63,6 +69,9 @@ class CollectionInfo(BaseModel):
     load_seconds: float | None
     last_check: str | None
     last_error: str | None
+    pinned: list[str] = Field(
+        default_factory=list, description="Other versions loaded for pinned queries, least recently used first."
+    )
 
 
 class ErrorBody(BaseModel):
