@@ -48,7 +48,7 @@ class VersionIndex:
         self.manifest = manifest
         self.metric = manifest.index.get("metric", "cos")
         self._embedder: Embedder | None = None
-        self.shards: list[tuple[Index, np.ndarray, np.ndarray]] = []  # index, keys (sorted), ids
+        self.shards: list[tuple[Index, np.ndarray, Any]] = []  # index, keys (sorted), ids (numpy or Arrow)
         for s in manifest.shards:
             if s.rows == 0 or s.index is None or s.embeddings is None:
                 continue
@@ -144,12 +144,17 @@ class VersionIndex:
 
 
 def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value.as_py() if hasattr(value, "as_py") else value  # an Arrow scalar (string ids)
 
 
-def _read_keys(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, ids) of an embeddings part, which is stored in key order."""
+def _read_keys(path: Path) -> tuple[np.ndarray, Any]:
+    """(keys, ids) of an embeddings part, which is stored in key order. Integer ids as a numpy array; string
+    ids stay one Arrow array (bytes and offsets: about 20 bytes a row where Python strings take about 70)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     t = pq.read_table(str(path), columns=["key", "id"])
-    return t.column("key").to_numpy(), t.column("id").to_numpy(zero_copy_only=False)
+    ids = t.column("id").combine_chunks()
+    return t.column("key").to_numpy(), ids.to_numpy() if pa.types.is_integer(ids.type) else ids
