@@ -57,6 +57,12 @@ class SourceConfig(_Strict):
 class StoreConfig(_Strict):
     uri: str = Field("./.embray", description="Where versions are written: a local directory or s3://bucket/prefix.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the store.")
+    lease_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a writer's lease lasts unless renewed (every third of it): a crashed or paused writer's "
+        "lease is taken over after this; a writer paused longer finds it taken and commits nothing.",
+    )
 
 
 class IndexConfig(_Strict):

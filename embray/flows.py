@@ -56,11 +56,15 @@ def sync_registry(ctx: Context) -> None:
             ctx.registry.register(m, ctx.store.url(layout.version_dir(ctx.collection, m.version)))
 
 
+def _writer(ctx: Context, job: str) -> Lease:
+    return Lease(ctx.store, ctx.collection, WRITER, job=job, ttl_s=ctx.cfg.store.lease_ttl_s)
+
+
 def backfill(ctx: Context, *, promote: bool = True) -> BuildResult:
     """Build a new version of the collection from its whole source."""
     _open_for_writing(ctx)
-    with Lease(ctx.store, ctx.collection, WRITER, job="backfill"):
-        result = run_build(ctx, BuildSpec("backfill", ctx.cfg.model))
+    with _writer(ctx, "backfill") as lease:
+        result = run_build(ctx, BuildSpec("backfill", ctx.cfg.model), lease)
         if promote and ACTIVE not in ctx.registry.aliases():
             set_active(
                 ctx,
@@ -97,8 +101,8 @@ def refresh(ctx: Context, *, parent: str | None = None, promote_it: bool = False
     """Bring a version up to date with the source: a child version that re-embeds only what changed."""
     _open_for_writing(ctx)
     base = _refresh_base(ctx, parent)
-    with Lease(ctx.store, ctx.collection, WRITER, job="refresh"):
-        result = run_build(ctx, BuildSpec("refresh", base.model, parent=base))
+    with _writer(ctx, "refresh") as lease:
+        result = run_build(ctx, BuildSpec("refresh", base.model, parent=base), lease)
     if promote_it:
         promote(ctx, result.version, reason=f"refresh of {base.version}")
         result = dataclasses.replace(result, aliases=(ACTIVE,))
@@ -129,7 +133,7 @@ def migrate(ctx: Context, model: ModelSpec) -> BuildResult:
     _open_for_writing(ctx)
     parent = _migration_parent(ctx, model)
     params = {"migrated_from": parent.fingerprint if parent else ""}
-    with Lease(ctx.store, ctx.collection, WRITER, job="migrate"):
-        result = run_build(ctx, BuildSpec("migrate", model, parent=parent, params=params))
+    with _writer(ctx, "migrate") as lease:
+        result = run_build(ctx, BuildSpec("migrate", model, parent=parent, params=params), lease)
         set_candidate(ctx, result.version)
     return dataclasses.replace(result, aliases=(CANDIDATE,))

@@ -56,7 +56,7 @@ def gc(ctx: Context, *, keep: int, dry_run: bool = False) -> GcResult:
     if keep < 1:
         raise ConfigError(f"gc keep={keep}: keep at least 1 version (--keep N with N >= 1)")
     store, col = ctx.store, ctx.collection
-    with Lease(store, col, WRITER, job="gc"):
+    with Lease(store, col, WRITER, job="gc", ttl_s=ctx.cfg.store.lease_ttl_s):
         committed, uncommitted = list_version_dirs(store, col)
         manifests = {v: read_manifest(store, col, v) for v in committed}
         kept = _kept(manifests, {v for v in ctx.registry.aliases().values() if v}, keep)

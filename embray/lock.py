@@ -60,6 +60,8 @@ class Lease:
         self.ttl_s = ttl_s
         self.token = secrets.token_hex(8)
         self._acquired: float | None = None
+        self._renewed = 0.0  # time.monotonic() of the last write of our record
+        self.lost: str | None = None  # why this holder no longer holds the lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -142,20 +144,46 @@ class Lease:
                     f"finish (a crashed holder's lease expires by itself; the file is {self.store.url(self.rel)})"
                 )
             time.sleep(0.2)
+        self._renewed = time.monotonic()
         self._thread = threading.Thread(target=self._renew, name=f"embray-lease-{self.name}", daemon=True)
         self._thread.start()
         return self
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            held = self.read()
-            if held is None or held.get("token") != self.token:
-                log.error("lost the %s lease of %s to %s", self.name, self.collection, (held or {}).get("holder"))
+            why = self._why_lost(self.read())
+            if why is not None:  # never rewrite a lease another writer may be taking over
+                self.lost = why
+                log.error("%s", why)
                 return
             try:
                 self.store.write_bytes(self.rel, json.dumps(self._record()).encode())
+                self._renewed = time.monotonic()
             except Exception as e:  # noqa: BLE001 - keep trying until the job ends
                 log.warning("could not renew the %s lease: %s", self.name, e)
+
+    def _why_lost(self, held: dict[str, Any] | None) -> str | None:
+        """Why this holder no longer holds the lease (None: it does): another writer's record is there, or
+        ours went unrenewed past its TTL (this process was paused: a successor may be taking it over)."""
+        what = f"lost the {self.name} lease of {self.collection}"
+        if held is None or held.get("token") != self.token:
+            other = held or {}
+            return (
+                f"{what} to {other.get('job', 'another job')} run by {other.get('holder', '?')} "
+                f"(pid {other.get('pid', '?')}): this process was paused past the lease ({self.ttl_s:g} s)"
+            )
+        idle = time.monotonic() - self._renewed
+        if idle > self.ttl_s or held.get("expires_at", 0) < _now():
+            return f"{what}: it expired while this process was paused ({idle:.0f} s since its last renewal)"
+        return None
+
+    def check_held(self) -> None:
+        """Raise ConflictError unless this process still holds the lease (read from the store now): the
+        last check before a write that must not happen after a takeover, such as a version's commit."""
+        why = self.lost or self._why_lost(self.read())
+        if why is not None:
+            self.lost = why
+            raise ConflictError(why)
 
     def release(self) -> None:
         self._stop.set()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from embray.config import SourceConfig
 from embray.errors import SourceError
-from embray.store import Store, list_source_files, sha256_of
+from embray.store import Store, list_source_infos, sha256_of
 from embray.versions import SourceFile
 
 
@@ -75,14 +75,13 @@ def _check_schema(cfg: SourceConfig, store: Store, path: str) -> str:
 RACY_NS = 2_000_000_000
 
 
-def _look(store: Store, path: str, prev: SourceFile | None) -> tuple[SourceFile | None, FileSeen]:
+def _look(store: Store, path: str, info: dict, prev: SourceFile | None) -> tuple[SourceFile | None, FileSeen]:
     """Size, ETag or mtime of one file, and its sha256 when those cannot say it is unchanged since ``prev``.
 
     Returns (``prev`` when the file is unchanged, else None; what was seen now).
     """
     checked = time.time_ns()
     rel = path[len(store.root) :]
-    info = store.fs.info(path)
     size = int(info.get("size") or 0)
     etag = info.get("ETag") or info.get("etag")
     etag = str(etag).strip('"') if etag else None
@@ -105,10 +104,11 @@ def _look(store: Store, path: str, prev: SourceFile | None) -> tuple[SourceFile 
 def inspect_source(cfg: SourceConfig, previous: Sequence[SourceFile] = (), previous_id_type: str = "") -> SourceInfo:
     """List the corpus files and check the schema of every file that is new or changed since ``previous``
     (what the parent version read), before any work starts. Unchanged files are neither read nor hashed."""
-    store, files = list_source_files(cfg.uri, cfg.storage_options)
+    store, infos = list_source_infos(cfg.uri, cfg.storage_options)
+    files = list(infos)
     before = {p.path: p for p in previous}
     with ThreadPoolExecutor(max_workers=8) as pool:
-        looks = list(pool.map(lambda f: _look(store, f, before.get(f[len(store.root) :])), files))
+        looks = list(pool.map(lambda f: _look(store, f, infos[f], before.get(f[len(store.root) :])), files))
         changed = [f for f, (prev, _) in zip(files, looks, strict=True) if prev is None]
         id_types = list(pool.map(lambda f: _check_schema(cfg, store, f), changed))
     if len(changed) < len(files):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from embray.build.chunks import EmbedChunks, node_id
 from embray.build.types import Chunk, Embedded
-from embray.build.warm import embed_warm, make_room
+from embray.build.warm import embed_warm, make_room, reservation
 from embray.config import EmbedConfig, RayConfig
 from embray.errors import ConfigError
 from embray.models.spec import ModelSpec
@@ -45,19 +45,13 @@ def check_pool_fits(ec: EmbedConfig, rc: RayConfig) -> None:
         )
 
 
-def _needs(ec: EmbedConfig) -> dict[str, float]:
-    """What one embedding actor or task reserves."""
-    need = {"CPU": ec.num_cpus, "GPU": ec.num_gpus, **ec.resources}
-    return {k: v for k, v in need.items() if v > 0}
-
-
 def wait_for_node(ec: EmbedConfig, rc: RayConfig) -> None:
     """Return once an alive node offers what one embedding actor reserves; else fail naming what is missing:
     at once on a local Ray of this process (no node will join it), after embed.placement_timeout_s on a
     cluster (an autoscaler may be adding one). Without this, Ray would wait for such a node forever."""
     import ray
 
-    need = _needs(ec)
+    need = reservation(ec.num_cpus, ec.num_gpus, ec.resources)  # what one embedding actor or task reserves
     waited = ec.placement_timeout_s if cluster_address(rc) else 0.0
     deadline = time.monotonic() + waited
     while True:

@@ -35,8 +35,9 @@ from embray.build.shards import build_shard, cached_dims, updates_in_place
 from embray.build.types import BuildSpec, Embedded, ShardBuild, ShardPlan
 from embray.build.warm import TASK_CPUS, make_room
 from embray.context import Context
-from embray.errors import EmbrayError, ModelError, SourceError, StoreError
+from embray.errors import ConflictError, EmbrayError, ModelError, SourceError, StoreError
 from embray.estimate import estimate, throughput_history
+from embray.lock import Lease
 from embray.models import fingerprint
 from embray.results import COUNTS, BuildResult, Counts, Estimate, PlanResult, SourceFiles
 from embray.runtime import gather, init_ray
@@ -71,7 +72,7 @@ class _Timings:
 class Build:
     """One build of a version; ``dry_run`` builds go as far as the plan, in a scratch directory."""
 
-    def __init__(self, ctx: Context, spec: BuildSpec, *, dry_run: bool = False):
+    def __init__(self, ctx: Context, spec: BuildSpec, *, dry_run: bool = False, lease: Lease | None = None):
         self.ctx, self.cfg, self.store, self.spec, self.dry_run = ctx, ctx.cfg, ctx.store, spec, dry_run
         self.kind = spec.kind
         self.shards = ctx.cfg.index.shards
@@ -81,6 +82,7 @@ class Build:
         self.progress = ctx.progress
         self.estimate: Estimate | None = None
         self.embed_nodes: tuple[str, ...] = ()  # Ray node ids the embedding ran on
+        self.lease = lease  # the writer lease the caller holds: checked again right before the commit
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -258,6 +260,11 @@ class Build:
         self, input_rows: int, plans: list[ShardPlan], counts: Counts, dims: int, built: list[ShardBuild]
     ) -> Manifest:
         """Write the manifest, last and create-only: from here on the version exists."""
+        if self.lease is not None:  # a writer paused past its lease (and taken over) commits nothing
+            try:
+                self.lease.check_held()
+            except ConflictError as e:
+                raise ConflictError(f"{e}; nothing was committed (rerun the command if it is still needed)") from e
         self.store.delete(self.staged)
         cfg, spec, src = self.cfg, self.spec, self.src
         rows, rejected, by_reason = _totals(plans)
@@ -411,9 +418,9 @@ def _planned(b: Build) -> tuple[int, list[ShardPlan], Counts]:
     return input_rows, plans, counts
 
 
-def run_build(ctx: Context, spec: BuildSpec) -> BuildResult:
-    """Build one version of ``ctx``'s collection. The caller holds the writer lease."""
-    b = Build(ctx, spec)
+def run_build(ctx: Context, spec: BuildSpec, lease: Lease | None = None) -> BuildResult:
+    """Build one version of ``ctx``'s collection. The caller holds the writer ``lease``."""
+    b = Build(ctx, spec, lease=lease)
     b.start()
     try:
         input_rows, plans, counts = _planned(b)

@@ -160,6 +160,12 @@ def release_warm(reason: str, keep: str | None = None) -> int:
     return n
 
 
+def reservation(cpus: float, gpus: float, resources: dict[str, float] | None = None) -> dict[str, float]:
+    """Ray resources as one mapping (CPU, GPU, custom), leaving out what is zero."""
+    need = {"CPU": cpus, "GPU": gpus, **(resources or {})}
+    return {k: v for k, v in need.items() if v > 0}
+
+
 def make_room(
     cpus: float,
     gpus: float,
@@ -173,7 +179,7 @@ def make_room(
     ``wait_s`` for their resources."""
     import ray
 
-    need = {"CPU": cpus, "GPU": gpus, **(resources or {})}
+    need = reservation(cpus, gpus, resources)
 
     def fits_within(seconds: float) -> bool:
         deadline = time.monotonic() + seconds
