@@ -151,7 +151,12 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            why = self._why_lost(self.read())
+            try:
+                held = self.read()
+            except Exception as e:  # noqa: BLE001 - the store hiccuped: try again at the next tick
+                log.warning("could not read the %s lease to renew it: %s", self.name, e)
+                continue
+            why = self._why_lost(held)
             if why is not None:  # never rewrite a lease another writer may be taking over
                 self.lost = why
                 log.error("%s", why)
@@ -174,13 +179,19 @@ class Lease:
             )
         idle = time.monotonic() - self._renewed
         if idle > self.ttl_s or held.get("expires_at", 0) < _now():
-            return f"{what}: it expired while this process was paused ({idle:.0f} s since its last renewal)"
+            return (
+                f"{what}: it expired, {idle:.0f} s after its last renewal (this process was paused, or the store "
+                "could not be written)"
+            )
         return None
 
     def check_held(self) -> None:
         """Raise ConflictError unless this process still holds the lease (read from the store now): the
         last check before a write that must not happen after a takeover, such as a version's commit."""
-        why = self.lost or self._why_lost(self.read())
+        held = self.read()
+        why = self.lost or self._why_lost(held)
+        if why is None and held.get("expires_at", 0) - _now() < self.ttl_s / 3:  # type: ignore[union-attr]
+            why = f"lost the {self.name} lease of {self.collection}: too little of it is left to finish safely"
         if why is not None:
             self.lost = why
             raise ConflictError(why)

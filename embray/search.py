@@ -151,10 +151,12 @@ def _plain(value: Any) -> Any:
 
 def _read_keys(path: Path) -> tuple[np.ndarray, Any]:
     """(keys, ids) of an embeddings part, which is stored in key order. Integer ids as a numpy array; string
-    ids stay one Arrow array (bytes and offsets: about 20 bytes a row where Python strings take about 70)."""
+    ids stay one Arrow array (bytes and offsets: about 25 bytes a row where Python strings take about 70)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     t = pq.read_table(str(path), columns=["key", "id"])
-    ids = t.column("id").combine_chunks()
-    return t.column("key").to_numpy(), ids.to_numpy() if pa.types.is_integer(ids.type) else ids
+    col = t.column("id")
+    if pa.types.is_integer(col.type):
+        return t.column("key").to_numpy(), col.combine_chunks().to_numpy()
+    return t.column("key").to_numpy(), col.cast(pa.large_string()).combine_chunks()  # one array past 2 GiB too

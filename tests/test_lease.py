@@ -97,7 +97,7 @@ def test_check_held_refuses_a_lease_taken_over_or_expired(tmp_path):
     first.check_held()  # held: nothing to say
     first._stop.set()  # it stops renewing, as a paused process would
     time.sleep(TTL + 0.5)
-    with pytest.raises(ConflictError, match=r"lost the writer lease of docs: it expired while this process"):
+    with pytest.raises(ConflictError, match=r"lost the writer lease of docs: it expired, .* after its last renewal"):
         first.check_held()  # expired, though nobody has taken it yet
     first.release()  # still its record: removed
 
@@ -113,3 +113,26 @@ def test_check_held_refuses_a_lease_taken_over_or_expired(tmp_path):
         other.check_held()
     finally:
         other.release()
+
+
+def test_a_store_hiccup_while_renewing_is_retried_not_a_lost_lease(tmp_path):
+    from embray.errors import StoreError
+
+    store = Store(str(tmp_path / "store"))
+    lease = Lease(store, "docs", WRITER, job="refresh", ttl_s=TTL).acquire()
+    real, failures = lease.read, []
+
+    def flaky():
+        if not failures:
+            failures.append(1)
+            raise StoreError("503 SlowDown")
+        return real()
+
+    try:
+        lease.read = flaky  # the next renewal's read fails once
+        time.sleep(TTL / 3 * 2 + 0.8)  # that tick, and a good one after it
+        assert failures and lease.lost is None
+        lease.read = real
+        lease.check_held()
+    finally:
+        lease.release()

@@ -260,11 +260,6 @@ class Build:
         self, input_rows: int, plans: list[ShardPlan], counts: Counts, dims: int, built: list[ShardBuild]
     ) -> Manifest:
         """Write the manifest, last and create-only: from here on the version exists."""
-        if self.lease is not None:  # a writer paused past its lease (and taken over) commits nothing
-            try:
-                self.lease.check_held()
-            except ConflictError as e:
-                raise ConflictError(f"{e}; nothing was committed (rerun the command if it is still needed)") from e
         self.store.delete(self.staged)
         cfg, spec, src = self.cfg, self.spec, self.src
         rows, rejected, by_reason = _totals(plans)
@@ -311,6 +306,11 @@ class Build:
             mlflow_run_id=self.run_id,
             inputs=self.inputs,
         )
+        if self.lease is not None:  # last: a writer paused past its lease (and taken over) commits nothing
+            try:
+                self.lease.check_held()
+            except ConflictError as e:
+                raise ConflictError(f"{e}; nothing was committed (rerun the command if it is still needed)") from e
         self.uri = commit_manifest(self.store, manifest)
         return manifest
 
@@ -486,6 +486,7 @@ def plan_build(ctx: Context, spec: BuildSpec, *, with_estimate: bool = False) ->
     b = Build(ctx, spec, dry_run=True)
     b.start()
     if not with_estimate and b.unchanged_corpus():
+        b.progress.close()
         ctx.store.delete(b.vdir)
         return _nothing_changed(b, spec.parent)
     try:

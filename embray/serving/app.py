@@ -37,7 +37,7 @@ from embray.registry import ACTIVE
 from embray.search import VersionIndex
 from embray.serving.metrics import ServeMetrics
 from embray.serving.schemas import CollectionInfo, NotReady, SearchRequest, SearchResponse, errors
-from embray.versions import is_version_id, utcnow
+from embray.versions import is_version_id, read_manifest, utcnow
 
 log = logging.getLogger("embray.serve")
 
@@ -185,10 +185,16 @@ class EmbrayServer:
                 return got
             t = time.monotonic()
             try:
-                index = self.collection.index(vid)
+                manifest = read_manifest(self.store, self.cfg.collection, vid)
+            except VersionError as e:  # never committed, or collected
+                raise HTTPException(404, str(e)) from e
+            except EmbrayError as e:
+                raise HTTPException(503, f"could not read version {vid}: {e}") from e
+            try:  # opened here, not through the Collection's own cache: only self.pinned keeps it loaded
+                index = VersionIndex(self.store, manifest)
                 index.search_text([WARMUP_QUERY], k=1)
-            except VersionError as e:
-                raise HTTPException(404, f"version {vid} cannot be served: {e}") from e
+            except FileNotFoundError as e:
+                raise HTTPException(404, f"version {vid} was collected while it loaded: {e}") from e
             except EmbrayError as e:
                 raise HTTPException(503, f"could not load version {vid}: {e}") from e
             loaded = Loaded(index, utcnow(), time.monotonic() - t)
