@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 
+from embray import layout
 from embray.context import Context
 from embray.errors import ConfigError, EmbrayError, GateError, VersionError
 from embray.lock import ALIASES, Lease
 from embray.quality import check_gates, log_result, result_tags
-from embray.registry import ACTIVE, CANDIDATE, Registry
+from embray.registry import ACTIVE, CANDIDATE, VERSION_TAG, Registry
 from embray.results import PromoteResult, RollbackResult
-from embray.versions import list_version_dirs, read_manifest, utcnow, who
+from embray.versions import list_version_dirs, list_versions, read_manifest, utcnow, who
 
 log = logging.getLogger("embray")
 
@@ -30,6 +31,26 @@ def _history(registry: Registry) -> list[str]:
         return list(json.loads(raw)) if raw else []
     except ValueError:
         return []
+
+
+def sync_registry(ctx: Context) -> None:
+    """Register committed versions that MLflow does not know yet (after a crash or an MLflow outage between
+    commit and register), once each, and end their runs; drop duplicate model versions of one version."""
+    reg = ctx.registry
+    by_version: dict[str, list] = {}
+    for mv in reg.model_versions():
+        by_version.setdefault(mv.tags.get(VERSION_TAG), []).append(mv)
+    for m in list_versions(ctx.store, ctx.collection):
+        mvs = by_version.get(m.version, [])
+        if len(mvs) > 1:
+            reg.one_version(m.version, mvs)
+        if not mvs:
+            log.warning("registering %s, committed earlier but missing from MLflow", m.version)
+            reg.register(m, ctx.store.url(layout.version_dir(ctx.collection, m.version)))
+            try:
+                reg.finish_run(m.mlflow_run_id)
+            except EmbrayError as e:  # a deleted run: the version is registered, which is what matters
+                log.warning("could not end the MLflow run of %s: %s", m.version, e)
 
 
 def _alias_lease(ctx: Context, job: str) -> Lease:
@@ -85,6 +106,7 @@ def promote(
     """
     if force and not reason.strip():
         raise ConfigError("--force needs --reason TEXT: say why the gates are overridden (it is recorded in MLflow)")
+    sync_registry(ctx)  # a version committed while MLflow was away is registered first (and MLflow is up)
     report = check_gates(ctx, version, queries=queries)
     failed = report.failed
     summary = "; ".join(f"{g.gate}: {g.detail}" for g in failed)

@@ -56,7 +56,11 @@ class SourceConfig(_Strict):
 
 class StoreConfig(_Strict):
     uri: str = Field("./.embray", description="Where versions are written: a local directory or s3://bucket/prefix.")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the store.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for the store, e.g. retries: "
+        "{config_kwargs: {retries: {mode: standard, total_max_attempts: 5}}} (README: Retries on S3).",
+    )
     lease_ttl_s: float = Field(
         60.0,
         gt=0,
@@ -128,6 +132,19 @@ class EmbedConfig(_Strict):
 class MlflowConfig(_Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; null: sqlite file under the store root.")
     experiment: str | None = Field(None, description="Experiment name; null: embray/<collection>.")
+    max_retries: int = Field(
+        5,
+        ge=0,
+        le=10,
+        description="Retries of an MLflow request that cannot connect or gets a 5xx/429 (MLflow's "
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES, which this sets). With backoff_s 1 a server restart of about 30 s is "
+        "ridden out; a longer outage fails the command with one line (a build's committed version is registered "
+        "by the next command). The Serve app uses at most 1, so its alias poll never stalls.",
+    )
+    backoff_s: int = Field(
+        1, ge=0, le=30, description="Backoff factor between those retries: waits of 0, 2x, 4x, 8x ... seconds."
+    )
+    timeout_s: int = Field(30, ge=1, le=600, description="Seconds one MLflow request may take.")
 
 
 class RayConfig(_Strict):

@@ -13,8 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from embray import layout
-from embray.aliases import promote, set_active, set_candidate
+from embray.aliases import promote, set_active, set_candidate, sync_registry
 from embray.build.pipeline import plan_build, run_build
 from embray.build.types import BuildSpec
 from embray.context import Context
@@ -24,7 +23,7 @@ from embray.models import fingerprint
 from embray.models.spec import ModelSpec
 from embray.registry import ACTIVE, CANDIDATE
 from embray.results import BuildResult, PlanResult
-from embray.versions import Manifest, list_versions, read_manifest
+from embray.versions import Manifest, read_manifest
 
 log = logging.getLogger("embray")
 
@@ -45,15 +44,6 @@ def resolve(ctx: Context, version: str | None, alias: str = ACTIVE) -> str:
 def _open_for_writing(ctx: Context) -> None:
     ctx.store.check_writable()
     sync_registry(ctx)  # also fails fast when MLflow is unreachable
-
-
-def sync_registry(ctx: Context) -> None:
-    """Register committed versions that MLflow does not know yet (after a crash between commit and register)."""
-    known = ctx.registry.registered_versions()
-    for m in list_versions(ctx.store, ctx.collection):
-        if m.version not in known:
-            log.warning("registering %s, committed earlier but missing from MLflow", m.version)
-            ctx.registry.register(m, ctx.store.url(layout.version_dir(ctx.collection, m.version)))
 
 
 def _writer(ctx: Context, job: str) -> Lease:

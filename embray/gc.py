@@ -56,7 +56,7 @@ def gc(ctx: Context, *, keep: int, dry_run: bool = False) -> GcResult:
     if keep < 1:
         raise ConfigError(f"gc keep={keep}: keep at least 1 version (--keep N with N >= 1)")
     store, col = ctx.store, ctx.collection
-    with Lease(store, col, WRITER, job="gc", ttl_s=ctx.cfg.store.lease_ttl_s):
+    with Lease(store, col, WRITER, job="gc", ttl_s=ctx.cfg.store.lease_ttl_s) as lease:
         committed, uncommitted = list_version_dirs(store, col)
         manifests = {v: read_manifest(store, col, v) for v in committed}
         kept = _kept(manifests, {v for v in ctx.registry.aliases().values() if v}, keep)
@@ -72,17 +72,23 @@ def gc(ctx: Context, *, keep: int, dry_run: bool = False) -> GcResult:
         )
         if dry_run:
             return out
+        # Deletes cannot be fenced like a commit: the lease is checked before each version and each kind
+        # of leftover, so a gc paused past its lease stops within one step of waking up.
         for v in out.deleted:
+            lease.check_held()
             store.delete(layout.manifest_rel(col, v))  # invisible first, then the files
             store.delete(layout.version_dir(col, v))
             try:
                 ctx.registry.delete_version(v)
             except EmbrayError as e:
                 log.warning("deleted %s but could not remove its MLflow model version: %s", v, e)
+        lease.check_held()
         for v in uncommitted:
             store.delete(layout.version_dir(col, v))
+        lease.check_held()
         for fp in out.caches:
             store.delete(f"{layout.caches_dir(col)}/{fp}")
+        lease.check_held()
         for name in out.scratch:
             store.delete(layout.scratch_dir(col, name))
         for name in out.source_states:

@@ -10,7 +10,8 @@ Under the store root (local directory or ``s3://bucket/prefix``)::
     <collection>/cache/<fingerprint>/shard-00000-of-00004/<digest>.parquet   content_hash, vector
     <collection>/sources/<digest>.parquet                          a source file's row states: id, content_hash...
     <collection>/_scratch/<id>/...                                 dry runs (status); never a version
-    <collection>/_locks/{writer,aliases}.json                      leases
+    <collection>/_locks/{writer,aliases}/g<N>.{json,end}           lease generations (see embray.lock)
+    <collection>/_locks/{writer,aliases}.json                      a copy of the newest claim
     <collection>/_status/status.json                               the monitor's last status
     <collection>/_status/reload.json                               a Serve reload marker
 

@@ -32,12 +32,22 @@ def _mlflow_error(uri: str, e: Exception) -> RegistryError:
     )
 
 
+def _http_settings(cfg: Config) -> None:
+    """MLflow's HTTP retries and timeout, from the config (MLflow reads them from the environment at
+    every request, so they apply to every client of this process)."""
+    m = cfg.mlflow
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(m.max_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(m.backoff_s)
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(m.timeout_s)
+
+
 class Registry:
     """A thin wrapper over ``MlflowClient`` bound to one collection."""
 
     def __init__(self, cfg: Config):
         from mlflow import MlflowClient
 
+        _http_settings(cfg)
         self.cfg = cfg
         self.uri = cfg.tracking_uri()
         self.name = cfg.registered_model
@@ -177,9 +187,9 @@ class Registry:
     def register(self, manifest: Manifest, uri: str) -> str:
         """Register a committed version; idempotent (returns the existing model version)."""
         self.ensure_model()
-        existing = self.model_version(manifest.version)
-        if existing is not None:
-            return str(existing.version)
+        existing = self.versions_of(manifest.version)
+        if existing:
+            return str(self.one_version(manifest.version, existing).version)
         tags = {
             VERSION_TAG: manifest.version,
             "embray.fingerprint": manifest.fingerprint,
@@ -191,15 +201,39 @@ class Registry:
             "embray.parent": manifest.parent or "none",
             "embray.kind": str(manifest.counts.get("kind", "")),
         }
+        tags["embray.uri"] = uri
+        source = uri
+        if not is_remote(uri) and self.uri.startswith(("http://", "https://")) and manifest.mlflow_run_id:
+            # An MLflow server accepts a local path as a source only inside the run's artifacts: name the run
+            # (its params and the tag embray.uri hold where the version is).
+            source = f"runs:/{manifest.mlflow_run_id}/embray-version"
         mv = self._call(
             self.client.create_model_version,
             self.name,
-            source=uri,
+            source=source,
             run_id=manifest.mlflow_run_id,
             tags=tags,
             description=f"{manifest.model.label}: {manifest.rows} rows of {manifest.source.get('uri')}",
         )
-        return str(mv.version)
+        return str(self.one_version(manifest.version, self.versions_of(manifest.version) or [mv]).version)
+
+    def versions_of(self, version: str) -> list:
+        """The model versions tagged with embray ``version`` (one, unless a create was applied twice)."""
+        return [mv for mv in self.model_versions() if mv.tags.get(VERSION_TAG) == version]
+
+    def one_version(self, version: str, mvs: list):
+        """Keep one model version of ``version``: MLflow's client retries a create whose reply was lost (a
+        server restart), which can register it twice. The one an alias names stays, else the first."""
+        if len(mvs) == 1:
+            return mvs[0]
+        rm = self._call(self.client.get_registered_model, self.name)
+        aliased = {str(n) for n in (rm.aliases or {}).values()}
+        keep = min(mvs, key=lambda mv: (str(mv.version) not in aliased, int(mv.version)))
+        for mv in mvs:
+            if mv is not keep:
+                log.warning("deleting model version %s, a duplicate of %s for %s", mv.version, keep.version, version)
+                self._call(self.client.delete_model_version, self.name, str(mv.version))
+        return keep
 
     def model_versions(self) -> list:
         self.ensure_model()
@@ -210,10 +244,17 @@ class Registry:
         return {mv.tags.get(VERSION_TAG) for mv in self.model_versions()}
 
     def model_version(self, version: str):
-        for mv in self.model_versions():
-            if mv.tags.get(VERSION_TAG) == version:
-                return mv
-        return None
+        mvs = self.versions_of(version)
+        return min(mvs, key=lambda mv: int(mv.version)) if mvs else None
+
+    def finish_run(self, run_id: str | None) -> None:
+        """Mark a build's run finished if it was left running (its build committed, then MLflow went away)."""
+        if not run_id:
+            return
+        run = self._call(self.client.get_run, run_id)
+        if run.info.status == "RUNNING":
+            self._call(self.client.set_tag, run_id, "embray.recorded_late", "true")
+            self._call(self.client.set_terminated, run_id, "FINISHED")
 
     def aliases(self) -> dict[str, str]:
         """alias -> embray version id."""

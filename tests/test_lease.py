@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from embray import Collection
 from embray.config import load_config
-from embray.errors import ConflictError
+from embray.errors import ConflictError, StoreError
 from embray.lock import WRITER, Lease
 from embray.store import Store
 from embray.versions import list_version_dirs, list_versions
@@ -27,12 +28,13 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 TTL = 3.0
 
 
-def _config_file(tmp_path) -> Path:
+def _config_file(tmp_path, store: str = "./store", options: dict | None = None) -> Path:
     path = tmp_path / "embray.yaml"
     path.write_text(
         "collection: docs\n"
         "source: {uri: ./corpus}\n"
-        f"store: {{uri: ./store, lease_ttl_s: {TTL}}}\n"
+        f"store: {{uri: {store}, lease_ttl_s: {TTL}, storage_options: {json.dumps(options or {})}}}\n"
+        f"mlflow: {{tracking_uri: 'sqlite:///{tmp_path}/mlflow.db'}}\n"
         "model: {backend: hash, name: words, dims: 64, latency_ms: 4.0}\n"  # about 0.2 s per chunk of 50
         "index: {shards: 3}\n"
         "embed: {batch_size: 50, keep_warm_s: 0}\n"
@@ -41,16 +43,26 @@ def _config_file(tmp_path) -> Path:
     return path
 
 
-def _lease_pid(store_root: Path) -> int | None:
+def _lease_pid(store: Store) -> int | None:
     try:
-        return json.loads((store_root / "docs" / "_locks" / "writer.json").read_text()).get("pid")
-    except (OSError, ValueError):
+        return json.loads(store.read_bytes("docs/_locks/writer.json")).get("pid")
+    except (OSError, ValueError, StoreError):
         return None
 
 
-def test_a_writer_paused_past_its_lease_commits_nothing(tmp_path):
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.slow)])
+def writer_store(request, tmp_path):
+    """(store URI, storage_options) of the collection: local disk, or a bucket on moto's S3 server."""
+    if request.param == "local":
+        return "./store", {}, Store(str(tmp_path / "store"))
+    name, options, _ = request.getfixturevalue("bucket")
+    return f"s3://{name}/store", options, Store(f"s3://{name}/store", options)
+
+
+def test_a_writer_paused_past_its_lease_commits_nothing(tmp_path, writer_store):
+    uri, options, store = writer_store
     rows = write_corpus(tmp_path / "corpus", files=3, rows=200)
-    path = _config_file(tmp_path)
+    path = _config_file(tmp_path, uri, options)
     col = Collection(load_config(str(path)))
     parent = col.backfill()
     changed, *_ = mutate(rows, n_insert=150, n_update=150, n_delete=20)
@@ -67,7 +79,7 @@ def test_a_writer_paused_past_its_lease_commits_nothing(tmp_path):
     )
     try:
         deadline = time.monotonic() + 120
-        while _lease_pid(tmp_path / "store") != proc.pid:
+        while _lease_pid(store) != proc.pid:
             assert proc.poll() is None, f"the refresh ended before it held the lease: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "the refresh never took the writer lease"
             time.sleep(0.02)
@@ -85,7 +97,6 @@ def test_a_writer_paused_past_its_lease_commits_nothing(tmp_path):
     assert proc.returncode == 3, (out, err[-3000:])
     lines = [ln for ln in err.splitlines() if ln.startswith("embray: ") or "error" in ln.lower()]
     assert any("lost the writer lease" in ln and "nothing was committed" in ln for ln in lines), err[-3000:]
-    store = Store(str(tmp_path / "store"))
     assert [m.version for m in list_versions(store, "docs")] == [parent.version, successor.version]
     assert list_version_dirs(store, "docs")[1] == []  # its unfinished directory was removed
     assert col.verify(successor.version).ok
@@ -116,11 +127,9 @@ def test_check_held_refuses_a_lease_taken_over_or_expired(tmp_path):
 
 
 def test_a_store_hiccup_while_renewing_is_retried_not_a_lost_lease(tmp_path):
-    from embray.errors import StoreError
-
     store = Store(str(tmp_path / "store"))
     lease = Lease(store, "docs", WRITER, job="refresh", ttl_s=TTL).acquire()
-    real, failures = lease.read, []
+    real, failures = lease._state, []
 
     def flaky():
         if not failures:
@@ -129,10 +138,86 @@ def test_a_store_hiccup_while_renewing_is_retried_not_a_lost_lease(tmp_path):
         return real()
 
     try:
-        lease.read = flaky  # the next renewal's read fails once
+        lease._state = flaky  # the next renewal's read fails once
         time.sleep(TTL / 3 * 2 + 0.8)  # that tick, and a good one after it
         assert failures and lease.lost is None
-        lease.read = real
+        lease._state = real
         lease.check_held()
     finally:
         lease.release()
+
+
+def _paused(lease: Lease) -> None:
+    """Stop renewing, as a paused process does, until the lease has expired."""
+    lease._stop.set()
+    time.sleep(TTL + 0.5)
+
+
+def test_a_commit_after_a_takeover_is_refused_even_right_after_a_good_check(tmp_path, monkeypatch):
+    """No window between the last check and the commit: the holder passed its check, was paused right
+    there, and another writer took over: the commit meets the takeover's fence and writes nothing."""
+    store = Store(str(tmp_path / "store"))
+    holder = Lease(store, "docs", WRITER, job="refresh", ttl_s=TTL).acquire()
+    holder.check_held()
+    _paused(holder)
+    successor = Lease(store, "docs", WRITER, job="backfill", ttl_s=TTL).acquire()
+    monkeypatch.setattr(holder, "check_held", lambda: None)  # it checked before the pause, and passed
+    with pytest.raises(ConflictError, match=r"lost the writer lease of docs to backfill run by .*paused past"):
+        holder.commit("docs/versions/v1/manifest.json", b"old holder")
+    assert not store.exists("docs/versions/v1/manifest.json")
+    assert not [n for n in store.listdir("docs/_locks/writer") if n.endswith(".pending")]
+    holder.release()  # lost: touches nothing of the successor's
+    successor.check_held()
+    successor.commit("docs/versions/v2/manifest.json", b"successor")
+    successor.release()
+    assert store.read_bytes("docs/versions/v2/manifest.json") == b"successor"
+
+
+def test_a_commit_decided_by_a_holder_that_then_crashed_is_finished_by_the_next_writer(tmp_path, monkeypatch):
+    store = Store(str(tmp_path / "store"))
+    holder = Lease(store, "docs", WRITER, job="refresh", ttl_s=TTL).acquire()
+    monkeypatch.setattr(holder, "_finish", lambda end: None)  # it dies right after deciding the commit
+    holder.commit("docs/versions/v1/manifest.json", b"decided")
+    assert not store.exists("docs/versions/v1/manifest.json")
+    _paused(holder)
+    with Lease(store, "docs", WRITER, job="gc", ttl_s=TTL):  # the next writer finishes it first
+        assert store.read_bytes("docs/versions/v1/manifest.json") == b"decided"
+    assert not [n for n in store.listdir("docs/_locks/writer") if n.endswith(".pending")]
+
+
+def test_writers_racing_for_an_expired_lease_one_wins(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    _paused(Lease(store, "docs", WRITER, job="refresh", ttl_s=TTL).acquire())
+    contenders = [Lease(store, "docs", WRITER, job=f"job{i}", ttl_s=TTL) for i in range(6)]
+    outcomes: list[str] = []
+
+    def race(lease: Lease) -> None:
+        try:
+            lease.acquire()
+            outcomes.append(lease.job)
+        except ConflictError:
+            outcomes.append("busy")
+
+    threads = [threading.Thread(target=race, args=(c,)) for c in contenders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if o != "busy"]
+    assert len(winners) == 1 and len(outcomes) == 6
+    (winner,) = [c for c in contenders if c.job == winners[0]]
+    assert winner.generation == 2 and Lease(store, "docs", WRITER, job="x").read()["token"] == winner.token
+    winner.release()
+    with Lease(store, "docs", WRITER, job="next", ttl_s=TTL) as nxt:  # released: the next one takes it at once
+        assert nxt.generation == 3
+
+
+def test_create_only_accepts_its_own_bytes_already_there(tmp_path):
+    """A create-only write whose first attempt landed (but was reported failed) is retried: same bytes
+    mean it was ours; other bytes are a conflict."""
+    store = Store(str(tmp_path / "store"))
+    store.create_exclusive("docs/x.json", b"mine")
+    store.create_exclusive("docs/x.json", b"mine")
+    with pytest.raises(ConflictError, match="already exists"):
+        store.create_exclusive("docs/x.json", b"theirs")
+    assert store.read_bytes("docs/x.json") == b"mine"

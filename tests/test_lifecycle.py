@@ -157,9 +157,15 @@ def test_an_expired_lease_is_taken_over(tmp_path):
         "acquired": "2026-01-01T00:00:00+00:00",
         "expires_at": time.time() - 10,
     }
-    store.write_bytes(f"{cfg.collection}/_locks/writer.json", json.dumps(record).encode())
+    locks = f"{cfg.collection}/_locks"
+    store.write_bytes(f"{locks}/writer/g000000000001.json", json.dumps({**record, "generation": 1}).encode())
+    store.write_bytes(f"{locks}/writer.json", json.dumps({**record, "generation": 1}).encode())
     assert Collection(cfg).backfill().rows == 50
-    assert not store.exists(f"{cfg.collection}/_locks/writer.json")
+    fence = json.loads(store.read_bytes(f"{locks}/writer/g000000000001.end"))
+    assert fence["end"] == "fenced" and fence["job"] == "backfill"  # the ghost can never commit now
+    done = json.loads(store.read_bytes(f"{locks}/writer/g000000000002.end"))
+    assert done["end"] == "commit" and done["path"].endswith("/manifest.json")
+    assert json.loads(store.read_bytes(f"{locks}/writer/g000000000002.json"))["released"] is True
 
 
 def test_gc_keeps_aliased_and_referenced_versions(tmp_path):

@@ -35,7 +35,7 @@ from embray.build.shards import build_shard, cached_dims, updates_in_place
 from embray.build.types import BuildSpec, Embedded, ShardBuild, ShardPlan
 from embray.build.warm import TASK_CPUS, make_room
 from embray.context import Context
-from embray.errors import ConflictError, EmbrayError, ModelError, SourceError, StoreError
+from embray.errors import ConflictError, EmbrayError, ModelError, RegistryError, SourceError, StoreError
 from embray.estimate import estimate, throughput_history
 from embray.lock import Lease
 from embray.models import fingerprint
@@ -306,12 +306,14 @@ class Build:
             mlflow_run_id=self.run_id,
             inputs=self.inputs,
         )
-        if self.lease is not None:  # last: a writer paused past its lease (and taken over) commits nothing
-            try:
-                self.lease.check_held()
-            except ConflictError as e:
-                raise ConflictError(f"{e}; nothing was committed (rerun the command if it is still needed)") from e
-        self.uri = commit_manifest(self.store, manifest)
+        if self.lease is None:
+            self.uri = commit_manifest(self.store, manifest)
+            return manifest
+        try:  # fenced by the lease: a writer paused past it (and taken over) commits nothing
+            self.lease.commit(layout.manifest_rel(manifest.collection, self.vid), manifest.to_json())
+        except ConflictError as e:
+            raise ConflictError(f"{e}; nothing was committed (rerun the command if it is still needed)") from e
+        self.uri = self.store.url(layout.version_dir(manifest.collection, self.vid))
         return manifest
 
     def record(self, manifest: Manifest) -> BuildResult:
@@ -447,6 +449,11 @@ def run_build(ctx: Context, spec: BuildSpec, lease: Lease | None = None) -> Buil
         raise
     try:
         return b.record(manifest)
+    except RegistryError as e:  # MLflow went away after the commit: the version is there, and complete
+        raise RegistryError(
+            f"{e}; version {b.vid} was committed (complete and verifiable) and the next embray command that "
+            "reaches MLflow registers it"
+        ) from e
     finally:
         b.progress.close()
 

@@ -80,12 +80,16 @@ app = FastAPI(
 @serve.ingress(app)
 class EmbrayServer:
     def __init__(self, config: dict[str, Any]):
-        self.cfg: Config = parse_config(config["data"], base_dir=config.get("base_dir", "."), origin="serve")
+        cfg: Config = parse_config(config["data"], base_dir=config.get("base_dir", "."), origin="serve")
+        # A short MLflow retry budget: a poll that fails comes back at the next one, and serving goes on.
+        mlflow_cfg = cfg.mlflow.model_copy(update={"max_retries": min(cfg.mlflow.max_retries, 1)})
+        self.cfg = cfg.model_copy(update={"mlflow": mlflow_cfg})
         self.collection = Collection(self.cfg)
         self.store = self.collection.store
         self.current: Loaded | None = None
         self.last_check: str | None = None
         self.last_error: str | None = None
+        self.mlflow_down: tuple[str, str] | None = None  # (since, error) while the alias cannot be read
         self._switch = threading.Lock()
         self.pinned: OrderedDict[str, Loaded] = OrderedDict()  # versions queries named, least recently used first
         self._pins = threading.Lock()  # guards self.pinned and self._aliases
@@ -108,9 +112,19 @@ class EmbrayServer:
         """Load the version `active` points at, if it is not the one served. True when it switched."""
         with self._switch:  # one load at a time; requests never wait on this
             self.last_check = utcnow()
-            target = None
             try:
                 target = self._active_alias()
+            except EmbrayError as e:  # MLflow is down: keep serving what is loaded, and say so
+                if self.mlflow_down is None:
+                    self.mlflow_down = (utcnow(), str(e))
+                    log.warning("cannot read the active alias (still serving %s): %s", self._served_name(), e)
+                self.metrics.mlflow(False)
+                return False
+            if self.mlflow_down is not None:
+                log.info("MLflow is back (unreachable since %s)", self.mlflow_down[0])
+                self.mlflow_down = None
+            self.metrics.mlflow(True)
+            try:
                 if target is None or (self.current is not None and self.current.version == target):
                     self.last_error = None
                     self.metrics.alias(target is not None)
@@ -119,15 +133,10 @@ class EmbrayServer:
                 index = self.collection.index(target)
                 index.search_text([WARMUP_QUERY], k=1)  # loads the encoder and touches every shard
                 loaded = Loaded(index, utcnow(), time.monotonic() - t)
-            except EmbrayError as e:
+            except EmbrayError as e:  # read the alias but could not load its version
                 self.last_error = str(e)
-                if target is not None:  # read the alias but could not load its version (not: MLflow down)
-                    self.metrics.alias(False)
-                log.error(
-                    "could not load the active version: %s (still serving %s)",
-                    e,
-                    self.current.version if self.current else "nothing",
-                )
+                self.metrics.alias(False)
+                log.error("could not load the active version: %s (still serving %s)", e, self._served_name())
                 return False
             old = self.current.version if self.current else None
             self.current = loaded  # the switch: one reference; in-flight requests keep the one they read
@@ -136,6 +145,13 @@ class EmbrayServer:
             self.metrics.alias(True)
             log.info("serving %s (was %s); loaded and warmed in %.2fs", loaded.version, old, loaded.load_seconds)
             return True
+
+    def _served_name(self) -> str:
+        return self.current.version if self.current else "nothing"
+
+    def _mlflow_state(self) -> dict[str, Any]:
+        down = self.mlflow_down
+        return {"ok": True} if down is None else {"ok": False, "since": down[0], "error": down[1]}
 
     # --- pinned versions ({"version": ...} in a query) ----------------------------------------
     def _pinned(self, requested: str, *, may_block: bool) -> "Loaded | None":
@@ -279,9 +295,13 @@ class EmbrayServer:
     @app.get("/readyz", summary="A version is loaded and warm.", responses={503: {"model": NotReady}})
     async def readyz(self):
         cur = self.current
+        mlflow = self._mlflow_state()  # an MLflow outage is reported, not a reason to be unready
         if cur is None:
-            return JSONResponse({"ready": False, "reason": self.last_error or "no active version yet"}, status_code=503)
-        return {"ready": True, "version": cur.version}
+            why = self.last_error or (f"MLflow unreachable: {mlflow['error']}" if not mlflow["ok"] else None)
+            return JSONResponse(
+                {"ready": False, "reason": why or "no active version yet", "mlflow": mlflow}, status_code=503
+            )
+        return {"ready": True, "version": cur.version, "mlflow": mlflow}
 
     @app.get(
         "/v1/collections/{name}",

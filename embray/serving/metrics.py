@@ -68,6 +68,12 @@ class ServeMetrics:
             "(or none).",
             tag_keys=("collection",),
         )
+        self.mlflow_up = metrics.Gauge(
+            "embray_mlflow_up",
+            description="1 while this replica's last read of the active alias from MLflow succeeded, 0 while MLflow "
+            "is unreachable (the replica keeps serving the version it has).",
+            tag_keys=("collection",),
+        )
         self.version_created = metrics.Gauge(
             "embray_served_version_created_seconds",
             description="When the served version was built (Unix seconds); its age is time() minus this.",
@@ -99,6 +105,9 @@ class ServeMetrics:
 
     def alias(self, serving_it: bool) -> None:
         self._set(self.serving_alias, 1.0 if serving_it else 0.0, {"collection": self.collection})
+
+    def mlflow(self, up: bool) -> None:
+        self._set(self.mlflow_up, 1.0 if up else 0.0, {"collection": self.collection})
 
     def status(self, st: dict[str, Any]) -> None:
         """Export the monitor's last status (its JSON, as ``<collection>/_status/status.json`` holds it)."""

@@ -84,6 +84,9 @@ class ErrorBody(BaseModel):
 class NotReady(BaseModel):
     ready: bool = False
     reason: str
+    mlflow: dict[str, Any] = Field(
+        default_factory=dict, description="ok, and while MLflow is unreachable since and error (also when ready)"
+    )
 
 
 def errors(*codes: int) -> dict[int, dict[str, Any]]:
