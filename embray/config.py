@@ -176,6 +176,13 @@ class ServeConfig(_Strict):
     num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves.")
     max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica works on at once.")
     max_queued_requests: int = Field(64, ge=0, description="Requests queued per caller before 503s (overload).")
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="End-to-end limit of one request at Serve's HTTP proxy (http_options.request_timeout_s of "
+        "`embray serve`; set the same in serve/config.yaml): past it the caller gets 408 instead of waiting, e.g. "
+        "on a replica lost mid-request.",
+    )
     url: str | None = Field(None, description="Where the deployed endpoint answers (for `embray status`).")
 
 

@@ -44,7 +44,8 @@ def run_blocking(cfg: Config, *, haproxy: bool = False) -> None:
         signal.signal(sig, lambda *_: stop.set())
     try:
         init_ray(cfg.ray)
-        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        s = cfg.serve
+        serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
         serve.run(application(cfg), name="embray", route_prefix="/")
         url = f"http://{cfg.serve.host}:{cfg.serve.port}"
         log.info("embray serving collection %s at %s (API docs: %s/docs); Ctrl-C stops", cfg.collection, url, url)
