@@ -8,7 +8,6 @@ vectors from two spaces.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from embray.layout import local_cache_root
 from embray.models import Embedder, fingerprint, load_embedder
 from embray.results import Hit, SearchResult
 from embray.store import Store
-from embray.versions import Manifest, file_rel
+from embray.versions import FileEntry, Manifest, file_rel
 
 
 def _score(metric: str, distance: float) -> float:
@@ -52,8 +51,8 @@ class VersionIndex:
         for s in manifest.shards:
             if s.rows == 0 or s.index is None or s.embeddings is None:
                 continue
-            index_path = self._local(file_rel(manifest, s.index), s.index.sha256)
-            ids_path = self._local(file_rel(manifest, s.embeddings), s.embeddings.sha256)
+            index_path = self._local(file_rel(manifest, s.index), s.index)
+            ids_path = self._local(file_rel(manifest, s.embeddings), s.embeddings)
             index = Index.restore(str(index_path), view=True)
             if index is None or len(index) != s.rows or index.ndim != manifest.dims:
                 raise VersionError(
@@ -64,20 +63,15 @@ class VersionIndex:
             index.expansion_search = int(manifest.index.get("expansion_search", 64))
             self.shards.append((index, *_read_keys(ids_path)))
 
-    def _local(self, rel: str, sha256: str) -> Path:
-        """A local path for a version file: itself on local disk, a verified cached copy from S3."""
+    def _local(self, rel: str, entry: FileEntry) -> Path:
+        """A local path for a version file: itself on local disk; on S3 a cached copy, downloaded whole and
+        checked against the manifest's size and sha256 before it is used (a torn download never is)."""
         if not self.store.remote:
             return Path(self.store.path(rel))
         dest = local_cache_root() / rel
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_suffix(dest.suffix + ".part")
-            self.store.download(rel, tmp)
-            h = hashlib.sha256(tmp.read_bytes()).hexdigest()
-            if h != sha256:
-                tmp.unlink()
-                raise VersionError(f"{self.store.url(rel)} has sha256 {h}, the manifest says {sha256}")
-            tmp.rename(dest)
+            self.store.download(rel, dest, sha256=entry.sha256, size=entry.bytes)  # StoreError if it never matches
         return dest
 
     @property

@@ -13,12 +13,15 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from embray.config import is_remote
 from embray.errors import ConflictError, SourceError, StoreError
+
+DOWNLOAD_ATTEMPTS = 4  # whole-file tries of Store.download, on top of the S3 client's own retries
 
 
 def _filesystem(uri: str, options: dict[str, Any]):
@@ -60,7 +63,12 @@ class Store:
 
     # --- reads -------------------------------------------------------------
     def exists(self, rel: str) -> bool:
-        return self._call(self.fs.exists, self.path(rel))
+        """Whether ``rel`` is there now: on S3 asked of the store, not of a listing this process cached
+        earlier (another process may have written it since)."""
+        p = self.path(rel)
+        if self.remote:
+            self.fs.invalidate_cache(p)
+        return self._call(self.fs.exists, p)
 
     def read_bytes(self, rel: str) -> bytes:
         return self._call(self.fs.cat_file, self.path(rel))
@@ -76,8 +84,46 @@ class Store:
             raise StoreError(f"cannot list {self.url(rel)}: {e}") from e
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
-    def download(self, rel: str, local: str | os.PathLike[str]) -> None:
-        self._call(self.fs.get_file, self.path(rel), str(local))
+    def download(
+        self, rel: str, local: str | os.PathLike[str], *, sha256: str | None = None, size: int | None = None
+    ) -> None:
+        """Copy a store file to a local path, whole: a torn download is never left at ``local``.
+
+        The bytes go to a temporary file beside ``local``, which replaces it only once complete and, when
+        ``sha256`` and ``size`` are given, only once it has that size and that digest. A download that
+        breaks part-way or does not match is tried again, :data:`DOWNLOAD_ATTEMPTS` times in all: the
+        client's own retries do not cover every break: s3fs fetches a file larger than its block size in
+        ranged parts and retries no part cut off mid-body, so a try after a break reads one stream, which
+        s3fs resumes from the byte it reached.
+
+        Raises:
+            FileNotFoundError: There is no such file.
+            StoreError: Every attempt failed or gave other bytes than the manifest's.
+        """
+        local = Path(local)
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.part")
+        why = ""
+        try:
+            for attempt in range(DOWNLOAD_ATTEMPTS):
+                if attempt:
+                    time.sleep(min(0.2 * 2**attempt, 5.0))
+                # s3fs: parts in parallel first; after a break one resumable stream.
+                one_stream = {"max_concurrency": 1} if attempt and hasattr(self.fs, "max_concurrency") else {}
+                try:
+                    self._call(self.fs.get_file, self.path(rel), str(tmp), **one_stream)
+                except StoreError as e:
+                    why = str(e.__cause__ or e)
+                    continue
+                if sha256 is not None or size is not None:
+                    got_sha, got_size = sha256_file(tmp)
+                    if (size is not None and got_size != size) or (sha256 is not None and got_sha != sha256):
+                        why = f"got {got_size} bytes with sha256 {got_sha}, expected {size} bytes with sha256 {sha256}"
+                        continue
+                os.replace(tmp, local)
+                return
+        finally:
+            tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot download {self.url(rel)} whole after {DOWNLOAD_ATTEMPTS} attempts: {why}")
 
     def parquet_names(self, rel: str) -> list[str]:
         """Names of the finished Parquet files directly under ``rel`` (temporary dot-files left out)."""
@@ -89,10 +135,13 @@ class Store:
 
         return pq.read_table(self.path(rel), filesystem=self.pyarrow_fs(), columns=columns)
 
-    def local_copy(self, rel: str, dest: str | os.PathLike[str]) -> None:
-        """Copy a store file to a local path (a download from S3, a file copy on local disk)."""
+    def local_copy(
+        self, rel: str, dest: str | os.PathLike[str], *, sha256: str | None = None, size: int | None = None
+    ) -> None:
+        """Copy a store file to a local path (a download from S3, checked as :meth:`download` says; a file copy
+        on local disk)."""
         if self.remote:
-            self.download(rel, dest)
+            self.download(rel, dest, sha256=sha256, size=size)
         else:
             shutil.copyfile(self.path(rel), dest)
 
@@ -125,8 +174,21 @@ class Store:
     def create_exclusive(self, rel: str, data: bytes) -> None:
         """Write ``data`` at ``rel`` only if nothing is there; whole or not at all.
 
-        Raises ConflictError when the object already exists.
+        Raises ConflictError when another object is already there. An object with exactly these bytes
+        counts as written: ours, from an attempt whose success was reported as a failure and then retried
+        (on S3 a 500 may come after the write landed), or the same commit finished by another process.
         """
+        try:
+            self._create(rel, data)
+        except ConflictError:
+            try:
+                same = self.read_bytes(rel) == data
+            except (FileNotFoundError, StoreError):
+                same = False
+            if not same:
+                raise
+
+    def _create(self, rel: str, data: bytes) -> None:
         dest = self.path(rel)
         if self.remote:
             try:
@@ -176,13 +238,24 @@ class Store:
                 "check store.uri, its storage_options (endpoint_url, credentials) and that the bucket exists"
             ) from e
 
-    def _call(self, fn, *args):
+    def _call(self, fn, *args, **kwargs):
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except FileNotFoundError:
             raise
         except Exception as e:  # noqa: BLE001 - fsspec backends raise OSError, botocore and aiohttp errors alike
             raise StoreError(f"store {self.uri}: {type(e).__name__}: {e}") from e
+
+
+def _forget_listings(fs, root: str) -> None:
+    """Drop what ``fs`` cached of the listings at and under ``root``. A corpus changes under long-lived
+    processes (monitor, Serve): s3fs's listings cache never expires by default, ``find`` does not replace a
+    cached directory, and a stale entry's ETag makes the next read fail as FileExpired."""
+    cache = getattr(fs, "dircache", None)
+    if cache is not None:
+        for key in [k for k in cache if k == root or k.startswith(root + "/")]:
+            cache.pop(key, None)
+    fs.invalidate_cache(root)
 
 
 def sha256_of(fh) -> tuple[str, int]:
@@ -219,6 +292,7 @@ def list_source_infos(uri: str, storage_options: dict[str, Any]) -> tuple[Store,
     request per 1,000 files on S3 rather than a HEAD per file."""
     store = Store(uri, storage_options)
     fs, root = store.fs, store.root
+    _forget_listings(fs, root)
     try:
         if fs.isfile(root):
             return store, {root: fs.info(root)}

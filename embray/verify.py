@@ -67,7 +67,7 @@ def _index_problems(store: Store, m: Manifest, s: ShardEntry, part, tmp: Path) -
 
     local = tmp / "index.usearch"
     if store.remote:
-        store.download(file_rel(m, s.index), local)
+        store.download(file_rel(m, s.index), local, sha256=s.index.sha256, size=s.index.bytes)
     try:
         index = Index.restore(str(local if store.remote else store.path(file_rel(m, s.index))), view=True)
         if index is None:

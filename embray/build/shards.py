@@ -120,7 +120,8 @@ def _update_in_place(index, store: Store, parent: ParentShard, parent_part, p, s
     n = p.num_rows
     hashes = p.column("content_hash").to_pylist()
     local_index = str(tmp / "parent.usearch")
-    store.local_copy(parent.index_rel, local_index)
+    f = parent.entry.index
+    store.local_copy(parent.index_rel, local_index, sha256=f and f.sha256, size=f and f.bytes)  # never a torn copy
     index.load(local_index)
     os.unlink(local_index)
     p_keys = parent_part.column("key").to_numpy()
