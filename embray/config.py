@@ -95,7 +95,8 @@ class EmbedConfig(_Strict):
         120.0,
         gt=0,
         description="How long a build waits for an alive node that offers embed.num_cpus, num_gpus and "
-        "resources (an autoscaling cluster may be adding one) before it fails naming what is missing.",
+        "resources (an autoscaling cluster may be adding one) before it fails naming what is missing: before "
+        "embedding, and again when such a node is lost mid-build (a rerun resumes from the vector cache).",
     )
     threads: int | None = Field(
         None,

@@ -153,10 +153,18 @@ class LocalCluster:
             ],
         )
         self._wait_http(f"{self.dashboard_url}/api/version", timeout_s, "the Ray dashboard")
+        self.start_worker(timeout_s)
+        self._wait_http(f"{self.s3_endpoint}/", timeout_s, "moto's S3 server", ok=(200, 403))
+        self._wait_http(f"{self.tracking_uri}/health", timeout_s, "the MLflow server")
+        self._wait_for_jobs(timeout_s)
+        return self
+
+    def start_worker(self, timeout_s: float = 180) -> None:
+        """Start the worker node (1 CPU and the accelerator resource) and wait until it has joined."""
         self._spawn(
             "ray-worker",
             [
-                ray,
+                str(BIN / "ray"),
                 "start",
                 "--block",
                 f"--address={self.ray_address}",
@@ -174,10 +182,11 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the worker node did not join; see {self.root}/ray-worker.log")
             time.sleep(1)
-        self._wait_http(f"{self.s3_endpoint}/", timeout_s, "moto's S3 server", ok=(200, 403))
-        self._wait_http(f"{self.tracking_uri}/health", timeout_s, "the MLflow server")
-        self._wait_for_jobs(timeout_s)
-        return self
+
+    def kill_worker(self) -> None:
+        """SIGKILL the worker node's processes (its raylet and agents; its Ray workers exit with the raylet),
+        as a node that disappears does."""
+        os.killpg(self.pids.pop("ray-worker"), signal.SIGKILL)
 
     def _wait_for_jobs(self, timeout_s: float) -> None:
         """Until the Jobs API runs a job: a fresh head's job agent registers a while after the dashboard answers

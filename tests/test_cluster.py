@@ -301,3 +301,54 @@ def test_the_lifecycle_through_submitted_jobs_and_a_deployed_endpoint(cluster, s
     assert "part-00001.parquet is not a readable Parquet file" in logs
     assert len(mlflow.search_model_versions(f"name='embray.{name}'")) == before
     assert mlflow.get_model_version_by_alias(f"embray.{name}", "active").tags["embray.version"] == v3
+
+
+def test_a_lost_embedding_node_fails_the_job_in_bounded_time_and_a_rerun_resumes(cluster, s3fs_, tmp_path):
+    """Last in this module: it kills the worker node (the only one with the accelerator) mid-backfill, then
+    starts it again."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    name = "nodeloss"
+    rows = {f"doc-{i:05d}": doc_text(i) for i in range(ROWS)}
+    _write_source(s3fs_, f"{name}/corpus", rows)
+    job = _job_dir(
+        tmp_path,
+        cluster,
+        name,
+        model={"latency_ms": 15.0},
+        embed={"placement_timeout_s": 10},  # ~1 s a chunk
+    )
+    client = JobSubmissionClient(cluster.dashboard_url, headers=cluster.auth)
+    submitted = client.submit_job(
+        entrypoint="python jobs/backfill.py --config embray.yaml --json", runtime_env={"working_dir": str(job)}
+    )
+    cache = f"embray/store/{name}/cache"
+    deadline = time.monotonic() + 240
+    while True:  # until some chunks are in the vector cache: the pool is embedding on the worker node
+        s3fs_.invalidate_cache()
+        if s3fs_.exists(cache) and len([p for p in s3fs_.find(cache) if p.endswith(".parquet")]) >= 2:
+            break
+        state = client.get_job_status(submitted)
+        assert state in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(submitted)[-3000:]
+        assert time.monotonic() < deadline, "the backfill never started embedding"
+        time.sleep(0.2)
+    cluster.kill_worker()
+    killed = time.monotonic()
+    while (status := client.get_job_status(submitted)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        assert time.monotonic() - killed < 180, "the job hung after its embedding node was lost"
+        time.sleep(1)
+    failed_after = time.monotonic() - killed
+    logs = client.get_job_logs(submitted)
+    assert status == JobStatus.FAILED, logs[-3000:]
+    assert "the embedding stage lost its node" in logs and "accelerator: 1" in logs, logs[-3000:]
+    assert failed_after < 120
+    s3fs_.invalidate_cache()
+    versions = f"embray/store/{name}/versions"
+    assert not s3fs_.exists(versions) or not [p for p in s3fs_.ls(versions) if s3fs_.exists(f"{p}/manifest.json")]
+
+    cluster.start_worker()  # the node is back: the rerun embeds only what the lost one had not finished
+    status, logs, _ = _submit(cluster, job, "jobs/backfill.py --config embray.yaml --json")
+    assert status == "SUCCEEDED", logs[-3000:]
+    out = _last_json(logs)
+    assert out["rows"] == ROWS and out["cache_hits"] >= 2 * BATCH and out["embedded"] == ROWS - out["cache_hits"]
+    print(f"node lost: the job failed {failed_after:.0f} s after; the rerun reused {out['cache_hits']} cached rows")

@@ -7,19 +7,25 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from embray.build.chunks import EmbedChunks, node_id
 from embray.build.types import Chunk, Embedded
 from embray.build.warm import embed_warm, make_room, reservation
 from embray.config import EmbedConfig, RayConfig
-from embray.errors import ConfigError
+from embray.errors import ConfigError, ModelError
 from embray.models.spec import ModelSpec
 from embray.runtime import cluster_address
 from embray.store import Store
 
 log = logging.getLogger("embray")
+
+T = TypeVar("T")
+WATCH_S = 2.0  # how often a waiting embed stage checks that a node still offers what its actors need
 
 # Up to this many embed.batch_size batches are embedded in one Ray task (or a warm actor) rather than an actor pool.
 SMALL_EMBED_BATCHES = 4
@@ -45,18 +51,64 @@ def check_pool_fits(ec: EmbedConfig, rc: RayConfig) -> None:
         )
 
 
+def _offered(need: dict[str, float]) -> tuple[bool, list[dict]]:
+    """Whether an alive node offers ``need`` (in total, not only free now), and the alive nodes."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return any(all(n["Resources"].get(k, 0.0) >= v - 1e-9 for k, v in need.items()) for n in nodes), nodes
+
+
+def _watched(items: Iterator[T], ec: EmbedConfig) -> Iterator[T]:
+    """``items`` (drawn in a thread), failing once no alive node has offered what an embedding actor needs for
+    embed.placement_timeout_s: its node was lost mid-build and none can take its actors or tasks over, where
+    Ray would wait for one forever. The chunks finished before are in the vector cache; a rerun resumes."""
+    need = reservation(ec.num_cpus, ec.num_gpus, ec.resources)
+    q: queue.Queue = queue.Queue(maxsize=2)
+    end = object()
+
+    def pump() -> None:
+        try:
+            for item in items:
+                q.put(item)
+            q.put(end)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            q.put(e)
+
+    threading.Thread(target=pump, name="embray-embed", daemon=True).start()
+    lost_since: float | None = None
+    while True:
+        try:
+            item = q.get(timeout=WATCH_S)
+        except queue.Empty:
+            ok, nodes = _offered(need)
+            lost_since = None if ok else (lost_since or time.monotonic())
+            if lost_since is not None and time.monotonic() - lost_since >= ec.placement_timeout_s:
+                wanted = ", ".join(f"{k}: {v:g}" for k, v in need.items())
+                raise ModelError(
+                    f"the embedding stage lost its node: no alive Ray node has offered what an embedding actor "
+                    f"needs ({wanted}) for {ec.placement_timeout_s:g}s (embed.placement_timeout_s; {len(nodes)} "
+                    "node(s) alive); the chunks embedded before are in the vector cache, so rerun the command "
+                    "once such a node is back and it embeds only the rest"
+                ) from None
+            continue
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def wait_for_node(ec: EmbedConfig, rc: RayConfig) -> None:
     """Return once an alive node offers what one embedding actor reserves; else fail naming what is missing:
     at once on a local Ray of this process (no node will join it), after embed.placement_timeout_s on a
     cluster (an autoscaler may be adding one). Without this, Ray would wait for such a node forever."""
-    import ray
-
     need = reservation(ec.num_cpus, ec.num_gpus, ec.resources)  # what one embedding actor or task reserves
     waited = ec.placement_timeout_s if cluster_address(rc) else 0.0
     deadline = time.monotonic() + waited
     while True:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        if any(all(n["Resources"].get(k, 0.0) >= v - 1e-9 for k, v in need.items()) for n in nodes):
+        ok, nodes = _offered(need)
+        if ok:
             return
         if time.monotonic() >= deadline:
             break
@@ -110,7 +162,7 @@ def embed_chunks(
                 on_rows(done[0])
                 return Embedded(done[0], (done[1],))
         task = ray.remote(num_cpus=ec.num_cpus, num_gpus=ec.num_gpus, resources=ec.resources or None)(_embed_in_task)
-        rows, node = ray.get(task.remote(spec, fp, ec.threads, store, chunks))
+        ((rows, node),) = _watched((ray.get(ref) for ref in [task.remote(spec, fp, ec.threads, store, chunks)]), ec)
         on_rows(rows)
         return Embedded(rows, (node,))
     # Warm actors give way to the pool. Measured on a 2-CPU local Ray: a 1-CPU pool beside a 1-CPU warm actor
@@ -132,7 +184,7 @@ def embed_chunks(
         **placement,
     )
     done, nodes = 0, set()
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for b in _watched(ds.iter_batches(batch_size=None, batch_format="numpy"), ec):
         rows = int(b["rows"].sum())
         nodes.update(str(n) for n in b["node"])
         on_rows(rows)
