@@ -374,7 +374,9 @@ class Collection:
             if vi is not None:
                 self._indexes.move_to_end(vid)
                 return vi
-        vi = VersionIndex(self.store, read_manifest(self.store, self.name, vid))
+        with self._lock:
+            newest = next(reversed(self._indexes.values()), None)  # a refresh's parent shares its encoder
+        vi = VersionIndex(self.store, read_manifest(self.store, self.name, vid), shared=newest)
         with self._lock:
             vi = self._indexes.setdefault(vid, vi)
             while len(self._indexes) > _OPEN_VERSIONS:

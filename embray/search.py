@@ -39,14 +39,17 @@ def check_consistent(manifest: Manifest) -> None:
 class VersionIndex:
     """One committed version opened for search. Shards are memory-mapped read-only."""
 
-    def __init__(self, store: Store, manifest: Manifest):
+    def __init__(self, store: Store, manifest: Manifest, *, shared: VersionIndex | None = None):
+        """``shared``: an open version whose loaded encoder this one may use when their fingerprints are equal
+        (a refresh and its parent), instead of loading a second copy of the model."""
         from usearch.index import Index
 
         check_consistent(manifest)
         self.store = store
         self.manifest = manifest
         self.metric = manifest.index.get("metric", "cos")
-        self._embedder: Embedder | None = None
+        same_space = shared is not None and shared.fingerprint == manifest.fingerprint
+        self._embedder: Embedder | None = shared.loaded_embedder if same_space else None
         self.shards: list[tuple[Index, np.ndarray, Any]] = []  # index, keys (sorted), ids (numpy or Arrow)
         for s in manifest.shards:
             if s.rows == 0 or s.index is None or s.embeddings is None:
@@ -81,6 +84,11 @@ class VersionIndex:
     @property
     def fingerprint(self) -> str:
         return self.manifest.fingerprint
+
+    @property
+    def loaded_embedder(self) -> Embedder | None:
+        """The encoder if it is loaded already (None: not yet)."""
+        return self._embedder
 
     @property
     def embedder(self) -> Embedder:

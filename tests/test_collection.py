@@ -251,3 +251,26 @@ def test_the_public_surface():
         assert name in embray.__all__ and hasattr(embray, name)
     assert issubclass(embray.RegistryError, embray.EmbrayError)
     assert not [n for n in embray.__all__ if n.startswith("_")]
+
+
+def test_a_refresh_shares_its_parents_loaded_encoder_and_another_space_never_does(tmp_path):
+    """Opening a refreshed version beside its parent (as a Serve replica does at a switch) reuses the
+    encoder already loaded for the same fingerprint, instead of a second copy of the model."""
+    from embray.models import ModelSpec
+
+    rows = write_corpus(tmp_path / "corpus", files=2, rows=60)
+    col = embray.Collection(make_config(tmp_path))
+    v1 = col.backfill().version
+    write_rows(tmp_path / "corpus", mutate(rows, 3, 3, 3)[0], files=2)
+    v2 = col.refresh().version
+    first = col.index(v1)
+    assert first.loaded_embedder is None
+    first.search_text(["river"], k=1)  # loads it
+    second = col.index(v2)
+    assert second.loaded_embedder is first.loaded_embedder is not None
+    assert second.search_text([rows["doc-000007"]], k=1)[0][0].id == "doc-000007"
+
+    v3 = col.migrate(ModelSpec(backend="hash", name="words", dims=32)).version
+    third = col.index(v3)
+    assert third.loaded_embedder is None  # another vector space: its own model
+    assert third.embedder is not first.loaded_embedder and third.embedder.dims == 32

@@ -207,7 +207,7 @@ class EmbrayServer:
             except EmbrayError as e:
                 raise HTTPException(503, f"could not read version {vid}: {e}") from e
             try:  # opened here, not through the Collection's own cache: only self.pinned keeps it loaded
-                index = VersionIndex(self.store, manifest)
+                index = VersionIndex(self.store, manifest, shared=self.current.index if self.current else None)
                 index.search_text([WARMUP_QUERY], k=1)
             except FileNotFoundError as e:
                 raise HTTPException(404, f"version {vid} was collected while it loaded: {e}") from e
