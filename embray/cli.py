@@ -252,6 +252,12 @@ def _status_human(s: dict[str, Any]) -> str:
             if v
             else f"  {alias:<9} -"
         )
+    sh = s.get("shadow")
+    if sh:
+        lines.append(
+            f"  shadow    {sh['queries']} live queries: overlap@10 with active {sh['overlap_at_10']}, "
+            f"candidate p50 {sh['p50_ms']} ms, p99 {sh['p99_ms']} ms ({sh['replicas']} replica(s))"
+        )
     st = s.get("staleness")
     if st:
         oldest = f", oldest stale change {st['oldest_stale_at']}" if st["oldest_stale_at"] else ""

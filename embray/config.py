@@ -157,6 +157,19 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray; null: all of this machine's.")
 
 
+class ShadowConfig(_Strict):
+    fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of live text queries also sent to the `candidate` version after they are answered "
+        "(0: off); their overlap@10 with the active answer and the candidate's latency are recorded.",
+    )
+    max_pending: int = Field(
+        8, ge=1, description="Shadow queries a replica holds waiting; beyond it they are dropped (counted) first."
+    )
+
+
 class ServeConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address `embray serve` listens on.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of `embray serve`.")
@@ -185,6 +198,7 @@ class ServeConfig(_Strict):
         "on a replica lost mid-request.",
     )
     url: str | None = Field(None, description="Where the deployed endpoint answers (for `embray status`).")
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig, description="Shadow traffic to the candidate.")
 
 
 class MonitorConfig(_Strict):
@@ -200,6 +214,16 @@ class MonitorConfig(_Strict):
     )
     queries: str | None = Field(
         None, description="Labelled queries (JSONL: {query, relevant}) for nDCG@10 in eval and the promotion gate."
+    )
+    shadow_min_overlap: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Promotion gate (off when null): the candidate's overlap@10 with the active answers on live "
+        "shadow traffic (serve.shadow) must reach this.",
+    )
+    shadow_min_queries: int = Field(
+        100, ge=1, description="Shadow queries the shadow gate needs; with fewer it refuses: not enough traffic."
     )
     eval_sample: int = Field(200, ge=1, description="Sampled queries for recall@10 and overlap@10.")
     audit_sample: int = Field(200, ge=1, description="Stored rows `embray audit` re-embeds and compares.")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 
 from embray import layout
 from embray.context import Context
 from embray.errors import ConfigError, EmbrayError
-from embray.lock import WRITER, Lease
+from embray.lock import ALIASES, WRITER, Lease
 from embray.results import GcResult
 from embray.store import Store
 from embray.versions import Manifest, list_version_dirs, read_manifest
@@ -78,6 +79,7 @@ def gc(ctx: Context, *, keep: int, dry_run: bool = False) -> GcResult:
             lease.check_held()
             store.delete(layout.manifest_rel(col, v))  # invisible first, then the files
             store.delete(layout.version_dir(col, v))
+            store.delete(layout.shadow_dir(col, v))
             try:
                 ctx.registry.delete_version(v)
             except EmbrayError as e:
@@ -93,6 +95,8 @@ def gc(ctx: Context, *, keep: int, dry_run: bool = False) -> GcResult:
             store.delete(layout.scratch_dir(col, name))
         for name in out.source_states:
             store.delete(f"{layout.sources_dir(col)}/{name}")
+        pruned = lease.prune() + Lease(store, col, ALIASES, job="gc").prune()
+        out = dataclasses.replace(out, lease_files=pruned)
     log.info(
         "gc %s: kept %d, deleted %d versions, %d unfinished builds, %d caches",
         col,

@@ -14,6 +14,7 @@ Under the store root (local directory or ``s3://bucket/prefix``)::
     <collection>/_locks/{writer,aliases}.json                      a copy of the newest claim
     <collection>/_status/status.json                               the monitor's last status
     <collection>/_status/reload.json                               a Serve reload marker
+    <collection>/_status/shadow/<version>/<replica>.json           shadow traffic to a candidate, per replica
 
 On each machine, ``$EMBRAY_CACHE`` (default ``~/.cache/embray``) holds verified local copies of S3
 version files and the ONNX exports of models.
@@ -112,6 +113,11 @@ def lock_file(collection: str, name: str) -> str:
 
 def status_file(collection: str) -> str:
     return f"{collection}/_status/status.json"
+
+
+def shadow_dir(collection: str, version: str) -> str:
+    """Each Serve replica's shadow-traffic numbers for candidate ``version`` (see embray.shadow)."""
+    return f"{collection}/_status/shadow/{version}"
 
 
 def reload_file(collection: str) -> str:

@@ -13,8 +13,9 @@ local disk), so no step needs a compare-and-swap the store does not have:
 - ``_locks/<name>.json``: a copy of the newest claim, for finding it without a listing (and for people).
 
 Generation N+1 may be claimed only once N has ended, so two writers that both find a stale lease cannot
-both win. Claims and ends are a few hundred bytes each and are never deleted: deleting one would let a
-writer that slept through it claim or commit an old generation again.
+both win. gc retires the generations before the last two (:meth:`Lease.prune`): it writes
+``_locks/<name>/floor`` first, then deletes their claims and ends, and a writer that slept through that and
+then claims or commits a retired generation reads the floor right after and gives up.
 """
 
 from __future__ import annotations
@@ -106,12 +107,33 @@ class Lease:
         except ValueError:  # half-written by a crashed holder on a store without atomic puts
             return {"token": "corrupt", "expires_at": 0}
 
+    def _floor(self) -> int:
+        """Generations below this are retired (their files may be gone): claiming or committing one fails."""
+        return int((self._read_json(f"{self.dir}/floor") or {}).get("generation", 0))
+
     def _latest(self) -> int:
-        """The newest claimed generation (0: never claimed): from the copy, then forward while newer exist."""
-        g = int((self._read_json(self.rel) or {}).get("generation", 0))
+        """The newest claimed generation (0: never claimed): from the copy (or the floor, if newer), then
+        forward while newer claims exist."""
+        g = max(int((self._read_json(self.rel) or {}).get("generation", 0)), self._floor() - 1, 0)
         while self.store.exists(self._claim(g + 1)):
             g += 1
         return g
+
+    def prune(self) -> int:
+        """Delete the claims and ends of generations before the last two, under a floor written first: a
+        writer that slept through the deletion and then claims or commits one of them finds it below the
+        floor and gives up. Called by gc; returns the files deleted."""
+        keep = self._latest() - 1
+        if keep <= max(self._floor(), 1):
+            return 0
+        self.store.write_bytes(f"{self.dir}/floor", json.dumps({"generation": keep, "at": _iso(_now())}).encode())
+        gone = 0
+        for name in self.store.listdir(self.dir):
+            num = name[1:13]
+            if name.startswith("g") and num.isdigit() and int(num) < keep:
+                self.store.delete(f"{self.dir}/{name}")
+                gone += 1
+        return gone
 
     def read(self) -> dict[str, Any] | None:
         """The newest claim (None when nobody ever held this lease)."""
@@ -172,6 +194,10 @@ class Lease:
             except ConflictError:
                 self.generation = 0
                 g += 1  # another writer claimed it first: look at its claim
+                continue
+            if g + 1 < self._floor():  # this process slept while gc retired that generation: start over
+                self.generation = 0
+                g = self._latest()
                 continue
             try:
                 self.store.write_bytes(self.rel, json.dumps(self._record()).encode())
@@ -261,9 +287,13 @@ class Lease:
         pending = f"{self._end(self.generation)}.pending"
         self.store.write_bytes(pending, data)
         end = self._create_end(self.generation, "commit", path=rel, pending=pending)
-        if end.get("token") != self.token or end.get("end") != "commit":
+        retired = self.generation < self._floor()  # its end was deleted by a gc long after a takeover
+        if end.get("token") != self.token or end.get("end") != "commit" or retired:
             self.store.delete(pending)
-            self.lost = self._why_lost(None, end) or f"lost the {self.name} lease of {self.collection}"
+            self.lost = self._why_lost(None, end) or (
+                f"lost the {self.name} lease of {self.collection}: this process was paused past the lease "
+                f"({self.ttl_s:g} s) and its generation has been retired since"
+            )
             raise ConflictError(self.lost)
         self._finish(end)
 

@@ -32,6 +32,7 @@ from embray.errors import EmbrayError, GateError, StoreError, VersionError
 from embray.flows import refresh
 from embray.registry import ACTIVE, CANDIDATE
 from embray.results import MonitorAction, Staleness, StatusReport, VersionSummary
+from embray.shadow import read_shadow
 from embray.source import inspect_source
 from embray.store import Store
 from embray.verify import problems as verify_problems
@@ -194,6 +195,7 @@ def status(ctx: Context, *, check_verify: bool = True, check_staleness: bool = T
         served=served,
         served_matches=matches,
         seconds=round(time.monotonic() - t0, 3),
+        shadow=read_shadow(ctx.store, ctx.collection, manifests[CANDIDATE].version) if CANDIDATE in manifests else None,
     )
 
 

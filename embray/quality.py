@@ -35,6 +35,7 @@ from embray.models import fingerprint, load_embedder
 from embray.registry import ACTIVE
 from embray.results import AuditReport, EvalReport, Gate, GateReport, Hit
 from embray.search import VersionIndex
+from embray.shadow import read_shadow
 from embray.store import Store, list_source_files
 from embray.vectors import to_numpy
 from embray.verify import problems as verify_problems
@@ -291,7 +292,31 @@ def check_gates(ctx: Context, version: str, *, queries: str | None = None) -> Ga
     ndcg = _ndcg_gate(ctx, version, result, queries)
     if ndcg is not None:
         gates.append(ndcg)
+    shadow = _shadow_gate(ctx, version)
+    if shadow is not None:
+        gates.append(shadow)
     return GateReport(version, all(g.passed for g in gates), gates, result)
+
+
+def _shadow_gate(ctx: Context, version: str) -> Gate | None:
+    """monitor.shadow_min_overlap: the version's overlap@10 with the active answers on live shadow traffic."""
+    mon = ctx.cfg.monitor
+    floor = mon.shadow_min_overlap
+    if floor is None:
+        return None
+    stats = read_shadow(ctx.store, ctx.collection, version)
+    if stats is None or stats.queries < mon.shadow_min_queries:
+        n = stats.queries if stats else 0
+        why = (
+            f"not enough shadow traffic: {n} of the {mon.shadow_min_queries} live queries monitor.shadow_min_queries "
+            "asks for (serve.shadow.fraction sends them while the version is candidate)"
+        )
+        return Gate("shadow_overlap_at_10", False, why, stats.overlap_at_10 if stats else None, floor)
+    detail = (
+        f"live overlap@10 with the active answers {stats.overlap_at_10} vs floor {floor} ({stats.queries} shadow "
+        f"queries; candidate p50 {stats.p50_ms} ms, p99 {stats.p99_ms} ms)"
+    )
+    return Gate("shadow_overlap_at_10", stats.overlap_at_10 >= floor, detail, stats.overlap_at_10, floor)
 
 
 # --- drift audit ----------------------------------------------------------------------------

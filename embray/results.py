@@ -267,6 +267,7 @@ class GcResult(_Result):
     scratch: list[str]  # dry runs (status) killed more than an hour ago
     dry_run: bool
     source_states: list[str] = field(default_factory=list)  # row-state files (sources/) no kept version records
+    lease_files: int = 0  # claims and ends of retired lease generations deleted (0 in a dry run)
 
 
 # --- quality ------------------------------------------------------------------------------------
@@ -363,6 +364,19 @@ class MonitorAction(_Result):
 
 
 @dataclass(frozen=True)
+class ShadowStats(_Result):
+    """The live comparison of one candidate with the active version, over every replica's shadow queries."""
+
+    candidate: str
+    queries: int
+    overlap_at_10: float  # mean share of the active top-10 ids the candidate also returned
+    p50_ms: float
+    p99_ms: float
+    replicas: int
+    updated_at: str
+
+
+@dataclass(frozen=True)
 class StatusReport(_Result):
     """``embray status``: is the collection current, consistent and served as its alias says?
 
@@ -384,8 +398,9 @@ class StatusReport(_Result):
     seconds: float = 0.0
     action: MonitorAction | None = None
     error: str | None = None
+    shadow: ShadowStats | None = None  # the candidate on live shadow traffic (serve.shadow), when it had any
 
-    _omit_none = ("action", "error")
+    _omit_none = ("action", "error", "shadow")
 
     def metrics(self) -> dict[str, float]:
         """The numbers, flat, for MLflow and Prometheus."""

@@ -221,3 +221,23 @@ def test_create_only_accepts_its_own_bytes_already_there(tmp_path):
     with pytest.raises(ConflictError, match="already exists"):
         store.create_exclusive("docs/x.json", b"theirs")
     assert store.read_bytes("docs/x.json") == b"mine"
+
+
+def test_gc_retires_old_lease_generations_and_a_sleeper_cannot_commit_in_one(tmp_path, monkeypatch):
+    store = Store(str(tmp_path / "store"))
+    sleeper = Lease(store, "docs", WRITER, job="refresh", ttl_s=TTL).acquire()  # generation 1
+    _paused(sleeper)
+    for i in range(4):  # generations 2..5; the first takes the sleeper's over (fences generation 1)
+        with Lease(store, "docs", WRITER, job=f"job{i}", ttl_s=TTL):
+            pass
+    with Lease(store, "docs", WRITER, job="gc", ttl_s=TTL) as gc:  # generation 6
+        assert gc.prune() == 8  # the claims and ends of generations 1..4
+        names = store.listdir("docs/_locks/writer")
+        assert names == ["floor", "g000000000005.end", "g000000000005.json", "g000000000006.json"]
+        assert gc.prune() == 0  # nothing more to retire
+    monkeypatch.setattr(sleeper, "check_held", lambda: None)  # it checked before its pause, and passed
+    with pytest.raises(ConflictError, match=r"lost the writer lease of docs: .*retired"):
+        sleeper.commit("docs/versions/v1/manifest.json", b"sleeper")  # its fence is gone, the floor is not
+    assert not store.exists("docs/versions/v1/manifest.json")
+    with Lease(store, "docs", WRITER, job="next", ttl_s=TTL) as nxt:
+        assert nxt.generation == 7

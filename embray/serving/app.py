@@ -19,6 +19,9 @@ import json
 import logging
 import math
 import os
+import queue
+import random
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -33,10 +36,11 @@ from embray.collection import Collection
 from embray.config import Config, load_config, parse_config
 from embray.errors import ConfigError, EmbrayError, VersionError
 from embray.layout import reload_file
-from embray.registry import ACTIVE
+from embray.registry import ACTIVE, CANDIDATE
 from embray.search import VersionIndex
-from embray.serving.metrics import ServeMetrics
+from embray.serving.metrics import ServeMetrics, ShadowMetrics
 from embray.serving.schemas import CollectionInfo, NotReady, SearchRequest, SearchResponse, errors
+from embray.shadow import ShadowRecorder, overlap_at_10
 from embray.versions import is_version_id, read_manifest, utcnow
 
 log = logging.getLogger("embray.serve")
@@ -101,6 +105,7 @@ class EmbrayServer:
         )
         self.check()  # serve at once if there is an active version; /readyz says when there is one
         self._stop = threading.Event()
+        self._start_shadow()
         self._poller = threading.Thread(target=self._poll, name="embray-alias-poller", daemon=True)
         self._poller.start()
 
@@ -152,6 +157,54 @@ class EmbrayServer:
     def _mlflow_state(self) -> dict[str, Any]:
         down = self.mlflow_down
         return {"ok": True} if down is None else {"ok": False, "since": down[0], "error": down[1]}
+
+    # --- shadow traffic to the candidate (serve.shadow) -------------------------------------------
+    def _start_shadow(self) -> None:
+        self.shadow: ShadowRecorder | None = None
+        sc = self.cfg.serve.shadow
+        if sc.fraction <= 0:
+            return
+        self.shadow = ShadowRecorder()
+        self._shadow_metrics = ShadowMetrics(self.metrics)
+        self._shadow_q: queue.Queue = queue.Queue(maxsize=sc.max_pending)
+        self._replica = f"{socket.gethostname()}-{os.getpid()}"
+        threading.Thread(target=self._shadow_loop, name="embray-shadow", daemon=True).start()
+
+    def _shadow_offer(self, text: str, ids: list) -> None:
+        """After an active text answer: maybe queue it for the candidate (never waits; dropped when full)."""
+        if self.shadow is None or random.random() >= self.cfg.serve.shadow.fraction:
+            return
+        try:
+            self._shadow_q.put_nowait((text, ids[:10]))
+        except queue.Full:
+            self._shadow_metrics.drop()
+
+    def _shadow_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                text, ids = self._shadow_q.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            try:
+                self._shadow_one(text, ids)
+            except Exception as e:  # noqa: BLE001 - shadow traffic must never hurt serving
+                log.warning("shadow query to the candidate failed: %s", e)
+
+    def _shadow_one(self, text: str, ids: list) -> None:
+        cur = self.current
+        try:
+            cand = self._pinned(CANDIDATE, may_block=True)  # alias read at most every poll_s; loaded once (LRU)
+        except HTTPException as e:
+            if e.status_code == 404:  # no candidate now
+                return
+            raise
+        if cand is None or not ids or (cur is not None and cand.version == cur.version):
+            return
+        t = time.perf_counter()
+        got = cand.index.search_text([text], len(ids))[0]
+        ms = (time.perf_counter() - t) * 1000
+        self.shadow.add(cand.version, overlap_at_10(ids, [h.id for h in got]), ms)  # type: ignore[union-attr]
+        self._shadow_metrics.record(cand.version, self.shadow.mean_overlap(cand.version), ms)  # type: ignore[union-attr]
 
     # --- pinned versions ({"version": ...} in a query) ----------------------------------------
     def _pinned(self, requested: str, *, may_block: bool) -> "Loaded | None":
@@ -246,6 +299,11 @@ class EmbrayServer:
                 log.exception("alias check failed: %s", e)
             if due:
                 next_poll = now + self.cfg.serve.poll_s
+                if self.shadow is not None:
+                    try:
+                        self.shadow.write(self.store, self.cfg.collection, self._replica)
+                    except Exception as e:  # noqa: BLE001 - written again at the next poll
+                        log.warning("cannot write the shadow-traffic numbers: %s", e)
                 try:
                     st = self.collection.last_status()
                     if st:
@@ -384,6 +442,8 @@ class EmbrayServer:
                         f"{self.cfg.serve.max_text_chars} (serve.max_text_chars)",
                     )
                 hits = idx.search_text([body.text], body.k)[0]
+                if pinned is None:
+                    self._shadow_offer(body.text, [h.id for h in hits])
             else:
                 if body.fingerprint != idx.fingerprint:
                     raise HTTPException(

@@ -145,3 +145,43 @@ class ServeMetrics:
             tags={"collection": self.collection, "endpoint": endpoint, "version": version or "none", "outcome": outcome}
         )
         self.latency.observe(ms, tags={"collection": self.collection, "endpoint": endpoint})
+
+
+class ShadowMetrics:
+    """Shadow traffic to the candidate (serve.shadow): per candidate, queries, overlap@10 and latency."""
+
+    def __init__(self, base: ServeMetrics):
+        from ray.serve import metrics
+
+        self.base = base
+        keys = ("collection", "candidate")
+        self.queries = metrics.Counter(
+            "embray_shadow_queries_total",
+            description="Live text queries also answered by the candidate.",
+            tag_keys=keys,
+        )
+        self.dropped = metrics.Counter(
+            "embray_shadow_dropped_total",
+            description="Shadow queries dropped because the replica had serve.shadow.max_pending waiting.",
+            tag_keys=("collection",),
+        )
+        self.overlap = metrics.Gauge(
+            "embray_shadow_overlap_at_10",
+            description="Mean share of the active answer's top-10 ids the candidate also returned (this replica).",
+            tag_keys=keys,
+        )
+        self.latency = metrics.Histogram(
+            "embray_shadow_latency_ms",
+            description="The candidate's latency on shadow queries.",
+            boundaries=[1, 2, 5, 10, 15, 25, 50, 100, 250, 500, 1000, 5000],
+            tag_keys=keys,
+        )
+
+    def record(self, candidate: str, mean_overlap: float, ms: float) -> None:
+        tags = {"collection": self.base.collection, "candidate": candidate}
+        self.queries.inc(tags=tags)
+        self.latency.observe(ms, tags=tags)
+        self.base._set(self.overlap, mean_overlap, tags)
+
+    def drop(self) -> None:
+        self.dropped.inc(tags={"collection": self.base.collection})
