@@ -56,5 +56,6 @@ def digest_pairs(ids: Sequence[Any], hashes: Sequence[str]) -> str:
 
 
 def merge_topk(per_shard: Iterable[Iterable[tuple[float, Any]]], k: int) -> list[tuple[float, Any]]:
-    """The k smallest distances across shards; each input is (distance, id) pairs."""
-    return heapq.nsmallest(k, (pair for shard in per_shard for pair in shard), key=lambda p: p[0])
+    """The k smallest distances across shards; each input is (distance, id) pairs. Equal distances are
+    ordered by id, so the answer does not depend on the order the shards (or shard groups) came in."""
+    return heapq.nsmallest(k, (pair for shard in per_shard for pair in shard), key=lambda p: (p[0], str(p[1])))

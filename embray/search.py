@@ -8,6 +8,7 @@ vectors from two spaces.
 
 from __future__ import annotations
 
+import heapq
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,18 @@ def check_consistent(manifest: Manifest) -> None:
 class VersionIndex:
     """One committed version opened for search. Shards are memory-mapped read-only."""
 
-    def __init__(self, store: Store, manifest: Manifest, *, shared: VersionIndex | None = None):
+    def __init__(
+        self,
+        store: Store,
+        manifest: Manifest,
+        *,
+        shared: VersionIndex | None = None,
+        group: tuple[int, int] | None = None,
+    ):
         """``shared``: an open version whose loaded encoder this one may use when their fingerprints are equal
-        (a refresh and its parent), instead of loading a second copy of the model."""
+        (a refresh and its parent), instead of loading a second copy of the model. ``group`` = (g, G): open
+        only shard group g of G (the shards :func:`group_shards` names), for a replica that serves one part
+        of a version too large for one; :func:`merge_hits` combines the groups' answers."""
         from usearch.index import Index
 
         check_consistent(manifest)
@@ -51,8 +61,9 @@ class VersionIndex:
         same_space = shared is not None and shared.fingerprint == manifest.fingerprint
         self._embedder: Embedder | None = shared.loaded_embedder if same_space else None
         self.shards: list[tuple[Index, np.ndarray, Any]] = []  # index, keys (sorted), ids (numpy or Arrow)
+        mine = set(group_shards(len(manifest.shards), *group)) if group else None
         for s in manifest.shards:
-            if s.rows == 0 or s.index is None or s.embeddings is None:
+            if s.rows == 0 or s.index is None or s.embeddings is None or (mine is not None and s.shard not in mine):
                 continue
             index_path = self._local(file_rel(manifest, s.index), s.index)
             ids_path = self._local(file_rel(manifest, s.embeddings), s.embeddings)
@@ -143,6 +154,19 @@ class VersionIndex:
                 rows = np.searchsorted(keys_sorted, keys)
                 per_query[qi].append([(float(d), ids[r]) for r, d in zip(rows, dists, strict=True)])
         return [[Hit(_plain(i), _score(self.metric, d)) for d, i in R.merge_topk(shards, k)] for shards in per_query]
+
+
+def group_shards(shards: int, g: int, groups: int) -> list[int]:
+    """The shards of group ``g`` of ``groups``: every groups-th shard from g, so the groups stay even in size."""
+    if not 0 <= g < groups:
+        raise VersionError(f"shard group {g} of {groups} does not exist (groups are 0..{groups - 1})")
+    return list(range(g, shards, groups))
+
+
+def merge_hits(per_group: list[list[Hit]], k: int) -> list[Hit]:
+    """The top k of several shard groups' answers to one query: by score, then id, so the same query on the
+    same version always gets the same list, whichever group answered first."""
+    return heapq.nsmallest(k, (h for hits in per_group for h in hits), key=lambda h: (-h.score, str(h.id)))
 
 
 def _plain(value: Any) -> Any:

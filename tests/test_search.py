@@ -128,3 +128,30 @@ def test_recall_holds_on_shards_updated_in_place(built, tmp_path):
     hits = vi.search_vectors(queries, k=10)
     recall = np.mean([sum(scores[q, pos[h.id]] >= kth[q] - 1e-3 for h in hs) / 10 for q, hs in enumerate(hits)])
     assert recall >= 0.95, f"recall@10 after an in-place update {recall:.3f}"
+
+
+def test_shard_groups_hold_their_shards_only_and_merge_to_the_whole_answer(tmp_path):
+    """A version split into shard groups (a replica each, for versions larger than one replica): every group
+    opens only its shards, and their answers merged equal the whole version's, in any order."""
+    from embray.search import group_shards, merge_hits
+    from embray.versions import read_manifest
+
+    rows = write_corpus(tmp_path / "corpus", files=2, rows=150)
+    cfg = make_config(tmp_path, index={"shards": 4})
+    v = Collection(cfg).backfill().version
+    store = Store(cfg.store.uri)
+    m = read_manifest(store, "docs", v)
+    whole = VersionIndex(store, m)
+    groups = [VersionIndex(store, m, group=(g, 2), shared=whole) for g in range(2)]
+    assert group_shards(4, 0, 2) == [0, 2] and group_shards(4, 1, 2) == [1, 3]
+    assert [len(gr.shards) for gr in groups] == [2, 2]
+    texts = [rows[f"doc-{i:06d}"] for i in range(0, 150, 7)] + ["river mountain", "a b c"]
+    vectors = whole.embedder.embed_queries(texts)
+    want = whole.search_vectors(vectors, 10)
+    parts = [gr.search_vectors(vectors, 10) for gr in groups]
+    for qi in range(len(texts)):
+        merged = merge_hits([p[qi] for p in parts], 10)
+        assert merged == want[qi]
+        assert merge_hits([p[qi] for p in reversed(parts)], 10) == merged
+    with pytest.raises(VersionError, match="shard group 2 of 2 does not exist"):
+        VersionIndex(store, m, group=(2, 2))
