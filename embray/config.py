@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from embray.errors import ConfigError
 from embray.models.spec import ModelSpec
@@ -199,6 +199,15 @@ class ServeConfig(_Strict):
     )
     url: str | None = Field(None, description="Where the deployed endpoint answers (for `embray status`).")
     shadow: ShadowConfig = Field(default_factory=ShadowConfig, description="Shadow traffic to the candidate.")
+
+    @model_validator(mode="after")
+    def _room_for_the_candidate(self) -> ServeConfig:
+        if self.shadow.fraction > 0 and self.max_loaded_versions < 2:
+            raise ValueError(
+                "serve.shadow.fraction > 0 sends queries to the candidate, which a replica must hold beside the "
+                "active version: set serve.max_loaded_versions to 2 or more (default 3)"
+            )
+        return self
 
 
 class MonitorConfig(_Strict):

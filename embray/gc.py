@@ -93,8 +93,10 @@ def gc(ctx: Context, *, keep: int, dry_run: bool = False) -> GcResult:
         lease.check_held()
         for name in out.scratch:
             store.delete(layout.scratch_dir(col, name))
+        lease.check_held()
         for name in out.source_states:
             store.delete(f"{layout.sources_dir(col)}/{name}")
+        lease.check_held()
         pruned = lease.prune() + Lease(store, col, ALIASES, job="gc").prune()
         out = dataclasses.replace(out, lease_files=pruned)
     log.info(

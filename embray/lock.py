@@ -13,9 +13,10 @@ local disk), so no step needs a compare-and-swap the store does not have:
 - ``_locks/<name>.json``: a copy of the newest claim, for finding it without a listing (and for people).
 
 Generation N+1 may be claimed only once N has ended, so two writers that both find a stale lease cannot
-both win. gc retires the generations before the last two (:meth:`Lease.prune`): it writes
-``_locks/<name>/floor`` first, then deletes their claims and ends, and a writer that slept through that and
-then claims or commits a retired generation reads the floor right after and gives up.
+both win. gc retires the generations before the last two (:meth:`Lease.prune`): it raises the floor first
+(create-only ``_locks/<name>/floor.<N>`` markers, so it never goes back), then deletes their claims and ends,
+and a writer that slept through that and then claims or commits a retired generation reads the floor right
+after and gives up.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Lease:
         self._acquired: float | None = None
         self._renewed = 0.0  # time.monotonic() of the last write of our claim
         self.lost: str | None = None  # why this holder no longer holds the lease
+        self.decided = False  # commit() decided its commit (it may still be finishing it)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -108,8 +110,10 @@ class Lease:
             return {"token": "corrupt", "expires_at": 0}
 
     def _floor(self) -> int:
-        """Generations below this are retired (their files may be gone): claiming or committing one fails."""
-        return int((self._read_json(f"{self.dir}/floor") or {}).get("generation", 0))
+        """Generations below this are retired (their files may be gone): claiming or committing one fails.
+        The floor is the highest ``floor.<N>`` marker: create-only, so it never goes back."""
+        marks = [n.split(".", 1)[1] for n in self.store.listdir(self.dir) if n.startswith("floor.")]
+        return max((int(m) for m in marks if m.isdigit()), default=0)
 
     def _latest(self) -> int:
         """The newest claimed generation (0: never claimed): from the copy (or the floor, if newer), then
@@ -120,17 +124,21 @@ class Lease:
         return g
 
     def prune(self) -> int:
-        """Delete the claims and ends of generations before the last two, under a floor written first: a
+        """Delete the claims and ends of generations before the last two, under a floor raised first: a
         writer that slept through the deletion and then claims or commits one of them finds it below the
-        floor and gives up. Called by gc; returns the files deleted."""
+        floor and gives up. Called by gc under the writer lease; returns the files deleted."""
         keep = self._latest() - 1
-        if keep <= max(self._floor(), 1):
+        floor = self._floor()
+        if keep <= max(floor, 1):
             return 0
-        self.store.write_bytes(f"{self.dir}/floor", json.dumps({"generation": keep, "at": _iso(_now())}).encode())
+        try:
+            self.store.create_exclusive(f"{self.dir}/floor.{keep:012d}", _iso(_now()).encode())
+        except ConflictError:
+            pass  # another gc raised it to the same generation
         gone = 0
         for name in self.store.listdir(self.dir):
-            num = name[1:13]
-            if name.startswith("g") and num.isdigit() and int(num) < keep:
+            num = name.split(".", 1)[1] if name.startswith("floor.") else name[1:13] if name.startswith("g") else ""
+            if num[:12].isdigit() and int(num[:12]) < keep:
                 self.store.delete(f"{self.dir}/{name}")
                 gone += 1
         return gone
@@ -160,12 +168,14 @@ class Lease:
         """Complete a commit its holder decided (its end record is there) but may not have written."""
         if end.get("end") != "commit":
             return
-        pending = self.store.read_bytes(end["pending"]) if self.store.exists(end["pending"]) else None
-        if pending is not None:
-            if end.get("token") != self.token:
-                log.warning("finishing the commit of %s that %s decided before it stopped", end["path"], end["holder"])
-            self.store.create_exclusive(end["path"], pending)  # already there with these bytes: fine
-            self.store.delete(end["pending"])
+        try:
+            pending = self.store.read_bytes(end["pending"])
+        except FileNotFoundError:
+            return  # finished already: the manifest is written before the staged copy goes
+        if end.get("token") != self.token:
+            log.warning("finishing the commit of %s that %s decided before it stopped", end["path"], end["holder"])
+        self.store.create_exclusive(end["path"], pending)  # already there with these bytes: fine
+        self.store.delete(end["pending"])
 
     def _try(self) -> dict[str, Any] | None:
         """Claim the next generation; None on success, else the holder's record."""
@@ -179,7 +189,7 @@ class Lease:
                 if not held.get("released") and not self.stale(held):
                     return held
                 end = self._create_end(g, "fenced" if not held.get("released") else "released")
-                if end["end"] == "fenced" and end["token"] == self.token:
+                if end.get("end") == "fenced" and end.get("token") == self.token:
                     log.warning(
                         "taking over the %s lease of %s from %s (expired or its process is gone)",
                         self.name,
@@ -241,6 +251,8 @@ class Lease:
                 self.lost = why
                 log.error("%s", why)
                 return
+            if self._stop.is_set():  # released meanwhile: never write over the released claim
+                return
             try:
                 self.store.write_bytes(self._claim(self.generation), json.dumps(self._record()).encode())
                 self._renewed = time.monotonic()
@@ -287,15 +299,28 @@ class Lease:
         pending = f"{self._end(self.generation)}.pending"
         self.store.write_bytes(pending, data)
         end = self._create_end(self.generation, "commit", path=rel, pending=pending)
-        retired = self.generation < self._floor()  # its end was deleted by a gc long after a takeover
-        if end.get("token") != self.token or end.get("end") != "commit" or retired:
+        if end.get("token") != self.token or end.get("end") != "commit":
             self.store.delete(pending)
-            self.lost = self._why_lost(None, end) or (
+            self.lost = self._why_lost(None, end) or f"lost the {self.name} lease of {self.collection}"
+            raise ConflictError(self.lost)
+        self.decided = True  # from here the commit happens, by us or by the next writer: keep its files
+        if self.generation < self._floor():  # gc retired our generation while this process slept
+            if self._written(rel, data):
+                return  # decided in time, and finished by the writer that took over
+            self.decided = False  # our end landed where a deleted fence was: nobody will finish it
+            self.store.delete(pending)
+            self.lost = (
                 f"lost the {self.name} lease of {self.collection}: this process was paused past the lease "
                 f"({self.ttl_s:g} s) and its generation has been retired since"
             )
             raise ConflictError(self.lost)
         self._finish(end)
+
+    def _written(self, rel: str, data: bytes) -> bool:
+        try:
+            return self.store.read_bytes(rel) == data
+        except FileNotFoundError:
+            return False
 
     def release(self) -> None:
         self._stop.set()

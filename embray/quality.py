@@ -32,7 +32,7 @@ from embray.config import Config
 from embray.context import Context
 from embray.errors import ConfigError, EmbrayError, SourceError, VersionError
 from embray.models import fingerprint, load_embedder
-from embray.registry import ACTIVE
+from embray.registry import ACTIVE, CANDIDATE
 from embray.results import AuditReport, EvalReport, Gate, GateReport, Hit
 from embray.search import VersionIndex
 from embray.shadow import read_shadow
@@ -302,8 +302,8 @@ def _shadow_gate(ctx: Context, version: str) -> Gate | None:
     """monitor.shadow_min_overlap: the version's overlap@10 with the active answers on live shadow traffic."""
     mon = ctx.cfg.monitor
     floor = mon.shadow_min_overlap
-    if floor is None:
-        return None
+    if floor is None or ctx.registry.aliases().get(CANDIDATE) != version:
+        return None  # only a candidate gets shadow traffic (a refresh of the active model is not one)
     stats = read_shadow(ctx.store, ctx.collection, version)
     if stats is None or stats.queries < mon.shadow_min_queries:
         n = stats.queries if stats else 0

@@ -232,7 +232,10 @@ class Registry:
         for mv in mvs:
             if mv is not keep:
                 log.warning("deleting model version %s, a duplicate of %s for %s", mv.version, keep.version, version)
-                self._call(self.client.delete_model_version, self.name, str(mv.version))
+                try:
+                    self._call(self.client.delete_model_version, self.name, str(mv.version))
+                except RegistryError as e:  # another command removed it first
+                    log.info("model version %s is gone already: %s", mv.version, e)
         return keep
 
     def model_versions(self) -> list:

@@ -145,7 +145,7 @@ def test_repeat_searches_reuse_the_open_version_until_the_alias_moves(tmp_path, 
     first = col.backfill()
     opened, alias_reads = [], []
     real_index, real_aliases = collection_module.VersionIndex, type(col.registry).aliases
-    monkeypatch.setattr(collection_module, "VersionIndex", lambda *a: opened.append(a) or real_index(*a))
+    monkeypatch.setattr(collection_module, "VersionIndex", lambda *a, **kw: opened.append(a) or real_index(*a, **kw))
     monkeypatch.setattr(type(col.registry), "aliases", lambda self: alias_reads.append(1) or real_aliases(self))
 
     for i in range(1000):

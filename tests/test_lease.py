@@ -233,7 +233,7 @@ def test_gc_retires_old_lease_generations_and_a_sleeper_cannot_commit_in_one(tmp
     with Lease(store, "docs", WRITER, job="gc", ttl_s=TTL) as gc:  # generation 6
         assert gc.prune() == 8  # the claims and ends of generations 1..4
         names = store.listdir("docs/_locks/writer")
-        assert names == ["floor", "g000000000005.end", "g000000000005.json", "g000000000006.json"]
+        assert names == ["floor.000000000005", "g000000000005.end", "g000000000005.json", "g000000000006.json"]
         assert gc.prune() == 0  # nothing more to retire
     monkeypatch.setattr(sleeper, "check_held", lambda: None)  # it checked before its pause, and passed
     with pytest.raises(ConflictError, match=r"lost the writer lease of docs: .*retired"):
@@ -241,3 +241,25 @@ def test_gc_retires_old_lease_generations_and_a_sleeper_cannot_commit_in_one(tmp
     assert not store.exists("docs/versions/v1/manifest.json")
     with Lease(store, "docs", WRITER, job="next", ttl_s=TTL) as nxt:
         assert nxt.generation == 7
+
+
+def test_a_commit_decided_right_before_a_long_pause_stands(tmp_path, monkeypatch):
+    """The holder decided its commit, then slept through a takeover (which finished the commit for it) and
+    the retirement of its generation: it wakes to a committed version, not to an error that would make
+    its build delete the files of a published version."""
+    store = Store(str(tmp_path / "store"))
+    holder = Lease(store, "docs", WRITER, job="refresh", ttl_s=TTL).acquire()  # generation 1
+    real_floor = holder._floor
+
+    def sleep_through_it_all() -> int:
+        _paused(holder)
+        for i in range(3):  # generations 2..4: the first finishes the holder's decided commit
+            with Lease(store, "docs", WRITER, job=f"job{i}", ttl_s=TTL):
+                pass
+        with Lease(store, "docs", WRITER, job="gc", ttl_s=TTL) as gc:  # generation 5 retires 1..3
+            assert gc.prune() > 0
+        return real_floor()
+
+    monkeypatch.setattr(holder, "_floor", sleep_through_it_all)
+    holder.commit("docs/versions/v1/manifest.json", b"decided")
+    assert holder.decided and store.read_bytes("docs/versions/v1/manifest.json") == b"decided"

@@ -92,6 +92,7 @@ def _watched(items: Iterator[T], ec: EmbedConfig) -> Iterator[T]:
                     "once such a node is back and it embeds only the rest"
                 ) from None
             continue
+        lost_since = None
         if item is end:
             return
         if isinstance(item, BaseException):

@@ -374,8 +374,16 @@ class Build:
     def abandon(self, e: BaseException) -> None:
         """Remove what the failed build wrote and record the failure; never hides the original error.
 
-        The vector cache is kept: it only ever holds finished chunks, and a rerun reuses them.
+        The vector cache is kept: it only ever holds finished chunks, and a rerun reuses them. A build whose
+        commit the lease already decided keeps its files: the next writer finishes that commit.
         """
+        if self.lease is not None and self.lease.decided:
+            log.error(
+                "%s failed after its commit was decided (%s); its files stay and the next writer finishes the commit",
+                self.vid,
+                e,
+            )
+            return
         if not self.dry_run:
             log.error("build failed (%s); removing %s", e, self.store.url(self.vdir))
         try:

@@ -85,8 +85,9 @@ app = FastAPI(
 class EmbrayServer:
     def __init__(self, config: dict[str, Any]):
         cfg: Config = parse_config(config["data"], base_dir=config.get("base_dir", "."), origin="serve")
-        # A short MLflow retry budget: a poll that fails comes back at the next one, and serving goes on.
-        mlflow_cfg = cfg.mlflow.model_copy(update={"max_retries": min(cfg.mlflow.max_retries, 1)})
+        # A short MLflow budget: a poll that fails comes back at the next one, and serving goes on.
+        quick = {"max_retries": min(cfg.mlflow.max_retries, 1), "timeout_s": min(cfg.mlflow.timeout_s, 5)}
+        mlflow_cfg = cfg.mlflow.model_copy(update=quick)
         self.cfg = cfg.model_copy(update={"mlflow": mlflow_cfg})
         self.collection = Collection(self.cfg)
         self.store = self.collection.store
@@ -108,6 +109,7 @@ class EmbrayServer:
         self._start_shadow()
         self._poller = threading.Thread(target=self._poll, name="embray-alias-poller", daemon=True)
         self._poller.start()
+        threading.Thread(target=self._keep_gauges, name="embray-gauges", daemon=True).start()
 
     # --- version switching ---------------------------------------------------------------
     def _active_alias(self) -> str | None:
@@ -172,14 +174,15 @@ class EmbrayServer:
 
     def _shadow_offer(self, text: str, ids: list) -> None:
         """After an active text answer: maybe queue it for the candidate (never waits; dropped when full)."""
-        if self.shadow is None or random.random() >= self.cfg.serve.shadow.fraction:
-            return
+        if self.shadow is None or len(ids) < 10 or random.random() >= self.cfg.serve.shadow.fraction:
+            return  # (a query for fewer than 10 hits says nothing about overlap@10)
         try:
             self._shadow_q.put_nowait((text, ids[:10]))
         except queue.Full:
             self._shadow_metrics.drop()
 
     def _shadow_loop(self) -> None:
+        last: str | None = None
         while not self._stop.is_set():
             try:
                 text, ids = self._shadow_q.get(timeout=1.0)
@@ -187,8 +190,11 @@ class EmbrayServer:
                 continue
             try:
                 self._shadow_one(text, ids)
+                last = None
             except Exception as e:  # noqa: BLE001 - shadow traffic must never hurt serving
-                log.warning("shadow query to the candidate failed: %s", e)
+                if str(e) != last:  # once per distinct error, not once per query
+                    log.warning("shadow query to the candidate failed: %s", e)
+                last = str(e)
 
     def _shadow_one(self, text: str, ids: list) -> None:
         cur = self.current
@@ -310,12 +316,17 @@ class EmbrayServer:
                         self.metrics.status(st)
                 except Exception as e:  # noqa: BLE001 - a bad status file must not stop alias checks
                     log.warning("cannot export the monitor's status: %s", e)
-            try:  # Ray drops a gauge ~20-30 s after its last set: keep every state gauge set
-                self.metrics.refresh()
-            except Exception as e:  # noqa: BLE001 - metrics must not stop alias checks
-                log.warning("cannot refresh the metrics: %s", e)
             if self._stop.wait(tick):
                 return
+
+    def _keep_gauges(self) -> None:
+        """Ray drops a gauge ~20-30 s after its last set: keep every state gauge set, every second, on a
+        thread of its own (an alias check may wait on MLflow meanwhile)."""
+        while not self._stop.wait(1.0):
+            try:
+                self.metrics.refresh()
+            except Exception as e:  # noqa: BLE001 - the next tick tries again
+                log.warning("cannot refresh the metrics: %s", e)
 
     def __del__(self):
         stop = getattr(self, "_stop", None)
