@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,14 @@ def known_item_recall(embedder, pages: list[tuple[str, str, str]], k: int = 10) 
     own = scores[np.arange(len(pages)), np.arange(len(pages))]
     rank = (scores > own[:, None]).sum(axis=1)  # pages scoring strictly better than the right one
     return float((rank < k).mean())
+
+
+def wait_for(what: str, check, timeout: float = 90.0, every: float = 0.3):
+    """``check()``'s first truthy value, asked every ``every`` seconds; fails naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)

@@ -18,7 +18,7 @@ import requests
 
 from embray import Collection
 
-from .helpers import REPO, free_port, make_config, mutate, write_corpus, write_rows
+from .helpers import REPO, free_port, make_config, mutate, wait_for, write_corpus, write_rows
 
 ALERTS = REPO / "deploy" / "prometheus" / "embray-alerts.yaml"
 ALERT_TESTS = REPO / "deploy" / "prometheus" / "embray-alerts.test.yaml"
@@ -150,23 +150,13 @@ def _alerts(api: str, name: str) -> list[dict]:
     return [a for a in r.json()["data"]["alerts"] if a["labels"].get("alertname") == name]
 
 
-def _wait(what: str, fn, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
-
-
 @needs_prometheus
 def test_the_staleness_alert_fires_through_a_real_prometheus(live, prometheus):
     col, api = live["col"], prometheus
     # The server exports the configured threshold; no status recorded yet, so nothing is stale.
-    threshold = _wait("the threshold gauge", lambda: _query(api, "max(ray_embray_staleness_threshold)"))
+    threshold = wait_for("the threshold gauge", lambda: _query(api, "max(ray_embray_staleness_threshold)"), 120, 1)
     assert float(threshold[0]["value"][1]) == 0.05
-    assert _wait("serving_alias", lambda: _query(api, "min(ray_embray_serving_alias) == 1"))
+    assert wait_for("serving_alias", lambda: _query(api, "min(ray_embray_serving_alias) == 1"), 120, 1)
     assert not [a for a in _alerts(api, "EmbrayCollectionStale") if a["state"] == "firing"]
 
     # 20% of the rows change; one monitor check records the staleness where the replicas export it.
@@ -175,9 +165,11 @@ def test_the_staleness_alert_fires_through_a_real_prometheus(live, prometheus):
     [check] = col.monitor(iterations=1)
     assert check.staleness.fraction > 0.05 and not check.ok
 
-    firing = _wait(
+    firing = wait_for(
         "EmbrayCollectionStale to fire",
         lambda: [a for a in _alerts(api, "EmbrayCollectionStale") if a["state"] == "firing"],
+        120,
+        1,
     )
     assert firing[0]["labels"]["collection"] == "alerts"
     assert float(firing[0]["value"]) == pytest.approx(check.staleness.fraction, rel=1e-6)

@@ -21,7 +21,7 @@ from embray.registry import VERSION_TAG
 from embray.store import Store
 from embray.versions import list_versions
 
-from .helpers import free_port, make_config, write_corpus
+from .helpers import free_port, make_config, wait_for, write_corpus
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -77,10 +77,10 @@ class MlflowServer:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait_for(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                self.proc.wait_for()
         self.proc = None
 
 
@@ -220,27 +220,18 @@ def test_serve_keeps_answering_while_mlflow_is_down(tmp_path, mlflow_server):
                 return float(ln.rsplit(" ", 1)[1])
         return None
 
-    def wait(what: str, check, timeout: float = 90):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = check()
-            if got:
-                return got
-            time.sleep(0.5)
-        raise AssertionError(f"timed out waiting for {what}")
-
     def search():
         return requests.post(
             f"{url}/v1/collections/outage/search", json={"text": rows["doc-000007"], "k": 3}, timeout=30
         )
 
     try:
-        wait("ready", lambda: requests.get(f"{url}/readyz", timeout=5).status_code == 200)
+        wait_for("ready", lambda: requests.get(f"{url}/readyz", timeout=5).status_code == 200)
         assert requests.get(f"{url}/readyz", timeout=5).json()["mlflow"] == {"ok": True}
-        wait("embray_mlflow_up 1", lambda: mlflow_up() == 1.0)
+        wait_for("embray_mlflow_up 1", lambda: mlflow_up() == 1.0)
 
         mlflow_server.stop()
-        down = wait(
+        down = wait_for(
             "the outage in /readyz",
             lambda: (r := requests.get(f"{url}/readyz", timeout=5).json())["mlflow"]["ok"] is False and r,
         )
@@ -249,10 +240,10 @@ def test_serve_keeps_answering_while_mlflow_is_down(tmp_path, mlflow_server):
         for _ in range(5):  # answers go on from the loaded version
             r = search()
             assert r.status_code == 200 and r.json()["version"] == v1 and r.json()["results"][0]["id"] == "doc-000007"
-        wait("embray_mlflow_up 0", lambda: mlflow_up() == 0.0)
+        wait_for("embray_mlflow_up 0", lambda: mlflow_up() == 0.0)
 
         mlflow_server.start()
-        wait("MLflow back in /readyz", lambda: requests.get(f"{url}/readyz", timeout=5).json()["mlflow"]["ok"])
+        wait_for("MLflow back in /readyz", lambda: requests.get(f"{url}/readyz", timeout=5).json()["mlflow"]["ok"])
         assert search().status_code == 200
     finally:
         serve.shutdown()

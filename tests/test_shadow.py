@@ -15,19 +15,9 @@ from embray.errors import GateError
 from embray.models import ModelSpec
 from embray.shadow import read_shadow
 
-from .helpers import free_port, make_config, write_corpus
+from .helpers import free_port, make_config, wait_for, write_corpus
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
-
-
-def _wait(what: str, check, timeout: float = 90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_shadow_traffic_measures_the_candidate_and_its_gate_refuses_a_weak_one(tmp_path):
@@ -60,21 +50,21 @@ def test_shadow_traffic_measures_the_candidate_and_its_gate_refuses_a_weak_one(t
         )
 
     try:
-        _wait("ready", lambda: requests.get(f"{url}/readyz", timeout=5).status_code == 200)
+        wait_for("ready", lambda: requests.get(f"{url}/readyz", timeout=5).status_code == 200)
         first = search(0)
         assert first.status_code == 200 and first.json()["version"] == v1  # answered by the active version only
-        _wait("the candidate loaded for shadow queries", lambda: read_shadow(col.store, "shadow", v2))
+        wait_for("the candidate loaded for shadow queries", lambda: read_shadow(col.store, "shadow", v2))
         for i in range(1, 41):
             r = search(i)
             assert r.status_code == 200 and r.json()["version"] == v1
             time.sleep(0.05)
-        stats = _wait(
+        stats = wait_for(
             "40 shadow queries", lambda: (s := read_shadow(col.store, "shadow", v2)) and s.queries >= 35 and s
         )
         assert stats.candidate == v2 and stats.replicas == 1 and stats.p99_ms >= stats.p50_ms > 0
         assert 0 < stats.overlap_at_10 < 0.9  # the doc itself is in both top-10s; its neighbours differ
 
-        lines = _wait(
+        lines = wait_for(
             "the shadow series",
             lambda: [
                 ln
