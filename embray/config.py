@@ -186,8 +186,36 @@ class ServeConfig(_Strict):
         '{"version": ...} (loaded on demand, least recently used unloaded first; 1: a pinned query loads its '
         "version, answers and lets it go).",
     )
-    replicas: int = Field(1, ge=1, description="Serve replicas, each holding the version's encoder and shards.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs each replica reserves.")
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="Serve replicas of the ingress deployment (EmbrayServer). With shard_groups 1 each holds the "
+        "version's encoder and all its shards; with more, each holds only the encoder and fans queries out.",
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each ingress replica (EmbrayServer) reserves.")
+    shard_groups: int = Field(
+        1,
+        ge=1,
+        description="Split each version's shards into this many groups, each served by its own deployment "
+        "(EmbrayShardGroup0, 1, ...) whose replicas load only their shards (every G-th shard from g); the ingress "
+        "embeds a text query once, asks every group, and merges the top k by score, then id. 1: one deployment "
+        "holds everything. Use it when a version does not fit one replica's memory.",
+    )
+    group_replicas: int = Field(1, ge=1, description="Replicas of each shard-group deployment (shard_groups > 1).")
+    group_num_cpus: float = Field(1.0, ge=0, description="CPUs each shard-group replica reserves.")
+    group_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="A shard group that has not answered a query within this fails it with 503 naming the group "
+        '(or, for a request with "partial": true, is left out and named in `missing_shards`).',
+    )
+    switch_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="How long the ingress waits, on a new active version, for every shard-group replica to report "
+        "it loaded and warm before it switches; past it the switch is put off to the next check (still serving "
+        "the old version; the reason in the info endpoint's last_error).",
+    )
     max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica works on at once.")
     max_queued_requests: int = Field(64, ge=0, description="Requests queued per caller before 503s (overload).")
     request_timeout_s: float = Field(

@@ -15,6 +15,7 @@ Under the store root (local directory or ``s3://bucket/prefix``)::
     <collection>/_status/status.json                               the monitor's last status
     <collection>/_status/reload.json                               a Serve reload marker
     <collection>/_status/shadow/<version>/<replica>.json           shadow traffic to a candidate, per replica
+    <collection>/_status/groups/<g>/<replica>.json                 what a shard-group replica has loaded
 
 On each machine, ``$EMBRAY_CACHE`` (default ``~/.cache/embray``) holds verified local copies of S3
 version files and the ONNX exports of models.
@@ -118,6 +119,11 @@ def status_file(collection: str) -> str:
 def shadow_dir(collection: str, version: str) -> str:
     """Each Serve replica's shadow-traffic numbers for candidate ``version`` (see embray.shadow)."""
     return f"{collection}/_status/shadow/{version}"
+
+
+def group_status_dir(collection: str, group: int) -> str:
+    """Per-replica files of Serve shard group ``group``: the versions each replica has loaded and warm."""
+    return f"{collection}/_status/groups/{group}"
 
 
 def reload_file(collection: str) -> str:

@@ -47,11 +47,13 @@ class VersionIndex:
         *,
         shared: VersionIndex | None = None,
         group: tuple[int, int] | None = None,
+        encoder_only: bool = False,
     ):
         """``shared``: an open version whose loaded encoder this one may use when their fingerprints are equal
         (a refresh and its parent), instead of loading a second copy of the model. ``group`` = (g, G): open
         only shard group g of G (the shards :func:`group_shards` names), for a replica that serves one part
-        of a version too large for one; :func:`merge_hits` combines the groups' answers."""
+        of a version too large for one; :func:`merge_hits` combines the groups' answers. ``encoder_only``: open
+        no shard (a sharded Serve ingress, which only embeds queries)."""
         from usearch.index import Index
 
         check_consistent(manifest)
@@ -63,7 +65,9 @@ class VersionIndex:
         self.shards: list[tuple[Index, np.ndarray, Any]] = []  # index, keys (sorted), ids (numpy or Arrow)
         mine = set(group_shards(len(manifest.shards), *group)) if group else None
         for s in manifest.shards:
-            if s.rows == 0 or s.index is None or s.embeddings is None or (mine is not None and s.shard not in mine):
+            if encoder_only or s.rows == 0 or s.index is None or s.embeddings is None:
+                continue
+            if mine is not None and s.shard not in mine:
                 continue
             index_path = self._local(file_rel(manifest, s.index), s.index)
             ids_path = self._local(file_rel(manifest, s.embeddings), s.embeddings)

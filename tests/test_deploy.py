@@ -5,6 +5,7 @@ KubeRay manifests' wiring (config, secret, GPU workers, the CLI they call)."""
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,7 +13,7 @@ import yaml
 from embray.cli import cli
 from embray.config import parse_config
 
-from .helpers import REPO
+from .helpers import REPO, make_config
 
 KUBERAY = REPO / "deploy" / "kuberay"
 
@@ -27,6 +28,20 @@ def test_serve_config_is_accepted_by_serves_deploy_schema():
     schema = ServeDeploySchema.model_validate(_yaml(REPO / "serve" / "config.yaml"))
     [app] = schema.applications
     assert app.import_path == "embray.serving:build" and "working_dir" not in (app.runtime_env or {})
+
+
+def test_the_sharded_serve_config_names_the_deployments_the_builder_makes():
+    """serve/config-sharded.yaml overrides, by name, the deployments `application` makes for shard_groups 4."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from embray.serving import application
+
+    schema = ServeDeploySchema.model_validate(_yaml(REPO / "serve" / "config-sharded.yaml"))
+    [app] = schema.applications
+    assert app.import_path == "embray.serving:build"
+    built = application(make_config(Path("/tmp/unused"), serve={"shard_groups": 4, "group_replicas": 2}))
+    made = {built._bound_deployment.name} | {g._bound_deployment.name for g in built._bound_deployment.init_args[1]}
+    assert {d.name for d in app.deployments} == made == {"EmbrayServer"} | {f"EmbrayShardGroup{g}" for g in range(4)}
 
 
 def test_the_rayservice_serves_the_same_application_as_serve_config():

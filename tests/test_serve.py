@@ -16,7 +16,7 @@ import requests
 from embray import Collection
 from embray.models import ModelSpec, fingerprint, load_embedder
 
-from .helpers import REPO, free_port, make_config, mutate, write_corpus, write_rows
+from .helpers import REPO, free_port, make_config, mutate, wait_for, write_corpus, write_rows
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -58,6 +58,10 @@ def served(tmp_path_factory):
     _wait_ready(url)
     yield {"cfg": cfg, "url": url, "v1": v1, "v2": v2, "rows": rows, "changed": changed, "inserted": inserted}
     serve.shutdown()
+
+
+def _info(url: str) -> dict:
+    return requests.get(f"{url}/v1/collections/docs", timeout=10).json()
 
 
 def _search(url, body, **kw):
@@ -449,8 +453,8 @@ def test_a_pinned_query_answers_from_that_version_and_replicas_keep_few(served):
     serve.max_loaded_versions (3: the active one and two pinned) stay loaded; unknown names are 404."""
     url, cfg = served["url"], served["cfg"]
     col = Collection(cfg)
-    info = requests.get(f"{url}/v1/collections/docs", timeout=10).json()
-    active = info["version"]
+    active = col.aliases()["active"]  # served once the poller has seen it (an earlier test may have just moved it)
+    wait_for("the active version served", lambda: _info(url)["version"] == active, timeout=30)
     extra = [col.refresh(parent=served["v1"]).version for _ in range(2)]  # unchanged corpus: cheap versions
     others = [v for v in (served["v1"], served["v2"], *extra) if v != active]
     assert len(others) >= 3
@@ -492,3 +496,115 @@ def test_a_pinned_query_answers_from_that_version_and_replicas_keep_few(served):
     r = _search(url, {"text": text, "version": "no-such-alias"})
     assert r.status_code == 404 and "neither a version id nor an alias" in r.json()["detail"]
     assert requests.get(f"{url}/v1/collections/docs", timeout=10).json()["version"] == active
+
+
+def test_shard_groups_answer_from_one_version_through_a_promotion_and_a_rollback(served, tmp_path):
+    """serve.shard_groups 2 (two replicas each): every answer under load, across a promotion and a rollback,
+    is exactly the whole version's answer for the version it names (never a merge of two versions); a group
+    that cannot answer fails the request with a 503 naming it, or, asked for, a partial answer saying what is
+    missing."""
+    from ray import serve
+
+    from embray.search import VersionIndex, group_shards
+    from embray.serving import application
+    from embray.serving.groups import read_groups
+    from embray.store import Store
+    from embray.versions import file_rel, read_manifest
+
+    rows = write_corpus(tmp_path / "corpus", files=2, rows=100)
+    cfg = make_config(
+        tmp_path,
+        collection="sharded",
+        index={"shards": 4},
+        serve={
+            "shard_groups": 2,
+            "group_replicas": 2,
+            "num_cpus": 0.1,
+            "group_num_cpus": 0.1,
+            "poll_s": 3600,
+            "admin_token": TOKEN,
+        },
+    )
+    col = Collection(cfg)
+    v1 = col.backfill().version
+    changed, inserted, *_ = mutate(rows, 15, 15, 5)
+    write_rows(tmp_path / "corpus", changed, files=2)
+    v2 = col.refresh().version
+    query = changed[sorted(inserted)[0]]
+    expected = {v: [h.id for h in col.index(v).search_text([query], 5)[0]] for v in (v1, v2)}
+    assert expected[v1] != expected[v2]
+    serve.run(application(cfg), name="sharded", route_prefix="/sharded")
+    url = served["url"] + "/sharded"
+    search = f"{url}/v1/collections/sharded/search"
+    log: list[tuple[float, int, str | None, list]] = []
+    stop = threading.Event()
+
+    def client():
+        with requests.Session() as s:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = s.post(search, json={"text": query, "k": 5}, timeout=30)
+                    doc = r.json()
+                    log.append((t0, r.status_code, doc.get("version"), [h["id"] for h in doc.get("results", [])]))
+                except requests.RequestException as e:
+                    log.append((t0, 0, repr(e), []))
+
+    try:
+        _wait_ready(url)
+        info = requests.get(f"{url}/v1/collections/sharded", timeout=10).json()
+        assert info["shard_groups"] == 2 and info["version"] == v1
+        live = read_groups(Store(cfg.store.uri), "sharded", 2)
+        assert [len(live[g]) for g in (0, 1)] == [2, 2] and all(v1 in r.loaded for g in live for r in live[g])
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        reload = {"Authorization": f"Bearer {TOKEN}"}
+        try:
+            time.sleep(1.0)
+            col.promote(v2, reason="sharded cutover")
+            r = requests.post(f"{url}/v1/collections/sharded/reload", headers=reload, timeout=120)
+            assert r.json()["version"] == v2, r.json()
+            t_v2 = time.monotonic()
+            live = read_groups(Store(cfg.store.uri), "sharded", 2)  # two-phase: all had it before the switch
+            assert all(v2 in r.loaded for g in live for r in live[g]) and sum(map(len, live.values())) == 4
+            time.sleep(1.5)
+            t_rollback = time.monotonic()
+            col.rollback(reason="sharded cutover")
+            r = requests.post(f"{url}/v1/collections/sharded/reload", headers=reload, timeout=120)
+            assert r.json()["version"] == v1, r.json()
+            t_v1 = time.monotonic()
+            time.sleep(1.5)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        failed = [e for e in log if e[1] != 200]
+        assert not failed, failed[:5]
+        assert len(log) > 30
+        assert {v for _, _, v, _ in log} == {v1, v2}
+        mixed = [(v, ids) for _, _, v, ids in log if ids != expected[v]]
+        assert not mixed, mixed[:5]
+        assert all(v == v2 for t0, _, v, _ in log if t_v2 < t0 < t_rollback)
+        assert all(v == v1 for t0, _, v, _ in log if t0 > t_v1)
+
+        # A version one group cannot load (a shard file of group 1 lost): 503 naming the group, or partial.
+        write_rows(tmp_path / "corpus", mutate(changed, 3, 3, 0)[0], files=2)
+        v3 = col.refresh().version
+        store = Store(cfg.store.uri)
+        m = read_manifest(store, "sharded", v3)
+        lost = next(s for s in m.shards if s.shard in group_shards(4, 1, 2) and s.index is not None)
+        os.remove(store.path(file_rel(m, lost.index)))
+        r = requests.post(search, json={"text": query, "k": 5, "version": v3}, timeout=60)
+        assert r.status_code == 503, r.text
+        assert "shard group 1 of 2 (EmbrayShardGroup1)" in r.json()["detail"] and "partial" in r.json()["detail"]
+        r = requests.post(search, json={"text": query, "k": 5, "version": v3, "partial": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["partial"] is True and doc["missing_shards"] == group_shards(4, 1, 2) and doc["version"] == v3
+        half = VersionIndex(store, m, group=(0, 2)).search_text([query], 5)[0]
+        assert [h["id"] for h in doc["results"]] == [h.id for h in half]
+        whole = requests.post(search, json={"text": query, "k": 5}, timeout=30).json()
+        assert "partial" not in whole and whole["version"] == v1  # the active version is untouched
+    finally:
+        serve.delete("sharded")

@@ -10,6 +10,12 @@ warms the new version beside the old one, then swaps one reference. A request re
 once, so it is answered wholly from one version; the old version is released when the last request
 holding it finishes. A pinned query's version is loaded on demand beside the active one and kept among
 the ``serve.max_loaded_versions`` (least recently used unloaded first).
+
+With ``serve.shard_groups`` = G > 1 a version is spread over G more deployments (embray.serving.groups): each
+EmbrayServer replica then holds only the encoder, embeds a text query once, asks every group for its top k of
+the version it names (concurrently, through deployment handles) and merges them by score, then id. It
+switches to a new version only once every group replica has it loaded (two-phase), and a group that fails
+or times out fails the request with a 503 that names it, unless the request accepts a ``partial`` answer.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the real types of the route parameters.
@@ -33,20 +39,22 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from embray.collection import Collection
-from embray.config import Config, load_config, parse_config
+from embray.config import Config, load_config
 from embray.errors import ConfigError, EmbrayError, VersionError
 from embray.layout import reload_file
 from embray.registry import ACTIVE, CANDIDATE
-from embray.search import VersionIndex
+from embray.results import Hit
+from embray.search import VersionIndex, group_shards, merge_hits
+from embray.serving.groups import EmbrayShardGroup, group_deployment, not_ready, serve_config
 from embray.serving.metrics import ServeMetrics, ShadowMetrics
 from embray.serving.schemas import CollectionInfo, NotReady, SearchRequest, SearchResponse, errors
+from embray.serving.watch import poll_loop
 from embray.shadow import ShadowRecorder, overlap_at_10
 from embray.versions import is_version_id, read_manifest, utcnow
 
 log = logging.getLogger("embray.serve")
 
 WARMUP_QUERY = "embray warm-up query"
-RELOAD_TICK_S = 1.0  # how often a replica looks for the reload marker another replica wrote
 
 
 @dataclass
@@ -66,6 +74,13 @@ def _secret(configured: str | None, env: str) -> str | None:
     return configured or os.environ.get(env) or None
 
 
+def _first_line(e: BaseException) -> str:
+    """A group's error, without the remote traceback Ray wraps it in."""
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]
+
+
 def _bearer(authorization: str | None) -> str | None:
     if authorization and authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
@@ -83,12 +98,9 @@ app = FastAPI(
 @serve.deployment(name="EmbrayServer", max_ongoing_requests=32, max_queued_requests=64)
 @serve.ingress(app)
 class EmbrayServer:
-    def __init__(self, config: dict[str, Any]):
-        cfg: Config = parse_config(config["data"], base_dir=config.get("base_dir", "."), origin="serve")
-        # A short MLflow budget: a poll that fails comes back at the next one, and serving goes on.
-        quick = {"max_retries": min(cfg.mlflow.max_retries, 1), "timeout_s": min(cfg.mlflow.timeout_s, 5)}
-        mlflow_cfg = cfg.mlflow.model_copy(update=quick)
-        self.cfg = cfg.model_copy(update={"mlflow": mlflow_cfg})
+    def __init__(self, config: dict[str, Any], groups: list | None = None):
+        self.cfg: Config = serve_config(config)  # a short MLflow budget: serving goes on while it is down
+        self.groups = list(groups) if groups else None  # handles of EmbrayShardGroup0..G-1 (shard_groups > 1)
         self.collection = Collection(self.cfg)
         self.store = self.collection.store
         self.current: Loaded | None = None
@@ -104,10 +116,12 @@ class EmbrayServer:
         self.metrics = ServeMetrics(
             self.cfg.collection, stale_threshold=mon.max_stale_fraction, monitor_interval_s=mon.interval_s
         )
-        self.check()  # serve at once if there is an active version; /readyz says when there is one
+        if self.groups is None:  # (with shard groups, the poller's first check waits for the groups instead)
+            self.check()  # serve at once if there is an active version; /readyz says when there is one
         self._stop = threading.Event()
         self._start_shadow()
-        self._poller = threading.Thread(target=self._poll, name="embray-alias-poller", daemon=True)
+        args = (self._stop, self.store, self.cfg.collection, self.cfg.serve.poll_s, self.check, self._every_poll)
+        self._poller = threading.Thread(target=poll_loop, args=args, name="embray-alias-poller", daemon=True)
         self._poller.start()
         threading.Thread(target=self._keep_gauges, name="embray-gauges", daemon=True).start()
 
@@ -137,13 +151,14 @@ class EmbrayServer:
                     self.metrics.alias(target is not None)
                     return False
                 t = time.monotonic()
-                index = self.collection.index(target)
-                index.search_text([WARMUP_QUERY], k=1)  # loads the encoder and touches every shard
+                index = self._open(target)
+                if self.groups is not None:
+                    self._await_groups(target)  # the two-phase switch: every group replica has it first
                 loaded = Loaded(index, utcnow(), time.monotonic() - t)
             except EmbrayError as e:  # read the alias but could not load its version
                 self.last_error = str(e)
                 self.metrics.alias(False)
-                log.error("could not load the active version: %s (still serving %s)", e, self._served_name())
+                log.error("could not switch to the active version: %s (still serving %s)", e, self._served_name())
                 return False
             old = self.current.version if self.current else None
             self.current = loaded  # the switch: one reference; in-flight requests keep the one they read
@@ -152,6 +167,32 @@ class EmbrayServer:
             self.metrics.alias(True)
             log.info("serving %s (was %s); loaded and warmed in %.2fs", loaded.version, old, loaded.load_seconds)
             return True
+
+    def _open(self, version: str) -> VersionIndex:
+        """Open and warm ``version``: its encoder and shards, or with shard groups the encoder only."""
+        if self.groups is None:
+            index = self.collection.index(version)
+            index.search_text([WARMUP_QUERY], k=1)  # loads the encoder and touches every shard
+            return index
+        manifest = read_manifest(self.store, self.cfg.collection, version)
+        shared = self.current.index if self.current else None
+        index = VersionIndex(self.store, manifest, encoder_only=True, shared=shared)
+        index.embedder.embed_queries([WARMUP_QUERY])
+        return index
+
+    def _await_groups(self, version: str) -> None:
+        """Wait until every live replica of every shard group reports ``version`` loaded and warm."""
+        deadline = time.monotonic() + self.cfg.serve.switch_timeout_s
+        while True:
+            why = not_ready(self.store, self.cfg.collection, len(self.groups or ()), version)
+            if not why:
+                return
+            if time.monotonic() > deadline:
+                raise EmbrayError(
+                    f"not switching to {version}: after {self.cfg.serve.switch_timeout_s:.0f}s "
+                    f"(serve.switch_timeout_s) {'; '.join(why)}; tried again at the next check"
+                )
+            time.sleep(0.25)
 
     def _served_name(self) -> str:
         return self.current.version if self.current else "nothing"
@@ -207,7 +248,10 @@ class EmbrayServer:
         if cand is None or not ids or (cur is not None and cand.version == cur.version):
             return
         t = time.perf_counter()
-        got = cand.index.search_text([text], len(ids))[0]
+        if self.groups is None:
+            got = cand.index.search_text([text], len(ids))[0]
+        else:
+            got = self._fan_out_blocking(cand.index, cand.index.embedder.embed_queries([text]), len(ids))
         ms = (time.perf_counter() - t) * 1000
         self.shadow.add(cand.version, overlap_at_10(ids, [h.id for h in got]), ms)  # type: ignore[union-attr]
         self._shadow_metrics.record(cand.version, self.shadow.mean_overlap(cand.version), ms)  # type: ignore[union-attr]
@@ -266,8 +310,9 @@ class EmbrayServer:
             except EmbrayError as e:
                 raise HTTPException(503, f"could not read version {vid}: {e}") from e
             try:  # opened here, not through the Collection's own cache: only self.pinned keeps it loaded
-                index = VersionIndex(self.store, manifest, shared=self.current.index if self.current else None)
-                index.search_text([WARMUP_QUERY], k=1)
+                shared = self.current.index if self.current else None
+                index = VersionIndex(self.store, manifest, shared=shared, encoder_only=self.groups is not None)
+                index.search_text([WARMUP_QUERY], k=1)  # (shard groups load their part on first use)
             except FileNotFoundError as e:
                 raise HTTPException(404, f"version {vid} was collected while it loaded: {e}") from e
             except EmbrayError as e:
@@ -281,43 +326,16 @@ class EmbrayServer:
                     log.info("unloaded pinned version %s (serve.max_loaded_versions)", old)
             return loaded
 
-    def _reload_marker(self) -> bytes | None:
-        try:
-            return self.store.read_bytes(reload_file(self.cfg.collection))
-        except (FileNotFoundError, EmbrayError):
-            return None
-
-    def _poll(self) -> None:
-        """Every ``poll_s``: check the alias and export the monitor's status. Every second (or ``poll_s``
-        if shorter): look at the reload marker, so a reload sent to one replica reaches them all."""
-        seen = self._reload_marker()
-        tick = min(RELOAD_TICK_S, self.cfg.serve.poll_s)
-        next_poll = 0.0
-        while True:
-            now = time.monotonic()
-            due = now >= next_poll
+    def _every_poll(self) -> None:
+        """After each scheduled alias check: write the shadow numbers and export the monitor's status."""
+        if self.shadow is not None:
             try:
-                marker = self._reload_marker()
-                if due or marker != seen:
-                    seen = marker
-                    self.check()
-            except Exception as e:  # noqa: BLE001 - the poller must outlive a bad check
-                log.exception("alias check failed: %s", e)
-            if due:
-                next_poll = now + self.cfg.serve.poll_s
-                if self.shadow is not None:
-                    try:
-                        self.shadow.write(self.store, self.cfg.collection, self._replica)
-                    except Exception as e:  # noqa: BLE001 - written again at the next poll
-                        log.warning("cannot write the shadow-traffic numbers: %s", e)
-                try:
-                    st = self.collection.last_status()
-                    if st:
-                        self.metrics.status(st)
-                except Exception as e:  # noqa: BLE001 - a bad status file must not stop alias checks
-                    log.warning("cannot export the monitor's status: %s", e)
-            if self._stop.wait(tick):
-                return
+                self.shadow.write(self.store, self.cfg.collection, self._replica)
+            except Exception as e:  # noqa: BLE001 - written again at the next poll
+                log.warning("cannot write the shadow-traffic numbers: %s", e)
+        st = self.collection.last_status()
+        if st:
+            self.metrics.status(st)
 
     def _keep_gauges(self) -> None:
         """Ray drops a gauge ~20-30 s after its last set: keep every state gauge set, every second, on a
@@ -370,7 +388,10 @@ class EmbrayServer:
             return JSONResponse(
                 {"ready": False, "reason": why or "no active version yet", "mlflow": mlflow}, status_code=503
             )
-        return {"ready": True, "version": cur.version, "mlflow": mlflow}
+        doc = {"ready": True, "version": cur.version, "mlflow": mlflow}
+        if self.groups is not None:
+            doc["shard_groups"] = len(self.groups)
+        return doc
 
     @app.get(
         "/v1/collections/{name}",
@@ -395,6 +416,7 @@ class EmbrayServer:
             last_check=self.last_check,
             last_error=self.last_error,
             pinned=list(self.pinned),
+            shard_groups=len(self.groups or ()) or 1,
         )
 
     @app.post(
@@ -413,6 +435,7 @@ class EmbrayServer:
         # Inline on the event loop, not in a thread: a replica has one CPU, so queries run one at a time
         # either way, and a thread hop costs about 1 ms (bench/serve.py). Version loads stay off the loop.
         t = time.perf_counter()
+        self._loop = asyncio.get_running_loop()  # for the shadow thread's fan-out (shard groups)
         pinned = None
         if body.version is not None:
             try:
@@ -425,9 +448,9 @@ class EmbrayServer:
                 endpoint = "text" if body.text is not None else "vector"
                 self.metrics.record(endpoint, None, str(e.status_code), (time.perf_counter() - t) * 1000)
                 raise
-        return self._search(name, body, authorization, x_api_key, pinned, t)
+        return await self._search(name, body, authorization, x_api_key, pinned, t)
 
-    def _search(
+    async def _search(
         self,
         name: str,
         body: SearchRequest,
@@ -452,9 +475,7 @@ class EmbrayServer:
                         f"text has {len(body.text)} characters; the limit is "
                         f"{self.cfg.serve.max_text_chars} (serve.max_text_chars)",
                     )
-                hits = idx.search_text([body.text], body.k)[0]
-                if pinned is None:
-                    self._shadow_offer(body.text, [h.id for h in hits])
+                q = idx.embedder.embed_queries([body.text])
             else:
                 if body.fingerprint != idx.fingerprint:
                     raise HTTPException(
@@ -471,16 +492,24 @@ class EmbrayServer:
                     raise HTTPException(422, "vector has NaN or infinite values")
                 import numpy as np
 
-                hits = idx.search_vectors(np.asarray([body.vector], dtype=np.float32), body.k)[0]
+                q = np.asarray([body.vector], dtype=np.float32)
+            if self.groups is None:
+                hits, missing = idx.search_vectors(q, body.k)[0], None
+            else:
+                hits, missing = await self._fan_out(idx, q, body.k, body.partial)
+            if body.text is not None and pinned is None:
+                self._shadow_offer(body.text, [h.id for h in hits])
             ms = (time.perf_counter() - t) * 1000
             self.metrics.record(endpoint, version, "ok", ms)
             # The SearchResponse shape (the route's documented response_model), serialised directly.
-            doc = {
+            doc: dict[str, Any] = {
                 "version": idx.version,
                 "fingerprint": idx.fingerprint,
                 "results": [{"id": h.id, "score": round(h.score, 6)} for h in hits],
                 "took_ms": round(ms, 3),
             }
+            if missing:
+                doc.update(partial=True, missing_shards=missing)
             return Response(json.dumps(doc, separators=(",", ":")), media_type="application/json")
         except HTTPException as e:
             self.metrics.record(endpoint, version, str(e.status_code), (time.perf_counter() - t) * 1000)
@@ -488,6 +517,50 @@ class EmbrayServer:
         except VersionError as e:
             self.metrics.record(endpoint, version, "error", (time.perf_counter() - t) * 1000)
             raise HTTPException(500, str(e)) from e
+
+    # --- shard groups (serve.shard_groups > 1) ------------------------------------------------
+    async def _fan_out(self, idx: VersionIndex, q, k: int, partial: bool) -> tuple[list[Hit], list[int]]:
+        """Ask every shard group for its top k of ``idx``'s version, concurrently, and merge."""
+        assert self.groups is not None
+        limit = self.cfg.serve.group_timeout_s
+
+        async def ask(handle):
+            response = handle.search.remote(idx.version, q, k)
+            try:
+                return await response
+            except asyncio.CancelledError:
+                response.cancel()
+                raise
+
+        tasks = [asyncio.ensure_future(ask(h)) for h in self.groups]
+        _, pending = await asyncio.wait(tasks, timeout=limit)
+        answers: dict[int, list[list[Hit]]] = {}
+        failed: dict[int, str] = {}
+        for g, task in enumerate(tasks):
+            if task in pending:
+                task.cancel()
+                failed[g] = f"no answer within {limit:g}s (serve.group_timeout_s)"
+            elif task.exception() is not None:
+                failed[g] = _first_line(task.exception())
+            else:
+                answers[g] = task.result()
+        return self._merge(idx, answers, failed, k, partial)
+
+    def _fan_out_blocking(self, idx: VersionIndex, q, k: int) -> list[Hit]:
+        """:meth:`_fan_out` from a thread off the event loop (shadow traffic), run on the replica's loop:
+        handles made with RAY_SERVE_THROUGHPUT_OPTIMIZED work only there."""
+        limit = self.cfg.serve.group_timeout_s + 1
+        return asyncio.run_coroutine_threadsafe(self._fan_out(idx, q, k, False), self._loop).result(limit)[0]
+
+    def _merge(self, idx: VersionIndex, answers: dict, failed: dict[int, str], k: int, partial: bool):
+        groups = len(self.groups or ())
+        if failed and (not partial or not answers):
+            what = "; ".join(f"shard group {g} of {groups} ({group_deployment(g)}): {why}" for g, why in failed.items())
+            hint = "" if partial else '; ask again, or send "partial": true to accept the other groups\' answers'
+            raise HTTPException(503, f"no complete answer from version {idx.version}: {what}{hint}")
+        shards = len(idx.manifest.shards)
+        missing = sorted(s for g in failed for s in group_shards(shards, g, groups))
+        return merge_hits([a[0] for a in answers.values()], k), missing
 
     @app.post(
         "/v1/collections/{name}/reload",
@@ -527,12 +600,26 @@ def build(args: dict[str, Any]):
 
 
 def application(cfg: Config, base_dir: str = "."):
-    """The bound application for ``cfg`` (replicas and limits from ``cfg.serve``)."""
-    data = cfg.model_dump(mode="json")
+    """The bound application for ``cfg`` (replicas and limits from ``cfg.serve``): the ingress EmbrayServer and,
+    with ``serve.shard_groups`` G > 1, the deployments EmbrayShardGroup0..G-1 it fans out to (made from the
+    embray config alone, so a deploy config only overrides their autoscaling by name)."""
+    payload = {"data": cfg.model_dump(mode="json"), "base_dir": base_dir}
     s = cfg.serve
-    return EmbrayServer.options(
+    G = s.shard_groups
+    groups = [
+        EmbrayShardGroup.options(
+            name=group_deployment(g),
+            num_replicas=s.group_replicas,
+            max_ongoing_requests=s.max_ongoing_requests,
+            max_queued_requests=s.max_queued_requests,
+            ray_actor_options={"num_cpus": s.group_num_cpus},
+        ).bind(payload, g, G)
+        for g in range(G)
+    ]
+    ingress = EmbrayServer.options(
         num_replicas=s.replicas,
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": s.num_cpus},
-    ).bind({"data": data, "base_dir": base_dir})
+    )
+    return ingress.bind(payload, groups) if G > 1 else ingress.bind(payload)

@@ -34,6 +34,12 @@ class SearchRequest(BaseModel):
         "active one: loaded on demand, kept while among the replica's `serve.max_loaded_versions`.",
         min_length=1,
     )
+    partial: bool = Field(
+        False,
+        description="With shard groups (serve.shard_groups > 1): accept an answer from the groups that replied "
+        "when one fails or times out; the response then has `partial: true` and `missing_shards`. Without it, "
+        "such a request gets 503 naming the group.",
+    )
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
@@ -56,6 +62,12 @@ class SearchResponse(BaseModel):
     fingerprint: str = Field(description="Its vector space.")
     results: list[HitModel] = Field(description="Best first.")
     took_ms: float
+    partial: bool | None = Field(
+        None, description='Only on a "partial" request that some shard group failed: true (absent otherwise).'
+    )
+    missing_shards: list[int] | None = Field(
+        None, description="With `partial`: the shards whose rows the results could not include."
+    )
 
 
 class CollectionInfo(BaseModel):
@@ -72,6 +84,7 @@ class CollectionInfo(BaseModel):
     pinned: list[str] = Field(
         default_factory=list, description="Other versions loaded for pinned queries, least recently used first."
     )
+    shard_groups: int = Field(1, description="Shard groups the version is spread over (serve.shard_groups).")
 
 
 class ErrorBody(BaseModel):
@@ -100,6 +113,7 @@ def errors(*codes: int) -> dict[int, dict[str, Any]]:
         422: "the request is malformed: not exactly one of text / vector, a vector without its fingerprint, an "
         "unknown field, k outside 1..1000, wrong vector dimensions, or NaN / infinite values",
         500: "an unexpected error (the server's log has it)",
-        503: "no version is loaded yet (or Serve is overloaded: max_queued_requests)",
+        503: "no version is loaded yet, a shard group failed or timed out (named; send partial to accept the rest), "
+        "or Serve is overloaded (max_queued_requests)",
     }
     return {c: {"model": ErrorBody, "description": what[c]} for c in codes}

@@ -1,0 +1,253 @@
+"""Shard groups (``serve.shard_groups`` = G > 1): a version too large for one replica, served by G deployments.
+
+Deployment ``EmbrayShardGroup<g>`` holds shard group g of the versions it is asked about (every G-th shard
+from g, :func:`embray.search.group_shards`) and answers vector queries that name their version: it never
+answers from a version the query did not name. Each replica
+
+- loads the `active` version at start and, like the ingress, follows the alias (``serve.poll_s``, and the
+  reload marker within a second), loading a new version *beside* the ones it holds;
+- loads any other committed version a query names on demand (a pinned query, the candidate's shadow
+  traffic), at most ``serve.max_loaded_versions`` at once (least recently used let go first);
+- lets a version go once no query has named it for ``UNLOAD_IDLE_S`` (the alias has moved on and the
+  ingress has switched); a request still running holds its own reference, so it finishes on that version;
+- writes what it holds to ``<collection>/_status/groups/<g>/<replica>.json`` every ``HEARTBEAT_S``.
+
+The ingress switches to a new version only when every live replica of every group lists it there (the
+two-phase switch), so no query waits on a load and no answer mixes versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from embray.collection import Collection
+from embray.config import Config, parse_config
+from embray.errors import EmbrayError
+from embray.layout import group_status_dir
+from embray.registry import ACTIVE
+from embray.results import Hit
+from embray.search import VersionIndex
+from embray.serving.watch import poll_loop
+from embray.store import Store
+from embray.versions import read_manifest, utcnow
+
+log = logging.getLogger("embray.serve")
+
+HEARTBEAT_S = 2.0  # a group replica rewrites its status file this often
+STALE_S = 10.0  # a status file older than this is a replica that is gone (or stuck): not counted
+PRUNE_S = 3600.0  # a starting replica deletes its group's status files older than this
+UNLOAD_IDLE_S = 10.0  # a version no query named for this long, and not the alias's, is let go
+
+
+def replica_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def group_deployment(g: int) -> str:
+    return f"EmbrayShardGroup{g}"
+
+
+def serve_config(config: dict[str, Any]) -> Config:
+    """A replica's config: Serve's short MLflow budget (a poll that fails comes back at the next one)."""
+    cfg: Config = parse_config(config["data"], base_dir=config.get("base_dir", "."), origin="serve")
+    quick = {"max_retries": min(cfg.mlflow.max_retries, 1), "timeout_s": min(cfg.mlflow.timeout_s, 5)}
+    return cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update=quick)})
+
+
+@dataclass(frozen=True)
+class GroupReplica:
+    """One shard-group replica, as its status file says."""
+
+    group: int
+    replica: str
+    loaded: tuple[str, ...]
+    age_s: float
+
+
+def read_groups(store: Store, collection: str, groups: int) -> dict[int, list[GroupReplica]]:
+    """The live replicas of each group 0..groups-1 (status files younger than STALE_S)."""
+    now = time.time()
+    out: dict[int, list[GroupReplica]] = {}
+    for g in range(groups):
+        d = group_status_dir(collection, g)
+        out[g] = []
+        for name in store.listdir(d):
+            if not name.endswith(".json"):
+                continue
+            try:
+                doc = json.loads(store.read_bytes(f"{d}/{name}"))
+            except (FileNotFoundError, ValueError, EmbrayError):
+                continue  # being replaced, or removed by a replica that stopped
+            age = now - float(doc.get("ts", 0))
+            if age <= STALE_S:
+                out[g].append(GroupReplica(g, doc["replica"], tuple(doc.get("loaded", ())), age))
+    return out
+
+
+def not_ready(store: Store, collection: str, groups: int, version: str) -> list[str]:
+    """Why ``version`` cannot be switched to yet: a group with no live replica, or a live replica that has
+    not loaded it (empty: every live replica of every group holds it, loaded and warm)."""
+    why = []
+    for g, replicas in read_groups(store, collection, groups).items():
+        if not replicas:
+            why.append(f"shard group {g} ({group_deployment(g)}) has no live replica")
+        why += [
+            f"{group_deployment(g)} replica {r.replica} has not loaded it" for r in replicas if version not in r.loaded
+        ]
+    return why
+
+
+@serve.deployment(name="EmbrayShardGroup", max_ongoing_requests=32, max_queued_requests=64)
+class EmbrayShardGroup:
+    """Shard group ``group`` of ``groups``; called by the ingress (EmbrayServer) through a deployment handle."""
+
+    def __init__(self, config: dict[str, Any], group: int, groups: int):
+        self.cfg = serve_config(config)
+        self.group, self.groups = group, groups
+        self.collection = Collection(self.cfg)
+        self.store = self.collection.store
+        self.replica = replica_name()
+        self.loaded: OrderedDict[str, tuple[VersionIndex, float]] = OrderedDict()  # version -> (index, last named)
+        self.target: str | None = None
+        self._lock = threading.Lock()  # guards self.loaded
+        self._load = threading.Lock()  # one load at a time
+        self._stop = threading.Event()
+        self._prune()
+        self.check()  # warm with the active version before Serve routes anything here
+        self._heartbeat()
+        args = (self._stop, self.store, self.cfg.collection, self.cfg.serve.poll_s, self.check)
+        kw = {"every_tick": self._tick}
+        threading.Thread(target=poll_loop, args=args, kwargs=kw, name="embray-group-poller", daemon=True).start()
+
+    # --- what the ingress calls ---------------------------------------------------------------
+    async def search(self, version: str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top k of this group's shards of ``version`` for each query row (loaded first if need be).
+
+        On the replica's event loop (a thread hop costs ~0.5 ms a call, bench/serve_groups.py); a version
+        that has to be loaded first is loaded off it, so queries for the loaded ones go on meanwhile."""
+        index = self._held(version) or await asyncio.to_thread(self._open, version)
+        return index.search_vectors(vectors, k)
+
+    def loaded_versions(self) -> list[str]:
+        with self._lock:
+            return list(self.loaded)
+
+    # --- loading and letting go -----------------------------------------------------------------
+    def _held(self, version: str) -> VersionIndex | None:
+        """``version`` if it is loaded (marked as just used), else None."""
+        with self._lock:
+            got = self.loaded.get(version)
+            if got is None:
+                return None
+            self.loaded[version] = (got[0], time.monotonic())
+            self.loaded.move_to_end(version)
+            return got[0]
+
+    def _open(self, version: str) -> VersionIndex:
+        with self._load:
+            with self._lock:
+                got = self.loaded.get(version)
+            if got is not None:
+                return got[0]
+            t = time.monotonic()
+            manifest = read_manifest(self.store, self.cfg.collection, version)  # VersionError: not committed
+            index = VersionIndex(self.store, manifest, group=(self.group, self.groups))
+            if index.shards:  # touch every shard (its pages) before the first real query
+                q = np.ones((1, manifest.dims), dtype=np.float32) / np.sqrt(manifest.dims)
+                index.search_vectors(q, 1)
+            with self._lock:
+                self.loaded[version] = (index, time.monotonic())
+                self._trim()
+            log.info(
+                "%s loaded %s (%d shards) in %.2fs",
+                group_deployment(self.group),
+                version,
+                len(index.shards),
+                time.monotonic() - t,
+            )
+        self._heartbeat()
+        return index
+
+    def _trim(self) -> None:
+        """Keep at most serve.max_loaded_versions, the alias's version always (caller holds the lock)."""
+        while len(self.loaded) > self.cfg.serve.max_loaded_versions:
+            old = next((v for v in self.loaded if v != self.target), None)
+            if old is None:
+                return
+            del self.loaded[old]
+            log.info("%s let go of %s (serve.max_loaded_versions)", group_deployment(self.group), old)
+
+    def check(self) -> None:
+        """Load the version the `active` alias names, beside the ones held."""
+        try:
+            target = self.collection.aliases().get(ACTIVE)
+        except EmbrayError as e:  # MLflow down: queries name their version; nothing to do until it is back
+            log.warning("cannot read the active alias: %s", e)
+            return
+        self.target = target
+        if target is not None:
+            try:
+                self._held(target) or self._open(target)
+            except EmbrayError as e:
+                log.error("%s could not load the active version %s: %s", group_deployment(self.group), target, e)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            idle = [v for v, (_, used) in self.loaded.items() if v != self.target and now - used > UNLOAD_IDLE_S]
+            for v in idle:
+                del self.loaded[v]  # a request still running on it holds its own reference
+        for v in idle:
+            log.info("%s let go of %s (no query named it for %.0fs)", group_deployment(self.group), v, UNLOAD_IDLE_S)
+        if idle or now - getattr(self, "_beat", 0.0) >= HEARTBEAT_S:
+            self._heartbeat()
+
+    # --- the status file ------------------------------------------------------------------------
+    def _status_rel(self) -> str:
+        return f"{group_status_dir(self.cfg.collection, self.group)}/{self.replica}.json"
+
+    def _heartbeat(self) -> None:
+        doc = {
+            "group": self.group,
+            "replica": self.replica,
+            "loaded": self.loaded_versions(),
+            "target": self.target,
+            "ts": time.time(),
+            "at": utcnow(),
+        }
+        try:
+            self.store.write_bytes(self._status_rel(), json.dumps(doc).encode())
+            self._beat = time.monotonic()
+        except EmbrayError as e:  # the ingress waits for it (switch_timeout_s) and says why
+            log.warning("cannot write the shard-group status file: %s", e)
+
+    def _prune(self) -> None:
+        d = group_status_dir(self.cfg.collection, self.group)
+        now = time.time()
+        for name in self.store.listdir(d):
+            try:
+                if now - float(json.loads(self.store.read_bytes(f"{d}/{name}")).get("ts", 0)) > PRUNE_S:
+                    self.store.delete(f"{d}/{name}")
+            except (FileNotFoundError, ValueError, EmbrayError):
+                continue
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+            try:  # gone at once instead of STALE_S later
+                self.store.delete(self._status_rel())
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
