@@ -79,8 +79,8 @@ def build(args: argparse.Namespace) -> None:
     from embray.demo import write_demo
 
     work, cfg = config(args, 1)
-    if (work / "store").exists():
-        return
+    if list((work / "store").glob("*/versions/*/manifest.json")):
+        return  # built (a failed build leaves no manifest)
     if not (work / "demo").exists():
         write_demo(work / "demo", docs=10_000, files=1)
     docs = pq.read_table(work / "demo" / "corpus").column("text").to_pylist()

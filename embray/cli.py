@@ -102,6 +102,8 @@ def backfill(config_path: str, no_promote: bool, as_json: bool) -> None:
 def _estimate_human(e: dict[str, Any]) -> str:
     size = f"{e['bytes_added'] / 1e6:.1f} MB" if e["bytes_added"] is not None else "unknown"
     shards = f"shards: {e['shards_rebuilt']} rebuilt, {e['shards_updated']} updated, {e['shards_reused']} reused"
+    if e.get("shards_delta"):
+        shards += f", {e['shards_delta']} delta"
     if e["seconds"] is None:
         return f"\n  {shards}; store +{size}\n  time: {e['basis']}"
     return (

@@ -48,6 +48,7 @@ from embray.results import (
 )
 from embray.runtime import init_ray
 from embray.search import VersionIndex
+from embray.segments import read_tombstones
 from embray.store import Store
 from embray.verify import verify as _verify
 from embray.versions import Manifest, file_rel, is_version_id, list_versions, read_manifest
@@ -431,10 +432,22 @@ class Collection:
         import ray.data
 
         m = self.manifest(version)
-        paths = [self.store.path(file_rel(m, s.embeddings)) for s in m.shards if s.embeddings and s.rows]
+        paths, dead = [], {}
+        for s in m.shards:
+            if not s.rows:
+                continue
+            tomb = read_tombstones(self.store, file_rel(m, s.tombstones) if s.tombstones else None)
+            for emb, _, _ in s.parts:  # the base, then delta segments
+                paths.append(self.store.path(file_rel(m, emb)))
+                if len(tomb):
+                    dead[paths[-1]] = tomb
         init_ray(self.config.ray)
         fs = self.store.pyarrow_fs() if self.store.remote else None
-        return ray.data.read_parquet(paths, filesystem=fs, columns=["id", "content_hash", "vector"])
+        columns = ["id", "content_hash", "vector"]
+        if not dead:
+            return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+        ds = ray.data.read_parquet(paths, filesystem=fs, columns=[*columns, "key"], include_paths=True)
+        return ds.map_batches(_LiveOnly(dead), batch_format="pyarrow").select_columns(columns)
 
     # --- monitoring -----------------------------------------------------------------------------
     def status(self, *, verify: bool = True, staleness: bool = True) -> StatusReport:
@@ -558,3 +571,26 @@ class Collection:
 
     def _alias_moved(self) -> None:
         self._active = None
+
+
+class _LiveOnly:
+    """A dataset() batch less its tombstoned rows (``dead``: a part's path -> its shard's dead keys)."""
+
+    def __init__(self, dead: dict[str, Any]):
+        self.dead = dead
+
+    def __call__(self, batch):
+        import numpy as np
+        import pyarrow as pa
+
+        paths = batch.column("path").to_pylist()
+        keys = batch.column("key").to_numpy().astype(np.uint64)
+        keep = np.ones(len(keys), dtype=bool)
+        for path in set(paths):
+            dead = self.dead.get(path)
+            if dead is None:
+                dead = next((d for p, d in self.dead.items() if path.endswith(p) or p.endswith(path)), None)
+            if dead is not None:
+                rows = np.asarray([p == path for p in paths])
+                keep &= ~(rows & np.isin(keys, dead))
+        return batch.filter(pa.array(keep))

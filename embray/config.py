@@ -76,6 +76,18 @@ class IndexConfig(_Strict):
     connectivity: int = Field(16, ge=2, le=256, description="HNSW graph degree (M).")
     expansion_add: int = Field(128, ge=1, description="HNSW ef at build time.")
     expansion_search: int = Field(64, ge=1, description="HNSW ef at query time.")
+    max_delta_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="A refresh leaves a shard's index as it is and writes a delta segment (the new and changed "
+        "rows, with an index of their own) and tombstones (the keys changed or deleted) while the shard's segment "
+        "rows and its tombstones each stay within this fraction of its base rows; past it, or past max_segments, "
+        "the refresh compacts the shard (rebuilds it whole, nothing re-embedded). 0: never segments.",
+    )
+    max_segments: int = Field(
+        8, ge=0, description="Delta segments a shard may accumulate before a refresh compacts it (0: never segments)."
+    )
 
 
 class EmbedConfig(_Strict):
@@ -227,6 +239,15 @@ class ServeConfig(_Strict):
     )
     url: str | None = Field(None, description="Where the deployed endpoint answers (for `embray status`).")
     shadow: ShadowConfig = Field(default_factory=ShadowConfig, description="Shadow traffic to the candidate.")
+
+    @model_validator(mode="after")
+    def _room_for_two_versions(self) -> ServeConfig:
+        if self.shard_groups > 1 and self.max_loaded_versions < 2:
+            raise ValueError(
+                "serve.shard_groups > 1: a group replica holds the old and the new version during a switch; set "
+                "serve.max_loaded_versions to 2 or more (default 3)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _room_for_the_candidate(self) -> ServeConfig:

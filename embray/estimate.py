@@ -98,6 +98,7 @@ def estimate(
         to_embed=to_embed,
         shards_rebuilt=shards.get("rebuilt", 0),
         shards_updated=shards.get("updated", 0),
+        shards_delta=shards.get("delta", 0),
         shards_reused=shards.get("reused", 0),
         seconds=round(seconds, 1) if seconds is not None else None,
         texts_per_s=round(texts_per_s, 1) if texts_per_s is not None else None,

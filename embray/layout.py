@@ -5,6 +5,9 @@ Under the store root (local directory or ``s3://bucket/prefix``)::
     <collection>/versions/<version>/manifest.json                  written last, create-only
     <collection>/versions/<version>/embeddings/shard-00000.parquet id, key, content_hash, vector
     <collection>/versions/<version>/shards/shard-00000.usearch     USearch HNSW index
+    <collection>/versions/<version>/embeddings/shard-00000-seg001.parquet, shards/shard-00000-seg001.usearch
+                                                                   a delta segment (rows a refresh added or changed)
+    <collection>/versions/<version>/tombstones/shard-00000.parquet key: the shard's dead keys (base and segments)
     <collection>/versions/<version>/rejects/shard-00000.parquet    id, text, path, reason
     <collection>/versions/<version>/_staging/{scan,plan,need}/...  a build's work files, deleted on commit
     <collection>/cache/<fingerprint>/shard-00000-of-00004/<digest>.parquet   content_hash, vector
@@ -15,7 +18,7 @@ Under the store root (local directory or ``s3://bucket/prefix``)::
     <collection>/_status/status.json                               the monitor's last status
     <collection>/_status/reload.json                               a Serve reload marker
     <collection>/_status/shadow/<version>/<replica>.json           shadow traffic to a candidate, per replica
-    <collection>/_status/groups/<g>/<replica>.json                 what a shard-group replica has loaded
+    <collection>/_status/groups/G<G>/<g>/<replica>.json            what a shard-group replica has loaded
 
 On each machine, ``$EMBRAY_CACHE`` (default ``~/.cache/embray``) holds verified local copies of S3
 version files and the ONNX exports of models.
@@ -86,13 +89,17 @@ def source_state_name(sha256: str) -> str:
     return f"{sha256[:32]}.parquet"
 
 
-def embeddings_name(shard: int) -> str:
-    """Relative to the version directory."""
-    return f"embeddings/shard-{shard:05d}.parquet"
+def embeddings_name(shard: int, segment: str = "") -> str:
+    """Relative to the version directory (``segment``: e.g. "-seg002" for a shard's second delta segment)."""
+    return f"embeddings/shard-{shard:05d}{segment}.parquet"
 
 
-def index_name(shard: int) -> str:
-    return f"shards/shard-{shard:05d}.usearch"
+def index_name(shard: int, segment: str = "") -> str:
+    return f"shards/shard-{shard:05d}{segment}.usearch"
+
+
+def tombstones_name(shard: int) -> str:
+    return f"tombstones/shard-{shard:05d}.parquet"
 
 
 def rejects_name(shard: int) -> str:
@@ -121,9 +128,9 @@ def shadow_dir(collection: str, version: str) -> str:
     return f"{collection}/_status/shadow/{version}"
 
 
-def group_status_dir(collection: str, group: int) -> str:
-    """Per-replica files of Serve shard group ``group``: the versions each replica has loaded and warm."""
-    return f"{collection}/_status/groups/{group}"
+def group_status_dir(collection: str, groups: int, group: int) -> str:
+    """Per-replica files of Serve shard group ``group`` of ``groups``: the versions each has loaded and warm."""
+    return f"{collection}/_status/groups/G{groups}/{group}"
 
 
 def reload_file(collection: str) -> str:

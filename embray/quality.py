@@ -35,11 +35,12 @@ from embray.models import fingerprint, load_embedder
 from embray.registry import ACTIVE, CANDIDATE
 from embray.results import AuditReport, EvalReport, Gate, GateReport, Hit
 from embray.search import VersionIndex
+from embray.segments import ShardFiles, live_mask, live_rows
 from embray.shadow import read_shadow
 from embray.store import Store, list_source_files
 from embray.vectors import to_numpy
 from embray.verify import problems as verify_problems
-from embray.versions import Manifest, file_rel, read_manifest
+from embray.versions import Manifest, read_manifest
 
 log = logging.getLogger("embray")
 
@@ -95,15 +96,15 @@ def load_queries(path: str | Path) -> list[LabelledQuery]:
 
 def _sample_keys(vi: VersionIndex, n: int, rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
     """(shard position, keys) of about ``n`` stored rows, spread over shards by size."""
-    sizes = np.array([len(ids) for _, _, ids in vi.shards], dtype=float)
+    live = [keys[live_mask(keys, dead)] for _, keys, _, dead in vi.shards]  # a part's keys less tombstones
+    sizes = np.array([len(keys) for keys in live], dtype=float)
     if not sizes.sum():
         return []
     picks = rng.choice(len(sizes), size=min(n, int(sizes.sum())), p=sizes / sizes.sum())
     out = []
-    for pos in range(len(sizes)):
+    for pos, keys in enumerate(live):
         take = int((picks == pos).sum())
         if take:
-            keys = vi.shards[pos][1]
             out.append((pos, rng.choice(keys, size=min(take, len(keys)), replace=False)))
     return out
 
@@ -331,18 +332,20 @@ def _stored_sample(store: Store, manifest: Manifest, n: int, rng: random.Random)
     out: dict[Any, tuple[str, np.ndarray]] = {}
     for s in shards:
         take = min(s.rows, max(1, round(n * s.rows / total)))
-        path = store.path(file_rel(manifest, s.embeddings))
-        ids = pq.read_table(path, columns=["id"], filesystem=store.pyarrow_fs()).column("id").to_pylist()
-        chosen = rng.sample(ids, take)
-        t = pq.read_table(
-            path,
-            columns=["id", "content_hash", "vector"],
-            filesystem=store.pyarrow_fs(),
-            filters=[("id", "in", chosen)],
-        )
-        vecs = to_numpy(t.column("vector"), manifest.dims)
-        for i, h, v in zip(t.column("id").to_pylist(), t.column("content_hash").to_pylist(), vecs, strict=True):
-            out[i] = (h, v)
+        files = ShardFiles.of(manifest, s)
+        live = live_rows(store, files, ["id", "key"])  # base + segments - tombstones
+        by_id = dict(zip(live.column("id").to_pylist(), live.column("key").to_pylist(), strict=True))
+        keys = [by_id[i] for i in rng.sample(list(by_id), take)]
+        for rel in files.parts:
+            t = pq.read_table(
+                store.path(rel),
+                columns=["id", "content_hash", "vector"],
+                filesystem=store.pyarrow_fs(),
+                filters=[("key", "in", keys)],
+            )
+            vecs = to_numpy(t.column("vector"), manifest.dims)
+            for i, h, v in zip(t.column("id").to_pylist(), t.column("content_hash").to_pylist(), vecs, strict=True):
+                out[i] = (h, v)
     return out
 
 

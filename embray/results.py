@@ -125,6 +125,7 @@ class Estimate(_Result):
     gpu_hours: float | None
     bytes_added: int | None  # store bytes of the new embeddings parts and index shards
     basis: str
+    shards_delta: int = 0  # shards that get a delta segment and tombstones (index.max_delta_fraction)
 
 
 @dataclass(frozen=True)

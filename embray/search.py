@@ -62,24 +62,28 @@ class VersionIndex:
         self.metric = manifest.index.get("metric", "cos")
         same_space = shared is not None and shared.fingerprint == manifest.fingerprint
         self._embedder: Embedder | None = shared.loaded_embedder if same_space else None
-        self.shards: list[tuple[Index, np.ndarray, Any]] = []  # index, keys (sorted), ids (numpy or Arrow)
+        # One entry per part (a shard's base, then its delta segments): index, keys (sorted), ids (numpy or
+        # Arrow), and the shard's dead keys (sorted; empty without tombstones).
+        self.shards: list[tuple[Index, np.ndarray, Any, np.ndarray]] = []
         mine = set(group_shards(len(manifest.shards), *group)) if group else None
         for s in manifest.shards:
-            if encoder_only or s.rows == 0 or s.index is None or s.embeddings is None:
+            if encoder_only or s.rows == 0 or not s.parts:
                 continue
             if mine is not None and s.shard not in mine:
                 continue
-            index_path = self._local(file_rel(manifest, s.index), s.index)
-            ids_path = self._local(file_rel(manifest, s.embeddings), s.embeddings)
-            index = Index.restore(str(index_path), view=True)
-            if index is None or len(index) != s.rows or index.ndim != manifest.dims:
-                raise VersionError(
-                    f"shard {s.shard} of {manifest.version} does not match its manifest "
-                    f"({0 if index is None else len(index)} vectors of {getattr(index, 'ndim', '?')} dims, "
-                    f"expected {s.rows} of {manifest.dims}); run `embray verify`"
-                )
-            index.expansion_search = int(manifest.index.get("expansion_search", 64))
-            self.shards.append((index, *_read_keys(ids_path)))
+            dead = np.zeros(0, dtype=np.uint64)
+            if s.tombstones is not None:
+                dead = _read_dead(self._local(file_rel(manifest, s.tombstones), s.tombstones))
+            for emb, idx, rows in s.parts:
+                index = Index.restore(str(self._local(file_rel(manifest, idx), idx)), view=True)
+                if index is None or len(index) != rows or index.ndim != manifest.dims:
+                    raise VersionError(
+                        f"shard {s.shard} of {manifest.version} does not match its manifest "
+                        f"({0 if index is None else len(index)} vectors of {getattr(index, 'ndim', '?')} dims in "
+                        f"{idx.path}, expected {rows} of {manifest.dims}); run `embray verify`"
+                    )
+                index.expansion_search = int(manifest.index.get("expansion_search", 64))
+                self.shards.append((index, *_read_keys(self._local(file_rel(manifest, emb), emb)), dead))
 
     def _local(self, rel: str, entry: FileEntry) -> Path:
         """A local path for a version file: itself on local disk; on S3 a cached copy, downloaded whole and
@@ -148,16 +152,34 @@ class VersionIndex:
         if q.shape[1] != self.manifest.dims:
             raise VersionError(f"query vectors have {q.shape[1]} dims; version {self.version} has {self.manifest.dims}")
         per_query: list[list[list[tuple[float, Any]]]] = [[] for _ in range(len(q))]
-        for index, keys_sorted, ids in self.shards:
-            m = index.search(q, min(k, len(ids)), exact=exact)
-            keys_2d, dists_2d = np.atleast_2d(m.keys), np.atleast_2d(m.distances)
-            counts = np.atleast_1d(getattr(m, "counts", None) if hasattr(m, "counts") else len(m))
-            for qi in range(len(q)):
-                n = int(counts[qi])
-                keys, dists = keys_2d[qi][:n], dists_2d[qi][:n]
-                rows = np.searchsorted(keys_sorted, keys)
-                per_query[qi].append([(float(d), ids[r]) for r, d in zip(rows, dists, strict=True)])
+        for index, keys_sorted, ids, dead in self.shards:
+            for qi, found in enumerate(_search_part(index, q, min(k, len(ids)), dead, exact)):
+                rows = np.searchsorted(keys_sorted, np.asarray([key for key, _ in found], dtype=np.uint64))
+                per_query[qi].append([(d, ids[r]) for r, (_, d) in zip(rows, found, strict=True)])
         return [[Hit(_plain(i), _score(self.metric, d)) for d, i in R.merge_topk(shards, k)] for shards in per_query]
+
+
+def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) -> list[list[tuple[int, float]]]:
+    """(key, distance) of the k nearest live vectors of one part for each query row. With dead keys, asks
+    for a few more and, for a query that still has fewer than k live ones, four times as many, until the
+    part runs out: tombstones are a small share of a part (index.max_delta_fraction)."""
+    n = len(index)
+    count = min(n, k if not len(dead) else k + max(8, k // 4))
+    while True:
+        m = index.search(q, count, exact=exact)
+        keys_2d, dists_2d = np.atleast_2d(m.keys), np.atleast_2d(m.distances)
+        counts = np.atleast_1d(getattr(m, "counts", None) if hasattr(m, "counts") else len(m))
+        out = []
+        for qi in range(len(q)):
+            c = int(counts[qi])
+            keys, dists = keys_2d[qi][:c], dists_2d[qi][:c]
+            if len(dead):
+                live = ~np.isin(keys, dead)
+                keys, dists = keys[live], dists[live]
+            out.append(list(zip(keys[:k].tolist(), dists[:k].astype(float).tolist(), strict=True)))
+        if count >= n or all(len(o) >= k for o in out):
+            return out
+        count = min(n, count * 4)
 
 
 def group_shards(shards: int, g: int, groups: int) -> list[int]:
@@ -177,6 +199,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value.as_py() if hasattr(value, "as_py") else value  # an Arrow scalar (string ids)
+
+
+def _read_dead(path: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    return np.sort(pq.read_table(str(path), columns=["key"]).column("key").to_numpy().astype(np.uint64))
 
 
 def _read_keys(path: Path) -> tuple[np.ndarray, Any]:

@@ -10,7 +10,7 @@ from embray.errors import VersionError
 from embray.results import VerifyReport
 from embray.store import Store, local_tmpdir, sha256_of
 from embray.vectors import file_fingerprint
-from embray.versions import Manifest, ShardEntry, file_rel, read_manifest
+from embray.versions import FileEntry, Manifest, ShardEntry, file_rel, read_manifest
 
 
 def _file_problems(store: Store, m: Manifest) -> list[str]:
@@ -35,15 +35,39 @@ def _file_problems(store: Store, m: Manifest) -> list[str]:
     return problems
 
 
-def _part_problems(m: Manifest, s: ShardEntry, part, seen: set[Any]) -> list[str]:
-    """An embeddings part against its shard entry: fingerprint, rows, unique and well-placed ids, digest."""
-    problems = []
-    part_fp = file_fingerprint(part.schema)
-    if part_fp != m.fingerprint:
-        problems.append(f"shard {s.shard}: embeddings part has fingerprint {part_fp!r}, the version {m.fingerprint}")
-    if part.num_rows != s.rows:
-        problems.append(f"shard {s.shard}: embeddings part has {part.num_rows} rows, manifest {s.rows}")
-    ids = part.column("id").to_pylist()
+def _shard_problems(store: Store, m: Manifest, s: ShardEntry, seen: set[Any], tmp: Path) -> tuple[list[str], int]:
+    """One shard: each part's fingerprint and index, then its live rows (base + segments - tombstones) against
+    the entry: count, unique and well-placed ids, digest. Returns (problems, live rows)."""
+    import numpy as np
+    import pyarrow as pa
+
+    problems, tables = [], []
+    for emb, idx, rows in s.parts:
+        part = store.read_table(file_rel(m, emb))
+        part_fp = file_fingerprint(part.schema)
+        if part_fp != m.fingerprint:
+            problems.append(
+                f"shard {s.shard}: embeddings part has fingerprint {part_fp!r} ({emb.path}), "
+                f"the version {m.fingerprint}"
+            )
+        if part.num_rows != rows:
+            problems.append(f"shard {s.shard}: {emb.path} has {part.num_rows} rows, manifest {rows}")
+        problems += _index_problems(store, m, s, idx, rows, part, tmp)
+        tables.append(part.select(["id", "key", "content_hash"]))
+    table = pa.concat_tables(tables)
+    keys = table.column("key").to_numpy().astype(np.uint64)
+    if len(np.unique(keys)) != len(keys):
+        problems.append(f"shard {s.shard}: a key is in two of its parts")
+    if s.tombstones is not None:
+        dead = store.read_table(file_rel(m, s.tombstones), ["key"]).column("key").to_numpy().astype(np.uint64)
+        if len(dead) != s.dead or not np.isin(dead, keys).all():
+            problems.append(
+                f"shard {s.shard}: its tombstones ({len(dead)}, manifest {s.dead}) name keys it does not hold"
+            )
+        table = table.filter(pa.array(~np.isin(keys, dead)))
+    ids = table.column("id").to_pylist()
+    if len(ids) != s.rows:
+        problems.append(f"shard {s.shard}: holds {len(ids)} live rows, manifest {s.rows}")
     dup = len(ids) - len(set(ids))
     if dup:
         problems.append(f"shard {s.shard}: {dup} duplicate ids")
@@ -55,29 +79,30 @@ def _part_problems(m: Manifest, s: ShardEntry, part, seen: set[Any]) -> list[str
     if misplaced:
         problems.append(f"shard {s.shard}: {misplaced} ids belong to another shard")
     order = sorted(range(len(ids)), key=lambda i: ids[i])
-    hashes = part.column("content_hash").to_pylist()
+    hashes = table.column("content_hash").to_pylist()
     if R.digest_pairs([ids[i] for i in order], [hashes[i] for i in order]) != s.content_digest:
         problems.append(f"shard {s.shard}: content digest does not match the manifest")
-    return problems
+    return problems, len(ids)
 
 
-def _index_problems(store: Store, m: Manifest, s: ShardEntry, part, tmp: Path) -> list[str]:
+def _index_problems(store: Store, m: Manifest, s: ShardEntry, f: FileEntry, rows: int, part, tmp: Path) -> list[str]:
     import numpy as np
     from usearch.index import Index
 
     local = tmp / "index.usearch"
     if store.remote:
-        store.download(file_rel(m, s.index), local, sha256=s.index.sha256, size=s.index.bytes)
+        store.download(file_rel(m, f), local, sha256=f.sha256, size=f.bytes)
     try:
-        index = Index.restore(str(local if store.remote else store.path(file_rel(m, s.index))), view=True)
+        index = Index.restore(str(local if store.remote else store.path(file_rel(m, f))), view=True)
         if index is None:
-            return [f"shard {s.shard}: index file is not a USearch index"]
-        if len(index) != s.rows or index.ndim != m.dims:
+            return [f"shard {s.shard}: {f.path} is not a USearch index"]
+        if len(index) != rows or index.ndim != m.dims:
             return [
-                f"shard {s.shard}: index holds {len(index)} vectors of {index.ndim} dims, manifest {s.rows} of {m.dims}"
+                f"shard {s.shard}: {f.path} holds {len(index)} vectors of {index.ndim} dims, "
+                f"manifest {rows} of {m.dims}"
             ]
-        if s.rows and not np.all(index.contains(part.column("key").to_numpy())):
-            return [f"shard {s.shard}: index and embeddings part disagree on keys"]
+        if rows and not np.all(index.contains(part.column("key").to_numpy())):
+            return [f"shard {s.shard}: {f.path} and its embeddings part disagree on keys"]
         return []
     finally:
         local.unlink(missing_ok=True)
@@ -86,10 +111,10 @@ def _index_problems(store: Store, m: Manifest, s: ShardEntry, part, tmp: Path) -
 def problems(store: Store, collection: str, version: str) -> list[str]:
     """Every problem found with a committed version; an empty list means it is sound.
 
-    Checks: the manifest parses; every file (source row states included) is present with its recorded
-    size and sha256; every
-    embeddings part and shard carries the manifest's fingerprint; part, index and manifest row
-    counts agree; ids are unique and in the shard their hash assigns; content digests match.
+    Checks: the manifest parses; every file (source row states, delta segments and tombstones included) is
+    present with its recorded size and sha256; every embeddings part and index carries the manifest's
+    fingerprint and size; a shard's live rows (base + segments - tombstones) match its entry: count, ids
+    unique and in the shard their hash assigns, no key in two parts, content digest.
     """
     try:
         m = read_manifest(store, collection, version)
@@ -106,10 +131,9 @@ def problems(store: Store, collection: str, version: str) -> list[str]:
             if s.embeddings is None or s.index is None:
                 found.append(f"shard {s.shard} has no {'embeddings' if s.embeddings is None else 'index'} file")
                 continue
-            part = store.read_table(file_rel(m, s.embeddings))
-            found += _part_problems(m, s, part, seen)
-            total += part.num_rows
-            found += _index_problems(store, m, s, part, tmp)
+            got, rows = _shard_problems(store, m, s, seen, tmp)
+            found += got
+            total += rows
     finally:
         tmp.rmdir()
     if total != m.counts.get("rows", total) or total != m.rows:

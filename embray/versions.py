@@ -49,10 +49,23 @@ class FileEntry(BaseModel):
     version: str | None = None  # the version directory holding the file; None: this version's own
 
 
+class Segment(BaseModel):
+    """A delta segment of a shard: the rows a refresh added or changed, with an index of their own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rows: int  # rows written (some may be tombstoned by a later refresh)
+    embeddings: FileEntry
+    index: FileEntry
+
+
 class ShardEntry(BaseModel):
+    """One shard of a version: a base (embeddings part and index), and after delta refreshes its segments
+    and tombstones (the keys of base or segment rows that were changed or deleted since). Its rows are
+    base + segments - tombstones, each id once."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     shard: int
-    rows: int
+    rows: int  # live rows
     rejected: int
     fingerprint: str
     content_digest: str  # sha256 over the shard's (id, content_hash) pairs in id order
@@ -60,6 +73,18 @@ class ShardEntry(BaseModel):
     embeddings: FileEntry | None
     index: FileEntry | None
     rejects: FileEntry | None
+    base_rows: int | None = None  # rows in the base files when there are segments or tombstones (else = rows)
+    segments: list[Segment] = Field(default_factory=list)  # oldest first
+    tombstones: FileEntry | None = None  # Parquet, one column `key` (uint64, sorted): dead keys of base and segments
+    dead: int = 0  # keys in the tombstones file
+
+    @property
+    def parts(self) -> list[tuple[FileEntry, FileEntry, int]]:
+        """(embeddings, index, rows written) of the base and then each segment."""
+        if self.embeddings is None or self.index is None:
+            return []
+        base = self.rows if self.base_rows is None else self.base_rows
+        return [(self.embeddings, self.index, base)] + [(g.embeddings, g.index, g.rows) for g in self.segments]
 
 
 class SourceFile(BaseModel):
@@ -110,7 +135,11 @@ class Manifest(BaseModel):
 
     def files(self) -> list[FileEntry]:
         """The shards' files (the source row states are in :meth:`state_files`)."""
-        return [f for s in self.shards for f in (s.embeddings, s.index, s.rejects) if f is not None]
+        out = []
+        for s in self.shards:
+            segs = [f for g in s.segments for f in (g.embeddings, g.index)]
+            out += [f for f in (s.embeddings, s.index, s.rejects, s.tombstones, *segs) if f is not None]
+        return out
 
     def state_files(self) -> dict[str, FileEntry]:
         """Store-relative path -> entry of each source file's row state."""

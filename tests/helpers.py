@@ -126,17 +126,16 @@ def make_config(tmp_path, **over):
 
 def content(cfg, version: str) -> dict:
     """id -> (content_hash, vector) of a committed version, read from its manifest's files."""
-    import pyarrow.parquet as pq
-
+    from embray.segments import ShardFiles, live_rows
     from embray.store import Store
-    from embray.versions import file_rel, read_manifest
+    from embray.versions import read_manifest
 
     store = Store(cfg.store.uri, cfg.store.storage_options)
     m = read_manifest(store, cfg.collection, version)
     out = {}
     for s in m.shards:
-        part = pq.read_table(store.path(file_rel(m, s.embeddings)), filesystem=store.pyarrow_fs())
-        if part.num_rows == 0:
+        part = live_rows(store, ShardFiles.of(m, s), ["id", "key", "content_hash", "vector"])  # less tombstones
+        if part is None or part.num_rows == 0:
             continue
         vecs = np.stack(part.column("vector").to_numpy(zero_copy_only=False))
         for i, h, v in zip(part.column("id").to_pylist(), part.column("content_hash").to_pylist(), vecs, strict=True):

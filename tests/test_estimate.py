@@ -51,7 +51,7 @@ def test_dry_runs_estimate_and_builds_record_estimate_vs_actual(tmp_path, capsys
     plan = col.refresh(dry_run=True)
     e = plan.estimate
     assert e.to_embed == plan.to_embed == 50
-    assert e.shards_rebuilt + e.shards_updated + e.shards_reused == 4 and e.shards_updated > 0
+    assert e.shards_rebuilt + e.shards_updated + e.shards_reused + e.shards_delta == 4 and e.shards_delta > 0
     assert e.seconds is not None and e.seconds > 0 and "1 earlier build" in e.basis
     assert e.bytes_added > 0
     assert plan.to_dict()["estimate"] == e.to_dict()

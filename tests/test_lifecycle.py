@@ -170,7 +170,7 @@ def test_an_expired_lease_is_taken_over(tmp_path):
 
 def test_gc_keeps_aliased_and_referenced_versions(tmp_path):
     rows = write_corpus(tmp_path / "corpus", files=2, rows=100)
-    cfg = make_config(tmp_path)
+    cfg = make_config(tmp_path, index={"max_delta_fraction": 0})  # no delta segments: v3 holds whole shards
     store = _store(cfg)
     col = Collection(cfg)
     v1 = col.backfill().version  # active

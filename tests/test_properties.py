@@ -1,8 +1,9 @@
 """Property-based tests of the build invariants (hypothesis), on a real local Ray, local disk and sqlite MLflow.
 
 Whatever sequence of inserts, updates, deletes and returning texts a corpus goes through, refreshing it
-step by step gives exactly what a fresh backfill of the final corpus gives (ids, content hashes and
-vectors), and each step embeds exactly the texts that were never seen before in that vector space.
+step by step (with delta segments and tombstones piling up and being compacted, or not) gives exactly what a
+fresh backfill of the final corpus gives (ids, content hashes and vectors), and each step embeds exactly the
+texts that were never seen before in that vector space.
 The vector cache is kept per shard (``<collection>/cache/<fingerprint>/shard-k-of-n/``), so "seen" means
 seen in the shard the row's id hashes to: a text that comes back under an id of another shard is
 embedded once more, for that shard.
@@ -28,6 +29,10 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 SHARDS = 2
 IDS = [f"id-{i:02d}" for i in range(14)]
 TEXTS = [doc_text(i) for i in range(10)]  # a small pool, so texts come back under other ids and later steps
+
+# (index.max_delta_fraction, index.max_segments): never segments; segments that pile up; a compaction at
+# every other refresh; the default. Whichever, the rows a version stands for are the same.
+LIMITS = [(0.0, 0), (1.0, 8), (1.0, 1), (0.1, 8)]
 
 # One step: up to 6 edits, each (id, text) to insert or update, or (id, None) to delete.
 edits = st.lists(st.tuples(st.sampled_from(IDS), st.one_of(st.none(), st.sampled_from(TEXTS))), max_size=6)
@@ -71,11 +76,12 @@ def _cached(cfg, fp: str) -> set[tuple[int, str]]:
     phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(first=edits, steps=st.lists(edits, min_size=1, max_size=3))
-def test_step_by_step_refreshes_equal_a_fresh_backfill_and_embed_only_unseen_texts(first, steps):
+@given(first=edits, steps=st.lists(edits, min_size=1, max_size=3), limits=st.sampled_from(LIMITS))
+def test_step_by_step_refreshes_equal_a_fresh_backfill_and_embed_only_unseen_texts(first, steps, limits):
     tmp = Path(tempfile.mkdtemp(prefix="embray-prop-"))
     try:
-        cfg = make_config(tmp, index={"shards": SHARDS})
+        fraction, segments = limits
+        cfg = make_config(tmp, index={"shards": SHARDS, "max_delta_fraction": fraction, "max_segments": segments})
         col = Collection(cfg)
         rows = _apply({}, first)
         write_rows(tmp / "corpus", rows, files=2)

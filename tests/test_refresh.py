@@ -38,7 +38,11 @@ def test_refresh_embeds_exactly_what_changed_and_equals_a_fresh_build(tmp_path):
         "deleted": 10,
         "reused": 575,
     }
-    assert m.counts["shards_updated"] == 3  # small change: each shard's graph updated in place
+    # A small change (under index.max_delta_fraction): each shard keeps its parent's index and adds a delta
+    # segment of the new and changed rows, and tombstones for the changed and deleted rows' old keys.
+    assert m.counts["shards_delta"] == 3 and m.counts["shards_updated"] == 0
+    assert all(len(sh.segments) == 1 and sh.tombstones is not None and sh.embeddings.version for sh in m.shards)
+    assert sum(sh.segments[0].rows for sh in m.shards) == 40 and sum(sh.dead for sh in m.shards) == 25
     mv = Registry(cfg).model_version(child.version)
     assert mv.tags["embray.parent"] == parent.version
     assert Registry(cfg).aliases()[ACTIVE] == parent.version

@@ -110,7 +110,10 @@ def test_recall_holds_on_shards_updated_in_place(built, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(cfg.source.uri, root / "corpus")
     shutil.copytree(cfg.store.uri, root / "store")
-    copy = make_config(root, model={"dims": 96}, index={"shards": 4}, embed={"batch_size": 2000})
+    # (max_delta_fraction 0: no delta segments, so each shard's graph is updated in place)
+    copy = make_config(
+        root, model={"dims": 96}, index={"shards": 4, "max_delta_fraction": 0}, embed={"batch_size": 2000}
+    )
     changed = mutate(corpus, n_insert=400, n_update=400, n_delete=200)[0]
     write_rows(root / "corpus", changed, files=4)
     col = Collection(copy)

@@ -31,7 +31,7 @@ from embray.build.embed import check_pool_fits, embed_chunks, wait_for_node
 from embray.build.plan import ShardInputs, parent_shards, plan_shard
 from embray.build.scan import scan_file
 from embray.build.shards import THREADS as SHARD_THREADS
-from embray.build.shards import build_shard, cached_dims, updates_in_place
+from embray.build.shards import build_shard, cached_dims, shard_action
 from embray.build.types import BuildSpec, Embedded, ShardBuild, ShardPlan
 from embray.build.warm import TASK_CPUS, make_room
 from embray.context import Context
@@ -291,7 +291,8 @@ class Build:
                 "by_reason": by_reason,
                 **counts.to_dict(),
                 "shards_reused": sum(1 for p in plans if p.unchanged and self.parents[p.shard] is not None),
-                "shards_updated": sum(1 for b in built if b.incremental),
+                "shards_updated": sum(1 for b in built if b.action == "updated"),
+                "shards_delta": sum(1 for b in built if b.action == "delta"),
                 "files_read": self.files.read,
                 "files_reused": self.files.reused,
             },
@@ -324,6 +325,7 @@ class Build:
         reg = self.ctx.registry
         metrics = {
             **{k: c[k] for k in ("rows", "rejected", "input_rows", *COUNTS, "shards_reused", "shards_updated")},
+            "shards_delta": c.get("shards_delta", 0),
             "files_read": self.files.read,
             "files_reused": self.files.reused,
             "seconds": seconds,
@@ -365,7 +367,7 @@ class Build:
             self.cfg,
             to_embed=counts.embedded,
             rows=sum(p.rows for p in plans),
-            rows_written=sum(p.rows for p in plans if not (p.unchanged and parents[p.shard] is not None)),
+            rows_written=sum(_rows_written(p, parents[p.shard], self.cfg.index) for p in plans),
             shards=_shard_actions(plans, parents, self.cfg.index),
             dims=self.spec.parent.dims if parents[0] is not None else self.spec.model.dims,
             history=throughput_history(self.ctx.registry, self.fp),
@@ -483,15 +485,17 @@ def _nothing_changed(b: Build, parent: Manifest) -> PlanResult:
     )
 
 
+def _rows_written(p: ShardPlan, parent, index_cfg) -> int:
+    """Rows a shard's new files will hold: none reused, the change in a delta segment, else the shard."""
+    action = shard_action(p, parent, index_cfg)
+    return {"reused": 0, "delta": p.counts.new + p.counts.changed}.get(action, p.rows)
+
+
 def _shard_actions(plans: list[ShardPlan], parents: list, index_cfg) -> dict[str, int]:
-    """How many shards a build rebuilds, updates in place, and reuses from its parent."""
-    out = {"rebuilt": 0, "updated": 0, "reused": 0}
+    """How many shards a build rebuilds, updates in place, writes a delta segment for, and reuses."""
+    out = {"rebuilt": 0, "updated": 0, "reused": 0, "delta": 0}
     for p in plans:
-        parent = parents[p.shard]
-        if p.unchanged and parent is not None:
-            out["reused"] += 1
-        else:
-            out["updated" if updates_in_place(p, parent, index_cfg) else "rebuilt"] += 1
+        out[shard_action(p, parents[p.shard], index_cfg)] += 1
     return out
 
 

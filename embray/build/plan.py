@@ -17,6 +17,7 @@ from embray.build.scan import UPDATED_AT
 from embray.build.types import Chunk, ParentShard, ShardPlan
 from embray.errors import ConfigError, SourceError
 from embray.results import Counts
+from embray.segments import ShardFiles, live_rows
 from embray.source import SourceInfo
 from embray.store import Store, local_tmpdir, sha256_file
 from embray.vectors import file_fingerprint
@@ -38,7 +39,7 @@ def parent_shards(parent: Manifest | None, fp: str, shards: int) -> list[ParentS
         ParentShard(
             version=parent.version,
             entry=s,
-            embeddings_rel=file_rel(parent, s.embeddings) if s.embeddings else None,
+            files=ShardFiles.of(parent, s),
             index_rel=file_rel(parent, s.index) if s.index else None,
             index_cfg=dict(parent.index, dims=parent.dims),
         )
@@ -188,8 +189,8 @@ class _Diff:
 def _diff(good, parent: ParentShard | None, store: Store, cached: dict[str, str]) -> _Diff:
     """Each row against the parent's shard by content hash; texts in neither the parent nor the cache are todo."""
     old: dict[Any, tuple[str, int]] = {}
-    if parent is not None and parent.embeddings_rel:
-        p = store.read_table(parent.embeddings_rel, ["id", "key", "content_hash"])
+    p = live_rows(store, parent.files, ["id", "key", "content_hash"]) if parent is not None else None
+    if p is not None:
         pairs = zip(p.column("content_hash").to_pylist(), p.column("key").to_pylist(), strict=True)
         old = dict(zip(p.column("id").to_pylist(), pairs, strict=True))
     parent_hashes = {h for h, _ in old.values()}

@@ -1,7 +1,17 @@
 """Stage 4, shards: one Ray task per shard writes the embeddings part (id, key, content_hash, vector) and
-a USearch index over the same uint64 keys. A shard with no change points at its parent's files; one
-with a small change (<= INCREMENTAL_MAX_CHANGE) updates the parent's graph in place (remove changed and
-deleted keys, add new vectors under fresh keys); any other is built from scratch."""
+a USearch index over the same uint64 keys. What a changed shard writes depends on the size of the change
+against its parent's shard (:func:`shard_action`):
+
+- none: the entry points at the parent's files;
+- ``delta``: within ``index.max_delta_fraction`` and ``index.max_segments``: the parent's base and segments
+  stay as they are (referenced), and the shard adds a delta segment (the new and changed rows under fresh
+  keys, with an index of their own) and a tombstones file (every dead key: the parent's and the changed and
+  deleted rows' old keys). Cost follows the change, not the shard;
+- ``updated``: a parent without segments and a change <= INCREMENTAL_MAX_CHANGE: its graph is updated in
+  place (remove changed and deleted keys, add new vectors under fresh keys) and written whole;
+- ``rebuilt``: anything else, including the compaction of a segmented shard past its limits: built from
+  scratch from the parent's live vectors and the cache (nothing is re-embedded that was embedded before).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +23,11 @@ import numpy as np
 from embray import layout
 from embray.build.types import ParentShard, ShardBuild, ShardPlan
 from embray.config import IndexConfig
-from embray.errors import StoreError, VersionError
+from embray.errors import StoreError
+from embray.segments import live_rows, read_tombstones, segment_refs, write_tombstones
 from embray.store import Store, local_tmpdir, sha256_file
 from embray.vectors import read_checked, to_arrow, to_numpy, with_fingerprint
-from embray.versions import FileEntry, ShardEntry
+from embray.versions import FileEntry, Segment, ShardEntry
 
 # An in-place shard update stays cheaper and as good as a rebuild while the change is small.
 INCREMENTAL_MAX_CHANGE = 0.25
@@ -67,12 +78,14 @@ def cached_dims(store: Store, chunks, cdirs: list[str], dims: int | None) -> int
 
 
 def _reused(plan: ShardPlan, parent: ParentShard, fp: str) -> ShardBuild:
-    """Same rows, same space: the entry points at the parent's files."""
+    """Same rows, same space: the entry points at the parent's files (base, segments and tombstones)."""
     pe = parent.entry
-    files = {
-        name: f.model_copy(update={"version": f.version or parent.version}) if f else None
-        for name, f in (("embeddings", pe.embeddings), ("index", pe.index))
-    }
+    refs = segment_refs(pe, parent.version)
+    if not pe.segments and pe.tombstones is None:
+        refs.pop("base_rows")  # an unsegmented shard stays one
+    tomb = (
+        pe.tombstones.model_copy(update={"version": pe.tombstones.version or parent.version}) if pe.tombstones else None
+    )
     entry = ShardEntry(
         shard=plan.shard,
         rows=plan.rows,
@@ -81,20 +94,34 @@ def _reused(plan: ShardPlan, parent: ParentShard, fp: str) -> ShardBuild:
         content_digest=plan.content_digest,
         next_key=pe.next_key,
         rejects=plan.rejects,
-        **files,
+        tombstones=tomb,
+        dead=pe.dead,
+        **refs,
     )
-    return ShardBuild(entry, incremental=False)
+    return ShardBuild(entry, action="reused")
 
 
-def updates_in_place(plan: ShardPlan, parent: ParentShard | None, index_cfg: IndexConfig) -> bool:
-    """Whether a changed shard is updated from its parent's graph (a small change) rather than rebuilt."""
-    c = plan.counts
-    return (
-        parent is not None
-        and parent.index_rel is not None
-        and all(parent.index_cfg.get(k) == getattr(index_cfg, k) for k in ("metric", "dtype", "connectivity"))
-        and c.new + c.changed + c.deleted <= INCREMENTAL_MAX_CHANGE * max(parent.entry.rows, 1)
-    )
+def shard_action(plan: ShardPlan, parent: ParentShard | None, index_cfg: IndexConfig) -> str:
+    """What a build does with one shard: reused, delta, updated or rebuilt (see the module doc)."""
+    if plan.unchanged and parent is not None:
+        return "reused"
+    if (
+        parent is None
+        or parent.index_rel is None
+        or any(parent.index_cfg.get(k) != getattr(index_cfg, k) for k in ("metric", "dtype", "connectivity"))
+    ):
+        return "rebuilt"
+    c, pe = plan.counts, parent.entry
+    base = max(pe.rows if pe.base_rows is None else pe.base_rows, 1)
+    limit = index_cfg.max_delta_fraction * base
+    segments = len(pe.segments) + (1 if c.new + c.changed else 0)
+    seg_rows = sum(g.rows for g in pe.segments) + c.new + c.changed
+    dead = pe.dead + c.changed + c.deleted
+    if index_cfg.max_segments and segments <= index_cfg.max_segments and seg_rows <= limit and dead <= limit:
+        return "delta"
+    if pe.segments or pe.tombstones:
+        return "rebuilt"  # compaction: past the delta limits
+    return "updated" if c.new + c.changed + c.deleted <= INCREMENTAL_MAX_CHANGE * base else "rebuilt"
 
 
 def _new_index(dims: int, cfg: IndexConfig):
@@ -144,7 +171,7 @@ def _update_in_place(index, store: Store, parent: ParentShard, parent_part, p, s
     return keys, vectors, next_key + len(fresh)
 
 
-def _write(store: Store, vdir: str, shard: int, fp: str, p, keys, vectors, index, tmp) -> dict[str, FileEntry]:
+def _write(store: Store, vdir: str, shard: int, fp: str, p, keys, vectors, index, tmp, suffix: str = ""):
     """The embeddings part (in key order) and the index, uploaded; their FileEntries."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -168,10 +195,57 @@ def _write(store: Store, vdir: str, shard: int, fp: str, p, keys, vectors, index
     # Vectors barely compress; writing them raw is faster to write and to read back.
     local = str(tmp / "embeddings.parquet")
     pq.write_table(with_fingerprint(part, fp, shard=str(shard)), local, compression="none")
-    out = {"embeddings": put(local, layout.embeddings_name(shard))}
+    out = {"embeddings": put(local, layout.embeddings_name(shard, suffix))}
     index.save(str(tmp / "index.usearch"))
-    out["index"] = put(str(tmp / "index.usearch"), layout.index_name(shard))
+    out["index"] = put(str(tmp / "index.usearch"), layout.index_name(shard, suffix))
     return out
+
+
+def _delta(store: Store, vdir: str, plan: ShardPlan, parent: ParentShard, p, same, parent_live, found, dims, fp, cfg):
+    """The parent's base and segments by reference, plus a segment of the new and changed rows and the
+    tombstones of every dead key."""
+    import pyarrow as pa
+
+    shard, pe = plan.shard, parent.entry
+    keys = np.zeros(p.num_rows, dtype=np.uint64)
+    keys[same] = p.column("parent_key").filter(pa.array(same)).to_numpy()
+    fresh = np.flatnonzero(~same)
+    keys[fresh] = np.arange(pe.next_key, pe.next_key + len(fresh), dtype=np.uint64)
+    live = parent_live.column("key").to_numpy().astype(np.uint64)
+    dead = np.union1d(read_tombstones(store, parent.files.tombstones), live[~np.isin(live, keys[same])])
+    tmp = local_tmpdir("embray-shard-")
+    refs = segment_refs(pe, parent.version)
+    segments = list(refs.pop("segments"))
+    if len(fresh):
+        hashes = p.column("content_hash").to_pylist()
+        vectors = np.array([found[hashes[i]] for i in fresh], dtype=np.float32).reshape(-1, dims)
+        index = _new_index(dims, cfg)
+        index.add(keys[fresh], vectors, threads=THREADS)
+        name = f"-seg{len(segments) + 1:03d}"
+        files = _write(store, vdir, shard, fp, p.take(pa.array(fresh)), keys[fresh], vectors, index, tmp, name)
+        segments.append(Segment(rows=len(fresh), **files))
+    tomb = None
+    if len(dead):
+        write_tombstones(dead, str(tmp / "tombstones.parquet"))
+        rel = layout.tombstones_name(shard)
+        sha, size = sha256_file(str(tmp / "tombstones.parquet"))
+        store.upload(str(tmp / "tombstones.parquet"), f"{vdir}/{rel}")
+        tomb = FileEntry(path=rel, sha256=sha, bytes=size)
+    tmp.rmdir()
+    entry = ShardEntry(
+        shard=shard,
+        rows=plan.rows,
+        rejected=plan.rejected,
+        fingerprint=fp,
+        content_digest=plan.content_digest,
+        next_key=int(pe.next_key + len(fresh)),
+        rejects=plan.rejects,
+        segments=segments,
+        tombstones=tomb,
+        dead=len(dead),
+        **refs,
+    )
+    return ShardBuild(entry, action="delta")
 
 
 def build_shard(
@@ -187,29 +261,29 @@ def build_shard(
 ) -> ShardBuild:
     """Write one shard of the new version (see the module doc)."""
     shard = plan.shard
-    if plan.unchanged and parent is not None:
+    action = shard_action(plan, parent, index_cfg)
+    if action == "reused":
         return _reused(plan, parent, fp)
     p = store.read_table(layout.plan_file(staged, shard))
     hashes = p.column("content_hash").to_pylist()
     same = np.asarray(p.column("status").to_numpy(zero_copy_only=False) == "same", dtype=bool)
-    incremental = updates_in_place(plan, parent, index_cfg)
-    parent_part = None
-    if parent is not None and parent.embeddings_rel:
-        parent_part = read_checked(store, parent.embeddings_rel, fp, ["key", "content_hash", "vector"])
-        if parent_part is None:
-            raise VersionError(f"shard {shard}: the parent's embeddings part cannot be used; run `embray verify`")
-    wanted = {h for h, s in zip(hashes, same, strict=True) if not s} if incremental else set(hashes)
-    found = lookup_vectors(store, cdir, wanted, dims, fp, [parent_part] if parent_part is not None else [])
+    parent_live = None
+    if parent is not None:
+        parent_live = live_rows(store, parent.files, ["id", "key", "content_hash", "vector"], fp=fp)
+    wanted = {h for h, s in zip(hashes, same, strict=True) if not s} if action != "rebuilt" else set(hashes)
+    found = lookup_vectors(store, cdir, wanted, dims, fp, [parent_live] if parent_live is not None else [])
     missing = wanted - set(found)
     if missing:
         raise StoreError(
             f"shard {shard}: {len(missing)} vectors are missing from the cache {store.url(cdir)} after embedding; "
             "was it deleted while the build ran? rerun the command"
         )
+    if action == "delta":
+        return _delta(store, vdir, plan, parent, p, same, parent_live, found, dims, fp, index_cfg)
     tmp = local_tmpdir("embray-shard-")
     index = _new_index(dims, index_cfg)
-    if incremental:
-        keys, vectors, next_key = _update_in_place(index, store, parent, parent_part, p, same, found, dims, tmp)
+    if action == "updated":
+        keys, vectors, next_key = _update_in_place(index, store, parent, parent_live, p, same, found, dims, tmp)
     else:
         keys, next_key = np.arange(p.num_rows, dtype=np.uint64), p.num_rows
         vectors = np.array([found[h] for h in hashes], dtype=np.float32).reshape(-1, dims)
@@ -227,4 +301,4 @@ def build_shard(
         rejects=plan.rejects,
         **files,
     )
-    return ShardBuild(entry, incremental=incremental)
+    return ShardBuild(entry, action=action)

@@ -7,6 +7,7 @@ from typing import Any
 
 from embray.models.spec import ModelSpec
 from embray.results import Counts
+from embray.segments import ShardFiles
 from embray.versions import FileEntry, Manifest, ShardEntry
 
 
@@ -27,8 +28,8 @@ class ParentShard:
 
     version: str
     entry: ShardEntry
-    embeddings_rel: str | None
-    index_rel: str | None
+    files: ShardFiles  # its parts (base, then delta segments) and tombstones: read live rows through it
+    index_rel: str | None  # the base's index
     index_cfg: dict[str, Any]
 
 
@@ -62,7 +63,7 @@ class ShardBuild:
     """A written (or reused) shard."""
 
     entry: ShardEntry
-    incremental: bool  # updated in place from the parent's graph
+    action: str  # reused | delta | updated (the parent's graph updated in place) | rebuilt
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from embray.layout import reload_file
 from embray.registry import ACTIVE, CANDIDATE
 from embray.results import Hit
 from embray.search import VersionIndex, group_shards, merge_hits
-from embray.serving.groups import EmbrayShardGroup, group_deployment, not_ready, serve_config
+from embray.serving.groups import EmbrayShardGroup, Liveness, group_deployment, not_ready, serve_config
 from embray.serving.metrics import ServeMetrics, ShadowMetrics
 from embray.serving.schemas import CollectionInfo, NotReady, SearchRequest, SearchResponse, errors
 from embray.serving.watch import poll_loop
@@ -116,8 +116,8 @@ class EmbrayServer:
         self.metrics = ServeMetrics(
             self.cfg.collection, stale_threshold=mon.max_stale_fraction, monitor_interval_s=mon.interval_s
         )
-        if self.groups is None:  # (with shard groups, the poller's first check waits for the groups instead)
-            self.check()  # serve at once if there is an active version; /readyz says when there is one
+        self._liveness = Liveness()  # shard groups' status files, judged by this replica's clock
+        self.check()  # serve at once if there is an active version (with shard groups: once they hold it too)
         self._stop = threading.Event()
         self._start_shadow()
         args = (self._stop, self.store, self.cfg.collection, self.cfg.serve.poll_s, self.check, self._every_poll)
@@ -184,7 +184,7 @@ class EmbrayServer:
         """Wait until every live replica of every shard group reports ``version`` loaded and warm."""
         deadline = time.monotonic() + self.cfg.serve.switch_timeout_s
         while True:
-            why = not_ready(self.store, self.cfg.collection, len(self.groups or ()), version)
+            why = not_ready(self.store, self.cfg.collection, len(self.groups or ()), version, self._liveness)
             if not why:
                 return
             if time.monotonic() > deadline:
@@ -312,7 +312,9 @@ class EmbrayServer:
             try:  # opened here, not through the Collection's own cache: only self.pinned keeps it loaded
                 shared = self.current.index if self.current else None
                 index = VersionIndex(self.store, manifest, shared=shared, encoder_only=self.groups is not None)
-                index.search_text([WARMUP_QUERY], k=1)  # (shard groups load their part on first use)
+                index.search_text([WARMUP_QUERY], k=1)
+                if self.groups is not None:  # one replica of each group loads its part now, the others on use
+                    self._prepare_groups(vid)
             except FileNotFoundError as e:
                 raise HTTPException(404, f"version {vid} was collected while it loaded: {e}") from e
             except EmbrayError as e:
@@ -500,7 +502,7 @@ class EmbrayServer:
             if body.text is not None and pinned is None:
                 self._shadow_offer(body.text, [h.id for h in hits])
             ms = (time.perf_counter() - t) * 1000
-            self.metrics.record(endpoint, version, "ok", ms)
+            self.metrics.record(endpoint, version, "partial" if missing else "ok", ms)
             # The SearchResponse shape (the route's documented response_model), serialised directly.
             doc: dict[str, Any] = {
                 "version": idx.version,
@@ -524,21 +526,27 @@ class EmbrayServer:
         assert self.groups is not None
         limit = self.cfg.serve.group_timeout_s
 
-        async def ask(handle):
-            response = handle.search.remote(idx.version, q, k)
+        G = len(self.groups)
+
+        async def ask(g: int, handle):
+            response = handle.search.remote((g, G), idx.version, q, k)
             try:
                 return await response
             except asyncio.CancelledError:
                 response.cancel()
                 raise
 
-        tasks = [asyncio.ensure_future(ask(h)) for h in self.groups]
-        _, pending = await asyncio.wait(tasks, timeout=limit)
+        tasks = [asyncio.ensure_future(ask(g, h)) for g, h in enumerate(self.groups)]
+        try:
+            _, pending = await asyncio.wait(tasks, timeout=limit)
+        finally:  # (also when the caller went away: the groups' work is cancelled with it)
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
         answers: dict[int, list[list[Hit]]] = {}
         failed: dict[int, str] = {}
         for g, task in enumerate(tasks):
             if task in pending:
-                task.cancel()
                 failed[g] = f"no answer within {limit:g}s (serve.group_timeout_s)"
             elif task.exception() is not None:
                 failed[g] = _first_line(task.exception())
@@ -552,14 +560,29 @@ class EmbrayServer:
         limit = self.cfg.serve.group_timeout_s + 1
         return asyncio.run_coroutine_threadsafe(self._fan_out(idx, q, k, False), self._loop).result(limit)[0]
 
+    def _prepare_groups(self, version: str) -> None:
+        """From a thread off the event loop: have each shard group load ``version`` (one replica of each).
+        Best effort: a group that cannot is named by the queries' fan-out (503, or missing in a partial answer)."""
+
+        async def prepare_all():
+            return await asyncio.gather(*(h.prepare.remote(version) for h in self.groups or ()), return_exceptions=True)
+
+        try:
+            got = asyncio.run_coroutine_threadsafe(prepare_all(), self._loop).result(self.cfg.serve.switch_timeout_s)
+        except Exception as e:  # noqa: BLE001 - the timeout: the groups go on loading
+            got = [e]
+        for g, e in enumerate(got):
+            if isinstance(e, BaseException):
+                log.warning("shard group %s could not load %s: %s", g, version, _first_line(e))
+
     def _merge(self, idx: VersionIndex, answers: dict, failed: dict[int, str], k: int, partial: bool):
         groups = len(self.groups or ())
         if failed and (not partial or not answers):
             what = "; ".join(f"shard group {g} of {groups} ({group_deployment(g)}): {why}" for g, why in failed.items())
             hint = "" if partial else '; ask again, or send "partial": true to accept the other groups\' answers'
             raise HTTPException(503, f"no complete answer from version {idx.version}: {what}{hint}")
-        shards = len(idx.manifest.shards)
-        missing = sorted(s for g in failed for s in group_shards(shards, g, groups))
+        shards = idx.manifest.shards
+        missing = sorted(s for g in failed for s in group_shards(len(shards), g, groups) if shards[s].rows)
         return merge_hits([a[0] for a in answers.values()], k), missing
 
     @app.post(

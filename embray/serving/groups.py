@@ -8,9 +8,12 @@ answers from a version the query did not name. Each replica
   reload marker within a second), loading a new version *beside* the ones it holds;
 - loads any other committed version a query names on demand (a pinned query, the candidate's shadow
   traffic), at most ``serve.max_loaded_versions`` at once (least recently used let go first);
-- lets a version go once no query has named it for ``UNLOAD_IDLE_S`` (the alias has moved on and the
-  ingress has switched); a request still running holds its own reference, so it finishes on that version;
-- writes what it holds to ``<collection>/_status/groups/<g>/<replica>.json`` every ``HEARTBEAT_S``.
+- lets a version go once no query has named it for ``UNLOAD_IDLE_S``, never the alias's, nor the one the
+  alias named before until a query names the new one (the ingress has switched); a request still running
+  holds its own reference, so it finishes on that version;
+- writes what it holds (and is loading) to ``<collection>/_status/groups/G<G>/<g>/<replica>.json`` every
+  ``HEARTBEAT_S``, from a thread of its own (so it stays live while it loads). Serving with shard groups
+  needs write access to the store's ``_status/``.
 
 The ingress switches to a new version only when every live replica of every group lists it there (the
 two-phase switch), so no query waits on a load and no answer mixes versions.
@@ -34,7 +37,7 @@ from ray import serve
 
 from embray.collection import Collection
 from embray.config import Config, parse_config
-from embray.errors import EmbrayError
+from embray.errors import EmbrayError, VersionError
 from embray.layout import group_status_dir
 from embray.registry import ACTIVE
 from embray.results import Hit
@@ -76,31 +79,52 @@ class GroupReplica:
     age_s: float
 
 
-def read_groups(store: Store, collection: str, groups: int) -> dict[int, list[GroupReplica]]:
-    """The live replicas of each group 0..groups-1 (status files younger than STALE_S)."""
-    now = time.time()
+class Liveness:
+    """Which status files are live, judged by the reader's own clock: a file whose ``ts`` moved within
+    STALE_S of this process's monotonic time (clocks of other hosts may be off). A file seen for the first
+    time counts as live when its ``ts`` is within STALE_S of this host's wall clock."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[float, float]] = {}  # replica -> (its ts, our monotonic time it changed)
+
+    def live(self, replica: str, ts: float) -> bool:
+        now = time.monotonic()
+        last = self._seen.get(replica)
+        if last is None:
+            fresh = abs(time.time() - ts) <= STALE_S
+            self._seen[replica] = (ts, now if fresh else now - 2 * STALE_S)
+        elif last[0] != ts:
+            self._seen[replica] = (ts, now)
+        return now - self._seen[replica][1] <= STALE_S
+
+
+def read_groups(
+    store: Store, collection: str, groups: int, liveness: Liveness | None = None
+) -> dict[int, list[GroupReplica]]:
+    """The live replicas of each group 0..groups-1, from their status files."""
+    liveness = liveness or Liveness()
     out: dict[int, list[GroupReplica]] = {}
     for g in range(groups):
-        d = group_status_dir(collection, g)
+        d = group_status_dir(collection, groups, g)
         out[g] = []
         for name in store.listdir(d):
             if not name.endswith(".json"):
                 continue
             try:
                 doc = json.loads(store.read_bytes(f"{d}/{name}"))
-            except (FileNotFoundError, ValueError, EmbrayError):
-                continue  # being replaced, or removed by a replica that stopped
-            age = now - float(doc.get("ts", 0))
-            if age <= STALE_S:
-                out[g].append(GroupReplica(g, doc["replica"], tuple(doc.get("loaded", ())), age))
+                replica, ts, loaded = str(doc["replica"]), float(doc["ts"]), tuple(doc.get("loaded", ()))
+            except (FileNotFoundError, ValueError, KeyError, TypeError, EmbrayError):
+                continue  # being replaced, removed by a replica that stopped, or not a status file
+            if liveness.live(replica, ts):
+                out[g].append(GroupReplica(g, replica, loaded, time.time() - ts))
     return out
 
 
-def not_ready(store: Store, collection: str, groups: int, version: str) -> list[str]:
+def not_ready(store: Store, collection: str, groups: int, version: str, liveness: Liveness | None = None) -> list[str]:
     """Why ``version`` cannot be switched to yet: a group with no live replica, or a live replica that has
     not loaded it (empty: every live replica of every group holds it, loaded and warm)."""
     why = []
-    for g, replicas in read_groups(store, collection, groups).items():
+    for g, replicas in read_groups(store, collection, groups, liveness).items():
         if not replicas:
             why.append(f"shard group {g} ({group_deployment(g)}) has no live replica")
         why += [
@@ -120,25 +144,42 @@ class EmbrayShardGroup:
         self.store = self.collection.store
         self.replica = replica_name()
         self.loaded: OrderedDict[str, tuple[VersionIndex, float]] = OrderedDict()  # version -> (index, last named)
-        self.target: str | None = None
+        self.target: str | None = None  # the version alias `active` names
+        self.previous: str | None = None  # the one it named before: kept until a query names the new one
+        self.loading: str | None = None
         self._lock = threading.Lock()  # guards self.loaded
         self._load = threading.Lock()  # one load at a time
         self._stop = threading.Event()
         self._prune()
+        # A thread of its own: a replica that is loading a large version (or waiting on MLflow) stays live.
+        threading.Thread(target=self._beat_loop, name="embray-group-heartbeat", daemon=True).start()
         self.check()  # warm with the active version before Serve routes anything here
-        self._heartbeat()
         args = (self._stop, self.store, self.cfg.collection, self.cfg.serve.poll_s, self.check)
         kw = {"every_tick": self._tick}
         threading.Thread(target=poll_loop, args=args, kwargs=kw, name="embray-group-poller", daemon=True).start()
 
     # --- what the ingress calls ---------------------------------------------------------------
-    async def search(self, version: str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    async def search(self, group: tuple[int, int], version: str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         """Top k of this group's shards of ``version`` for each query row (loaded first if need be).
 
-        On the replica's event loop (a thread hop costs ~0.5 ms a call, bench/serve_groups.py); a version
-        that has to be loaded first is loaded off it, so queries for the loaded ones go on meanwhile."""
+        ``group`` is the (g, G) the ingress asks for: refused unless it is this replica's (during a redeploy
+        that changes serve.shard_groups, old and new replicas of one name answer side by side). On the
+        replica's event loop (a thread hop costs ~0.5 ms a call, bench/serve_groups.py); a version that has
+        to be loaded first is loaded off it, so queries for the loaded ones go on meanwhile."""
+        if tuple(group) != (self.group, self.groups):
+            raise VersionError(
+                f"this replica serves shard group {self.group} of {self.groups}, asked for {group[0]} of {group[1]}"
+                " (a redeploy changing serve.shard_groups is rolling out; ask again)"
+            )
+        if version == self.target:
+            self.previous = None  # the ingress has switched: the previous version may go once idle
         index = self._held(version) or await asyncio.to_thread(self._open, version)
         return index.search_vectors(vectors, k)
+
+    async def prepare(self, version: str) -> list[str]:
+        """Load ``version`` now (a pinned query's, before it is asked for); the versions held."""
+        self._held(version) or await asyncio.to_thread(self._open, version)
+        return self.loaded_versions()
 
     def loaded_versions(self) -> list[str]:
         with self._lock:
@@ -162,11 +203,15 @@ class EmbrayShardGroup:
             if got is not None:
                 return got[0]
             t = time.monotonic()
-            manifest = read_manifest(self.store, self.cfg.collection, version)  # VersionError: not committed
-            index = VersionIndex(self.store, manifest, group=(self.group, self.groups))
-            if index.shards:  # touch every shard (its pages) before the first real query
-                q = np.ones((1, manifest.dims), dtype=np.float32) / np.sqrt(manifest.dims)
-                index.search_vectors(q, 1)
+            self.loading = version
+            try:
+                manifest = read_manifest(self.store, self.cfg.collection, version)  # VersionError: not committed
+                index = VersionIndex(self.store, manifest, group=(self.group, self.groups))
+                if index.shards:  # touch every shard (its pages) before the first real query
+                    q = np.ones((1, manifest.dims), dtype=np.float32) / np.sqrt(manifest.dims)
+                    index.search_vectors(q, 1)
+            finally:
+                self.loading = None
             with self._lock:
                 self.loaded[version] = (index, time.monotonic())
                 self._trim()
@@ -180,10 +225,14 @@ class EmbrayShardGroup:
         self._heartbeat()
         return index
 
+    def _kept(self) -> set[str | None]:
+        """Versions never let go: the alias's, and the previous one until a query names the alias's."""
+        return {self.target, self.previous}
+
     def _trim(self) -> None:
-        """Keep at most serve.max_loaded_versions, the alias's version always (caller holds the lock)."""
+        """Keep at most serve.max_loaded_versions, never those of :meth:`_kept` (caller holds the lock)."""
         while len(self.loaded) > self.cfg.serve.max_loaded_versions:
-            old = next((v for v in self.loaded if v != self.target), None)
+            old = next((v for v in self.loaded if v not in self._kept()), None)
             if old is None:
                 return
             del self.loaded[old]
@@ -196,27 +245,33 @@ class EmbrayShardGroup:
         except EmbrayError as e:  # MLflow down: queries name their version; nothing to do until it is back
             log.warning("cannot read the active alias: %s", e)
             return
-        self.target = target
+        if target != self.target:
+            self.previous, self.target = self.target, target
         if target is not None:
             try:
                 self._held(target) or self._open(target)
-            except EmbrayError as e:
+            except Exception as e:  # noqa: BLE001 - a version that cannot load must not stop the replica
                 log.error("%s could not load the active version %s: %s", group_deployment(self.group), target, e)
 
     def _tick(self) -> None:
         now = time.monotonic()
         with self._lock:
-            idle = [v for v, (_, used) in self.loaded.items() if v != self.target and now - used > UNLOAD_IDLE_S]
+            kept = self._kept()
+            idle = [v for v, (_, used) in self.loaded.items() if v not in kept and now - used > UNLOAD_IDLE_S]
             for v in idle:
                 del self.loaded[v]  # a request still running on it holds its own reference
         for v in idle:
             log.info("%s let go of %s (no query named it for %.0fs)", group_deployment(self.group), v, UNLOAD_IDLE_S)
-        if idle or now - getattr(self, "_beat", 0.0) >= HEARTBEAT_S:
+        if idle:
+            self._heartbeat()
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
             self._heartbeat()
 
     # --- the status file ------------------------------------------------------------------------
     def _status_rel(self) -> str:
-        return f"{group_status_dir(self.cfg.collection, self.group)}/{self.replica}.json"
+        return f"{group_status_dir(self.cfg.collection, self.groups, self.group)}/{self.replica}.json"
 
     def _heartbeat(self) -> None:
         doc = {
@@ -224,17 +279,17 @@ class EmbrayShardGroup:
             "replica": self.replica,
             "loaded": self.loaded_versions(),
             "target": self.target,
+            "loading": self.loading,
             "ts": time.time(),
             "at": utcnow(),
         }
         try:
             self.store.write_bytes(self._status_rel(), json.dumps(doc).encode())
-            self._beat = time.monotonic()
         except EmbrayError as e:  # the ingress waits for it (switch_timeout_s) and says why
             log.warning("cannot write the shard-group status file: %s", e)
 
     def _prune(self) -> None:
-        d = group_status_dir(self.cfg.collection, self.group)
+        d = group_status_dir(self.cfg.collection, self.groups, self.group)
         now = time.time()
         for name in self.store.listdir(d):
             try:
