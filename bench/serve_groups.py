@@ -38,8 +38,10 @@ from serve import PROXY_ENV, pct, run_clients  # noqa: E402
 SHARDS = 8
 
 
-def marks(model: str) -> tuple[str, str]:
-    tag = "bench/serve_groups.py" if model == "hash" else f"bench/serve_groups.py --model {model}"
+def marks(model: str, docs: int = 1_000_000) -> tuple[str, str]:
+    """The docs/benchmarks.md section of one (model, size): 1M hash rows keep the plain markers."""
+    tag = "bench/serve_groups.py" + ("" if model == "hash" else f" --model {model}")
+    tag += "" if docs == 1_000_000 else f" --docs {docs}"
     return f"<!-- {tag} begin -->", f"<!-- {tag} end -->"
 
 
@@ -141,7 +143,7 @@ def main() -> None:
     first = info[gs[0]][0]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     lines = [
-        marks(args.model)[0],
+        marks(args.model, args.docs)[0],
         "## Sharded serving: shard groups G = "
         + ", ".join(map(str, gs))
         + ("" if args.model == "hash" else f" (`--model {args.model}`)"),
@@ -185,11 +187,11 @@ def main() -> None:
                 lines.append(
                     f"| {query} | {clients} | {g} | {s[0]:.2f} | {s[1]:.2f} | {s[2]:.0f} | {s[0] - base:+.2f} |"
                 )
-    lines.append(marks(args.model)[1])
+    lines.append(marks(args.model, args.docs)[1])
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section(*marks(args.model), text)
+        write_section(*marks(args.model, args.docs), text)
 
 
 def _replica_pids() -> dict[str, list[int]]:

@@ -20,6 +20,7 @@ from embray.layout import local_cache_root
 from embray.models import Embedder, fingerprint, load_embedder
 from embray.results import Hit, SearchResult
 from embray.store import Store
+from embray.vectors import to_numpy
 from embray.versions import FileEntry, Manifest, file_rel
 
 
@@ -62,9 +63,12 @@ class VersionIndex:
         self.metric = manifest.index.get("metric", "cos")
         same_space = shared is not None and shared.fingerprint == manifest.fingerprint
         self._embedder: Embedder | None = shared.loaded_embedder if same_space else None
-        # One entry per part (a shard's base, then its delta segments): index, keys (sorted), ids (numpy or
-        # Arrow), and the shard's dead keys (sorted; empty without tombstones).
+        # One entry per HNSW part (a shard's base, and the delta segments of a shard with many segment rows):
+        # index, keys (sorted), ids (numpy or Arrow), and the shard's dead keys (sorted; empty without any).
         self.shards: list[tuple[Index, np.ndarray, Any, np.ndarray]] = []
+        # Per shard with delta segments (up to FLAT_MAX_ROWS live rows in them): their live rows in memory,
+        # searched exactly: (vectors float32, keys, ids). One matrix product instead of a search per segment.
+        self.flat: list[tuple[np.ndarray, np.ndarray, Any]] = []
         mine = set(group_shards(len(manifest.shards), *group)) if group else None
         for s in manifest.shards:
             if encoder_only or s.rows == 0 or not s.parts:
@@ -74,7 +78,11 @@ class VersionIndex:
             dead = np.zeros(0, dtype=np.uint64)
             if s.tombstones is not None:
                 dead = _read_dead(self._local(file_rel(manifest, s.tombstones), s.tombstones))
-            for emb, idx, rows in s.parts:
+            parts = s.parts
+            if s.segments and sum(g.rows for g in s.segments) <= FLAT_MAX_ROWS:
+                self.flat.append(self._flat(s.segments, dead))
+                parts = parts[:1]
+            for emb, idx, rows in parts:
                 index = Index.restore(str(self._local(file_rel(manifest, idx), idx)), view=True)
                 if index is None or len(index) != rows or index.ndim != manifest.dims:
                     raise VersionError(
@@ -84,6 +92,26 @@ class VersionIndex:
                     )
                 index.expansion_search = int(manifest.index.get("expansion_search", 64))
                 self.shards.append((index, *_read_keys(self._local(file_rel(manifest, emb), emb)), dead))
+
+    def _flat(self, segments, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+        """The live rows of a shard's delta segments, in memory: (vectors, keys, ids)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = []
+        for g in segments:
+            t = pq.read_table(
+                str(self._local(file_rel(self.manifest, g.embeddings), g.embeddings)), columns=["key", "id", "vector"]
+            )
+            tables.append(t.filter(pa.array(~np.isin(t.column("key").to_numpy(), dead))) if len(dead) else t)
+        t = pa.concat_tables(tables)
+        col = t.column("id")
+        ids = (
+            col.combine_chunks().to_numpy()
+            if pa.types.is_integer(col.type)
+            else col.cast(pa.large_string()).combine_chunks()
+        )
+        return to_numpy(t.column("vector"), self.manifest.dims), t.column("key").to_numpy(), ids
 
     def _local(self, rel: str, entry: FileEntry) -> Path:
         """A local path for a version file: itself on local disk; on S3 a cached copy, downloaded whole and
@@ -156,7 +184,31 @@ class VersionIndex:
             for qi, found in enumerate(_search_part(index, q, min(k, len(ids)), dead, exact)):
                 rows = np.searchsorted(keys_sorted, np.asarray([key for key, _ in found], dtype=np.uint64))
                 per_query[qi].append([(d, ids[r]) for r, (_, d) in zip(rows, found, strict=True)])
+        for vectors, _, ids in self.flat:
+            for qi, (rows, dists) in enumerate(_exact(vectors, q, min(k, len(ids)), self.metric)):
+                per_query[qi].append([(float(d), ids[int(r)]) for r, d in zip(rows, dists, strict=True)])
         return [[Hit(_plain(i), _score(self.metric, d)) for d, i in R.merge_topk(shards, k)] for shards in per_query]
+
+
+def _exact(vectors: np.ndarray, q: np.ndarray, k: int, metric: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(rows, distances) of the k nearest of ``vectors`` for each query, best first, in USearch's distance
+    terms (cos: 1 - cosine; ip: 1 - dot; l2sq: squared L2)."""
+    if not len(vectors) or k <= 0:
+        return [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)) for _ in q]
+    dots = q @ vectors.T
+    if metric == "cos":
+        norms = np.linalg.norm(q, axis=1, keepdims=True) * np.linalg.norm(vectors, axis=1)
+        dist = 1 - dots / np.maximum(norms, 1e-30)
+    elif metric == "ip":
+        dist = 1 - dots
+    else:
+        dist = (q * q).sum(1, keepdims=True) + (vectors * vectors).sum(1) - 2 * dots
+    out = []
+    for row in dist:
+        top = np.argpartition(row, k - 1)[:k] if k < len(row) else np.arange(len(row))
+        top = top[np.argsort(row[top], kind="stable")]
+        out.append((top, row[top]))
+    return out
 
 
 def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) -> list[list[tuple[int, float]]]:
@@ -180,6 +232,9 @@ def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) ->
         if count >= n or all(len(o) >= k for o in out):
             return out
         count = min(n, count * 4)
+
+
+FLAT_MAX_ROWS = 100_000  # a shard's delta segments up to this many rows are searched exactly, in memory
 
 
 def group_shards(shards: int, g: int, groups: int) -> list[int]:

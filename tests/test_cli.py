@@ -118,7 +118,8 @@ def test_refresh_verify_promote_rollback_gc_commands(tmp_path, capsys):
 
     # verify exits non-zero with the report on stdout, as JSON, when a file is damaged.
     manifest = json.loads((tmp_path / "store" / "docs" / "versions" / v2 / "manifest.json").read_text())
-    part = tmp_path / "store" / "docs" / "versions" / v2 / manifest["shards"][0]["embeddings"]["path"]
+    emb = manifest["shards"][0]["embeddings"]  # (a delta refresh's base is its parent's file)
+    part = tmp_path / "store" / "docs" / "versions" / (emb["version"] or v2) / emb["path"]
     part.write_bytes(part.read_bytes()[:-5])
     res = _run("verify", v2, "--config", config, "--json", cwd=tmp_path)
     assert res.returncode == 1
