@@ -67,8 +67,9 @@ class VersionIndex:
         # index, keys (sorted), ids (numpy or Arrow), and the shard's dead keys (sorted; empty without any).
         self.shards: list[tuple[Index, np.ndarray, Any, np.ndarray]] = []
         # Per shard with delta segments (up to FLAT_MAX_ROWS live rows in them): their live rows in memory,
-        # searched exactly: (vectors float32, keys, ids). One matrix product instead of a search per segment.
-        self.flat: list[tuple[np.ndarray, np.ndarray, Any]] = []
+        # searched exactly: (vectors float32, unit length for cos; squared norms for l2sq; keys; ids). One
+        # matrix product instead of a search per segment.
+        self.flat: list[tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = []
         mine = set(group_shards(len(manifest.shards), *group)) if group else None
         for s in manifest.shards:
             if encoder_only or s.rows == 0 or not s.parts:
@@ -93,8 +94,8 @@ class VersionIndex:
                 index.expansion_search = int(manifest.index.get("expansion_search", 64))
                 self.shards.append((index, *_read_keys(self._local(file_rel(manifest, emb), emb)), dead))
 
-    def _flat(self, segments, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
-        """The live rows of a shard's delta segments, in memory: (vectors, keys, ids)."""
+    def _flat(self, segments, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+        """The live rows of a shard's delta segments, in memory: (vectors, squared norms, keys, ids)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -111,7 +112,11 @@ class VersionIndex:
             if pa.types.is_integer(col.type)
             else col.cast(pa.large_string()).combine_chunks()
         )
-        return to_numpy(t.column("vector"), self.manifest.dims), t.column("key").to_numpy(), ids
+        vectors = to_numpy(t.column("vector"), self.manifest.dims).astype(np.float32, copy=False)
+        sq = (vectors * vectors).sum(1)
+        if self.metric == "cos":  # unit length once here, so a query costs one matrix product
+            vectors = vectors / np.maximum(np.sqrt(sq), 1e-30)[:, None]
+        return vectors, sq, t.column("key").to_numpy(), ids
 
     def _local(self, rel: str, entry: FileEntry) -> Path:
         """A local path for a version file: itself on local disk; on S3 a cached copy, downloaded whole and
@@ -184,25 +189,27 @@ class VersionIndex:
             for qi, found in enumerate(_search_part(index, q, min(k, len(ids)), dead, exact)):
                 rows = np.searchsorted(keys_sorted, np.asarray([key for key, _ in found], dtype=np.uint64))
                 per_query[qi].append([(d, ids[r]) for r, (_, d) in zip(rows, found, strict=True)])
-        for vectors, _, ids in self.flat:
-            for qi, (rows, dists) in enumerate(_exact(vectors, q, min(k, len(ids)), self.metric)):
+        for vectors, sq, _, ids in self.flat:
+            for qi, (rows, dists) in enumerate(_exact(vectors, sq, q, min(k, len(ids)), self.metric)):
                 per_query[qi].append([(float(d), ids[int(r)]) for r, d in zip(rows, dists, strict=True)])
         return [[Hit(_plain(i), _score(self.metric, d)) for d, i in R.merge_topk(shards, k)] for shards in per_query]
 
 
-def _exact(vectors: np.ndarray, q: np.ndarray, k: int, metric: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def _exact(
+    vectors: np.ndarray, sq: np.ndarray, q: np.ndarray, k: int, metric: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(rows, distances) of the k nearest of ``vectors`` for each query, best first, in USearch's distance
-    terms (cos: 1 - cosine; ip: 1 - dot; l2sq: squared L2)."""
+    terms (cos: 1 - cosine, ``vectors`` of unit length; ip: 1 - dot; l2sq: squared L2, ``sq`` their squared
+    norms)."""
     if not len(vectors) or k <= 0:
         return [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)) for _ in q]
     dots = q @ vectors.T
     if metric == "cos":
-        norms = np.linalg.norm(q, axis=1, keepdims=True) * np.linalg.norm(vectors, axis=1)
-        dist = 1 - dots / np.maximum(norms, 1e-30)
+        dist = 1 - dots / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
     elif metric == "ip":
         dist = 1 - dots
     else:
-        dist = (q * q).sum(1, keepdims=True) + (vectors * vectors).sum(1) - 2 * dots
+        dist = (q * q).sum(1, keepdims=True) + sq - 2 * dots
     out = []
     for row in dist:
         top = np.argpartition(row, k - 1)[:k] if k < len(row) else np.arange(len(row))
@@ -225,8 +232,9 @@ def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) ->
         for qi in range(len(q)):
             c = int(counts[qi])
             keys, dists = keys_2d[qi][:c], dists_2d[qi][:c]
-            if len(dead):
-                live = ~np.isin(keys, dead)
+            if len(dead):  # (``dead`` is sorted: a binary search per key, not np.isin's sort of both)
+                pos = np.minimum(np.searchsorted(dead, keys), len(dead) - 1)
+                live = dead[pos] != keys
                 keys, dists = keys[live], dists[live]
             out.append(list(zip(keys[:k].tolist(), dists[:k].astype(float).tolist(), strict=True)))
         if count >= n or all(len(o) >= k for o in out):

@@ -36,13 +36,17 @@ INCREMENTAL_MAX_CHANGE = 0.25
 THREADS = 1
 
 
-def lookup_vectors(store: Store, cdir: str, wanted: set[str], dims: int, fp: str, tables=()) -> dict[str, np.ndarray]:
-    """content_hash -> vector for ``wanted``, from the shard's cache files and then ``tables``.
+def lookup_vectors(
+    store: Store, cdir: str, wanted: set[str], dims: int, fp: str, tables=(), first: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
+    """content_hash -> vector for ``wanted``, from the cache files ``first`` (this build's own chunks), the
+    rest of the shard's cache, and then ``tables``; it stops reading once every one is found.
 
     Every file is checked to carry ``fp``: a build never takes a vector from another space.
     """
     found: dict[str, np.ndarray] = {}
-    sources = [f"{cdir}/{n}" for n in store.parquet_names(cdir)] + list(tables)
+    rest = [f"{cdir}/{n}" for n in store.parquet_names(cdir) if f"{cdir}/{n}" not in set(first)] if wanted else []
+    sources = [*first, *rest, *tables]
     for src in sources:
         if len(found) == len(wanted):
             break
@@ -268,10 +272,16 @@ def build_shard(
     hashes = p.column("content_hash").to_pylist()
     same = np.asarray(p.column("status").to_numpy(zero_copy_only=False) == "same", dtype=bool)
     parent_live = None
-    if parent is not None:
-        parent_live = live_rows(store, parent.files, ["id", "key", "content_hash", "vector"], fp=fp)
+    if parent is not None:  # a delta needs only the parent's keys (its vectors: only for a text it alone holds)
+        cols = ["id", "key", "content_hash"] + ([] if action == "delta" else ["vector"])
+        parent_live = live_rows(store, parent.files, cols, fp=fp)
     wanted = {h for h, s in zip(hashes, same, strict=True) if not s} if action != "rebuilt" else set(hashes)
-    found = lookup_vectors(store, cdir, wanted, dims, fp, [parent_live] if parent_live is not None else [])
+    chunks = tuple(c.cache for c in plan.chunks)
+    tables = [parent_live] if parent_live is not None and action != "delta" else []
+    found = lookup_vectors(store, cdir, wanted, dims, fp, tables, first=chunks)
+    if action == "delta" and wanted - set(found):
+        more = live_rows(store, parent.files, ["key", "content_hash", "vector"], fp=fp)
+        found.update(lookup_vectors(store, cdir, wanted - set(found), dims, fp, [more]))
     missing = wanted - set(found)
     if missing:
         raise StoreError(
