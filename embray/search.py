@@ -19,6 +19,7 @@ from embray.errors import VersionError
 from embray.layout import local_cache_root
 from embray.models import Embedder, fingerprint, load_embedder
 from embray.results import Hit, SearchResult
+from embray.segments import dead_keys, live_mask
 from embray.store import Store
 from embray.vectors import to_numpy
 from embray.versions import FileEntry, Manifest, file_rel
@@ -55,6 +56,7 @@ class VersionIndex:
         only shard group g of G (the shards :func:`group_shards` names), for a replica that serves one part
         of a version too large for one; :func:`merge_hits` combines the groups' answers. ``encoder_only``: open
         no shard (a sharded Serve ingress, which only embeds queries)."""
+        import pyarrow.parquet as pq
         from usearch.index import Index
 
         check_consistent(manifest)
@@ -78,7 +80,7 @@ class VersionIndex:
                 continue
             dead = np.zeros(0, dtype=np.uint64)
             if s.tombstones is not None:
-                dead = _read_dead(self._local(file_rel(manifest, s.tombstones), s.tombstones))
+                dead = dead_keys(pq.read_table(str(self._local(file_rel(manifest, s.tombstones), s.tombstones))))
             parts = s.parts
             if s.segments and sum(g.rows for g in s.segments) <= FLAT_MAX_ROWS:
                 self.flat.append(self._flat(s.segments, dead))
@@ -104,7 +106,7 @@ class VersionIndex:
             t = pq.read_table(
                 str(self._local(file_rel(self.manifest, g.embeddings), g.embeddings)), columns=["key", "id", "vector"]
             )
-            tables.append(t.filter(pa.array(~np.isin(t.column("key").to_numpy(), dead))) if len(dead) else t)
+            tables.append(t.filter(pa.array(live_mask(t.column("key").to_numpy(), dead))) if len(dead) else t)
         t = pa.concat_tables(tables)
         col = t.column("id")
         ids = (
@@ -232,9 +234,8 @@ def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) ->
         for qi in range(len(q)):
             c = int(counts[qi])
             keys, dists = keys_2d[qi][:c], dists_2d[qi][:c]
-            if len(dead):  # (``dead`` is sorted: a binary search per key, not np.isin's sort of both)
-                pos = np.minimum(np.searchsorted(dead, keys), len(dead) - 1)
-                live = dead[pos] != keys
+            if len(dead):
+                live = live_mask(keys, dead)
                 keys, dists = keys[live], dists[live]
             out.append(list(zip(keys[:k].tolist(), dists[:k].astype(float).tolist(), strict=True)))
         if count >= n or all(len(o) >= k for o in out):
@@ -262,12 +263,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value.as_py() if hasattr(value, "as_py") else value  # an Arrow scalar (string ids)
-
-
-def _read_dead(path: Path) -> np.ndarray:
-    import pyarrow.parquet as pq
-
-    return np.sort(pq.read_table(str(path), columns=["key"]).column("key").to_numpy().astype(np.uint64))
 
 
 def _read_keys(path: Path) -> tuple[np.ndarray, Any]:

@@ -34,18 +34,24 @@ class ShardFiles:
         )
 
 
+def dead_keys(table) -> np.ndarray:
+    """The sorted dead keys of a tombstones table (uint64)."""
+    return np.sort(table.column("key").to_numpy().astype(np.uint64))
+
+
 def read_tombstones(store: Store, rel: str | None) -> np.ndarray:
     """The sorted dead keys (uint64; empty without a tombstones file)."""
     if rel is None:
         return np.zeros(0, dtype=np.uint64)
-    return np.sort(store.read_table(rel, ["key"]).column("key").to_numpy().astype(np.uint64))
+    return dead_keys(store.read_table(rel, ["key"]))
 
 
 def live_mask(keys: np.ndarray, dead: np.ndarray) -> np.ndarray:
-    """True where a key is not tombstoned."""
+    """True where a key is not tombstoned (``dead`` sorted: a binary search per key, not np.isin's sorts)."""
+    keys = np.asarray(keys, dtype=np.uint64)
     if not len(dead):
         return np.ones(len(keys), dtype=bool)
-    return ~np.isin(np.asarray(keys, dtype=np.uint64), dead, assume_unique=False)
+    return dead[np.minimum(np.searchsorted(dead, keys), len(dead) - 1)] != keys
 
 
 def live_rows(store: Store, files: ShardFiles, columns: list[str], *, fp: str | None = None):

@@ -37,15 +37,24 @@ THREADS = 1
 
 
 def lookup_vectors(
-    store: Store, cdir: str, wanted: set[str], dims: int, fp: str, tables=(), first: tuple[str, ...] = ()
+    store: Store,
+    cdir: str,
+    wanted: set[str],
+    dims: int,
+    fp: str,
+    tables=(),
+    first: tuple[str, ...] = (),
+    cache: bool = True,
 ) -> dict[str, np.ndarray]:
     """content_hash -> vector for ``wanted``, from the cache files ``first`` (this build's own chunks), the
-    rest of the shard's cache, and then ``tables``; it stops reading once every one is found.
+    rest of the shard's cache (unless not ``cache``), and then ``tables``; it stops reading once every one is
+    found.
 
     Every file is checked to carry ``fp``: a build never takes a vector from another space.
     """
     found: dict[str, np.ndarray] = {}
-    rest = [f"{cdir}/{n}" for n in store.parquet_names(cdir) if f"{cdir}/{n}" not in set(first)] if wanted else []
+    listed = store.parquet_names(cdir) if wanted and cache else []
+    rest = [f"{cdir}/{n}" for n in listed if f"{cdir}/{n}" not in set(first)]
     sources = [*first, *rest, *tables]
     for src in sources:
         if len(found) == len(wanted):
@@ -281,7 +290,7 @@ def build_shard(
     found = lookup_vectors(store, cdir, wanted, dims, fp, tables, first=chunks)
     if action == "delta" and wanted - set(found):
         more = live_rows(store, parent.files, ["key", "content_hash", "vector"], fp=fp)
-        found.update(lookup_vectors(store, cdir, wanted - set(found), dims, fp, [more]))
+        found.update(lookup_vectors(store, cdir, wanted - set(found), dims, fp, [more], cache=False))  # (read)
     missing = wanted - set(found)
     if missing:
         raise StoreError(
