@@ -150,6 +150,18 @@ def refresh(config_path: str, parent: str | None, dry_run: bool, promote_it: boo
 
 @cli.command()
 @config_option
+@click.option("--version", "version", default=None, help="Version to compact (default: the active one).")
+@click.option("--promote", "promote_it", is_flag=True, help="Make the compacted version active (through the gates).")
+@json_option
+def compact(config_path: str, version: str | None, promote_it: bool, as_json: bool) -> None:
+    """Rebuild a version's shards that have delta segments or tombstones into one index each, as a child
+    version with the same rows; nothing is re-embedded and the corpus is not read."""
+    s = _open(config_path, as_json).compact(version, promote=promote_it).to_dict()
+    _emit(s, as_json, _build_human(s))
+
+
+@cli.command()
+@config_option
 @click.option(
     "--model", "model_path", required=True, type=click.Path(dir_okay=False), help="YAML file: the new model spec."
 )
@@ -249,8 +261,13 @@ def _status_human(s: dict[str, Any]) -> str:
     for alias in ("active", "candidate"):
         v = s.get(alias)
         age = f"{v['age_s'] / 3600:.1f} h old" if v else ""
+        segs = (
+            f", {v['segments']} delta segment(s) and {v['dead_rows']} dead rows in {v['segmented_shards']} shard(s)"
+            if v and v.get("segmented_shards")
+            else ""
+        )
         lines.append(
-            f"  {alias:<9} {v['id']}  {v['model']} ({v['fingerprint']}), {v['rows']} rows, {age}"
+            f"  {alias:<9} {v['id']}  {v['model']} ({v['fingerprint']}), {v['rows']} rows, {age}{segs}"
             if v
             else f"  {alias:<9} -"
         )

@@ -184,6 +184,29 @@ class Collection:
         finally:
             self._alias_moved()
 
+    def compact(self, version: str | None = None, *, promote: bool = False) -> BuildResult:
+        """Fold a version's delta segments and tombstones into one index per shard: a child version with the
+        same rows and vectors (nothing re-embedded, the corpus not read), searched as fast as a fresh backfill.
+
+        Args:
+            version: The version (or alias) to compact; default ``active``.
+            promote: Make the child ``active`` through the promotion gates.
+
+        Returns:
+            The child's :class:`BuildResult` (``counts.reused`` = its rows; ``shards_reused`` the shards that
+            had nothing to compact).
+
+        Raises:
+            VersionError: The version has no delta segments or tombstones (nothing to compact).
+            GateError: ``promote`` and the child failed a gate (it stays committed, not active).
+            ConflictError: Another job writes this collection.
+        """
+        vid = self._id(version) if version else None
+        try:
+            return flows.compact(self._ctx, version=vid, promote_it=promote)
+        finally:
+            self._alias_moved()
+
     def migrate(
         self, model: ModelSpec | Mapping[str, Any] | str | os.PathLike[str], *, dry_run: bool = False
     ) -> BuildResult | PlanResult:

@@ -1,11 +1,13 @@
-"""The three ways a version is made, each one writer per collection at a time.
+"""The ways a version is made, each one writer per collection at a time.
 
 - ``backfill``: the whole corpus with the configured model (the first version becomes ``active``).
 - ``refresh``: the corpus against a parent version in the same space; only new and changed rows are
   embedded, deleted ids dropped, unchanged vectors and shards reused. Not promoted unless asked.
 - ``migrate``: the whole corpus under another model, into a version marked ``candidate``.
+- ``compact``: a version's own rows again, with every shard that has delta segments or tombstones rebuilt
+  whole; the corpus is not read and nothing is embedded.
 
-All three run :func:`embray.build.pipeline.run_build`; a rerun after a crash resumes from the vector cache.
+All of them run :func:`embray.build.pipeline.run_build`; a rerun after a crash resumes from the vector cache.
 """
 
 from __future__ import annotations
@@ -127,3 +129,23 @@ def migrate(ctx: Context, model: ModelSpec) -> BuildResult:
         result = run_build(ctx, BuildSpec("migrate", model, parent=parent, params=params), lease)
         set_candidate(ctx, result.version)
     return dataclasses.replace(result, aliases=(CANDIDATE,))
+
+
+def compact(ctx: Context, *, version: str | None = None, promote_it: bool = False) -> BuildResult:
+    """A child of ``version`` (default: active) with the same rows, its segmented shards rebuilt whole."""
+    _open_for_writing(ctx)
+    base = read_manifest(ctx.store, ctx.collection, resolve(ctx, version))
+    segmented = [s.shard for s in base.shards if s.segments or s.tombstones]
+    if not segmented:
+        raise VersionError(
+            f"version {base.version} has no delta segments or tombstones: nothing to compact "
+            "(`embray status` shows how many segments the active version holds)"
+        )
+    params = {"compacted_shards": ",".join(map(str, segmented))}
+    spec = BuildSpec("compact", base.model, parent=base, params=params, fingerprint=base.fingerprint)
+    with _writer(ctx, "compact") as lease:
+        result = run_build(ctx, spec, lease)
+    if promote_it:
+        promote(ctx, result.version, reason=f"compaction of {base.version}")
+        result = dataclasses.replace(result, aliases=(ACTIVE,))
+    return result

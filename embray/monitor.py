@@ -108,6 +108,9 @@ def _describe(m: Manifest, now: dt.datetime) -> VersionSummary:
         created=m.created,
         age_s=_age_s(m.created, now),
         parent=m.parent,
+        segments=sum(len(s.segments) for s in m.shards),
+        segmented_shards=sum(1 for s in m.shards if s.segments or s.tombstones),
+        dead_rows=sum(s.dead for s in m.shards),
     )
 
 

@@ -336,6 +336,9 @@ class VersionSummary(_Result):
     created: str
     age_s: float
     parent: str | None
+    segments: int = 0  # delta segments over all its shards (``embray compact`` folds them into the bases)
+    segmented_shards: int = 0  # shards with delta segments or tombstones
+    dead_rows: int = 0  # tombstoned rows its bases and segments still hold (searched past, then dropped)
 
 
 @dataclass(frozen=True)
@@ -407,7 +410,9 @@ class StatusReport(_Result):
         """The numbers, flat, for MLflow and Prometheus."""
         m: dict[str, float] = {"ok": float(self.ok), "problems": float(len(self.problems))}
         if self.active:
-            m.update({"active.age_s": self.active.age_s, "active.rows": self.active.rows})
+            a = self.active
+            m.update({"active.age_s": a.age_s, "active.rows": a.rows, "active.segments": a.segments})
+            m["active.dead_rows"] = a.dead_rows
         s = self.staleness
         if s:
             m.update(

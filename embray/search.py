@@ -1,4 +1,4 @@
-"""Search a committed version: memory-mapped USearch shards, fan-out, top-k merge.
+"""Search a committed version: memory-mapped USearch shards (in memory with delta segments), fan-out, top-k merge.
 
 Queries are embedded with the version's own model, and only after its
 fingerprint is recomputed on this machine and matches the manifest's; a vector
@@ -9,6 +9,7 @@ vectors from two spaces.
 from __future__ import annotations
 
 import heapq
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ def check_consistent(manifest: Manifest) -> None:
 
 
 class VersionIndex:
-    """One committed version opened for search. Shards are memory-mapped read-only."""
+    """One committed version opened for search. Shards are memory-mapped read-only; a shard with delta
+    segments is loaded into memory with them merged into its graph."""
 
     def __init__(
         self,
@@ -65,13 +67,11 @@ class VersionIndex:
         self.metric = manifest.index.get("metric", "cos")
         same_space = shared is not None and shared.fingerprint == manifest.fingerprint
         self._embedder: Embedder | None = shared.loaded_embedder if same_space else None
-        # One entry per HNSW part (a shard's base, and the delta segments of a shard with many segment rows):
-        # index, keys (sorted), ids (numpy or Arrow), and the shard's dead keys (sorted; empty without any).
+        # One entry per HNSW graph: index, keys (sorted), ids (numpy or Arrow), and the dead keys to skip
+        # (sorted; empty without any). A shard with delta segments (up to MERGE_MAX_ROWS rows in them) is one
+        # graph: its base loaded into memory, dead keys removed and the segments' live rows added, so a query
+        # costs what it costs on a compacted shard. Past that, its segments are searched as graphs of their own.
         self.shards: list[tuple[Index, np.ndarray, Any, np.ndarray]] = []
-        # Per shard with delta segments (up to FLAT_MAX_ROWS live rows in them): their live rows in memory,
-        # searched exactly: (vectors float32, unit length for cos; squared norms for l2sq; keys; ids). One
-        # matrix product instead of a search per segment.
-        self.flat: list[tuple[np.ndarray, np.ndarray, np.ndarray, Any]] = []
         mine = set(group_shards(len(manifest.shards), *group)) if group else None
         for s in manifest.shards:
             if encoder_only or s.rows == 0 or not s.parts:
@@ -81,44 +81,65 @@ class VersionIndex:
             dead = np.zeros(0, dtype=np.uint64)
             if s.tombstones is not None:
                 dead = dead_keys(pq.read_table(str(self._local(file_rel(manifest, s.tombstones), s.tombstones))))
-            parts = s.parts
-            if s.segments and sum(g.rows for g in s.segments) <= FLAT_MAX_ROWS:
-                self.flat.append(self._flat(s.segments, dead))
-                parts = parts[:1]
-            for emb, idx, rows in parts:
-                index = Index.restore(str(self._local(file_rel(manifest, idx), idx)), view=True)
-                if index is None or len(index) != rows or index.ndim != manifest.dims:
-                    raise VersionError(
-                        f"shard {s.shard} of {manifest.version} does not match its manifest "
-                        f"({0 if index is None else len(index)} vectors of {getattr(index, 'ndim', '?')} dims in "
-                        f"{idx.path}, expected {rows} of {manifest.dims}); run `embray verify`"
-                    )
-                index.expansion_search = int(manifest.index.get("expansion_search", 64))
+            if s.segments and sum(g.rows for g in s.segments) <= MERGE_MAX_ROWS:
+                self.shards.append(self._merged(s, dead))
+                continue
+            for emb, idx, rows in s.parts:
+                index = self._open(s.shard, idx, rows, view=True)
                 self.shards.append((index, *_read_keys(self._local(file_rel(manifest, emb), emb)), dead))
 
-    def _flat(self, segments, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-        """The live rows of a shard's delta segments, in memory: (vectors, squared norms, keys, ids)."""
+    def _open(self, shard: int, idx: FileEntry, rows: int, *, view: bool):
+        """One of the version's USearch files, memory-mapped (``view``) or loaded, checked against the manifest."""
+        from usearch.index import Index
+
+        m = self.manifest
+        index = Index.restore(str(self._local(file_rel(m, idx), idx)), view=view)
+        if index is None or len(index) != rows or index.ndim != m.dims:
+            raise VersionError(
+                f"shard {shard} of {m.version} does not match its manifest "
+                f"({0 if index is None else len(index)} vectors of {getattr(index, 'ndim', '?')} dims in "
+                f"{idx.path}, expected {rows} of {m.dims}); run `embray verify`"
+            )
+        index.expansion_search = int(m.index.get("expansion_search", 64))
+        index.expansion_add = int(m.index.get("expansion_add", 128))
+        return index
+
+    def _merged(self, s, dead: np.ndarray) -> tuple[Any, np.ndarray, Any, np.ndarray]:
+        """A shard with delta segments as one graph in memory: its base loaded, its dead keys removed, its
+        segments' live rows added under their own keys. Returns a ``shards`` entry with nothing left to skip."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tables = []
-        for g in segments:
-            t = pq.read_table(
-                str(self._local(file_rel(self.manifest, g.embeddings), g.embeddings)), columns=["key", "id", "vector"]
-            )
-            tables.append(t.filter(pa.array(live_mask(t.column("key").to_numpy(), dead))) if len(dead) else t)
-        t = pa.concat_tables(tables)
-        col = t.column("id")
-        ids = (
-            col.combine_chunks().to_numpy()
-            if pa.types.is_integer(col.type)
-            else col.cast(pa.large_string()).combine_chunks()
+        m = self.manifest
+        emb, idx, rows = s.parts[0]
+        index = self._open(s.shard, idx, rows, view=False)
+        if len(dead):
+            index.remove(dead)
+        keys, ids = _read_keys(self._local(file_rel(m, emb), emb))
+        if len(dead):  # the entry lists exactly the keys its graph holds
+            live = live_mask(keys, dead)
+            keys, ids = keys[live], (ids[live] if isinstance(ids, np.ndarray) else ids.filter(pa.array(live)))
+        t = pa.concat_tables(
+            [
+                pq.read_table(
+                    str(self._local(file_rel(m, g.embeddings), g.embeddings)), columns=["key", "id", "vector"]
+                )
+                for g in s.segments
+            ]
         )
-        vectors = to_numpy(t.column("vector"), self.manifest.dims).astype(np.float32, copy=False)
-        sq = (vectors * vectors).sum(1)
-        if self.metric == "cos":  # unit length once here, so a query costs one matrix product
-            vectors = vectors / np.maximum(np.sqrt(sq), 1e-30)[:, None]
-        return vectors, sq, t.column("key").to_numpy(), ids
+        if len(dead):
+            t = t.filter(pa.array(live_mask(t.column("key").to_numpy(), dead)))
+        if not t.num_rows:
+            return index, keys, ids, np.zeros(0, dtype=np.uint64)
+        seg_keys = t.column("key").to_numpy()
+        index.add(seg_keys, to_numpy(t.column("vector"), m.dims), threads=os.cpu_count() or 1)
+        order = np.argsort(np.concatenate([keys, seg_keys]), kind="stable")
+        col = t.column("id")
+        if isinstance(ids, np.ndarray):
+            all_ids = np.concatenate([ids, col.combine_chunks().to_numpy()])[order]
+        else:
+            all_ids = pa.concat_arrays([ids, col.cast(pa.large_string()).combine_chunks()]).take(pa.array(order))
+        return index, np.concatenate([keys, seg_keys])[order], all_ids, np.zeros(0, dtype=np.uint64)
 
     def _local(self, rel: str, entry: FileEntry) -> Path:
         """A local path for a version file: itself on local disk; on S3 a cached copy, downloaded whole and
@@ -191,33 +212,7 @@ class VersionIndex:
             for qi, found in enumerate(_search_part(index, q, min(k, len(ids)), dead, exact)):
                 rows = np.searchsorted(keys_sorted, np.asarray([key for key, _ in found], dtype=np.uint64))
                 per_query[qi].append([(d, ids[r]) for r, (_, d) in zip(rows, found, strict=True)])
-        for vectors, sq, _, ids in self.flat:
-            for qi, (rows, dists) in enumerate(_exact(vectors, sq, q, min(k, len(ids)), self.metric)):
-                per_query[qi].append([(float(d), ids[int(r)]) for r, d in zip(rows, dists, strict=True)])
         return [[Hit(_plain(i), _score(self.metric, d)) for d, i in R.merge_topk(shards, k)] for shards in per_query]
-
-
-def _exact(
-    vectors: np.ndarray, sq: np.ndarray, q: np.ndarray, k: int, metric: str
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(rows, distances) of the k nearest of ``vectors`` for each query, best first, in USearch's distance
-    terms (cos: 1 - cosine, ``vectors`` of unit length; ip: 1 - dot; l2sq: squared L2, ``sq`` their squared
-    norms)."""
-    if not len(vectors) or k <= 0:
-        return [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)) for _ in q]
-    dots = q @ vectors.T
-    if metric == "cos":
-        dist = 1 - dots / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
-    elif metric == "ip":
-        dist = 1 - dots
-    else:
-        dist = (q * q).sum(1, keepdims=True) + sq - 2 * dots
-    out = []
-    for row in dist:
-        top = np.argpartition(row, k - 1)[:k] if k < len(row) else np.arange(len(row))
-        top = top[np.argsort(row[top], kind="stable")]
-        out.append((top, row[top]))
-    return out
 
 
 def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) -> list[list[tuple[int, float]]]:
@@ -243,7 +238,9 @@ def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) ->
         count = min(n, count * 4)
 
 
-FLAT_MAX_ROWS = 100_000  # a shard's delta segments up to this many rows are searched exactly, in memory
+# A shard's delta segments up to this many rows are merged into its base's graph when a version is opened
+# (about 1 s per 4,000 rows on one core here); past it they are searched as graphs of their own.
+MERGE_MAX_ROWS = 100_000
 
 
 def group_shards(shards: int, g: int, groups: int) -> list[int]:

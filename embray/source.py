@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from embray.config import SourceConfig
-from embray.errors import SourceError
+from embray.errors import SourceError, VersionError
 from embray.store import Store, list_source_infos, sha256_of
-from embray.versions import SourceFile
+from embray.versions import Manifest, SourceFile
 
 
 @dataclass(frozen=True)
@@ -129,4 +129,28 @@ def inspect_source(cfg: SourceConfig, previous: Sequence[SourceFile] = (), previ
         digest=digest.hexdigest(),
         seen=seen,
         unchanged=[prev for prev, _ in looks],
+    )
+
+
+def recorded_source(cfg: SourceConfig, version: Manifest) -> SourceInfo:
+    """The source exactly as ``version`` read it, from its manifest alone: nothing is listed or read, every
+    file counts as unchanged and brings its recorded row states (a compaction rebuilds what the version holds,
+    whatever the corpus holds now)."""
+    if not version.inputs:
+        raise VersionError(
+            f"version {version.version} records no source files (it was built before embray recorded them), so "
+            "its rows cannot be rebuilt without reading the corpus again: refresh it instead"
+        )
+    store = Store(version.source.get("uri", cfg.uri), cfg.storage_options)
+    seen = [
+        FileSeen(path=f.path, bytes=f.bytes, etag=f.etag, sha256=f.sha256, mtime_ns=f.mtime_ns, checked_ns=f.checked_ns)
+        for f in version.inputs
+    ]
+    return SourceInfo(
+        store=store,
+        files=[store.root + f.path for f in version.inputs],
+        id_type=version.source.get("id_type", "string"),
+        digest=version.source.get("digest", ""),
+        seen=seen,
+        unchanged=list(version.inputs),
     )

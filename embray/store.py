@@ -25,8 +25,14 @@ DOWNLOAD_ATTEMPTS = 4  # whole-file tries of Store.download, on top of the S3 cl
 
 
 def _filesystem(uri: str, options: dict[str, Any]):
+    """The fsspec filesystem and root path of ``uri``. On an object store, without fsspec's listings cache
+    (unless ``options`` ask for it): other processes add files all the time (cache chunks, manifests, leases),
+    and a listing cached earlier in a long-lived process (a Ray worker, Serve, the monitor) would hide them:
+    the open of a file written since then would fail as not found."""
     import fsspec
 
+    if is_remote(uri):
+        options = {"use_listings_cache": False, **options}
     try:
         return fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError, TypeError) as e:

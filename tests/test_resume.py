@@ -175,3 +175,49 @@ def test_sigkill_of_an_embedding_worker(tmp_path):
     else:  # or Ray restarts the actor and retries the chunk
         result = outcome["result"]
     assert_same_content(content(cfg, result.version), expected)
+
+
+def test_a_delta_refresh_killed_after_its_segments_and_before_its_commit(tmp_path):
+    """SIGKILL between writing the delta segments and committing: nothing visible; the rerun writes the same
+    rows (embedding nothing again) and gc removes what the killed one wrote."""
+    rows = write_corpus(tmp_path / "corpus", files=2, rows=300)
+    cfg = make_config(tmp_path, model=SLOW, embed={"batch_size": CHUNK})  # as _config_file
+    store, store_root = Store(cfg.store.uri), Path(cfg.store.uri)
+    v1 = Collection(cfg).backfill()
+    changed = mutate(rows, n_insert=6, n_update=6, n_delete=3)[0]
+    write_rows(tmp_path / "corpus", changed, files=2)
+    marker = tmp_path / "shards-written"
+    driver = (
+        "import pathlib, time\n"
+        "from embray.build import pipeline\n"
+        "def hold(self, *args, **kwargs):\n"
+        f"    pathlib.Path({str(marker)!r}).write_text('')\n"
+        "    time.sleep(600)\n"
+        "pipeline.Build.commit = hold  # stop right before the manifest is written\n"
+        "from embray.cli import main\n"
+        f"main(['refresh', '--config', {str(_config_file(tmp_path))!r}])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", driver], cwd=tmp_path, env=env, start_new_session=True, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 180
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, f"the refresh ended before its commit: {proc.stderr.read()[-2000:]!r}"
+            assert time.monotonic() < deadline, "the refresh never reached its commit"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    committed, unfinished = list_version_dirs(store, "docs")
+    assert committed == [v1.version] and len(unfinished) == 1
+    assert list((store_root / "docs" / "versions" / unfinished[0]).rglob("*seg001*")), "no segment was written"
+
+    result = Collection(cfg).refresh()  # takes over the dead driver's lease
+    assert result.manifest.counts["shards_delta"] >= 1 and result.counts.embedded == 0  # the cache has the 12
+    assert result.counts.cache_hits == 12 and Collection(cfg).verify(result.version).problems == []
+    fresh = make_config(tmp_path, store={"uri": str(tmp_path / "fresh")}, model=SLOW)
+    assert_same_content(content(cfg, result.version), content(fresh, Collection(fresh).backfill().version))
+    assert Collection(cfg).gc(keep=5).unfinished == unfinished
+    assert list_version_dirs(store, "docs") == ([v1.version, result.version], [])

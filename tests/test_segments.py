@@ -102,6 +102,74 @@ def test_a_refresh_chain_compacts_past_its_limits_and_gc_keeps_the_bases_it_refe
     assert col.search(text=rows[sorted(rows)[0]], k=1, version=versions[2]).results[0].id == sorted(rows)[0]
 
 
+def _config_file(tmp_path) -> str:
+    """The YAML of ``make_config(tmp_path)``, for the command line."""
+    path = tmp_path / "embray.yaml"
+    path.write_text(
+        "collection: docs\nsource: {uri: ./corpus}\nstore: {uri: ./store}\n"
+        "model: {backend: hash, name: words, dims: 64}\nindex: {metric: cos, dtype: f16, shards: 3}\n"
+        "embed: {batch_size: 128, actors: 1, num_cpus: 1}\n"
+    )
+    return str(path)
+
+
+def test_compact_rebuilds_segmented_shards_from_the_version_alone(tmp_path, capsys):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embray.cli import main
+    from embray.errors import VersionError
+
+    rows = write_corpus(tmp_path / "corpus", files=2, rows=300)
+    odd = tmp_path / "corpus" / "part-00009.parquet"  # a duplicate id (both copies rejected) and an empty text
+    pq.write_table(pa.table({"id": ["doc-000100", "odd-1"], "text": ["a second doc-000100", None]}), odd)
+    cfg = make_config(tmp_path)
+    col = Collection(cfg)
+    col.backfill(promote=True)
+    changed, inserted, updated, _ = mutate(rows, n_insert=1, n_update=1, n_delete=0)
+    write_rows(tmp_path / "corpus", changed, files=2)
+    pq.write_table(pa.table({"id": ["doc-000100", "odd-1"], "text": ["a second doc-000100", None]}), odd)
+    v2 = col.refresh(promote=True)
+    segmented = [s.shard for s in v2.manifest.shards if s.segments]
+    assert 1 <= len(segmented) <= 2 and v2.rejected == 3
+
+    st = col.status(verify=False, staleness=False)
+    a = st.active
+    assert (a.id, a.segmented_shards, a.segments) == (v2.version, len(segmented), len(segmented))
+    assert st.active.dead_rows == 1 and st.metrics()["active.segments"] == len(segmented)  # the updated row's old key
+
+    # The corpus moves on (and its duplicate's file goes): a compaction still rebuilds v2's rows, reading none of it.
+    write_rows(tmp_path / "corpus", mutate(changed, 30, 30, 30)[0], files=2)
+    odd.unlink(missing_ok=True)
+    main(["compact", "--config", _config_file(tmp_path), "--json", "--promote"])
+    out = json.loads(capsys.readouterr().out)
+    assert (out["parent"], out["aliases"], out["embedded"], out["reused"]) == (v2.version, ["active"], 0, v2.rows)
+    assert (out["rows"], out["rejected"], out["rejected_by_reason"]) == (v2.rows, 3, v2.rejected_by_reason)
+    m = read_manifest(Store(cfg.store.uri), "docs", out["version"])
+    assert m.counts["kind"] == "compact" and m.counts["shards_reused"] == 3 - len(segmented)
+    assert all(not s.segments and s.tombstones is None and s.dead == 0 for s in m.shards)
+    assert [s.embeddings.version for s in m.shards] == [
+        None if s.shard in segmented else v2.manifest.shards[s.shard].embeddings.version for s in m.shards
+    ]
+    assert m.inputs == v2.manifest.inputs and m.source == v2.manifest.source and m.index == v2.manifest.index
+    assert [s.rejects for s in m.shards if s.rejects] and all(s.rejects.version is None for s in m.shards if s.rejects)
+    assert_same_content(content(cfg, out["version"]), content(cfg, v2.version))
+    assert col.verify(out["version"]).problems == []
+    vi, v2i = col.index(out["version"]), col.index(v2.version)
+    q = vi.embedder.embed_queries([changed[i] for i in sorted(updated | inserted)] + [changed["doc-000002"]])
+    assert [[h.id for h in r] for r in vi.search_vectors(q, 10, exact=True)] == [
+        [h.id for h in r] for r in v2i.search_vectors(q, 10, exact=True)
+    ]
+    assert col.status(verify=False, staleness=False).active.segments == 0
+    with pytest.raises(VersionError, match="nothing to compact"):
+        col.compact()
+    # gc keeping only the compacted version drops v2 and its segments; v1 stays for the shards reused from it.
+    assert col.gc(keep=1).deleted == [v2.version]
+    assert col.verify(out["version"]).problems == []
+
+
 def test_segments_on_s3(tmp_path, bucket):
     """The same on moto's S3: a delta refresh, search, dataset and verify read segments and tombstones."""
     import pyarrow as pa
@@ -128,3 +196,13 @@ def test_segments_on_s3(tmp_path, bucket):
     assert gone not in {h.id for h in vi.search_text([rows[gone]], k=30)[0]}
     df = col.dataset(child.version).to_pandas()
     assert sorted(df["id"]) == sorted(changed)
+
+    # gc keeping only the (now active) child keeps the version whose bases it holds; compaction on S3.
+    col.promote(child.version, reason="segments on S3")
+    out = col.gc(keep=1)
+    assert out.deleted == [] and child.parent in out.kept
+    assert col.verify(child.version).problems == []
+    compacted = col.compact()
+    assert all(not s.segments and s.tombstones is None for s in compacted.manifest.shards)
+    assert_same_content(content(cfg, compacted.version), content(cfg, child.version))
+    assert col.verify(compacted.version).problems == []

@@ -45,13 +45,17 @@ def served(tmp_path_factory):
     rows = write_corpus(tmp / "corpus", files=2, rows=150)
     port = free_port()
     cfg = make_config(
-        tmp, serve={"port": port, "poll_s": 1.0, "admin_token": TOKEN, "max_text_chars": 500, "num_cpus": 0.5}
+        tmp,
+        serve={"port": port, "poll_s": 1.0, "admin_token": TOKEN, "max_text_chars": 500, "num_cpus": 0.5},
+        index={"max_delta_fraction": 0.3},  # v2 is v1's bases plus a delta segment and tombstones per shard
     )
     col = Collection(cfg)
     v1 = col.backfill().version
     changed, inserted, *_ = mutate(rows, 20, 20, 10)
     write_rows(tmp / "corpus", changed, files=2)
-    v2 = col.refresh().version
+    refreshed = col.refresh()
+    v2 = refreshed.version
+    assert refreshed.manifest.counts["shards_delta"] == 3
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(application(cfg), name="embray", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -272,9 +276,18 @@ def test_cutover_under_load_through_a_promotion_and_a_rollback(served):
     assert all(v == v1 for t0, _, _, v in log if t_v1 < t0 < t_promote_call)
     assert t_polled - t_promoted < 10, "the poller did not switch to the promoted version"
     assert all(v == v2 for t0, _, _, v in log if t0 > t_polled)
-    # The new version answers with the row only it has.
+    # The new version answers with the row only it has (from its delta segment), never with one it deleted or
+    # with an updated row's old text (tombstoned in its parent's base).
     r = _search(url, {"text": query, "k": 1})
     assert r.json()["version"] == v2 and r.json()["results"][0]["id"] == new_id
+    rows, changed = served["rows"], served["changed"]
+    deleted = sorted(set(rows) - set(changed))[:3]
+    updated = sorted(i for i in changed if i in rows and changed[i] != rows[i])[:3]
+    for i in deleted + updated:  # an updated row answers once (its segment row), not also as its old base row
+        r = _search(url, {"text": rows[i], "k": 20})
+        ids = [h["id"] for h in r.json()["results"]]
+        assert r.json()["version"] == v2 and len(ids) == 20 and len(set(ids)) == 20, ids
+        assert i not in deleted or i not in ids, (i, ids)
     Collection(cfg).rollback()  # leave v1 active for any later test
 
 
@@ -515,7 +528,7 @@ def test_shard_groups_answer_from_one_version_through_a_promotion_and_a_rollback
     cfg = make_config(
         tmp_path,
         collection="sharded",
-        index={"shards": 4},
+        index={"shards": 4, "max_delta_fraction": 0.4},  # v2 and v3: delta segments on v1's bases
         serve={
             "shard_groups": 2,
             "group_replicas": 2,
@@ -529,7 +542,9 @@ def test_shard_groups_answer_from_one_version_through_a_promotion_and_a_rollback
     v1 = col.backfill().version
     changed, inserted, *_ = mutate(rows, 15, 15, 5)
     write_rows(tmp_path / "corpus", changed, files=2)
-    v2 = col.refresh().version
+    refreshed = col.refresh()
+    v2 = refreshed.version
+    assert refreshed.manifest.counts["shards_delta"] == 4
     query = changed[sorted(inserted)[0]]
     expected = {v: [h.id for h in col.index(v).search_text([query], 5)[0]] for v in (v1, v2)}
     assert expected[v1] != expected[v2]
@@ -593,8 +608,8 @@ def test_shard_groups_answer_from_one_version_through_a_promotion_and_a_rollback
         v3 = col.refresh().version
         store = Store(cfg.store.uri)
         m = read_manifest(store, "sharded", v3)
-        lost = next(s for s in m.shards if s.shard in group_shards(4, 1, 2) and s.index is not None)
-        os.remove(store.path(file_rel(m, lost.index)))
+        lost = next(s for s in m.shards if s.shard in group_shards(4, 1, 2) and s.segments)
+        os.remove(store.path(file_rel(m, lost.segments[-1].embeddings)))  # v3's own segment (the base is v1's)
         r = requests.post(search, json={"text": query, "k": 5, "version": v3}, timeout=60)
         assert r.status_code == 503, r.text
         assert "shard group 1 of 2 (EmbrayShardGroup1)" in r.json()["detail"] and "partial" in r.json()["detail"]

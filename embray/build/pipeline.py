@@ -34,6 +34,7 @@ from embray.build.shards import THREADS as SHARD_THREADS
 from embray.build.shards import build_shard, cached_dims, shard_action
 from embray.build.types import BuildSpec, Embedded, ShardBuild, ShardPlan
 from embray.build.warm import TASK_CPUS, make_room
+from embray.config import IndexConfig
 from embray.context import Context
 from embray.errors import ConflictError, EmbrayError, ModelError, RegistryError, SourceError, StoreError
 from embray.estimate import estimate, throughput_history
@@ -41,7 +42,7 @@ from embray.lock import Lease
 from embray.models import fingerprint
 from embray.results import COUNTS, BuildResult, Counts, Estimate, PlanResult, SourceFiles
 from embray.runtime import gather, init_ray
-from embray.source import inspect_source
+from embray.source import inspect_source, recorded_source
 from embray.versions import Manifest, ShardEntry, SourceFile, commit_manifest, new_version_id, utcnow, who
 
 log = logging.getLogger("embray")
@@ -75,7 +76,10 @@ class Build:
     def __init__(self, ctx: Context, spec: BuildSpec, *, dry_run: bool = False, lease: Lease | None = None):
         self.ctx, self.cfg, self.store, self.spec, self.dry_run = ctx, ctx.cfg, ctx.store, spec, dry_run
         self.kind = spec.kind
-        self.shards = ctx.cfg.index.shards
+        # A compaction keeps its version's index settings; every other build takes the config's.
+        compact = spec.kind == "compact"
+        self.index_cfg = IndexConfig.model_validate(spec.parent.index) if compact else ctx.cfg.index
+        self.shards = self.index_cfg.shards
         self.run_id: str | None = None
         self.t0 = time.monotonic()
         self.times = _Timings()
@@ -93,9 +97,22 @@ class Build:
         make_room(TASK_CPUS, 0, "the scan, plan and shard tasks need a CPU")  # warm actors give way
         self.fp = self.spec.fingerprint or fingerprint(self.spec.model)
         self.parents = parent_shards(self.spec.parent, self.fp, self.shards)
-        before = self._parent_inputs()
-        id_type = self.spec.parent.source.get("id_type", "") if before else ""
-        self.src = inspect_source(cfg.source, before, id_type)  # reads only the new and changed files
+        if self.kind == "compact":  # the parent's rows, from what it recorded: the corpus is not read
+            self.src = recorded_source(cfg.source, self.spec.parent)
+            self.source_meta = dict(self.spec.parent.source)
+        else:
+            before = self._parent_inputs()
+            id_type = self.spec.parent.source.get("id_type", "") if before else ""
+            self.src = inspect_source(cfg.source, before, id_type)  # reads only the new and changed files
+            self.source_meta = {
+                "uri": cfg.source.uri,
+                "id_column": cfg.source.id_column,
+                "text_column": cfg.source.text_column,
+                "files": len(self.src.files),
+                "digest": self.src.digest,
+                "id_type": self.src.id_type,
+                "updated_at_column": cfg.source.updated_at_column,
+            }
         self.vid = new_version_id()
         # A dry run writes only scratch files, outside versions/ (gc and listings never see it), and takes no lease.
         self.vdir = (
@@ -120,7 +137,8 @@ class Build:
         if not self.dry_run:
             reg = self.ctx.registry
             self.run_id = reg.start_run(self.vid, self.kind, self._params())
-            reg.log_corpus(self.run_id, cfg.source.uri, self.src.digest, {"id": self.src.id_type, "text": "string"})
+            src_uri = self.source_meta["uri"]
+            reg.log_corpus(self.run_id, src_uri, self.src.digest, {"id": self.src.id_type, "text": "string"})
 
     def _parent_inputs(self) -> list[SourceFile]:
         """What the parent read of each source file, when it can stand for this build's reading: the same
@@ -152,11 +170,11 @@ class Build:
             "model": spec.model.label,
             "backend": spec.model.backend,
             "fingerprint": self.fp,
-            "corpus_uri": cfg.source.uri,
+            "corpus_uri": self.source_meta["uri"],
             "corpus_files": len(self.src.files),
             "store_uri": cfg.store.uri,
-            "index.metric": cfg.index.metric,
-            "index.dtype": cfg.index.dtype,
+            "index.metric": self.index_cfg.metric,
+            "index.dtype": self.index_cfg.dtype,
             "index.shards": self.shards,
             "embed.batch_size": cfg.embed.batch_size,
             "embed.actors": cfg.embed.actors,
@@ -190,7 +208,8 @@ class Build:
 
         sc, src = self.cfg.source, self.src
         urls = [src.url(f) for f in src.files]
-        inputs = ray.put(ShardInputs(self.state_rels, urls, self.staged, src, sc.text_column))
+        compact = self.kind == "compact"
+        inputs = ray.put(ShardInputs(self.state_rels, urls, self.staged, src, sc.text_column, compact))
         task = ray.remote(num_cpus=1)(plan_shard)
         refs = [
             task.remote(
@@ -245,7 +264,7 @@ class Build:
                 self.staged,
                 self.vdir,
                 dims,
-                self.cfg.index,
+                self.index_cfg,
                 self.fp,
                 plans[k],
                 self.parents[k],
@@ -261,7 +280,7 @@ class Build:
     ) -> Manifest:
         """Write the manifest, last and create-only: from here on the version exists."""
         self.store.delete(self.staged)
-        cfg, spec, src = self.cfg, self.spec, self.src
+        cfg, spec = self.cfg, self.spec
         rows, rejected, by_reason = _totals(plans)
         entries: list[ShardEntry] = [b.entry for b in built]
         manifest = Manifest(
@@ -273,16 +292,8 @@ class Build:
             model=spec.model,
             fingerprint=self.fp,
             dims=dims,
-            index=cfg.index.model_dump(),
-            source={
-                "uri": cfg.source.uri,
-                "id_column": cfg.source.id_column,
-                "text_column": cfg.source.text_column,
-                "files": len(src.files),
-                "digest": src.digest,
-                "id_type": src.id_type,
-                "updated_at_column": cfg.source.updated_at_column,
-            },
+            index=self.index_cfg.model_dump(),
+            source=self.source_meta,
             counts={
                 "kind": self.kind,
                 "input_rows": input_rows,
@@ -290,7 +301,7 @@ class Build:
                 "rejected": rejected,
                 "by_reason": by_reason,
                 **counts.to_dict(),
-                "shards_reused": sum(1 for p in plans if p.unchanged and self.parents[p.shard] is not None),
+                "shards_reused": sum(1 for b in built if b.action == "reused"),
                 "shards_updated": sum(1 for b in built if b.action == "updated"),
                 "shards_delta": sum(1 for b in built if b.action == "delta"),
                 "files_read": self.files.read,
@@ -367,8 +378,8 @@ class Build:
             self.cfg,
             to_embed=counts.embedded,
             rows=sum(p.rows for p in plans),
-            rows_written=sum(_rows_written(p, parents[p.shard], self.cfg.index) for p in plans),
-            shards=_shard_actions(plans, parents, self.cfg.index),
+            rows_written=sum(_rows_written(p, parents[p.shard], self.index_cfg) for p in plans),
+            shards=_shard_actions(plans, parents, self.index_cfg),
             dims=self.spec.parent.dims if parents[0] is not None else self.spec.model.dims,
             history=throughput_history(self.ctx.registry, self.fp),
         )

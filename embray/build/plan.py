@@ -15,7 +15,7 @@ from embray import layout
 from embray import rows as R
 from embray.build.scan import UPDATED_AT
 from embray.build.types import Chunk, ParentShard, ShardPlan
-from embray.errors import ConfigError, SourceError
+from embray.errors import ConfigError, SourceError, StoreError
 from embray.results import Counts
 from embray.segments import ShardFiles, live_rows
 from embray.source import SourceInfo
@@ -42,6 +42,7 @@ def parent_shards(parent: Manifest | None, fp: str, shards: int) -> list[ParentS
             files=ShardFiles.of(parent, s),
             index_rel=file_rel(parent, s.index) if s.index else None,
             index_cfg=dict(parent.index, dims=parent.dims),
+            rejects_rel=file_rel(parent, s.rejects) if s.rejects else None,
         )
         for s in parent.shards
     ]
@@ -177,6 +178,17 @@ def _write_rejects(store: Store, vdir: str, shard: int, bad, texts: dict[str, st
     return FileEntry(path=rel, sha256=sha, bytes=size)
 
 
+def _copy_rejects(store: Store, parent: ParentShard, vdir: str) -> FileEntry:
+    """The parent's rejects file, copied (checked) into this version: the rejected rows of the same rows,
+    without reading the source again; the copy lets gc drop the parent later."""
+    pr = parent.entry.rejects
+    data = store.read_bytes(parent.rejects_rel)
+    if hashlib.sha256(data).hexdigest() != pr.sha256:
+        raise StoreError(f"{store.url(parent.rejects_rel)} does not match its checksum in version {parent.version}")
+    store.write_bytes(f"{vdir}/{pr.path}", data)
+    return FileEntry(path=pr.path, sha256=pr.sha256, bytes=len(data))
+
+
 @dataclass
 class _Diff:
     status: list[str]  # per good row: same | changed | new
@@ -260,6 +272,7 @@ class ShardInputs:
     staged: str
     src: SourceInfo
     text_column: str
+    compact: bool = False  # a compaction: the parent's rows exactly; its rejects files are reused, not rewritten
 
 
 def plan_shard(
@@ -285,11 +298,13 @@ def plan_shard(
     d = _diff(good, parent, store, cached_hashes(store, cdir, fp))
     c = d.counts
     rejects, chunks = None, ()
+    if inputs.compact and parent is not None and parent.rejects_rel and not dry_run:
+        rejects = _copy_rejects(store, parent, vdir)
     if not dry_run:
         dup_hashes = bad.filter(pc.is_null(bad.column("text"))).column("content_hash").drop_null().to_pylist()
-        wanted = set(d.todo) | set(dup_hashes)
+        wanted = set(d.todo) | (set() if inputs.compact else set(dup_hashes))
         texts = _texts(store, inputs.staged, shard, wanted, rows, inputs.src, inputs.text_column) if wanted else {}
-        if bad.num_rows:
+        if bad.num_rows and not inputs.compact:
             rejects = _write_rejects(store, vdir, shard, bad, texts, inputs.urls)
         chunks = _write_plan_and_chunks(store, inputs.staged, shard, cdir, good, d, texts, chunk_rows)
     return ShardPlan(
@@ -303,4 +318,5 @@ def plan_shard(
         unchanged=parent is not None and c.new == c.changed == c.deleted == 0,
         oldest_stale_us=d.oldest_stale_us,
         chunks=chunks,
+        compact=inputs.compact,
     )

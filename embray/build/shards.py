@@ -46,17 +46,21 @@ def lookup_vectors(
     first: tuple[str, ...] = (),
     cache: bool = True,
 ) -> dict[str, np.ndarray]:
-    """content_hash -> vector for ``wanted``, from the cache files ``first`` (this build's own chunks), the
-    rest of the shard's cache (unless not ``cache``), and then ``tables``; it stops reading once every one is
-    found.
+    """content_hash -> vector for ``wanted``, from the cache files ``first`` (this build's own chunks), then
+    ``tables`` (the parent's live rows), then the rest of the shard's cache (unless not ``cache``); it stops
+    reading once every one is found, and lists the cache only if it gets there.
 
     Every file is checked to carry ``fp``: a build never takes a vector from another space.
     """
     found: dict[str, np.ndarray] = {}
-    listed = store.parquet_names(cdir) if wanted and cache else []
-    rest = [f"{cdir}/{n}" for n in listed if f"{cdir}/{n}" not in set(first)]
-    sources = [*first, *rest, *tables]
-    for src in sources:
+
+    def sources():
+        yield from first
+        yield from tables
+        if cache:
+            yield from (f"{cdir}/{n}" for n in store.parquet_names(cdir) if f"{cdir}/{n}" not in set(first))
+
+    for src in sources():
         if len(found) == len(wanted):
             break
         t = read_checked(store, src, fp, ["content_hash", "vector"]) if isinstance(src, str) else src
@@ -116,6 +120,8 @@ def _reused(plan: ShardPlan, parent: ParentShard, fp: str) -> ShardBuild:
 
 def shard_action(plan: ShardPlan, parent: ParentShard | None, index_cfg: IndexConfig) -> str:
     """What a build does with one shard: reused, delta, updated or rebuilt (see the module doc)."""
+    if plan.compact and parent is not None and (parent.entry.segments or parent.entry.tombstones):
+        return "rebuilt"
     if plan.unchanged and parent is not None:
         return "reused"
     if (

@@ -15,7 +15,7 @@ from embray.versions import FileEntry, Manifest, ShardEntry
 class BuildSpec:
     """What one build makes: its kind, model, and the version it derives from."""
 
-    kind: str  # backfill | refresh | migrate
+    kind: str  # backfill | refresh | migrate | compact
     model: ModelSpec
     parent: Manifest | None = None  # lineage; its vectors are reused only when its fingerprint is the model's
     params: dict[str, Any] = field(default_factory=dict)  # extra MLflow params
@@ -31,6 +31,7 @@ class ParentShard:
     files: ShardFiles  # its parts (base, then delta segments) and tombstones: read live rows through it
     index_rel: str | None  # the base's index
     index_cfg: dict[str, Any]
+    rejects_rel: str | None = None  # its rejects file
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class ShardPlan:
     unchanged: bool  # same rows as the parent's shard: reuse its files by reference
     oldest_stale_us: int | None  # the earliest source change time (µs) of a new or changed row
     chunks: tuple[Chunk, ...] = ()
+    compact: bool = False  # rebuild a shard with segments or tombstones whole, though its rows are unchanged
 
 
 @dataclass(frozen=True)
