@@ -128,28 +128,6 @@ def _mlflow(cluster: LocalCluster):
     return MlflowClient(tracking_uri=cluster.tracking_uri, registry_uri=cluster.tracking_uri)
 
 
-def test_embedding_runs_only_on_nodes_that_offer_the_resource(cluster, s3fs_, tmp_path):
-    rows = {f"doc-{i:05d}": doc_text(i) for i in range(ROWS)}
-    _write_source(s3fs_, "placed/corpus", rows)
-    job = _job_dir(tmp_path, cluster, "placed")
-    status, logs, _ = _submit(cluster, job, "jobs/backfill.py --config embray.yaml --json")
-    assert status == "SUCCEEDED", logs[-3000:]
-    out = _last_json(logs)
-    head, worker = cluster.node_ids()
-    assert out["rows"] == ROWS and out["embedded"] == ROWS and out["aliases"] == ["active"]
-    assert out["embed_nodes"] == [worker] and head not in out["embed_nodes"]
-    run = _mlflow(cluster).get_run(_mlflow(cluster).get_model_version("embray.placed", out["model_version"]).run_id)
-    assert run.data.params["embed.nodes"] == worker
-
-    # a small refresh goes to one task instead of the pool: placed on the same node
-    rows["doc-00003"] = "a changed text " + rows["doc-00003"]
-    _write_source(s3fs_, "placed/corpus", rows)
-    status, logs, _ = _submit(cluster, job, "jobs/refresh.py --config embray.yaml --json")
-    assert status == "SUCCEEDED", logs[-3000:]
-    out = _last_json(logs)
-    assert (out["embedded"], out["embed_nodes"]) == (1, [worker])
-
-
 def test_a_resource_no_node_offers_fails_in_bounded_time_naming_it(cluster, s3fs_, tmp_path):
     _write_source(s3fs_, "unplaced/corpus", {f"d{i}": doc_text(i) for i in range(30)})
     job = _job_dir(tmp_path, cluster, "unplaced", embed={"resources": {"tpu": 1}, "placement_timeout_s": 5})
@@ -244,8 +222,15 @@ def test_the_lifecycle_through_submitted_jobs_and_a_deployed_endpoint(cluster, s
 
     status, logs, _ = _submit(cluster, job, "jobs/backfill.py --config embray.yaml --json")
     assert status == "SUCCEEDED", logs[-3000:]
-    v1 = _last_json(logs)["version"]
+    out = _last_json(logs)
+    v1 = out["version"]
     assert mlflow.get_model_version_by_alias(f"embray.{name}", "active").tags["embray.version"] == v1
+    # the actor pool ran only on the node that offers the embedding resource (the worker), and MLflow says so
+    head, worker = cluster.node_ids()
+    assert out["rows"] == ROWS and out["embedded"] == ROWS and out["aliases"] == ["active"]
+    assert out["embed_nodes"] == [worker] and head not in out["embed_nodes"]
+    run = mlflow.get_run(mlflow.get_model_version(f"embray.{name}", out["model_version"]).run_id)
+    assert run.data.params["embed.nodes"] == worker
 
     url = _deploy(cluster, job / "embray.yaml")
     with _Load(url, name) as load:
@@ -259,6 +244,7 @@ def test_the_lifecycle_through_submitted_jobs_and_a_deployed_endpoint(cluster, s
         out = _last_json(logs)
         v2 = out["version"]
         assert (out["parent"], out["embedded"], out["aliases"]) == (v1, ROWS // 10, ["active"])
+        assert out["embed_nodes"] == [worker]  # a small refresh: one task instead of the pool, on the same node
         assert load.wait_for(v2, 30) < 30
 
         # a new model: a shadow rebuild to `candidate`, then promoted by a job of its own

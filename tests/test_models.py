@@ -404,9 +404,10 @@ def test_bf16_on_cpu_keeps_stsb(minilm_bf16):
 def test_bf16_on_cpu_retrieves_as_well_as_fp32(minilm_bf16, minilm, corpus):
     # Known-item retrieval on two kinds of text: prose documentation (man pages: NAME line -> page) and API
     # reference (docstrings: summary line -> the rest). STS-B alone hides retrieval losses.
-    pages = man_pages(600) if corpus == "man pages" else docstring_pages(600)
-    if len(pages) < 600:
-        pytest.skip(f"{corpus}: found {len(pages)} of 600 pages on this machine")
+    n = 400  # one item = 0.25 pt of recall: the 1 pt tolerance is four items (bench/backfill.py runs 600)
+    pages = man_pages(n) if corpus == "man pages" else docstring_pages(n)
+    if len(pages) < n:
+        pytest.skip(f"{corpus}: found {len(pages)} of {n} pages on this machine")
     fp32, bf16 = known_item_recall(minilm, pages), known_item_recall(minilm_bf16, pages)
     assert fp32 > 0.5, f"the {corpus} set is broken: fp32 recall@10 {fp32:.3f}"
     assert bf16 >= fp32 - 0.01, f"{corpus}: bf16 recall@10 {bf16:.3f} vs fp32 {fp32:.3f}"
