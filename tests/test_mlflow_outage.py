@@ -84,17 +84,26 @@ class MlflowServer:
         self.proc = None
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path)
+@pytest.fixture(scope="module")
+def _module_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))  # one per module: it takes ~12 s to start
     server.start()
     yield server
     server.stop()
 
 
-def _config(tmp_path, server: MlflowServer, **mlflow):
+@pytest.fixture
+def mlflow_server(_module_server):
+    """The module's MLflow server, running (a test may stop it; each test uses a collection of its own)."""
+    if _module_server.proc is None or _module_server.proc.poll() is not None:
+        _module_server.start()
+    return _module_server
+
+
+def _config(tmp_path, server: MlflowServer, collection: str = "docs", **mlflow):
     return make_config(
         tmp_path,
+        collection=collection,
         mlflow={"tracking_uri": server.url, **mlflow},
         model={"backend": "hash", "name": "words", "dims": 64, "latency_ms": 3.0},  # about 4 s of embedding
         embed={"batch_size": 100, "keep_warm_s": 0},
@@ -115,9 +124,9 @@ def _in_thread(fn) -> tuple[threading.Thread, dict]:
     return t, out
 
 
-def _when_embedding(tmp_path) -> None:
+def _when_embedding(tmp_path, collection: str = "docs") -> None:
     """Wait until the build is embedding (its MLflow run and plan are done; the commit is ahead)."""
-    cache = tmp_path / "store" / "docs" / "cache"
+    cache = tmp_path / "store" / collection / "cache"
     deadline = time.monotonic() + 120
     while not (cache.exists() and any(p.is_file() for p in cache.rglob("*.parquet"))):
         assert time.monotonic() < deadline, "the build never started embedding"
@@ -130,13 +139,13 @@ def _client(server: MlflowServer):
     return MlflowClient(tracking_uri=server.url, registry_uri=server.url)
 
 
-def _model_versions(server: MlflowServer, version: str) -> list:
-    mvs = _client(server).search_model_versions("name='embray.docs'")
+def _model_versions(server: MlflowServer, version: str, collection: str = "docs") -> list:
+    mvs = _client(server).search_model_versions(f"name='embray.{collection}'")
     return [mv for mv in mvs if mv.tags.get(VERSION_TAG) == version]
 
 
-def _active(server: MlflowServer) -> str:
-    return str(_client(server).get_model_version_by_alias("embray.docs", "active").version)
+def _active(server: MlflowServer, collection: str = "docs") -> str:
+    return str(_client(server).get_model_version_by_alias(f"embray.{collection}", "active").version)
 
 
 def test_a_build_rides_out_a_short_mlflow_restart(tmp_path, mlflow_server):
@@ -157,15 +166,15 @@ def test_a_build_rides_out_a_short_mlflow_restart(tmp_path, mlflow_server):
 
 def test_an_outage_past_the_retries_leaves_a_committed_version_registered_once_later(tmp_path, mlflow_server):
     write_corpus(tmp_path / "corpus", files=3, rows=400)
-    cfg = _config(tmp_path, mlflow_server, max_retries=1, backoff_s=0, timeout_s=5)
+    cfg = _config(tmp_path, mlflow_server, "late", max_retries=1, backoff_s=0, timeout_s=5)
     col = Collection(cfg)
     thread, out = _in_thread(col.backfill)
-    _when_embedding(tmp_path)
+    _when_embedding(tmp_path, "late")
     mlflow_server.stop()  # and it stays down past the build
     thread.join(timeout=300)
     err = out.get("error")
     assert isinstance(err, RegistryError), err
-    (manifest,) = list_versions(Store(cfg.store.uri), "docs")
+    (manifest,) = list_versions(Store(cfg.store.uri), "late")
     assert f"version {manifest.version} was committed" in str(err) and "next embray command" in str(err)
 
     # Alias moves during the outage fail with one clear error, soon, and change nothing.
@@ -176,21 +185,21 @@ def test_an_outage_past_the_retries_leaves_a_committed_version_registered_once_l
         assert time.monotonic() - t0 < 30
 
     mlflow_server.start()
-    assert _model_versions(mlflow_server, manifest.version) == []  # nothing was registered meanwhile
+    assert _model_versions(mlflow_server, manifest.version, "late") == []  # nothing was registered meanwhile
     promoted = col.promote(manifest.version, reason="after the outage")  # registers it first, then moves active
     assert promoted.active == manifest.version and promoted.previous is None
-    (mv,) = _model_versions(mlflow_server, manifest.version)
-    assert str(mv.version) == _active(mlflow_server)
+    (mv,) = _model_versions(mlflow_server, manifest.version, "late")
+    assert str(mv.version) == _active(mlflow_server, "late")
     client = _client(mlflow_server)
     run = client.get_run(manifest.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["embray.recorded_late"] == "true"
 
     # A create the server applied twice (its reply lost, the client retried): the next command keeps one,
     # the one the alias names.
-    client.create_model_version("embray.docs", source=mv.source, run_id=mv.run_id, tags={VERSION_TAG: manifest.version})
-    assert len(_model_versions(mlflow_server, manifest.version)) == 2
+    client.create_model_version("embray.late", source=mv.source, run_id=mv.run_id, tags={VERSION_TAG: manifest.version})
+    assert len(_model_versions(mlflow_server, manifest.version, "late")) == 2
     col.promote(manifest.version, reason="again")
-    (kept,) = _model_versions(mlflow_server, manifest.version)
+    (kept,) = _model_versions(mlflow_server, manifest.version, "late")
     assert kept.version == mv.version and col.aliases()["active"] == manifest.version
 
 

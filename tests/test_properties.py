@@ -1,9 +1,10 @@
 """Property-based tests of the build invariants (hypothesis), on a real local Ray, local disk and sqlite MLflow.
 
 Whatever sequence of inserts, updates, deletes and returning texts a corpus goes through, refreshing it
-step by step (with delta segments and tombstones piling up and being compacted, or not) gives exactly what a
-fresh backfill of the final corpus gives (ids, content hashes and vectors), and each step embeds exactly the
-texts that were never seen before in that vector space.
+step by step (with delta segments and tombstones piling up and being compacted, by a refresh past the
+limits or by ``compact`` between refreshes, or not) gives exactly what a fresh backfill of the final corpus
+gives (ids, content hashes and vectors), and each step embeds exactly the texts that were never seen before
+in that vector space.
 The vector cache is kept per shard (``<collection>/cache/<fingerprint>/shard-k-of-n/``), so "seen" means
 seen in the shard the row's id hashes to: a text that comes back under an id of another shard is
 embedded once more, for that shard.
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from embray import Collection
@@ -36,6 +37,8 @@ LIMITS = [(0.0, 0), (1.0, 8), (1.0, 1), (0.1, 8)]
 
 # One step: up to 6 edits, each (id, text) to insert or update, or (id, None) to delete.
 edits = st.lists(st.tuples(st.sampled_from(IDS), st.one_of(st.none(), st.sampled_from(TEXTS))), max_size=6)
+# A refresh step, then maybe `compact` of what it built (when it has segments or tombstones to fold).
+steps = st.tuples(edits, st.booleans())
 
 
 def _apply(rows: dict[str, str], step: list[tuple[str, str | None]]) -> dict[str, str]:
@@ -76,7 +79,13 @@ def _cached(cfg, fp: str) -> set[tuple[int, str]]:
     phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(first=edits, steps=st.lists(edits, min_size=1, max_size=3), limits=st.sampled_from(LIMITS))
+@given(first=edits, steps=st.lists(steps, min_size=1, max_size=3), limits=st.sampled_from(LIMITS))
+# Always one run through `compact` (the drawn examples may not ask for it): a delta refresh, compacted, refreshed.
+@example(
+    first=[("id-01", TEXTS[2]), ("id-02", TEXTS[2])],
+    steps=[([("id-01", TEXTS[3]), ("id-02", None)], True), ([("id-03", TEXTS[4])], False)],
+    limits=(1, 8),
+)
 def test_step_by_step_refreshes_equal_a_fresh_backfill_and_embed_only_unseen_texts(first, steps, limits):
     tmp = Path(tempfile.mkdtemp(prefix="embray-prop-"))
     try:
@@ -90,7 +99,7 @@ def test_step_by_step_refreshes_equal_a_fresh_backfill_and_embed_only_unseen_tex
         assert built.counts.embedded == len(seen)
         assert _cached(cfg, built.fingerprint) == seen
         version = built.version
-        for step in steps:
+        for step, compact in steps:
             rows = _apply(rows, step)
             write_rows(tmp / "corpus", rows, files=2)
             unseen = _keys(rows) - seen
@@ -103,6 +112,13 @@ def test_step_by_step_refreshes_equal_a_fresh_backfill_and_embed_only_unseen_tex
             assert {i: h for i, (h, _) in got.items()} == {i: content_hash(t) for i, t in rows.items()}
             assert col.verify(child.version).ok
             version = child.version
+            if compact and any(sh.segments or sh.tombstones for sh in child.manifest.shards):
+                folded = col.compact(version)
+                assert folded.counts.embedded == 0 and _cached(cfg, built.fingerprint) == seen  # nothing embedded
+                assert not any(sh.segments or sh.tombstones for sh in folded.manifest.shards)
+                assert_same_content(content(cfg, folded.version), got)
+                assert col.verify(folded.version).ok
+                version = folded.version
 
         fresh_cfg = make_config(tmp, index={"shards": SHARDS}, store={"uri": str(tmp / "fresh")})
         fresh = Collection(fresh_cfg).backfill()
