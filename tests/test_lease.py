@@ -61,11 +61,11 @@ def writer_store(request, tmp_path):
 
 def test_a_writer_paused_past_its_lease_commits_nothing(tmp_path, writer_store):
     uri, options, store = writer_store
-    rows = write_corpus(tmp_path / "corpus", files=3, rows=200)
+    rows = write_corpus(tmp_path / "corpus", files=3, rows=100)
     path = _config_file(tmp_path, uri, options)
     col = Collection(load_config(str(path)))
     parent = col.backfill()
-    changed, *_ = mutate(rows, n_insert=150, n_update=150, n_delete=20)
+    changed, *_ = mutate(rows, n_insert=60, n_update=60, n_delete=10)
     write_rows(tmp_path / "corpus", changed, files=3)
 
     proc = subprocess.Popen(

@@ -73,7 +73,7 @@ def _cached(cfg, fp: str) -> set[tuple[int, str]]:
 # Each example runs several builds on Ray (seconds each): few examples, and no shrinking (it would take many
 # minutes); a failure prints its example and its seed (--hypothesis-seed) to rerun it.
 @settings(
-    max_examples=6,
+    max_examples=5,
     deadline=None,
     database=None,
     phases=[Phase.explicit, Phase.generate],
