@@ -193,8 +193,8 @@ class Collection:
             promote: Make the child ``active`` through the promotion gates.
 
         Returns:
-            The child's :class:`BuildResult` (``counts.reused`` = its rows; ``shards_reused`` the shards that
-            had nothing to compact).
+            The child's :class:`BuildResult` (``counts.reused`` = its rows; ``manifest.counts["shards_reused"]``
+            the shards that had nothing to compact).
 
         Raises:
             VersionError: The version has no delta segments or tombstones (nothing to compact).

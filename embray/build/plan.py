@@ -272,7 +272,7 @@ class ShardInputs:
     staged: str
     src: SourceInfo
     text_column: str
-    compact: bool = False  # a compaction: the parent's rows exactly; its rejects files are reused, not rewritten
+    compact: bool = False  # a compaction: the parent's rows exactly; its rejects files copied, not rebuilt
 
 
 def plan_shard(

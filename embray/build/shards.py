@@ -53,12 +53,13 @@ def lookup_vectors(
     Every file is checked to carry ``fp``: a build never takes a vector from another space.
     """
     found: dict[str, np.ndarray] = {}
+    own = set(first)
 
     def sources():
         yield from first
         yield from tables
         if cache:
-            yield from (f"{cdir}/{n}" for n in store.parquet_names(cdir) if f"{cdir}/{n}" not in set(first))
+            yield from (f"{cdir}/{n}" for n in store.parquet_names(cdir) if f"{cdir}/{n}" not in own)
 
     for src in sources():
         if len(found) == len(wanted):
