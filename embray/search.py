@@ -133,13 +133,14 @@ class VersionIndex:
             return index, keys, ids, np.zeros(0, dtype=np.uint64)
         seg_keys = t.column("key").to_numpy()
         index.add(seg_keys, to_numpy(t.column("vector"), m.dims), threads=os.cpu_count() or 1)
-        order = np.argsort(np.concatenate([keys, seg_keys]), kind="stable")
+        all_keys = np.concatenate([keys, seg_keys])
+        order = np.argsort(all_keys, kind="stable")
         col = t.column("id")
         if isinstance(ids, np.ndarray):
             all_ids = np.concatenate([ids, col.combine_chunks().to_numpy()])[order]
         else:
             all_ids = pa.concat_arrays([ids, col.cast(pa.large_string()).combine_chunks()]).take(pa.array(order))
-        return index, np.concatenate([keys, seg_keys])[order], all_ids, np.zeros(0, dtype=np.uint64)
+        return index, all_keys[order], all_ids, np.zeros(0, dtype=np.uint64)
 
     def _local(self, rel: str, entry: FileEntry) -> Path:
         """A local path for a version file: itself on local disk; on S3 a cached copy, downloaded whole and

@@ -76,9 +76,10 @@ class Build:
     def __init__(self, ctx: Context, spec: BuildSpec, *, dry_run: bool = False, lease: Lease | None = None):
         self.ctx, self.cfg, self.store, self.spec, self.dry_run = ctx, ctx.cfg, ctx.store, spec, dry_run
         self.kind = spec.kind
-        # A compaction keeps its version's index settings; every other build takes the config's.
-        compact = spec.kind == "compact"
-        self.index_cfg = IndexConfig.model_validate(spec.parent.index) if compact else ctx.cfg.index
+        # A compaction rebuilds its parent's rows from the parent's files alone, with its index settings; every
+        # other build reads the source and takes the config's.
+        self.compact = spec.kind == "compact"
+        self.index_cfg = IndexConfig.model_validate(spec.parent.index) if self.compact else ctx.cfg.index
         self.shards = self.index_cfg.shards
         self.run_id: str | None = None
         self.t0 = time.monotonic()
@@ -97,7 +98,7 @@ class Build:
         make_room(TASK_CPUS, 0, "the scan, plan and shard tasks need a CPU")  # warm actors give way
         self.fp = self.spec.fingerprint or fingerprint(self.spec.model)
         self.parents = parent_shards(self.spec.parent, self.fp, self.shards)
-        if self.kind == "compact":  # the parent's rows, from what it recorded: the corpus is not read
+        if self.compact:  # the parent's rows, from what it recorded: the corpus is not read
             self.src = recorded_source(cfg.source, self.spec.parent)
             self.source_meta = dict(self.spec.parent.source)
         else:
@@ -208,8 +209,7 @@ class Build:
 
         sc, src = self.cfg.source, self.src
         urls = [src.url(f) for f in src.files]
-        compact = self.kind == "compact"
-        inputs = ray.put(ShardInputs(self.state_rels, urls, self.staged, src, sc.text_column, compact))
+        inputs = ray.put(ShardInputs(self.state_rels, urls, self.staged, src, sc.text_column, self.compact))
         task = ray.remote(num_cpus=1)(plan_shard)
         refs = [
             task.remote(
