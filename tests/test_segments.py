@@ -101,6 +101,17 @@ def test_a_refresh_chain_compacts_past_its_limits_and_gc_keeps_the_bases_it_refe
         assert col.verify(v).problems == [], v
     assert col.search(text=rows[sorted(rows)[0]], k=1, version=versions[2]).results[0].id == sorted(rows)[0]
 
+    # A refresh under another index.metric, corpus unchanged: no shard keeps a graph of the old metric
+    # (l2sq scores a row's own text 0, cos 1), nothing is re-embedded.
+    l2 = Collection(make_config(tmp_path, index={"shards": 2, "max_segments": 2, "metric": "l2sq"}))
+    child = l2.refresh(parent=versions[-1])
+    assert child.manifest.counts["shards_reused"] == 0 and child.counts.embedded == 0
+    assert child.manifest.index["metric"] == "l2sq" and l2.verify(child.version).problems == []
+    vi = l2.index(child.version)
+    for i in sorted(rows)[:6]:
+        hit = vi.search_text([rows[i]], k=1)[0][0]
+        assert hit.id == i and abs(hit.score) < 1e-3, (i, hit)
+
 
 def _config_file(tmp_path) -> str:
     """The YAML of ``make_config(tmp_path)``, for the command line."""

@@ -2,14 +2,15 @@
 a USearch index over the same uint64 keys. What a changed shard writes depends on the size of the change
 against its parent's shard (:func:`shard_action`):
 
-- none: the entry points at the parent's files;
+- none (and the same graph settings): the entry points at the parent's files;
 - ``delta``: within ``index.max_delta_fraction`` and ``index.max_segments``: the parent's base and segments
   stay as they are (referenced), and the shard adds a delta segment (the new and changed rows under fresh
   keys, with an index of their own) and a tombstones file (every dead key: the parent's and the changed and
   deleted rows' old keys). Cost follows the change, not the shard;
 - ``updated``: a parent without segments and a change <= INCREMENTAL_MAX_CHANGE: its graph is updated in
   place (remove changed and deleted keys, add new vectors under fresh keys) and written whole;
-- ``rebuilt``: anything else, including the compaction of a segmented shard past its limits: built from
+- ``rebuilt``: anything else, including the compaction of a segmented shard past its limits and every shard
+  of a parent whose graphs have another ``index.metric``, ``dtype`` or ``connectivity``: built from
   scratch from the parent's live vectors and the cache (nothing is re-embedded that was embedded before).
 """
 
@@ -123,14 +124,10 @@ def shard_action(plan: ShardPlan, parent: ParentShard | None, index_cfg: IndexCo
     """What a build does with one shard: reused, delta, updated or rebuilt (see the module doc)."""
     if plan.compact and parent is not None and (parent.entry.segments or parent.entry.tombstones):
         return "rebuilt"
-    if plan.unchanged and parent is not None:
+    if parent is None or parent.index_rel is None or _graph_settings_changed(parent, index_cfg):
+        return "rebuilt"  # (a graph of other settings is never reused: one version, one metric and dtype)
+    if plan.unchanged:
         return "reused"
-    if (
-        parent is None
-        or parent.index_rel is None
-        or any(parent.index_cfg.get(k) != getattr(index_cfg, k) for k in ("metric", "dtype", "connectivity"))
-    ):
-        return "rebuilt"
     c, pe = plan.counts, parent.entry
     base = max(pe.rows if pe.base_rows is None else pe.base_rows, 1)
     limit = index_cfg.max_delta_fraction * base
@@ -142,6 +139,11 @@ def shard_action(plan: ShardPlan, parent: ParentShard | None, index_cfg: IndexCo
     if pe.segments or pe.tombstones:
         return "rebuilt"  # compaction: past the delta limits
     return "updated" if c.new + c.changed + c.deleted <= INCREMENTAL_MAX_CHANGE * base else "rebuilt"
+
+
+def _graph_settings_changed(parent: ParentShard, index_cfg: IndexConfig) -> bool:
+    """Whether the parent's graphs were built with another metric, dtype or connectivity than ``index_cfg``."""
+    return any(parent.index_cfg.get(k) != getattr(index_cfg, k) for k in ("metric", "dtype", "connectivity"))
 
 
 def _new_index(dims: int, cfg: IndexConfig):
