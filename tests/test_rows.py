@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from embray import rows as R
 
@@ -49,3 +51,46 @@ def test_duplicates_and_digest():
 def test_merge_topk_takes_smallest_distances_across_shards():
     merged = R.merge_topk([[(0.3, "a"), (0.5, "b")], [(0.1, "c")], [], [(0.4, "d")]], 3)
     assert merged == [(0.1, "c"), (0.3, "a"), (0.4, "d")]
+
+
+_TEXT = st.one_of(
+    st.none(),
+    st.text(alphabet=st.characters(codec="utf-8"), max_size=12),
+    st.text(alphabet=st.sampled_from(" \t\n\x0b\x0c\r\x1c\x1f\x85\xa0\u1680\u2007\u200b\u2028\u3000\ufeffa"), max_size=6),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.tuples(st.one_of(st.none(), st.text(max_size=8)), _TEXT), max_size=30))
+def test_the_column_rules_equal_the_row_rules(rows):
+    """What the build computes over Arrow columns is, row by row, what the scalar rules say."""
+    import pyarrow as pa
+
+    ids, texts = pa.array([i for i, _ in rows], pa.string()), pa.array([t for _, t in rows], pa.string())
+    reasons = [R.reject_reason(i, t) for i, t in rows]
+    assert R.reject_column(ids, texts).to_pylist() == reasons
+    hashes = R.content_hash_column(texts, [r is None for r in reasons])
+    assert hashes == [R.content_hash(t) if r is None else None for (_, t), r in zip(rows, reasons, strict=True)]
+    assert R.shard_column(ids, 5).tolist() == [R.shard_of(i, 5) if i is not None else 0 for i, _ in rows]
+    good = [(i, h) for (i, _), h in zip(rows, hashes, strict=True) if i is not None and h is not None]
+    assert R.digest_column(pa.array([i for i, _ in good], pa.string()), pa.array([h for _, h in good], pa.string())) == (
+        R.digest_pairs([i for i, _ in good], [h for _, h in good])
+    )
+
+
+def test_the_column_rules_take_integer_ids_and_sliced_columns():
+    import pyarrow as pa
+
+    ids = pa.array([7, -3, None, 10**15], pa.int64())
+    assert R.shard_column(ids, 4).tolist() == [R.shard_of(7, 4), R.shard_of(-3, 4), 0, R.shard_of(10**15, 4)]
+    texts = pa.array(["x", "hello", " ", "z"]).slice(1, 3)  # an offset into the buffers, as a record batch's slice
+    assert R.content_hash_column(texts) == [R.content_hash("hello"), R.content_hash(" "), R.content_hash("z")]
+    assert R.reject_column(pa.array(["a", "b", "c"]), texts).to_pylist() == [None, R.EMPTY_TEXT, None]
+    assert R.reject_column(pa.array(["a"]), pa.nulls(1)).to_pylist() == [R.NULL_TEXT]
+    hashes = pa.array(["h1", "h2"])
+    assert R.digest_column(pa.array([5, 6]), hashes) == R.digest_pairs([5, 6], ["h1", "h2"])
+    assert R.digest_column(pa.array([], pa.string()), pa.array([], pa.string())) == R.digest_pairs([], [])
+
+
+def test_whitespace_is_what_python_strips():
+    assert set(R.WHITESPACE) == {chr(c) for c in range(0x110000) if chr(c).isspace()}

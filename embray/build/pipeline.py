@@ -189,7 +189,9 @@ class Build:
         sc, src, task = self.cfg.source, self.src, ray.remote(num_cpus=1)(scan_file)
         todo = [i for i, prev in enumerate(src.unchanged) if prev is None]
         args = (sc.id_column, sc.text_column, self.shards, self.store, self.staged, self.states, sc.updated_at_column)
-        refs = [task.remote(src, i, *args, not self.dry_run) for i in todo]
+        shared = layout.sources_dir(self.cfg.collection)
+        before = {f.path: f"{shared}/{f.state.path}" for f in self._parent_inputs()}
+        refs = [task.remote(src, i, *args, not self.dry_run, before.get(src.seen[i].path)) for i in todo]
         self.progress.stage("scan", len(refs), "files")
         done = _stage(self.kind, "reading the corpus", SourceError, gather, refs, self.progress.advance)
         read = dict(zip(todo, done, strict=True))

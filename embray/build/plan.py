@@ -6,6 +6,7 @@ shard's ids and hashes; texts are read only for the rows to embed."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -48,22 +49,22 @@ def parent_shards(parent: Manifest | None, fp: str, shards: int) -> list[ParentS
     ]
 
 
-def cached_hashes(store: Store, cdir: str, fp: str) -> dict[str, str]:
-    """content_hash -> cache file name, for every readable cache file of one shard in space ``fp``."""
+def cached_hashes(store: Store, cdir: str, fp: str):
+    """The content hashes of every readable cache file of one shard in space ``fp``, as one Arrow array."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out: dict[str, str] = {}
+    out = []
     for name in store.parquet_names(cdir):
         try:
             pf = pq.ParquetFile(store.pyarrow_fs().open_input_file(store.path(f"{cdir}/{name}")))
             if file_fingerprint(pf.schema_arrow) != fp:
                 log.error("%s is not from fingerprint %s; ignoring it", store.url(cdir, name), fp)
                 continue
-            for h in pf.read(columns=["content_hash"]).column("content_hash").to_pylist():
-                out[h] = name
+            out.extend(pf.read(columns=["content_hash"]).column("content_hash").chunks)
         except Exception as e:  # noqa: BLE001 - a damaged cache file is only a cache miss
             log.warning("ignoring unreadable cache file %s: %s", store.url(cdir, name), e)
-    return out
+    return pa.concat_arrays(out) if out else pa.array([], pa.string())
 
 
 STATE_COLUMNS = ["id", "row", "content_hash", "reason", UPDATED_AT, "text"]
@@ -101,13 +102,17 @@ def _split_rejects(table) -> tuple[Any, Any, dict[str, int]]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    ids = table.column("id").to_pylist()
-    reasons = table.column("reason").to_pylist()
-    dups = R.duplicate_ids(ids)
-    for i, row_id in enumerate(ids):
-        if reasons[i] is None and row_id in dups:
-            reasons[i] = f"{R.DUPLICATE_ID} ({dups[row_id]} rows share it)"
-    reason_arr = pa.array(reasons, pa.string())
+    reason_arr = table.column("reason").combine_chunks()
+    counts = pc.value_counts(table.column("id"))
+    multi = counts.filter(pc.greater(counts.field("counts"), 1))
+    pairs = zip(multi.field("values").to_pylist(), multi.field("counts").to_pylist(), strict=True)
+    dups = {i: n for i, n in pairs if i is not None}
+    if dups:  # every copy of a duplicate id is rejected, naming how many rows share it
+        reasons = [
+            f"{R.DUPLICATE_ID} ({dups[i]} rows share it)" if r is None and i in dups else r
+            for i, r in zip(table.column("id").to_pylist(), reason_arr.to_pylist(), strict=True)
+        ]
+        reason_arr = pa.array(reasons, pa.string())
     bad = table.filter(pc.is_valid(reason_arr)).set_column(
         table.schema.get_field_index("reason"), "reason", reason_arr.filter(pc.is_valid(reason_arr))
     )
@@ -119,8 +124,9 @@ def _split_rejects(table) -> tuple[Any, Any, dict[str, int]]:
 
 
 def _texts(store: Store, staged: str, shard: int, wanted: set[str], rows, src: SourceInfo, text_col: str):
-    """content_hash -> text for ``wanted``: from the texts the scan staged for this shard, then (for rows of
-    files this build did not read: an id that was a duplicate in the parent) from the source files."""
+    """content_hash -> text for ``wanted``: from the texts the scan staged for this shard, then from the
+    source files (the rest: texts a file already held when the parent read it, e.g. of a duplicate id, and
+    rows of files this build did not read)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -191,43 +197,54 @@ def _copy_rejects(store: Store, parent: ParentShard, vdir: str) -> FileEntry:
 
 @dataclass
 class _Diff:
-    status: list[str]  # per good row: same | changed | new
-    parent_keys: list[int | None]
+    status: Any  # Arrow strings, per good row: same | changed | new
+    parent_keys: Any  # Arrow uint64, per good row: its key in the parent's shard (null: a new id)
     todo: dict[str, int]  # content hash -> first row that needs it embedded
     counts: Counts
     oldest_stale_us: int | None
 
 
-def _diff(good, parent: ParentShard | None, store: Store, cached: dict[str, str]) -> _Diff:
-    """Each row against the parent's shard by content hash; texts in neither the parent nor the cache are todo."""
-    old: dict[Any, tuple[str, int]] = {}
+def _diff(good, parent: ParentShard | None, store: Store, cdir: str, fp: str) -> _Diff:
+    """Each row against the parent's shard by id and content hash (Arrow hash lookups, no loop over the
+    shard); texts of changed or new rows in neither the parent nor the vector cache are todo."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids, hashes = good.column("id").combine_chunks(), good.column("content_hash").combine_chunks()
     p = live_rows(store, parent.files, ["id", "key", "content_hash"]) if parent is not None else None
-    if p is not None:
-        pairs = zip(p.column("content_hash").to_pylist(), p.column("key").to_pylist(), strict=True)
-        old = dict(zip(p.column("id").to_pylist(), pairs, strict=True))
-    parent_hashes = {h for h, _ in old.values()}
-    ids, hashes = good.column("id").to_pylist(), good.column("content_hash").to_pylist()
-    updated = good.column(UPDATED_AT).cast("int64").to_pylist() if UPDATED_AT in good.schema.names else []
-    n = dict.fromkeys(("new", "changed", "reused", "cache_hits"), 0)
-    d = _Diff([], [], {}, Counts(), None)
-    for i, (row_id, h) in enumerate(zip(ids, hashes, strict=True)):
-        prev = old.get(row_id)
-        d.parent_keys.append(prev[1] if prev is not None else None)
-        if prev is not None and prev[0] == h:
-            d.status.append("same")
-            n["reused"] += 1
-            continue
-        d.status.append("changed" if prev is not None else "new")
-        n[d.status[-1]] += 1
-        t = updated[i] if updated else None
-        if t is not None and (d.oldest_stale_us is None or t < d.oldest_stale_us):
-            d.oldest_stale_us = t
-        if h in parent_hashes or h in cached:
-            n["cache_hits"] += 1
-        elif h not in d.todo:
-            d.todo[h] = i
-    d.counts = Counts(deleted=len(set(old) - set(ids)), embedded=len(d.todo), **n)
-    return d
+    if p is None:
+        p = pa.table(
+            {"id": pa.array([], ids.type), "key": pa.array([], pa.uint64()), "content_hash": pa.array([], pa.string())}
+        )
+    # Plain arrays from here: (pyarrow 25 crashes in indices_nonzero on a chunked array of no chunks)
+    p_ids, p_keys, p_hashes = (p.column(c).combine_chunks() for c in ("id", "key", "content_hash"))
+    if p_ids.type != ids.type:  # the corpus's id type changed (integers <-> strings): compare as written
+        p_ids, ids = pc.cast(p_ids, pa.string()), pc.cast(ids, pa.string())
+    pos = pc.index_in(ids, value_set=p_ids)
+    known = pc.is_valid(pos)
+    same = pc.fill_null(pc.equal(pc.take(p_hashes, pos), hashes), False)
+    status = pc.if_else(same, "same", pc.if_else(known, "changed", "new"))
+    n_same, n_known = pc.sum(same).as_py() or 0, pc.sum(known).as_py() or 0
+    counts = Counts(
+        reused=n_same,
+        changed=n_known - n_same,
+        new=len(ids) - n_known,
+        deleted=len(p_ids) - (pc.sum(pc.is_in(p_ids, value_set=ids)).as_py() or 0),
+    )
+    moved = pc.indices_nonzero(pc.invert(same))  # the changed and new rows: few in a refresh
+    moved_hashes = pc.take(hashes, moved)
+    hit = pc.is_in(moved_hashes, value_set=p_hashes)
+    if not pc.all(hit).as_py():  # (all of none is true: the cache is read only when something may be in it)
+        hit = pc.or_(hit, pc.is_in(moved_hashes, value_set=cached_hashes(store, cdir, fp)))
+    todo: dict[str, int] = {}
+    for row, h, h_hit in zip(moved.to_pylist(), moved_hashes.to_pylist(), hit.to_pylist(), strict=True):
+        if not h_hit and h not in todo:
+            todo[h] = row
+    oldest = None
+    if UPDATED_AT in good.schema.names and len(moved):
+        oldest = pc.min(pc.take(good.column(UPDATED_AT), moved).cast(pa.int64())).as_py()
+    counts = dataclasses.replace(counts, embedded=len(todo), cache_hits=(pc.sum(hit).as_py() or 0))
+    return _Diff(status, pc.take(p_keys, pos), todo, counts, oldest)
 
 
 def _write_plan_and_chunks(
@@ -241,8 +258,8 @@ def _write_plan_and_chunks(
         {
             "id": good.column("id"),
             "content_hash": good.column("content_hash"),
-            "status": pa.array(d.status, pa.string()),
-            "parent_key": pa.array(d.parent_keys, pa.uint64()),
+            "status": d.status,
+            "parent_key": d.parent_keys.cast(pa.uint64()),
         }
     )
     tmp = local_tmpdir("embray-plan-")
@@ -295,7 +312,7 @@ def plan_shard(
 
     rows = _shard_rows(store, inputs.states, shard)
     good, bad, by_reason = _split_rejects(rows)
-    d = _diff(good, parent, store, cached_hashes(store, cdir, fp))
+    d = _diff(good, parent, store, cdir, fp)
     c = d.counts
     rejects, chunks = None, ()
     if inputs.compact and parent is not None and parent.rejects_rel and not dry_run:
@@ -314,7 +331,9 @@ def plan_shard(
         by_reason=by_reason,
         rejects=rejects,
         counts=c,
-        content_digest=R.digest_pairs(good.column("id").to_pylist(), good.column("content_hash").to_pylist()),
+        content_digest=R.digest_column(
+            good.column("id").combine_chunks(), good.column("content_hash").combine_chunks()
+        ),
         unchanged=parent is not None and c.new == c.changed == c.deleted == 0,
         oldest_stale_us=d.oldest_stale_us,
         chunks=chunks,

@@ -1,7 +1,8 @@
 """Stage 1, scan: one Ray task per new or changed source file reads it in row batches, hashes each row's
 text, marks rows that cannot be embedded, assigns each row its shard, and writes the file's row states
 (kept with the version: what the next build reuses while the file is unchanged) and per-shard staging
-files of the texts it may embed."""
+files of the texts it may embed: every good row's, except, for a file the parent read too, the texts that
+file already held then (already embedded; the plan reads any it still needs from the file itself)."""
 
 from __future__ import annotations
 
@@ -31,22 +32,22 @@ def updated_at(batch, col: str | None):
 
 
 def prepare(batch, *, id_col: str, text_col: str, shards: int, first_row: int, updated_col: str | None = None):
-    """Hash content, assign shards, and mark rows that cannot be embedded."""
+    """Hash content, assign shards, and mark rows that cannot be embedded (the rules of :mod:`embray.rows`,
+    applied to whole columns)."""
     import pyarrow as pa
 
-    ids = batch.column(id_col).to_pylist()
-    texts = batch.column(text_col).to_pylist()
-    reasons = [R.reject_reason(i, t) for i, t in zip(ids, texts, strict=True)]
-    hashes = [R.content_hash(t) if r is None else None for t, r in zip(texts, reasons, strict=True)]
+    ids, texts = batch.column(id_col), batch.column(text_col)
+    reasons = R.reject_column(ids, texts)
+    hashes = R.content_hash_column(texts, reasons.is_null().to_pylist())
     return pa.table(
         {
-            "id": batch.column(id_col),
+            "id": ids,
             "row": pa.array(range(first_row, first_row + len(ids)), pa.int64()),
-            "text": batch.column(text_col).cast(pa.string()),
+            "text": texts.cast(pa.string()),
             "content_hash": pa.array(hashes, pa.string()),
-            "reason": pa.array(reasons, pa.string()),
+            "reason": reasons,
             UPDATED_AT: updated_at(batch, updated_col),
-            "shard": pa.array([R.shard_of(i, shards) if i is not None else 0 for i in ids], pa.int32()),
+            "shard": pa.array(R.shard_column(ids, shards), pa.int32()),
         }
     )
 
@@ -70,13 +71,14 @@ def scan_file(
     states: str,
     updated_col: str | None = None,
     stage_texts: bool = True,
+    before: str | None = None,
 ) -> tuple[int, FileEntry]:
     """Read one source file in row batches; write its row states (to ``states``, a row group per shard) and,
-    with ``stage_texts``, the texts of its good rows to per-shard staging files (what the plan may embed).
+    with ``stage_texts``, the texts of its good rows to per-shard staging files (what the plan may embed),
+    except those whose content hash is in ``before`` (the row states the parent recorded of this file).
 
     Returns (rows read, the state file, relative to ``states``)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     path = src.files[index]
@@ -85,6 +87,7 @@ def scan_file(
     writers: dict[int, pq.ParquetWriter] = {}
     parts: dict[int, list] = {}
     rows = 0
+    seen = _hashes_in(store, before) if stage_texts and before else None
     try:
         try:
             pf = pq.ParquetFile(src.store.pyarrow_fs().open_input_file(path))
@@ -96,11 +99,9 @@ def scan_file(
                     batch, id_col=id_col, text_col=text_col, shards=shards, first_row=rows, updated_col=updated_col
                 )
                 rows += table.num_rows
-                for k in pc.unique(table.column("shard")).to_pylist():
-                    part = table.filter(pc.equal(table.column("shard"), pa.scalar(k, pa.int32())))
-                    parts.setdefault(k, []).append(_state_of(part))
-                    good = part.filter(pc.is_null(part.column("reason"))).select(["content_hash", "text"])
-                    if not stage_texts or good.num_rows == 0:
+                for k, state, good in _by_shard(table, stage_texts, seen):
+                    parts.setdefault(k, []).append(state)
+                    if good.num_rows == 0:
                         continue
                     if k not in writers:
                         writers[k] = pq.ParquetWriter(str(tmp / f"{k}.parquet"), good.schema)
@@ -119,6 +120,33 @@ def scan_file(
             f.unlink()
         tmp.rmdir()
     return rows, state
+
+
+def _by_shard(table, stage_texts: bool, seen):
+    """Per shard of a prepared batch (in shard order; rows in file order): (shard, its row states, its texts
+    to stage: good rows, none with ``stage_texts`` False, none whose content hash is in ``seen``)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = table.take(pc.sort_indices(table.column("shard")))  # (a stable sort)
+    stage = pc.is_null(table.column("reason")) if stage_texts else pa.repeat(False, table.num_rows)
+    if seen is not None:
+        stage = pc.and_(stage, pc.invert(pc.is_in(table.column("content_hash"), value_set=seen)))
+    texts = table.select(["shard", "content_hash", "text"]).filter(stage)
+    states = _state_of(table)
+    cut, text_cut = (np.asarray(t.column("shard")).searchsorted for t in (states, texts))
+    for k in pc.unique(states.column("shard")).to_pylist():
+        a, b = cut(k), cut(k, "right")
+        ta, tb = text_cut(k), text_cut(k, "right")
+        yield k, states.slice(a, b - a), texts.slice(ta, tb - ta).select(["content_hash", "text"])
+
+
+def _hashes_in(store: Store, state: str):
+    """The distinct content hashes of a row-state file, as an Arrow array."""
+    import pyarrow.compute as pc
+
+    return pc.unique(store.read_table(state, ["content_hash"]).column("content_hash").combine_chunks())
 
 
 def _write_state(store: Store, states: str, parts: dict[int, list], tmp) -> FileEntry:

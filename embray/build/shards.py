@@ -239,8 +239,8 @@ def _delta(store: Store, vdir: str, plan: ShardPlan, parent: ParentShard, p, sam
     refs = segment_refs(pe, parent.version)
     segments = list(refs.pop("segments"))
     if len(fresh):
-        hashes = p.column("content_hash").to_pylist()
-        vectors = np.array([found[hashes[i]] for i in fresh], dtype=np.float32).reshape(-1, dims)
+        hashes = p.column("content_hash").take(pa.array(fresh)).to_pylist()
+        vectors = np.array([found[h] for h in hashes], dtype=np.float32).reshape(-1, dims)
         index = _new_index(dims, cfg)
         index.add(keys[fresh], vectors, threads=THREADS)
         name = f"-seg{len(segments) + 1:03d}"
@@ -286,14 +286,17 @@ def build_shard(
     action = shard_action(plan, parent, index_cfg)
     if action == "reused":
         return _reused(plan, parent, fp)
+    import pyarrow.compute as pc
+
     p = store.read_table(layout.plan_file(staged, shard))
-    hashes = p.column("content_hash").to_pylist()
-    same = np.asarray(p.column("status").to_numpy(zero_copy_only=False) == "same", dtype=bool)
+    same_arr = pc.equal(p.column("status"), "same")
+    same = np.asarray(same_arr.to_numpy(zero_copy_only=False), dtype=bool)
     parent_live = None
     if parent is not None:  # a delta needs only the parent's keys (its vectors: only for a text it alone holds)
         cols = ["id", "key", "content_hash"] + ([] if action == "delta" else ["vector"])
         parent_live = live_rows(store, parent.files, cols, fp=fp)
-    wanted = {h for h, s in zip(hashes, same, strict=True) if not s} if action != "rebuilt" else set(hashes)
+    hashes = p.column("content_hash") if action == "rebuilt" else p.column("content_hash").filter(pc.invert(same_arr))
+    wanted = set(hashes.to_pylist())
     chunks = tuple(c.cache for c in plan.chunks)
     tables = [parent_live] if parent_live is not None and action != "delta" else []
     found = lookup_vectors(store, cdir, wanted, dims, fp, tables, first=chunks)
@@ -314,7 +317,7 @@ def build_shard(
         keys, vectors, next_key = _update_in_place(index, store, parent, parent_live, p, same, found, dims, tmp)
     else:
         keys, next_key = np.arange(p.num_rows, dtype=np.uint64), p.num_rows
-        vectors = np.array([found[h] for h in hashes], dtype=np.float32).reshape(-1, dims)
+        vectors = np.array([found[h] for h in hashes.to_pylist()], dtype=np.float32).reshape(-1, dims)
         if p.num_rows:
             index.add(keys, vectors, threads=THREADS)
     files: dict[str, Any] = _write(store, vdir, shard, fp, p, keys, vectors, index, tmp)
