@@ -1,22 +1,25 @@
 """Delta segments: what a 1% refresh costs with them and without, and what they cost search, in one run.
 
-    .venv/bin/python bench/segments.py [--from /tmp/embray-bench-groups/hash-1000000] [--segments 1,4,8]
+    .venv/bin/python bench/segments.py [--model hash|minilm] [--from DIR] [--segments 1,4,8]
                                        [--queries 300] [--write]
 
 Starts from a built collection (--from: a corpus/ and store/ pair, e.g. the one bench/serve_groups.py
-builds: 1,000,000 rows, `hash` backend, 384 dims, 8 shards; copied, so the original stays as it is) and measures
+builds: 1,000,000 rows, `hash` backend, 384 dims, 8 shards, or with --model minilm the MiniLM one of
+`bench/serve_groups.py --model minilm --docs 20000`; copied, so the original stays as it is). Ray is warmed up
+first (a backfill and a refresh of a 2,000-row scratch collection with the same model: worker processes
+started, imports done, the model loaded in the warm actor), so the figures leave out what a cold Ray job pays
+once. Then it measures
   refresh, delta       a 1% random change (0.4% inserted, 0.4% updated, 0.2% deleted) refreshed with the
                        default index.max_delta_fraction 0.1: each shard keeps its index, adds a segment
   refresh, in place    the same change with segments off (max_delta_fraction 0): each shard's HNSW graph is
                        loaded, updated, and written whole (what every refresh did before)
   one file, delta      a 1% change confined to one source file (of 16)
-each as build seconds / the backfill's build seconds (both without the model load: the `hash` backend has
-none) and bytes written / the changed rows' own vector bytes (rows x dims x 4). Then a chain of 1%
-refreshes piles up 1, 4 and 8 segments per shard: search p50 / p99 (vector queries, k = 10, in process) and
-recall@10 against exact search at each, and the seconds to open the version for search (a shard with
-segments is loaded and its segments merged into its graph), next to whole shards (the in-place refresh above);
-then `embray compact` of the 8-segment version (its time, and search on its child), and the compaction a
-refresh past index.max_segments does.
+each as build seconds / the backfill's build seconds (both without the model load) and bytes written / the
+changed rows' own vector bytes (rows x dims x 4). Then a chain of 1% refreshes piles up 1, 4 and 8 segments
+per shard: search p50 / p99 (vector queries, k = 10, in process) and recall@10 against exact search at each,
+and the seconds to open the version for search (a shard with segments is loaded and its segments merged into
+its graph), next to whole shards (the in-place refresh above); then `embray compact` of the 8-segment version
+(its time, and search on its child), and the compaction a refresh past index.max_segments does.
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ from backfill import ROOT, machine, write_section  # noqa: E402 - the sibling be
 
 from serve import pct  # noqa: E402
 
-MARKS = ("<!-- bench/segments.py begin -->", "<!-- bench/segments.py end -->")
+MODELS = {"minilm": {"backend": "sentence-transformers"}, "hash": {"backend": "hash", "name": "w", "dims": 384}}
+
+
+def marks(model: str) -> tuple[str, str]:
+    """The docs/benchmarks.md section of one model (the hash one keeps the plain markers)."""
+    tag = "bench/segments.py" + ("" if model == "hash" else f" --model {model}")
+    return f"<!-- {tag} begin -->", f"<!-- {tag} end -->"
 
 
 def read_corpus(root: Path) -> dict[Path, tuple[list, list]]:
@@ -85,7 +94,7 @@ def mutate(files: dict, fraction: float, rng: random.Random, tag: str, only: Pat
     return sum(1 for j in range(n) if j % 5 < 4)
 
 
-def config(work: Path, **index):
+def config(work: Path, model: str, **index):
     from embray.config import parse_config
 
     return parse_config(
@@ -93,7 +102,7 @@ def config(work: Path, **index):
             "collection": "bench",
             "source": {"uri": str(work / "corpus")},
             "store": {"uri": str(work / "store")},
-            "model": {"backend": "hash", "name": "w", "dims": 384},
+            "model": MODELS[model],
             "index": {"shards": 8, **index},
             "embed": {"batch_size": 1024, "actors": 1, "num_cpus": 1},
         },
@@ -103,6 +112,25 @@ def config(work: Path, **index):
 
 def written(m) -> int:
     return sum(f.bytes for f in m.files() if f.version in (None, m.version))
+
+
+def warm_up(src: Path, work: Path, model: str) -> None:
+    """A backfill and a refresh of a small scratch collection (2,000 rows of the corpus's first file) with the
+    same model: Ray's workers start and import, and the model is loaded in its warm actor."""
+    import pyarrow.parquet as pq
+
+    from embray import Collection
+
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "corpus").mkdir(parents=True)
+    first = sorted((src / "corpus").glob("*.parquet"))[0]
+    pq.write_table(pq.read_table(first).slice(0, 2000), work / "corpus" / "p.parquet")
+    col = Collection(config(work, model))
+    col.backfill()
+    files = read_corpus(work / "corpus")
+    mutate(files, 0.01, random.Random(2), "warm")
+    col.refresh()
+    shutil.rmtree(work)
 
 
 def search_figures(col, version: str, q, k: int = 10) -> tuple[float, float, float, float]:
@@ -124,7 +152,8 @@ def search_figures(col, version: str, q, k: int = 10) -> tuple[float, float, flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--from", dest="src", default="/tmp/embray-bench-groups/hash-1000000")
+    ap.add_argument("--model", choices=sorted(MODELS), default="hash")
+    ap.add_argument("--from", dest="src", help="default: /tmp/embray-bench-groups/hash-1000000 (minilm-20000)")
     ap.add_argument("--segments", default="1,4,8")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--workdir", default="/tmp/embray-bench-segments")
@@ -135,15 +164,17 @@ def main() -> None:
 
     from embray import Collection
 
-    src, work = Path(args.src), Path(args.workdir)
+    size = "1000000" if args.model == "hash" else "20000"
+    src, work = Path(args.src or f"/tmp/embray-bench-groups/{args.model}-{size}"), Path(args.workdir)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    warm_up(src, work / "warm-up", args.model)
     runs: dict[str, Path] = {}
     for name in ("delta", "inplace", "onefile"):
         runs[name] = work / name
         shutil.rmtree(runs[name], ignore_errors=True)
         shutil.copytree(src / "corpus", runs[name] / "corpus")
         shutil.copytree(src / "store", runs[name] / "store")
-    base_col = Collection(config(runs["delta"]))
+    base_col = Collection(config(runs["delta"], args.model))
     base = base_col.manifest()
     dims, rows = base.dims, base.rows
     backfill_s = base.stats["seconds"]
@@ -156,7 +187,7 @@ def main() -> None:
     ):
         files = read_corpus(runs[name] / "corpus")
         changed = mutate(files, 0.01, random.Random(1), name, runs[name] / "corpus" / only if only else None)
-        col = Collection(config(runs[name], **index))
+        col = Collection(config(runs[name], args.model, **index))
         t = time.perf_counter()
         res = col.refresh(promote=False)
         wall = time.perf_counter() - t
@@ -179,9 +210,9 @@ def main() -> None:
     q = np.asarray(vi.shards[0][0].get(vi.shards[0][1][picks], dtype=np.float32))
     q = q + qrng.normal(0, 0.05, q.shape).astype(np.float32)
     q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-    search = {0: search_figures(Collection(config(runs["inplace"])), out["inplace"]["version"], q)}
+    search = {0: search_figures(Collection(config(runs["inplace"], args.model)), out["inplace"]["version"], q)}
     want = sorted(int(s) for s in args.segments.split(","))
-    col = Collection(config(runs["delta"]))
+    col = Collection(config(runs["delta"], args.model))
     version, have = out["delta"]["version"], 1
     files = read_corpus(runs["delta"] / "corpus")
     chain_s = []
@@ -210,21 +241,27 @@ def main() -> None:
     print(f"compaction: {compact_s:.1f}s, {time.perf_counter() - t:.1f}s wall", file=sys.stderr, flush=True)
     ray.shutdown()
 
+    begin, end = marks(args.model)
+    flag, built_by, model = "", "", "`hash` backend (no model load)"
+    if args.model != "hash":
+        flag, built_by = f" --model {args.model}", f" --model {args.model} --docs 20000"
+        model = "sentence-transformers all-MiniLM-L6-v2 (the backfill includes one model load)"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     lines = [
-        MARKS[0],
-        "## Delta segments: refresh cost and search cost",
+        begin,
+        "## Delta segments: refresh cost and search cost" + ("" if args.model == "hash" else " (MiniLM)"),
         "",
-        f"Command: `.venv/bin/python bench/segments.py --segments {args.segments} --queries {args.queries}` "
-        f"(commit {commit.stdout.strip() or '?'}), from the collection `bench/serve_groups.py` builds.",
+        f"Command: `.venv/bin/python bench/segments.py{flag} --segments {args.segments} --queries {args.queries}` "
+        f"(commit {commit.stdout.strip() or '?'}), from the collection `bench/serve_groups.py{built_by}` builds.",
         "",
         f"Machine: {machine()}.",
         "",
-        f"Collection: {rows:,} rows, `hash` backend (no model load), {dims} dims, 8 shards, f16 HNSW; its "
+        f"Collection: {rows:,} rows, {model}, {dims} dims, 8 shards, f16 HNSW; its "
         f"backfill's build took {backfill_s:.0f} s. A 1% change = {round(rows * 0.01):,} rows: 0.4% inserted, "
-        "0.4% updated, 0.2% deleted, at random over the 16 source files (or within one). Build seconds are the "
-        "manifest's (run start to commit); bytes written are the files the new version holds itself; the "
-        "changed rows' vector bytes are inserted + updated rows x dims x 4.",
+        "0.4% updated, 0.2% deleted, at random over the 16 source files (or within one). Ray was warmed up "
+        "first (workers started, the model loaded in its warm actor: what a cold job pays once is left out). "
+        "Build seconds are the manifest's (run start to commit); bytes written are the files the new version "
+        "holds itself; the changed rows' vector bytes are inserted + updated rows x dims x 4.",
         "",
         "| refresh of a 1% change | shards as delta | build s | / backfill build s | shard stage s "
         "| bytes written MB | / changed rows' vector bytes |",
@@ -260,12 +297,12 @@ def main() -> None:
         f"The chain's delta refreshes took {statistics.median(chain_s):.1f} s each (median of {len(chain_s)}); "
         f"the refresh past `index.max_segments` (8) compacted every shard in {compact_s:.1f} s "
         f"(build seconds; segments left after it: {compact_segments}).",
-        MARKS[1],
+        end,
     ]
     text = "\n".join(lines)
     print(text)
     if args.write:
-        write_section(*MARKS, text)
+        write_section(begin, end, text)
 
 
 if __name__ == "__main__":
