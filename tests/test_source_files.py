@@ -167,6 +167,16 @@ def test_a_duplicate_resolved_elsewhere_embeds_the_unchanged_files_row(tmp_path)
     assert child.counts.new == 1 and child.counts.embedded == 1 and child.rejected == 0
     assert content(cfg, child.version)["x"][0] == content_hash("the alpha text about rivers")
 
+    # b claims "x" again (both copies rejected), then a gives it up while b changes: b's copy is a text b
+    # already held when the last version read it, so the scan did not set it aside; it is read from b.
+    rewrite(corpus / "b.parquet", {"b1": "another row", "x": "the beta text about hills"})
+    assert col.refresh().rejected_by_reason == {"duplicate id": 2}
+    rewrite(corpus / "a.parquet", {"a1": "one more row"})
+    rewrite(corpus / "b.parquet", {"b1": "another row, edited", "x": "the beta text about hills"})
+    last = col.refresh()
+    assert last.counts.embedded == 2 and last.rejected == 0 and col.verify(last.version).problems == []
+    assert content(cfg, last.version)["x"][0] == content_hash("the beta text about hills")
+
 
 def content_hash(text: str) -> str:
     from embray.rows import content_hash as h

@@ -15,6 +15,7 @@ from embray.versions import FileEntry
 
 UPDATED_AT = "updated_at"  # staging column: when the source says a row last changed (UTC), or null
 BATCH_ROWS = 65536
+SEEN_MAX_ROWS = 4_000_000  # a changed file's earlier hashes are held (~100 bytes a row) up to this many rows
 
 
 def updated_at(batch, col: str | None):
@@ -143,10 +144,15 @@ def _by_shard(table, stage_texts: bool, seen):
 
 
 def _hashes_in(store: Store, state: str):
-    """The distinct content hashes of a row-state file, as an Arrow array."""
+    """The distinct content hashes of a row-state file, as an Arrow array; None for a file so large that
+    they would outweigh the scan's row batches in memory (then every good row's text is staged)."""
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    return pc.unique(store.read_table(state, ["content_hash"]).column("content_hash").combine_chunks())
+    pf = pq.ParquetFile(store.pyarrow_fs().open_input_file(store.path(state)))
+    if pf.metadata.num_rows > SEEN_MAX_ROWS:
+        return None
+    return pc.unique(pf.read(columns=["content_hash"]).column("content_hash").combine_chunks())
 
 
 def _write_state(store: Store, states: str, parts: dict[int, list], tmp) -> FileEntry:
