@@ -246,9 +246,11 @@ def main() -> None:
 
     begin, end = marks(args.model)
     flag, built_by, model = "", "", "`hash` backend (no model load)"
+    warmed = "workers started; no warm actor: the refreshes go to the actor pool"
     if args.model != "hash":
         flag, built_by = f" --model {args.model}", f" --model {args.model} --docs 20000"
         model = "sentence-transformers all-MiniLM-L6-v2 (the backfill includes one model load)"
+        warmed = "workers started, the model loaded in its warm actor, which embeds the refreshes' texts"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     lines = [
         begin,
@@ -262,7 +264,7 @@ def main() -> None:
         f"Collection: {rows:,} rows, {model}, {dims} dims, 8 shards, f16 HNSW; its "
         f"backfill's build took {backfill_s:.0f} s. A 1% change = {round(rows * 0.01):,} rows: 0.4% inserted, "
         "0.4% updated, 0.2% deleted, at random over the 16 source files (or within one). Ray was warmed up "
-        "first (workers started, the model loaded in its warm actor: what a cold job pays once is left out). "
+        f"first ({warmed}: what a cold job pays once is left out). "
         "Build seconds are the manifest's (run start to commit); bytes written are the files the new version "
         "holds itself; the changed rows' vector bytes are inserted + updated rows x dims x 4.",
         "",
