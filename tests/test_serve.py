@@ -170,6 +170,7 @@ def test_prometheus_metrics_name_the_served_version(served):
                 ("ray_embray_active_version", v1),
                 ("ray_embray_staleness_fraction", "docs"),
                 ("ray_embray_stale_rows", "new"),
+                ("ray_embray_active_segments", "dead_rows"),
             ]
         ):
             break
@@ -190,6 +191,9 @@ def test_prometheus_metrics_name_the_served_version(served):
     assert gauge("ray_embray_stale_rows", 'kind="changed"') == 20.0
     assert gauge("ray_embray_status_ok", "docs") == 0.0  # 50 stale rows of 320 is over the 5% threshold
     assert 0 <= gauge("ray_embray_status_age_seconds", "docs") < 120
+    a = st.to_dict()["active"]
+    assert gauge("ray_embray_active_segments", 'kind="segments"') == a["segments"]
+    assert gauge("ray_embray_active_segments", 'kind="dead_rows"') == a["dead_rows"]
 
 
 def test_status_compares_what_is_served_with_the_alias(served, tmp_path):

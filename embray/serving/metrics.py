@@ -61,7 +61,12 @@ class ServeMetrics:
             description="Seconds since the monitor's last status check (alert when it stops).",
             tag_keys=("collection",),
         )
-
+        self.segments = metrics.Gauge(
+            "embray_active_segments",
+            description="Delta segments over all shards of the active version, and its tombstoned rows (kind): "
+            "what `embray compact` folds into whole shards.",
+            tag_keys=("collection", "kind"),
+        )
         self.serving_alias = metrics.Gauge(
             "embray_serving_alias",
             description="1 while this replica serves the version alias `active` names, 0 while it serves another "
@@ -117,6 +122,10 @@ class ServeMetrics:
             self._set(self.stale_fraction, stale["fraction"], tags)
             for kind in ("new", "changed", "deleted"):
                 self._set(self.stale_rows, stale[kind], {**tags, "kind": kind})
+        active = st.get("active") or {}
+        for kind, key in (("segments", "segments"), ("dead_rows", "dead_rows")):
+            if key in active:
+                self._set(self.segments, active[key], {**tags, "kind": kind})
         self._set(self.status_ok, 1.0 if st.get("ok") else 0.0, tags)
         checked = st.get("checked_at")
         if checked:
