@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -110,11 +109,6 @@ def reject_column(ids, texts):
     reason = pc.if_else(pc.fill_null(blank, False), pa.scalar(EMPTY_TEXT), reason)
     reason = pc.if_else(pc.is_null(texts), pa.scalar(NULL_TEXT), reason)
     return pc.if_else(pc.is_null(ids), pa.scalar(NULL_ID), reason)
-
-
-def duplicate_ids(ids: Iterable[Any]) -> dict[Any, int]:
-    """Ids that occur more than once, with how often."""
-    return {i: n for i, n in Counter(i for i in ids if i is not None).items() if n > 1}
 
 
 def digest_pairs(ids: Sequence[Any], hashes: Sequence[str]) -> str:

@@ -40,8 +40,7 @@ def test_reject_reason(row_id, text, reason):
     assert R.reject_reason(row_id, text) == reason
 
 
-def test_duplicates_and_digest():
-    assert R.duplicate_ids(["a", "b", "a", None, None, "c", "a"]) == {"a": 3}
+def test_digest():
     d1 = R.digest_pairs(["a", "b"], ["h1", "h2"])
     assert d1 == R.digest_pairs(["a", "b"], ["h1", "h2"])
     assert d1 != R.digest_pairs(["a", "b"], ["h1", "h3"])
