@@ -6,7 +6,6 @@ shard's ids and hashes; texts are read only for the rows to embed."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -224,13 +223,6 @@ def _diff(good, parent: ParentShard | None, store: Store, cdir: str, fp: str) ->
     known = pc.is_valid(pos)
     same = pc.fill_null(pc.equal(pc.take(p_hashes, pos), hashes), False)
     status = pc.if_else(same, "same", pc.if_else(known, "changed", "new"))
-    n_same, n_known = pc.sum(same).as_py() or 0, pc.sum(known).as_py() or 0
-    counts = Counts(
-        reused=n_same,
-        changed=n_known - n_same,
-        new=len(ids) - n_known,
-        deleted=len(p_ids) - (pc.sum(pc.is_in(p_ids, value_set=ids)).as_py() or 0),
-    )
     moved = pc.indices_nonzero(pc.invert(same))  # the changed and new rows: few in a refresh
     moved_hashes = pc.take(hashes, moved)
     hit = pc.is_in(moved_hashes, value_set=p_hashes)
@@ -243,7 +235,15 @@ def _diff(good, parent: ParentShard | None, store: Store, cdir: str, fp: str) ->
     oldest = None
     if UPDATED_AT in good.schema.names and len(moved):
         oldest = pc.min(pc.take(good.column(UPDATED_AT), moved).cast(pa.int64())).as_py()
-    counts = dataclasses.replace(counts, embedded=len(todo), cache_hits=(pc.sum(hit).as_py() or 0))
+    n_same, n_known = pc.sum(same).as_py() or 0, pc.sum(known).as_py() or 0
+    counts = Counts(
+        reused=n_same,
+        changed=n_known - n_same,
+        new=len(ids) - n_known,
+        deleted=len(p_ids) - (pc.sum(pc.is_in(p_ids, value_set=ids)).as_py() or 0),
+        embedded=len(todo),
+        cache_hits=pc.sum(hit).as_py() or 0,
+    )
     return _Diff(status, pc.take(p_keys, pos), todo, counts, oldest)
 
 
@@ -331,9 +331,7 @@ def plan_shard(
         by_reason=by_reason,
         rejects=rejects,
         counts=c,
-        content_digest=R.digest_column(
-            good.column("id").combine_chunks(), good.column("content_hash").combine_chunks()
-        ),
+        content_digest=R.digest_column(good.column("id"), good.column("content_hash")),
         unchanged=parent is not None and c.new == c.changed == c.deleted == 0,
         oldest_stale_us=d.oldest_stale_us,
         chunks=chunks,
