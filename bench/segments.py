@@ -94,6 +94,11 @@ def mutate(files: dict, fraction: float, rng: random.Random, tag: str, only: Pat
     return sum(1 for j in range(n) if j % 5 < 4)
 
 
+# The hash model gets no warm actor: an idle one would hold one of the 2 CPUs between the timed refreshes (their
+# 8,000 texts go to one plain task: earlier builds say it embeds them in well under embed.ONE_WORKER_S).
+NO_WARM = {"hash": {"keep_warm_s": 0}}
+
+
 def config(work: Path, model: str, embed: dict | None = None, **index):
     from embray.config import parse_config
 
@@ -104,7 +109,7 @@ def config(work: Path, model: str, embed: dict | None = None, **index):
             "store": {"uri": str(work / "store")},
             "model": MODELS[model],
             "index": {"shards": 8, **index},
-            "embed": {"batch_size": 1024, "actors": 1, "num_cpus": 1, **(embed or {})},
+            "embed": {"batch_size": 1024, "actors": 1, "num_cpus": 1, **NO_WARM.get(model, {}), **(embed or {})},
         },
         base_dir=work,
     )
@@ -117,8 +122,7 @@ def written(m) -> int:
 def warm_up(src: Path, work: Path, model: str) -> None:
     """A backfill and a refresh of a small scratch collection (2,000 rows of the corpus's first file) with the
     same model: Ray's workers start and import, and MiniLM is loaded in its warm actor (which the timed
-    refreshes use: their 200 texts are a small job). The hash model gets no warm actor (keep_warm_s 0): its
-    timed refreshes (8,000 texts) go to the actor pool, and an idle warm actor would only hold a CPU."""
+    refreshes use: their 200 texts are a small job). The hash model gets no warm actor (:data:`NO_WARM`)."""
     import pyarrow.parquet as pq
 
     from embray import Collection
@@ -127,7 +131,7 @@ def warm_up(src: Path, work: Path, model: str) -> None:
     (work / "corpus").mkdir(parents=True)
     first = sorted((src / "corpus").glob("*.parquet"))[0]
     pq.write_table(pq.read_table(first).slice(0, 2000), work / "corpus" / "p.parquet")
-    col = Collection(config(work, model, {"keep_warm_s": 0} if model == "hash" else None))
+    col = Collection(config(work, model))
     col.backfill()
     files = read_corpus(work / "corpus")
     mutate(files, 0.01, random.Random(2), "warm")

@@ -1,7 +1,7 @@
-"""Stage 3, embed: the planned chunks go through a Ray Data actor pool (or, for a handful of rows, a warm
-actor that already holds the model, else one plain Ray task); each finished chunk becomes one file of the
-vector cache, keyed by (fingerprint, content_hash), written whole or not at all, so a rerun after a crash
-finds it."""
+"""Stage 3, embed: the planned chunks go through a Ray Data actor pool (or, for a job one worker finishes
+sooner than a pool starts, a warm actor that already holds the model, else one plain Ray task); each
+finished chunk becomes one file of the vector cache, keyed by (fingerprint, content_hash), written whole or
+not at all, so a rerun after a crash finds it."""
 
 from __future__ import annotations
 
@@ -29,11 +29,27 @@ WATCH_S = 2.0  # how often a waiting embed stage checks that a node still offers
 
 # Up to this many embed.batch_size batches are embedded in one Ray task (or a warm actor) rather than an actor pool.
 SMALL_EMBED_BATCHES = 4
+# So is a job that earlier builds of the model say one worker embeds within this many seconds: an actor pool's
+# start (a new process, imports, the model's load, Ray Data's executor) costs about 2 s even for the `hash`
+# model on 2 CPUs, which was most of a 1% refresh's embed stage at 1M rows (8,000 texts in 1.8 s).
+ONE_WORKER_S = 5.0
 
 
-def _embed_in_task(spec: ModelSpec, fp: str, threads: int | None, store: Store, chunks: list[Chunk]) -> tuple[int, str]:
-    embed = EmbedChunks(spec, fp, threads, store)
-    return sum(embed.embed_into(store, [c.need for c in chunks], [c.cache for c in chunks])), node_id()
+def one_worker(ec: EmbedConfig, rows: int, texts_per_s: float | None) -> bool:
+    """Whether ``rows`` texts go to one worker (the warm actor or a plain task) instead of an actor pool: a
+    few batches, or (``texts_per_s``: the embedding rate of earlier builds with this model, from MLflow) work
+    that one worker finishes within :data:`ONE_WORKER_S`, sooner than a pool would start."""
+    if rows <= SMALL_EMBED_BATCHES * ec.batch_size:
+        return True
+    return bool(texts_per_s) and rows / texts_per_s * ec.actors <= ONE_WORKER_S
+
+
+def _embed_in_task(spec: ModelSpec, fp: str, threads: int | None, store: Store, chunks: list[Chunk]):
+    """One worker embeds the chunks in turn, yielding (rows, node id) as each lands in the cache (a Ray
+    streaming generator: the caller reports progress per chunk)."""
+    embed, node = EmbedChunks(spec, fp, threads, store), node_id()
+    for c in chunks:
+        yield sum(embed.embed_into(store, [c.need], [c.cache])), node
 
 
 def check_pool_fits(ec: EmbedConfig, rc: RayConfig) -> None:
@@ -141,12 +157,14 @@ def embed_chunks(
     store: Store,
     chunks: list[Chunk],
     on_rows: Callable[[int], None] | None = None,
+    texts_per_s: float | None = None,
 ) -> Embedded:
     """Embed every planned chunk into the cache; returns the rows embedded and the nodes they ran on.
 
-    Bulk work streams through a Ray Data actor pool. A handful of rows (a typical refresh) goes to the warm
-    actor of this model (``embed.keep_warm_s > 0``: made on first use, it keeps the model loaded between
-    jobs), or else to one plain Ray task: the pool's start-up would cost more than the work. Each of them
+    Bulk work streams through a Ray Data actor pool. A small job (a typical refresh: :func:`one_worker`, by
+    its batches or by ``texts_per_s``, the rate of earlier builds) goes to the warm actor of this model
+    (``embed.keep_warm_s > 0``: made on first use, it keeps the model loaded between jobs), or else to one
+    plain Ray task: the pool's start-up would cost more than the work. Each of them
     reserves embed.num_cpus, num_gpus and resources, so it runs only on a node that offers them (the caller
     checks that one exists: :func:`wait_for_node`). ``on_rows`` hears of every finished chunk's rows.
     """
@@ -156,16 +174,19 @@ def embed_chunks(
     if not chunks:
         return Embedded(0)
     on_rows = on_rows or (lambda n: None)
-    if sum(c.rows for c in chunks) <= SMALL_EMBED_BATCHES * ec.batch_size:
+    if one_worker(ec, sum(c.rows for c in chunks), texts_per_s):
         if ec.keep_warm_s > 0:
             done = embed_warm(ec, spec, fp, store, chunks)
             if done is not None:
                 on_rows(done[0])
                 return Embedded(done[0], (done[1],))
         task = ray.remote(num_cpus=ec.num_cpus, num_gpus=ec.num_gpus, resources=ec.resources or None)(_embed_in_task)
-        ((rows, node),) = _watched((ray.get(ref) for ref in [task.remote(spec, fp, ec.threads, store, chunks)]), ec)
-        on_rows(rows)
-        return Embedded(rows, (node,))
+        done, nodes = 0, set()
+        for rows, node in _watched((ray.get(ref) for ref in task.remote(spec, fp, ec.threads, store, chunks)), ec):
+            nodes.add(node)
+            on_rows(rows)
+            done += rows
+        return Embedded(done, tuple(sorted(nodes)))
     # Warm actors give way to the pool. Measured on a 2-CPU local Ray: a 1-CPU pool beside a 1-CPU warm actor
     # finishes (the pool's input comes from the driver, no read tasks), so only the pool's own needs count.
     pool = {k: v * ec.actors for k, v in ec.resources.items()}

@@ -248,6 +248,7 @@ class Build:
             self.store,
             chunks,
             self.progress.advance,
+            self.estimate.texts_per_s if self.estimate else None,
         )
 
     def build_shards(self, plans: list[ShardPlan]) -> tuple[int, list[ShardBuild]]:

@@ -1,8 +1,9 @@
 """Stage 1, scan: one Ray task per new or changed source file reads it in row batches, hashes each row's
 text, marks rows that cannot be embedded, assigns each row its shard, and writes the file's row states
 (kept with the version: what the next build reuses while the file is unchanged) and per-shard staging
-files of the texts it may embed: every good row's, except, for a file the parent read too, the texts that
-file already held then (already embedded; the plan reads any it still needs from the file itself)."""
+files of the texts it may embed: every good row's, except, for a file the parent read too, rows whose id
+held the same text then (already embedded; the plan reads any it still needs from the file itself). Such
+an id keeps the shard the parent recorded (the same id and shard count give the same shard)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from embray.versions import FileEntry
 
 UPDATED_AT = "updated_at"  # staging column: when the source says a row last changed (UTC), or null
 BATCH_ROWS = 65536
-SEEN_MAX_ROWS = 4_000_000  # a changed file's earlier hashes are held (~100 bytes a row) up to this many rows
+SEEN_MAX_ROWS = (
+    4_000_000  # a changed file's earlier ids, hashes, shards are held (~100 bytes a row) up to this many rows
+)
 
 
 def updated_at(batch, col: str | None):
@@ -32,9 +35,12 @@ def updated_at(batch, col: str | None):
     return pa.nulls(batch.num_rows, utc)
 
 
-def prepare(batch, *, id_col: str, text_col: str, shards: int, first_row: int, updated_col: str | None = None):
+def prepare(
+    batch, *, id_col: str, text_col: str, shards: int, first_row: int, updated_col: str | None = None, known=None
+):
     """Hash content, assign shards, and mark rows that cannot be embedded (the rules of :mod:`embray.rows`,
-    applied to whole columns)."""
+    applied to whole columns). ``known``: each row's shard where the parent's row states of this file already
+    hold its id, else null (:func:`_held`); only the other ids are hashed for their shard."""
     import pyarrow as pa
 
     ids, texts = batch.column(id_col), batch.column(text_col)
@@ -48,16 +54,47 @@ def prepare(batch, *, id_col: str, text_col: str, shards: int, first_row: int, u
             "content_hash": pa.array(hashes, pa.string()),
             "reason": reasons,
             UPDATED_AT: updated_at(batch, updated_col),
-            "shard": pa.array(R.shard_column(ids, shards), pa.int32()),
+            "shard": _shards(ids, shards, known),
         }
     )
 
 
-def _state_of(table):
-    """A file's rows as its version records them: no text, except a rejected row's (its reason needs it)."""
+def _shards(ids, shards: int, known):
+    """:func:`rows.shard_column`, taking the shards ``known`` gives (same ids, same shard count) as they are."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    text = pc.if_else(pc.is_valid(table.column("reason")), table.column("text"), None)
+    if known is None or known.null_count == len(known):
+        return pa.array(R.shard_column(ids, shards), pa.int32())
+    out = pc.fill_null(known, 0).to_numpy(zero_copy_only=False).copy()
+    if known.null_count:
+        missing = pc.indices_nonzero(pc.is_null(known))
+        out[missing.to_numpy()] = R.shard_column(pc.take(ids, missing), shards)
+    return pa.array(out, pa.int32())
+
+
+def _held(ids, before):
+    """For each of ``ids``: (its shard, its content hash) in ``before`` (the parent's row states of this file:
+    id, content_hash, shard), null where ``before`` has no such id; None without ``before`` or when the id
+    types differ."""
+    import pyarrow.compute as pc
+
+    if before is None or before.column("id").type != ids.type:
+        return None, None
+    pos = pc.index_in(ids, value_set=before.column("id"), skip_nulls=True)
+    return pc.take(before.column("shard"), pos), pc.take(before.column("content_hash"), pos)
+
+
+def _state_of(table):
+    """A file's rows as its version records them: no text, except a rejected row's (its reason needs it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    reason = table.column("reason")
+    if reason.null_count == len(reason):  # no rejected row (the usual case): no copy of the texts
+        text = pa.nulls(len(reason), pa.string())
+    else:
+        text = pc.if_else(pc.is_valid(reason), table.column("text"), None)
     return table.set_column(table.schema.get_field_index("text"), "text", text)
 
 
@@ -76,7 +113,8 @@ def scan_file(
 ) -> tuple[int, FileEntry]:
     """Read one source file in row batches; write its row states (to ``states``, a row group per shard) and,
     with ``stage_texts``, the texts of its good rows to per-shard staging files (what the plan may embed),
-    except those whose content hash is in ``before`` (the row states the parent recorded of this file).
+    except rows whose id and content hash ``before`` (the row states the parent recorded of this file) holds:
+    their texts were embedded then. An id ``before`` holds keeps its recorded shard.
 
     Returns (rows read, the state file, relative to ``states``)."""
     import pyarrow as pa
@@ -88,7 +126,7 @@ def scan_file(
     writers: dict[int, pq.ParquetWriter] = {}
     parts: dict[int, list] = {}
     rows = 0
-    seen = _hashes_in(store, before) if stage_texts and before else None
+    held = _before(store, before) if before else None
     try:
         try:
             pf = pq.ParquetFile(src.store.pyarrow_fs().open_input_file(path))
@@ -96,16 +134,23 @@ def scan_file(
             if updated_col and updated_col in pf.schema_arrow.names and updated_col not in columns:
                 columns.append(updated_col)
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                known, hashes_before = _held(batch.column(id_col), held)
                 table = prepare(
-                    batch, id_col=id_col, text_col=text_col, shards=shards, first_row=rows, updated_col=updated_col
+                    batch,
+                    id_col=id_col,
+                    text_col=text_col,
+                    shards=shards,
+                    first_row=rows,
+                    updated_col=updated_col,
+                    known=known,
                 )
                 rows += table.num_rows
-                for k, state, good in _by_shard(table, stage_texts, seen):
+                for k, state, good in _by_shard(table, stage_texts, hashes_before):
                     parts.setdefault(k, []).append(state)
                     if good.num_rows == 0:
                         continue
                     if k not in writers:
-                        writers[k] = pq.ParquetWriter(str(tmp / f"{k}.parquet"), good.schema)
+                        writers[k] = pq.ParquetWriter(str(tmp / f"{k}.parquet"), good.schema, use_dictionary=False)
                     writers[k].write_table(good)
             if rows == 0:  # an empty file still records its (empty) row states
                 empty = pf.schema_arrow.empty_table().select(columns)
@@ -123,19 +168,21 @@ def scan_file(
     return rows, state
 
 
-def _by_shard(table, stage_texts: bool, seen):
+def _by_shard(table, stage_texts: bool, hashes_before=None):
     """Per shard of a prepared batch (in shard order; rows in file order): (shard, its row states, its texts
-    to stage: good rows, none with ``stage_texts`` False, none whose content hash is in ``seen``)."""
+    to stage: good rows, none with ``stage_texts`` False, none whose content hash equals ``hashes_before``'s
+    (the hash the parent recorded for the row's id in this file))."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = table.take(pc.sort_indices(table.column("shard")))  # (a stable sort)
-    stage = pc.is_null(table.column("reason")) if stage_texts else pa.repeat(False, table.num_rows)
-    if seen is not None:
-        stage = pc.and_(stage, pc.invert(pc.is_in(table.column("content_hash"), value_set=seen)))
-    texts = table.select(["shard", "content_hash", "text"]).filter(stage)
     states = _state_of(table)
+    states = states.take(pc.sort_indices(states.column("shard")))  # (a stable sort)
+    stage = pc.is_null(table.column("reason")) if stage_texts else pa.repeat(False, table.num_rows)
+    if hashes_before is not None:
+        stage = pc.and_(stage, pc.invert(pc.fill_null(pc.equal(table.column("content_hash"), hashes_before), False)))
+    texts = table.select(["shard", "content_hash", "text"]).filter(stage)
+    texts = texts.take(pc.sort_indices(texts.column("shard")))
     cut, text_cut = (np.asarray(t.column("shard")).searchsorted for t in (states, texts))
     for k in pc.unique(states.column("shard")).to_pylist():
         a, b = cut(k), cut(k, "right")
@@ -143,16 +190,18 @@ def _by_shard(table, stage_texts: bool, seen):
         yield k, states.slice(a, b - a), texts.slice(ta, tb - ta).select(["content_hash", "text"])
 
 
-def _hashes_in(store: Store, state: str):
-    """The distinct content hashes of a row-state file, as an Arrow array; None for a file so large that
-    they would outweigh the scan's row batches in memory (then every good row's text is staged)."""
-    import pyarrow.compute as pc
+def _before(store: Store, state: str):
+    """The id, content hash and shard of each row of a row-state file (one Arrow table of plain arrays); None
+    for a file so large that they would outweigh the scan's row batches in memory (then every good row's
+    text is staged and every id hashed for its shard)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(store.pyarrow_fs().open_input_file(store.path(state)))
     if pf.metadata.num_rows > SEEN_MAX_ROWS:
         return None
-    return pc.unique(pf.read(columns=["content_hash"]).column("content_hash").combine_chunks())
+    t = pf.read(columns=["id", "content_hash", "shard"])
+    return pa.table({c: t.column(c).combine_chunks() for c in t.column_names})
 
 
 def _write_state(store: Store, states: str, parts: dict[int, list], tmp) -> FileEntry:
@@ -162,7 +211,7 @@ def _write_state(store: Store, states: str, parts: dict[int, list], tmp) -> File
 
     local = str(tmp / "state.parquet")
     tables = [pa.concat_tables(parts[k]) for k in sorted(parts)]
-    with pq.ParquetWriter(local, tables[0].schema) as w:
+    with pq.ParquetWriter(local, tables[0].schema, use_dictionary=["reason", "shard"]) as w:  # (ids, hashes: unique)
         for t in tables:
             w.write_table(t, row_group_size=max(t.num_rows, 1))
     sha, size = sha256_file(local)
