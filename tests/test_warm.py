@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from embray import Collection
+from embray.build.embed import ONE_WORKER_S, one_worker
 from embray.build.warm import NAMESPACE, WarmEmbedder, release_warm, warm_actors, warm_name
 from embray.models import fingerprint
 from embray.store import Store
@@ -161,6 +163,38 @@ def test_keep_warm_s_0_uses_a_plain_task(tmp_path):
     write_rows(tmp_path / "corpus", rows)
     assert col.refresh().counts.embedded == 5
     assert warm_actors() == []
+
+
+def test_one_worker_rule():
+    ec = make_config(Path("/tmp"), embed={"batch_size": 100, "actors": 2}).embed
+    assert one_worker(ec, 400, None)  # up to 4 batches: always
+    assert not one_worker(ec, 401, None)  # more, and no earlier build to say how fast: the pool
+    # Earlier builds' rate (texts/s of the whole pool) x the pool's actors: one worker's seconds.
+    assert one_worker(ec, 10_000, 10_000 / ONE_WORKER_S * 2)
+    assert not one_worker(ec, 10_000, 10_000 / ONE_WORKER_S * 1.9)
+
+
+def test_a_job_that_earlier_builds_say_is_quick_goes_to_one_worker_not_a_pool(tmp_path):
+    rows = write_corpus(tmp_path / "corpus", files=3, rows=200)
+    cfg = make_config(tmp_path, embed={"batch_size": 16, "keep_warm_s": 60})
+    col = Collection(cfg)
+    col.backfill()  # 600 texts, past 4 batches of 16, no earlier build: the actor pool, no warm actor
+    assert warm_actors() == []
+    rows, *_ = mutate(rows, n_insert=60, n_update=40, n_delete=5)
+    write_rows(tmp_path / "corpus", rows)
+    res = col.refresh()  # 100 texts, past 4 batches too, but the backfill's rate says well under a second
+    assert res.counts.embedded == 100
+    assert (_info(cfg)["calls"], _info(cfg)["rows"]) == (1, 100)  # all of them in the warm actor
+
+    # With keep_warm_s 0 the same job is one plain Ray task (a streaming one: a chunk at a time).
+    cold = make_config(tmp_path, embed={"batch_size": 16, "keep_warm_s": 0})
+    rows.update({i: rows[i] + " second pass" for i in sorted(rows)[:100]})
+    write_rows(tmp_path / "corpus", rows)
+    res = Collection(cold).refresh()
+    assert res.counts.embedded == 100 and col.verify(res.version).problems == []
+    assert _info(cfg)["calls"] == 1  # not through the warm actor
+    cold_cfg = make_config(tmp_path, store={"uri": str(tmp_path / "cold")}, embed={"keep_warm_s": 0})
+    assert_same_content(content(cfg, res.version), content(cold_cfg, Collection(cold_cfg).backfill().version))
 
 
 def _backfill_within(cfg, seconds: float):
