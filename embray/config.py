@@ -123,7 +123,8 @@ class EmbedConfig(_Strict):
     keep_warm_s: float = Field(
         300.0,
         ge=0,
-        description="Small jobs (a few batches: a typical refresh or monitor refresh) embed in a detached actor "
+        description="Small jobs (up to 4 batches: a typical refresh or monitor refresh; or what this collection's "
+        "earlier builds with the model say one worker embeds within 5 s) embed in a detached actor "
         "per model fingerprint that keeps the model loaded this many seconds after its last use, so the next "
         "small job skips the model load; it holds embed.num_cpus / embed.num_gpus while alive, and gives way "
         "to a build that needs them. It lives as long as the Ray it runs on (a cluster, `ray start`, the monitor "
