@@ -250,7 +250,7 @@ def main() -> None:
 
     begin, end = marks(args.model)
     flag, built_by, model = "", "", "`hash` backend (no model load)"
-    warmed = "workers started; no warm actor: the refreshes go to the actor pool"
+    warmed = "workers started; no warm actor (`keep_warm_s: 0`): each refresh embeds in one plain Ray task"
     if args.model != "hash":
         flag, built_by = f" --model {args.model}", f" --model {args.model} --docs 20000"
         model = "sentence-transformers all-MiniLM-L6-v2 (the backfill includes one model load)"

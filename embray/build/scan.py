@@ -16,9 +16,8 @@ from embray.versions import FileEntry
 
 UPDATED_AT = "updated_at"  # staging column: when the source says a row last changed (UTC), or null
 BATCH_ROWS = 65536
-SEEN_MAX_ROWS = (
-    4_000_000  # a changed file's earlier ids, hashes, shards are held (~100 bytes a row) up to this many rows
-)
+# A changed file's earlier ids, hashes and shards are held in memory (~100 bytes a row) up to this many rows.
+SEEN_MAX_ROWS = 4_000_000
 
 
 def updated_at(batch, col: str | None):
