@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -165,8 +164,8 @@ def test_keep_warm_s_0_uses_a_plain_task(tmp_path):
     assert warm_actors() == []
 
 
-def test_one_worker_rule():
-    ec = make_config(Path("/tmp"), embed={"batch_size": 100, "actors": 2}).embed
+def test_one_worker_rule(tmp_path):
+    ec = make_config(tmp_path, embed={"batch_size": 100, "actors": 2}).embed
     assert one_worker(ec, 400, None)  # up to 4 batches: always
     assert not one_worker(ec, 401, None)  # more, and no earlier build to say how fast: the pool
     # Earlier builds' rate (texts/s of the whole pool) x the pool's actors: one worker's seconds.
