@@ -111,26 +111,9 @@ class LocalCluster:
 
     def up(self, timeout_s: float = 180) -> LocalCluster:
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.s3_port, self.mlflow_port, self.serve_port = free_port(), free_port(), free_port()
-        self._spawn("moto", [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)])
-        self._spawn(
-            "mlflow",
-            [
-                str(BIN / "mlflow"),
-                "server",
-                "--backend-store-uri",
-                f"sqlite:///{self.root}/mlflow.db",
-                "--artifacts-destination",
-                f"{self.root}/mlflow-artifacts",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.mlflow_port),
-                "--workers",
-                "1",
-            ],
-        )
+        self.gcs_port, self.dashboard_port, self.serve_port = free_port(), free_port(), free_port()
+        self._spawn_service("moto")
+        self._spawn_service("mlflow")
         ray = str(BIN / "ray")
         self._spawn(
             "ray-head",
@@ -152,12 +135,61 @@ class LocalCluster:
                 *_agent_ports(),
             ],
         )
-        self._wait_http(f"{self.dashboard_url}/api/version", timeout_s, "the Ray dashboard")
+        self._wait_http(f"{self.dashboard_url}/api/version", timeout_s, "the Ray dashboard", name="ray-head")
         self.start_worker(timeout_s)
-        self._wait_http(f"{self.s3_endpoint}/", timeout_s, "moto's S3 server", ok=(200, 403))
-        self._wait_http(f"{self.tracking_uri}/health", timeout_s, "the MLflow server")
+        self._wait_service("moto", timeout_s)
+        self._wait_service("mlflow", timeout_s)
         self._wait_for_jobs(timeout_s)
         return self
+
+    # moto and MLflow: (their port's attribute, what they are, the path that answers once they serve, its codes)
+    SERVICES = {
+        "moto": ("s3_port", "moto's S3 server", "/", (200, 403)),
+        "mlflow": ("mlflow_port", "the MLflow server", "/health", (200,)),
+    }
+
+    def _spawn_service(self, name: str) -> None:
+        """Start moto or MLflow on a free port. The port was free when asked for, but it is bound only seconds
+        later (MLflow imports for ~10 s), and any process on the machine may take it meanwhile (Ray's own
+        random ports, any outgoing connection's local port): :meth:`_wait_service` then starts it again."""
+        port = free_port()
+        setattr(self, self.SERVICES[name][0], port)
+        if name == "moto":
+            cmd = [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        else:
+            cmd = [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/mlflow.db",
+                "--artifacts-destination",
+                f"{self.root}/mlflow-artifacts",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ]
+        self._spawn(name, cmd)
+
+    def _wait_service(self, name: str, timeout_s: float, tries: int = 3) -> None:
+        """Until moto or MLflow answers; started again on another port (up to ``tries`` in all) when it could not
+        bind its port or exited. (A `mlflow server` whose uvicorn cannot bind does not exit: it logs the error and
+        lingers, so the log is read too.)"""
+        port, what, path, ok = self.SERVICES[name]
+        for attempt in range(1, tries + 1):
+            try:
+                url = f"http://127.0.0.1:{getattr(self, port)}{path}"
+                self._wait_http(url, timeout_s, what, ok, name=name)
+                return
+            except _Exited:
+                if attempt == tries:
+                    raise
+                _stop_group(self.pids.pop(name))
+                log = Path(self.root) / f"{name}.log"
+                log.rename(log.with_name(f"{name}-failed-{attempt}.log"))  # the next try's log starts empty
+                self._spawn_service(name)
 
     def start_worker(self, timeout_s: float = 180) -> None:
         """Start the worker node (1 CPU and the accelerator resource) and wait until it has joined."""
@@ -252,7 +284,11 @@ class LocalCluster:
     def load(cls, root: str) -> LocalCluster:
         return cls(**json.loads((Path(root) / "cluster.json").read_text()))
 
-    def _wait_http(self, url: str, timeout_s: float, what: str, ok: tuple[int, ...] = (200,)) -> None:
+    def _wait_http(
+        self, url: str, timeout_s: float, what: str, ok: tuple[int, ...] = (200,), name: str | None = None
+    ) -> None:
+        """Until ``url`` answers with one of ``ok``. With ``name`` (the process that should answer), fail at once,
+        with its log's tail, when that process has exited or logged that its address is in use."""
         import requests
 
         deadline = time.monotonic() + timeout_s
@@ -262,9 +298,34 @@ class LocalCluster:
                     return
             except requests.RequestException:
                 pass
+            if name is not None:
+                tail = self.log_tail(name)
+                if not _alive(self.pids[name]) or (name in self.SERVICES and "address already in use" in tail):
+                    raise _Exited(f"{what} ({name}) could not serve {url}; the end of its log:\n{tail}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{what} did not answer at {url} within {timeout_s:g}s; logs in {self.root}")
+                log = f"; the end of its log:\n{self.log_tail(name)}" if name else ""
+                raise TimeoutError(f"{what} did not answer at {url} within {timeout_s:g}s; logs in {self.root}{log}")
             time.sleep(0.5)
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        """The last characters of a process's log (what a failed start printed)."""
+        try:
+            return (Path(self.root) / f"{name}.log").read_bytes()[-chars:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+class _Exited(RuntimeError):
+    """A cluster process exited, or cannot serve (its port was taken), while it was awaited."""
+
+
+def _stop_group(pid: int) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(1)
 
 
 def _agent_ports() -> list[str]:
@@ -280,11 +341,12 @@ def _agent_ports() -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, exited but not yet reaped by its parent, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _kill_naming(text: str) -> None:
