@@ -305,7 +305,7 @@ def test_fp16_spec_on_a_cpu_gives_the_fp32_vectors(minilm, caplog):
     with caplog.at_level("WARNING", logger="embray"):
         e = load_embedder(ModelSpec(device="cpu", precision="fp16"))
     assert "running in fp32 on cpu" in caplog.text
-    assert e.dtype == next(e.model.parameters()).dtype == minilm.dtype
+    assert e.dtype == minilm.dtype
     np.testing.assert_array_equal(e.embed_documents(TEXTS), minilm.embed_documents(TEXTS))
 
 
@@ -321,7 +321,7 @@ def test_weights_stored_in_fp16_are_computed_in_fp32(tmp_path, minilm):
     weights = load_file(str(src / "model.safetensors"))
     save_file({k: v.half().contiguous() for k, v in weights.items()}, str(copy / "model.safetensors"))
     e = load_embedder(ModelSpec(name=str(copy), device="cpu"))
-    assert e.dtype is torch.float32 and next(e.model.parameters()).dtype is torch.float32
+    assert e.dtype is torch.float32 and next(e.model.parameters()).dtype is torch.float32  # traced from it
     vecs = e.embed_documents(TEXTS)
     assert vecs.dtype == np.float32
     assert np.sum(vecs * minilm.embed_documents(TEXTS), axis=1).min() > 0.99999
@@ -373,7 +373,7 @@ def test_bf16_on_cpu_gives_one_vector_per_text_whatever_its_batch(minilm_bf16, m
     import torch
 
     e = minilm_bf16
-    assert e.dtype is torch.bfloat16 and next(e.model.parameters()).dtype is torch.bfloat16
+    assert e.dtype is torch.bfloat16 and e.fused is not None  # the fused CPU graph, traced in bf16
     pages = man_pages(40) or [(str(i), t, t * 20) for i, t in enumerate(TEXTS)]
     texts = [*TEXTS, *(body for _, _, body in pages)]  # 1 to 256 tokens: batches pad the short ones a lot
     alone = np.stack([e.embed_documents([t])[0] for t in texts])
@@ -411,3 +411,117 @@ def test_bf16_on_cpu_retrieves_as_well_as_fp32(minilm_bf16, minilm, corpus):
     fp32, bf16 = known_item_recall(minilm, pages), known_item_recall(minilm_bf16, pages)
     assert fp32 > 0.5, f"the {corpus} set is broken: fp32 recall@10 {fp32:.3f}"
     assert bf16 >= fp32 - 0.01, f"{corpus}: bf16 recall@10 {bf16:.3f} vs fp32 {fp32:.3f}"
+
+
+# --- the fused CPU graph (embray.models.cpu_graph) ---------------------------------------------------------------
+
+
+def _st_plain(spec: ModelSpec, monkeypatch):
+    """The same model through sentence-transformers' own encode (the fused graph switched off)."""
+    with monkeypatch.context() as mp:
+        mp.setenv("EMBRAY_CPU_GRAPH", "0")
+        e = load_embedder(spec)
+    assert e.fused is None and e.model is not None
+    return e
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_cpu_graph_gives_sentence_transformers_tokens_and_vectors(precision, monkeypatch):
+    from embray.models.cpu_graph import MIN_BATCH
+    from embray.models.sentence_transformers import cpu_has_bf16
+
+    if precision == "bf16" and not cpu_has_bf16():
+        pytest.skip("needs a CPU with AMX or AVX512-BF16 (native bf16)")
+    spec = ModelSpec(device="cpu", precision=precision)
+    fused, plain = load_embedder(spec), _st_plain(spec, monkeypatch)
+    assert fused.fused is not None
+    texts = [*TEXTS, *(b for _, _, b in man_pages(40)), *(f"{s} {r}" for _, s, r in docstring_pages(60))]
+    # the same token ids as sentence-transformers, text by text (truncation, lower case, special tokens)
+    for t in texts:
+        ids, _, _ = fused.fused.tokens(fused.fused.encodings([t]))
+        assert ids[0].tolist() == plain.model.tokenize([t])["input_ids"][0].tolist(), t[:60]
+    got, want = fused.embed_documents(texts), plain.embed_documents(texts)
+    assert fused.fused.calls["graph"] >= 1  # the batches of man pages ran fused
+    cos = np.sum(got * want, axis=1)
+    assert cos.min() >= 0.9999, f"{precision}: cosine to sentence-transformers {cos.min():.6f}"
+    # a query (fewer than MIN_BATCH texts) runs the same graph unoptimised, to the same vector
+    before = fused.fused.calls["plain"]
+    alone = np.stack([fused.embed_queries([t])[0] for t in texts[: MIN_BATCH + 2]])
+    assert fused.fused.calls["plain"] == before + MIN_BATCH + 2
+    assert np.sum(alone * got[: MIN_BATCH + 2], axis=1).min() >= 0.9999
+
+
+@pytest.mark.slow
+def test_the_cpu_graph_is_cached_and_then_loads_without_sentence_transformers(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBRAY_CACHE", str(tmp_path / "cache"))
+    first = load_embedder(ModelSpec(device="cpu"))
+    assert first.fused is not None and first.model is not None  # traced from the loaded model, then saved
+    saved = list((tmp_path / "cache" / "cpu-graph").glob("*/graph.pt"))
+    assert len(saved) == 1 and (saved[0].parent / "meta.json").is_file()
+    probe = (
+        "import json, sys; from embray.models import ModelSpec, load_embedder; "
+        "e = load_embedder(ModelSpec(device='cpu')); "
+        "print(json.dumps({'fused': e.fused is not None, 'st': e.model is not None, "
+        "'imported': sorted(m for m in ('sentence_transformers', 'transformers') if m in sys.modules), "
+        "'vecs': e.embed_documents(json.loads(sys.argv[1])).tolist()}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, json.dumps(TEXTS)], capture_output=True, text=True, check=True, env=_env(tmp_path)
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["fused"] and not got["st"] and got["imported"] == []
+    assert np.sum(np.array(got["vecs"]) * first.embed_documents(TEXTS), axis=1).min() >= 0.99999
+
+
+def _env(tmp_path) -> dict:
+    import os
+
+    return {**os.environ, "EMBRAY_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.slow
+def test_a_damaged_cached_graph_is_made_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("EMBRAY_CACHE", str(tmp_path / "cache"))
+    want = load_embedder(ModelSpec(device="cpu")).embed_documents(TEXTS)
+    (graph,) = (tmp_path / "cache" / "cpu-graph").glob("*/graph.pt")
+    graph.write_bytes(b"not a graph")
+    with caplog.at_level("WARNING", logger="embray"):
+        e = load_embedder(ModelSpec(device="cpu"))
+    assert "ignoring the cached CPU graph" in caplog.text
+    assert e.fused is not None and e.model is not None  # made again from the model, and saved again
+    assert graph.stat().st_size > 1000
+    assert np.sum(e.embed_documents(TEXTS) * want, axis=1).min() >= 0.99999
+
+
+@pytest.mark.slow
+def test_a_graph_that_disagrees_with_the_model_is_never_used(monkeypatch, caplog):
+    import torch
+
+    import embray.models.cpu_graph as cg
+
+    class Wrong(torch.nn.Module):  # what a bad trace could do: the right shape, other numbers
+        def forward(self, ids, mask, types):
+            return torch.rand(ids.shape[0], ids.shape[1], 384)
+
+    monkeypatch.setattr(cg, "_trace", lambda transformer, types: torch.jit.script(Wrong()))
+    with caplog.at_level("WARNING", logger="embray"):
+        e = load_embedder(ModelSpec(device="cpu"))
+    assert "its vectors differ from sentence-transformers'" in caplog.text
+    assert e.fused is None and not list(cg.local_cache_root().glob("cpu-graph/*"))  # nothing cached either
+    plain = _st_plain(ModelSpec(device="cpu"), monkeypatch)
+    np.testing.assert_array_equal(e.embed_documents(TEXTS), plain.embed_documents(TEXTS))
+
+
+@pytest.mark.slow
+def test_models_other_than_transformer_pooling_normalize_keep_sentence_transformers(monkeypatch):
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Dense
+
+    import embray.models.cpu_graph as cg
+
+    st = _st_plain(ModelSpec(device="cpu"), monkeypatch).model
+    dense = SentenceTransformer(modules=[st[0], st[1], Dense(384, 16)], device="cpu")
+    assert cg.build(ModelSpec(device="cpu"), dense, torch.float32) is None
+    assert cg._meta(st).pooling == "mean"

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 
 from embray.errors import ModelError
+from embray.models import cpu_graph
 from embray.models.base import Embedder
 from embray.models.spec import ModelSpec, resolve_model_path
 
@@ -47,11 +48,29 @@ def _compute_dtype(precision: str | None, device_type: str):
     return torch.float32
 
 
+def _on_cpu(spec: ModelSpec) -> bool:
+    """Whether ``spec`` runs on the CPU (device cpu, or none given and no CUDA device)."""
+    if spec.device is not None:
+        return spec.device == "cpu"
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 class SentenceTransformerEmbedder(Embedder):
     """sentence-transformers on CPU or GPU, from local weights, computing in ``spec.precision`` where it can."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
+        self.model = None  # the SentenceTransformer; not loaded where a cached CPU graph runs the model
+        self.fused = None  # embray.models.cpu_graph.FusedEncoder on a CPU, where it applies
+        if _on_cpu(spec):
+            self.dtype = _compute_dtype(spec.precision, "cpu")
+            self.fused = cpu_graph.load_cached(spec, self.dtype)
+            if self.fused is not None:
+                self._dims = self.fused.meta.dims
+                self._check_dims()
+                return
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as e:
@@ -70,12 +89,17 @@ class SentenceTransformerEmbedder(Embedder):
             self.model.max_seq_length = spec.max_tokens
         self._dims = int(self.model.get_embedding_dimension())
         self._check_dims()
+        if self.model.device.type == "cpu":
+            self.fused = cpu_graph.build(spec, self.model, self.dtype)
 
     @property
     def dims(self) -> int:
         return self._dims
 
     def embed_batch(self, texts: list[str]) -> np.ndarray:
+        if self.fused is not None:
+            return self.fused.encode(texts, self.spec.batch_size)
+        assert self.model is not None
         if self.model.device.type != "cuda":
             return self.model.encode(
                 texts,
