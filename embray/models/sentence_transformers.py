@@ -64,7 +64,8 @@ class SentenceTransformerEmbedder(Embedder):
         super().__init__(spec)
         self.model = None  # the SentenceTransformer; not loaded where a cached CPU graph runs the model
         self.fused = None  # embray.models.cpu_graph.FusedEncoder on a CPU, where it applies
-        if _on_cpu(spec):
+        on_cpu = _on_cpu(spec)
+        if on_cpu:
             self.dtype = _compute_dtype(spec.precision, "cpu")
             self.fused = cpu_graph.load_cached(spec, self.dtype)
             if self.fused is not None:
@@ -82,14 +83,15 @@ class SentenceTransformerEmbedder(Embedder):
             raise ModelError(f"cannot load sentence-transformers model from {path}: {e}") from e
         # transformers >= 5 loads a checkpoint in the dtype it is stored in (fp16 files: fp16, even on a CPU):
         # the compute dtype is set here instead, so that it is the spec's and not the file's.
-        self.dtype = _compute_dtype(spec.precision, self.model.device.type)
+        if not on_cpu:  # on a CPU: decided (and warned about) above
+            self.dtype = _compute_dtype(spec.precision, self.model.device.type)
         if next(self.model.parameters()).dtype != self.dtype:
             self.model.to(self.dtype)
         if spec.max_tokens:
             self.model.max_seq_length = spec.max_tokens
         self._dims = int(self.model.get_embedding_dimension())
         self._check_dims()
-        if self.model.device.type == "cpu":
+        if on_cpu:
             self.fused = cpu_graph.build(spec, self.model, self.dtype)
 
     @property
