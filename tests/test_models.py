@@ -492,6 +492,9 @@ def test_a_damaged_cached_graph_is_made_again(tmp_path, monkeypatch, caplog):
     assert e.fused is not None and e.model is not None  # made again from the model, and saved again
     assert graph.stat().st_size > 1000
     assert np.sum(e.embed_documents(TEXTS) * want, axis=1).min() >= 0.99999
+    (graph.parent / "meta.json").unlink()  # partly deleted: made again too, not left to be remade on every load
+    assert load_embedder(ModelSpec(device="cpu")).model is not None
+    assert (graph.parent / "meta.json").is_file() and load_embedder(ModelSpec(device="cpu")).model is None
 
 
 @pytest.mark.slow

@@ -158,13 +158,13 @@ def load_cached(spec: ModelSpec, dtype) -> FusedEncoder | None:
     if not enabled():
         return None
     where = cache_dir(spec, dtype)
+    if not where.is_dir():
+        return None
     try:
         meta = GraphMeta(**json.loads((where / "meta.json").read_text()))
         torch.jit.enable_onednn_fusion(True)
         return FusedEncoder(torch.jit.load(str(where / "graph.pt")), meta)
-    except FileNotFoundError:
-        return None
-    except Exception as e:  # noqa: BLE001 - a damaged cache entry is made again
+    except Exception as e:  # noqa: BLE001 - a damaged (or partly deleted) cache entry is made again
         log.warning("ignoring the cached CPU graph in %s (%s); making it again", where, e)
         shutil.rmtree(where, ignore_errors=True)
         return None
