@@ -437,6 +437,10 @@ def test_the_cpu_graph_gives_sentence_transformers_tokens_and_vectors(precision,
     fused, plain = load_embedder(spec), _st_plain(spec, monkeypatch)
     assert fused.fused is not None
     texts = [*TEXTS, *(b for _, _, b in man_pages(40)), *(f"{s} {r}" for _, s, r in docstring_pages(60))]
+    assert fused.fused.meta.cut == 8 * 256 and max(map(len, texts)) > 10_000  # long pages tokenised from a prefix
+    # and where the prefix holds fewer tokens than the limit (120-letter words: one [UNK] each), or has no
+    # space to cut at, the whole text
+    texts += [("word" * 30 + " ") * 30, "x" * 5000 + " tail", "line one\r\nline two " * 300]
     # the same token ids as sentence-transformers, text by text (truncation, lower case, special tokens)
     for t in texts:
         ids, _, _ = fused.fused.tokens(fused.fused.encodings([t]))
@@ -528,3 +532,29 @@ def test_models_other_than_transformer_pooling_normalize_keep_sentence_transform
     dense = SentenceTransformer(modules=[st[0], st[1], Dense(384, 16)], device="cpu")
     assert cg.build(ModelSpec(device="cpu"), dense, torch.float32) is None
     assert cg._meta(st).pooling == "mean"
+
+
+def test_long_texts_are_tokenised_from_a_prefix_cut_at_a_space_only_where_that_keeps_the_tokens(tmp_path):
+    from embray.models.cpu_graph import _prefix, _splits_at_spaces
+
+    assert _prefix("short", 10) == "short"
+    assert _prefix("alpha beta gamma delta", 12) == "alpha beta"  # never inside a word
+    assert _prefix("alpha\nbeta gamma", 11) == "alpha\nbeta"
+    assert _prefix("a " + "x" * 40, 20) == "a " + "x" * 40  # no break in the prefix's second half: uncut
+
+    def tokenizer(normalizer, pre_tokenizer):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps({"normalizer": normalizer, "pre_tokenizer": pre_tokenizer}))
+        return path
+
+    bert = {"type": "BertPreTokenizer"}
+    assert _splits_at_spaces(resolve_model_path(ModelSpec()) / "tokenizer.json")  # MiniLM's own
+    assert _splits_at_spaces(tokenizer({"type": "Sequence", "normalizers": [{"type": "NFD"}]}, bert))
+    assert _splits_at_spaces(
+        tokenizer(None, {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, {"type": "Digits"}]})
+    )
+    # byte-level BPE keeps a word's leading space; a precompiled (sentencepiece) normalizer is opaque: uncut
+    assert not _splits_at_spaces(tokenizer(None, {"type": "ByteLevel"}))
+    assert not _splits_at_spaces(tokenizer({"type": "Precompiled"}, {"type": "Metaspace"}))
+    assert not _splits_at_spaces(tokenizer({"type": "Precompiled"}, bert))
+    assert not _splits_at_spaces(tmp_path / "missing.json")
