@@ -14,7 +14,7 @@ from typing import Any
 from embray import layout
 from embray import rows as R
 from embray.build.scan import UPDATED_AT
-from embray.build.types import Chunk, ParentShard, ShardPlan
+from embray.build.types import COST_CHARS, Chunk, ParentShard, ShardPlan
 from embray.errors import ConfigError, SourceError, StoreError
 from embray.results import Counts
 from embray.segments import ShardFiles, live_rows
@@ -284,7 +284,8 @@ def _write_plan_and_chunks(
         pq.write_table(chunk, str(tmp / "need.parquet"))
         rel = layout.need_file(staged, shard, digest)
         store.upload(str(tmp / "need.parquet"), rel)
-        chunks.append(Chunk(need=rel, cache=f"{cdir}/{digest}.parquet", rows=chunk.num_rows))
+        chars = sum(min(len(texts[h]), COST_CHARS) for h in hashes)
+        chunks.append(Chunk(need=rel, cache=f"{cdir}/{digest}.parquet", rows=chunk.num_rows, chars=chars))
     tmp.rmdir()
     return tuple(chunks)
 

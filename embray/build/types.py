@@ -34,6 +34,11 @@ class ParentShard:
     rejects_rel: str | None = None  # its rejects file
 
 
+# A text's characters count towards a chunk's cost up to this many: models truncate (MiniLM reads ~1,300 of a
+# long text's characters, 512-token models ~2,500), so a 300,000-character page costs what a long one does.
+COST_CHARS = 2048
+
+
 @dataclass(frozen=True)
 class Chunk:
     """Texts still to embed (``need``, a staging file) and the cache file their vectors go to."""
@@ -41,6 +46,7 @@ class Chunk:
     need: str
     cache: str
     rows: int
+    chars: int = 0  # the texts' characters, each counted up to COST_CHARS: what embedding the chunk costs, roughly
 
 
 @dataclass(frozen=True)
