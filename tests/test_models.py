@@ -437,13 +437,13 @@ def test_the_cpu_graph_gives_sentence_transformers_tokens_and_vectors(precision,
     fused, plain = load_embedder(spec), _st_plain(spec, monkeypatch)
     assert fused.fused is not None
     texts = [*TEXTS, *(b for _, _, b in man_pages(40)), *(f"{s} {r}" for _, s, r in docstring_pages(60))]
-    assert fused.fused.meta.cut == 8 * 256 and max(map(len, texts)) > 10_000  # long pages tokenised from a prefix
+    assert fused.fused.layout.cut == 8 * 256 and max(map(len, texts)) > 10_000  # long pages tokenised from a prefix
     # and where the prefix holds fewer tokens than the limit (120-letter words: one [UNK] each), or has no
     # space to cut at, the whole text
     texts += [("word" * 30 + " ") * 30, "x" * 5000 + " tail", "line one\r\nline two " * 300]
     # the same token ids as sentence-transformers, text by text (truncation, lower case, special tokens)
     for t in texts:
-        ids, _, _ = fused.fused.tokens(fused.fused.encodings([t]))
+        ids, _, _ = fused.fused.tokens.tensors(fused.fused.tokens.encodings([t]))
         assert ids[0].tolist() == plain.model.tokenize([t])["input_ids"][0].tolist(), t[:60]
     got, want = fused.embed_documents(texts), plain.embed_documents(texts)
     assert fused.fused.calls["graph"] >= 1  # the batches of man pages ran fused
@@ -527,20 +527,21 @@ def test_models_other_than_transformer_pooling_normalize_keep_sentence_transform
     from sentence_transformers.models import Dense
 
     import embray.models.cpu_graph as cg
+    from embray.models.tokens import read_layout
 
     st = _st_plain(ModelSpec(device="cpu"), monkeypatch).model
     dense = SentenceTransformer(modules=[st[0], st[1], Dense(384, 16)], device="cpu")
     assert cg.build(ModelSpec(device="cpu"), dense, torch.float32) is None
-    assert cg._meta(st).pooling == "mean"
+    assert read_layout(st).pooling == "mean"
 
 
 def test_long_texts_are_tokenised_from_a_prefix_cut_at_a_space_only_where_that_keeps_the_tokens(tmp_path):
-    from embray.models.cpu_graph import _prefix, _splits_at_spaces
+    from embray.models.tokens import prefix, splits_at_spaces
 
-    assert _prefix("short", 10) == "short"
-    assert _prefix("alpha beta gamma delta", 12) == "alpha beta"  # never inside a word
-    assert _prefix("alpha\nbeta gamma", 11) == "alpha\nbeta"
-    assert _prefix("a " + "x" * 40, 20) == "a " + "x" * 40  # no break in the prefix's second half: uncut
+    assert prefix("short", 10) == "short"
+    assert prefix("alpha beta gamma delta", 12) == "alpha beta"  # never inside a word
+    assert prefix("alpha\nbeta gamma", 11) == "alpha\nbeta"
+    assert prefix("a " + "x" * 40, 20) == "a " + "x" * 40  # no break in the prefix's second half: uncut
 
     def tokenizer(normalizer, pre_tokenizer):
         path = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
@@ -548,13 +549,82 @@ def test_long_texts_are_tokenised_from_a_prefix_cut_at_a_space_only_where_that_k
         return path
 
     bert = {"type": "BertPreTokenizer"}
-    assert _splits_at_spaces(resolve_model_path(ModelSpec()) / "tokenizer.json")  # MiniLM's own
-    assert _splits_at_spaces(tokenizer({"type": "Sequence", "normalizers": [{"type": "NFD"}]}, bert))
-    assert _splits_at_spaces(
+    assert splits_at_spaces(resolve_model_path(ModelSpec()) / "tokenizer.json")  # MiniLM's own
+    assert splits_at_spaces(tokenizer({"type": "Sequence", "normalizers": [{"type": "NFD"}]}, bert))
+    assert splits_at_spaces(
         tokenizer(None, {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, {"type": "Digits"}]})
     )
     # byte-level BPE keeps a word's leading space; a precompiled (sentencepiece) normalizer is opaque: uncut
-    assert not _splits_at_spaces(tokenizer(None, {"type": "ByteLevel"}))
-    assert not _splits_at_spaces(tokenizer({"type": "Precompiled"}, {"type": "Metaspace"}))
-    assert not _splits_at_spaces(tokenizer({"type": "Precompiled"}, bert))
-    assert not _splits_at_spaces(tmp_path / "missing.json")
+    assert not splits_at_spaces(tokenizer(None, {"type": "ByteLevel"}))
+    assert not splits_at_spaces(tokenizer({"type": "Precompiled"}, {"type": "Metaspace"}))
+    assert not splits_at_spaces(tokenizer({"type": "Precompiled"}, bert))
+    assert not splits_at_spaces(tmp_path / "missing.json")
+
+
+# --- the tokenizing feed of the GPU path (embray.models.gpu; device-agnostic, so run here on the CPU) ------------
+
+
+@pytest.fixture(scope="module")
+def st_fp32():
+    """MiniLM as a plain SentenceTransformer on the CPU, fp32 (what the feed is checked against)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(resolve_model_path(ModelSpec())), device="cpu", local_files_only=True)
+
+
+@pytest.mark.slow
+def test_the_gpu_feed_gives_encode_vectors_in_order_whatever_the_batch(st_fp32, monkeypatch):
+    import random
+
+    from embray.models import gpu
+
+    monkeypatch.setenv("EMBRAY_GPU_FEED", "1")
+    fed = gpu.build(st_fp32, "minilm")
+    assert fed is not None and fed.layout.cut == 8 * 256
+    fed.piece = 16  # several pieces a call: the next one tokenised while this one computes
+    texts = [*TEXTS, *(b for _, _, b in man_pages(20)), *(f"{s} {r}" for _, s, r in docstring_pages(40))]
+    texts += [("word" * 30 + " ") * 30, "x" * 5000 + " tail"]  # the prefix falls short, or has no space: uncut
+    random.Random(3).shuffle(texts)
+    want = st_fp32.encode(texts, normalize_embeddings=True)
+    got = fed.encode(texts, batch_size=7)
+    assert got.dtype == np.float32 and got.shape == (len(texts), 384)
+    got /= np.linalg.norm(got, axis=1, keepdims=True)
+    assert np.sum(got * want, axis=1).min() >= 0.9999  # each text's own vector, in the order given
+    alone = np.concatenate([fed.encode([t], 64) for t in texts[:12]])
+    alone /= np.linalg.norm(alone, axis=1, keepdims=True)
+    assert np.sum(alone * got[:12], axis=1).min() >= 0.9999
+    assert fed.encode([], 64).shape == (0, 384)
+
+
+@pytest.mark.slow
+def test_the_gpu_feed_is_not_used_when_it_disagrees_or_is_switched_off(st_fp32, monkeypatch, caplog):
+    from embray.models import gpu
+    from embray.models.tokens import Tokens
+
+    monkeypatch.delenv("EMBRAY_GPU_FEED", raising=False)
+    assert gpu.build(st_fp32, "minilm") is None  # opt-in until it is timed on a GPU
+    monkeypatch.setenv("EMBRAY_GPU_FEED", "0")
+    assert gpu.build(st_fp32, "minilm") is None
+    monkeypatch.setenv("EMBRAY_GPU_FEED", "1")
+    with monkeypatch.context() as mp, caplog.at_level("WARNING", logger="embray"):
+        mp.setattr(Tokens, "pool", lambda self, hidden, mask: hidden[:, -1].float())  # the wrong token's state
+        assert gpu.build(st_fp32, "minilm") is None
+    assert "its vectors differ from sentence-transformers'" in caplog.text
+    with monkeypatch.context() as mp, caplog.at_level("WARNING", logger="embray"):
+        mp.setattr(Tokens, "encodings", lambda self, texts: self.tokenizer.encode_batch([t[::-1] for t in texts]))
+        assert gpu.build(st_fp32, "minilm") is None
+    assert "its tokens differ from sentence-transformers'" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_model_off_the_cpu_is_fed_by_the_tokenizing_thread(monkeypatch):
+    # What a GPU replica runs, here on the CPU: the backend takes the fed path wherever the model is not on the CPU.
+    import embray.models.sentence_transformers as st
+
+    monkeypatch.setattr(st, "_on_cpu", lambda spec: False)
+    assert load_embedder(ModelSpec(device="cpu")).fed is None  # opt-in (EMBRAY_GPU_FEED=1) until timed on a GPU
+    monkeypatch.setenv("EMBRAY_GPU_FEED", "1")
+    e = load_embedder(ModelSpec(device="cpu"))
+    assert e.fused is None and e.fed is not None
+    plain = _st_plain(ModelSpec(device="cpu"), monkeypatch)
+    assert np.sum(e.embed_documents(TEXTS) * plain.embed_documents(TEXTS), axis=1).min() >= 0.9999

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from embray.errors import ModelError
-from embray.models import cpu_graph
+from embray.models import cpu_graph, gpu
 from embray.models.base import Embedder
 from embray.models.spec import ModelSpec, resolve_model_path
 
@@ -64,12 +64,13 @@ class SentenceTransformerEmbedder(Embedder):
         super().__init__(spec)
         self.model = None  # the SentenceTransformer; not loaded where a cached CPU graph runs the model
         self.fused = None  # embray.models.cpu_graph.FusedEncoder on a CPU, where it applies
+        self.fed = None  # embray.models.gpu.FedEncoder on a GPU, where it applies
         on_cpu = _on_cpu(spec)
         if on_cpu:
             self.dtype = _compute_dtype(spec.precision, "cpu")
             self.fused = cpu_graph.load_cached(spec, self.dtype)
             if self.fused is not None:
-                self._dims = self.fused.meta.dims
+                self._dims = self.fused.layout.dims
                 self._check_dims()
                 return
         try:
@@ -93,6 +94,8 @@ class SentenceTransformerEmbedder(Embedder):
         self._check_dims()
         if on_cpu:
             self.fused = cpu_graph.build(spec, self.model, self.dtype)
+        else:
+            self.fed = gpu.build(self.model, spec.label)
 
     @property
     def dims(self) -> int:
@@ -101,6 +104,8 @@ class SentenceTransformerEmbedder(Embedder):
     def embed_batch(self, texts: list[str]) -> np.ndarray:
         if self.fused is not None:
             return self.fused.encode(texts, self.spec.batch_size)
+        if self.fed is not None:
+            return self.fed.encode(texts, self.spec.batch_size)
         assert self.model is not None
         if self.model.device.type != "cuda":
             return self.model.encode(
