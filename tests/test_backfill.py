@@ -213,3 +213,15 @@ def test_a_resource_no_node_offers_fails_at_once_naming_it(tmp_path):
         Collection(cfg).backfill()
     _no_version_left(cfg)
     assert Registry(cfg).model_versions() == []
+
+
+def test_the_actor_pool_gets_the_costliest_chunks_first():
+    # A shard's chunks are cut from its texts sorted by length, so its last chunk holds its fewest rows but its
+    # longest texts: by rows alone it came last, and one actor embedded it alone at the end of the stage.
+    from embray.build.embed import costliest_first
+    from embray.build.types import Chunk
+
+    shard = [Chunk("n0", "c0", 256, 9_800), Chunk("n1", "c1", 256, 87_000), Chunk("n2", "c2", 149, 140_000)]
+    other = [Chunk("m0", "d0", 256, 87_000), Chunk("m1", "d1", 200, 87_000)]
+    order = [c.need for c in costliest_first(shard + other)]
+    assert order == ["n2", "n1", "m0", "m1", "n0"]  # characters first, then rows

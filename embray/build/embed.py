@@ -150,6 +150,19 @@ def wait_for_node(ec: EmbedConfig, rc: RayConfig) -> None:
     )
 
 
+def costliest_first(chunks: list[Chunk]) -> list[Chunk]:
+    """The chunks in the order the pool gets them: by cost (characters, each text counted up to
+    :data:`~embray.build.types.COST_CHARS`), then rows, biggest first."""
+    # Costliest chunks first (longest processing time first): the pool deals chunks out in turn and queues
+    # several per actor, so in shard order (each shard's full chunks, then its small last one) one actor could
+    # get the full ones and the other the small ones. Measured (1,190 man pages, bf16, 2 actors x 1 thread):
+    # backfill 39.6-53.9 s in shard order (5 runs), 39.0-40.2 s by rows (2). The cost is the characters (up to
+    # a model's reach a text), then the rows: a shard's last chunk holds its fewest but longest texts (chunks are
+    # cut from texts sorted by length), and by rows alone those came last and left one actor finishing alone
+    # (6,000 docstrings, 2 x 1: the two actors finished 5 s apart).
+    return sorted(chunks, key=lambda c: (-c.chars, -c.rows))
+
+
 def embed_chunks(
     ec: EmbedConfig,
     spec: ModelSpec,
@@ -194,14 +207,7 @@ def embed_chunks(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"  # the CLI's own display
     placement = {"resources": ec.resources} if ec.resources else {}
-    # Costliest chunks first (longest processing time first): the pool deals chunks out in turn and queues
-    # several per actor, so in shard order (each shard's full chunks, then its small last one) one actor could
-    # get the full ones and the other the small ones. Measured (1,190 man pages, bf16, 2 actors x 1 thread):
-    # backfill 39.6-53.9 s in shard order (5 runs), 39.0-40.2 s by rows (2). The cost is the characters (up to
-    # a model's reach a text), then the rows: a shard's last chunk holds its fewest but longest texts (chunks are
-    # cut from texts sorted by length), and by rows alone those came last and left one actor finishing alone
-    # (6,000 docstrings, 2 x 1: the two actors finished 5 s apart).
-    chunks = sorted(chunks, key=lambda c: (-c.chars, -c.rows))
+    chunks = costliest_first(chunks)
     ds = ray.data.from_items(
         [{"need": c.need, "cache": c.cache} for c in chunks], override_num_blocks=len(chunks)
     ).map_batches(
