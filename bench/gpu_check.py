@@ -229,22 +229,9 @@ def ceilings(out: dict, config, peaks: dict, gemms: dict) -> dict:
     return ceiling
 
 
-def gpu(data: Path, out_path: Path, budget_s: float, long_n: int, short_repeat: int, device: str = "cuda") -> dict:
+def card_info(torch, device: str) -> tuple:
+    """(CUDA device properties or None, the card's spec-sheet peaks, what to record of the card and machine)."""
     import subprocess
-
-    import torch
-
-    from embray.models import ModelSpec, load_embedder
-
-    t_start = time.monotonic()
-    out: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), **versions()}
-
-    def save() -> None:
-        out["elapsed_s"] = round(time.monotonic() - t_start, 1)
-        out_path.write_text(json.dumps(out, indent=2))
-
-    def left_s() -> float:
-        return budget_s - (time.monotonic() - t_start)
 
     if device != "cuda":  # a dry run of the script on a CPU: no card, no GEMMs
         props, smi = None, ""
@@ -267,7 +254,7 @@ def gpu(data: Path, out_path: Path, budget_s: float, long_n: int, short_repeat: 
     except (IndexError, ValueError):
         power = None
     key, peaks = card_peaks(props.name, power) if props else (device, {})
-    out["card"] = {
+    info = {
         "name": props.name if props else device,
         "nvidia_smi": smi,
         "sms": props.multi_processor_count if props else None,
@@ -277,6 +264,26 @@ def gpu(data: Path, out_path: Path, budget_s: float, long_n: int, short_repeat: 
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "(unset: on)"),
     }
+    return props, peaks, info
+
+
+def gpu(data: Path, out_path: Path, budget_s: float, long_n: int, short_repeat: int, device: str = "cuda") -> dict:
+
+    import torch
+
+    from embray.models import ModelSpec, load_embedder
+
+    t_start = time.monotonic()
+    out: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), **versions()}
+
+    def save() -> None:
+        out["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        out_path.write_text(json.dumps(out, indent=2))
+
+    def left_s() -> float:
+        return budget_s - (time.monotonic() - t_start)
+
+    props, peaks, out["card"] = card_info(torch, device)
     print(json.dumps(out["card"]), flush=True)
 
     # GEMMs: the card's measured peak, and MiniLM's own shapes (65536 tokens = 256 texts x 256 tokens).

@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))  # gpu_check, beside this file (in bench/ here, in
 
 from gpu_check import (  # noqa: E402
     Timer,
-    card_peaks,
+    card_info,
     cos_stats,
     flops_per_token,
     gemm_tflops,
@@ -78,7 +78,6 @@ def prepare(data: Path, stsb: Path, man: int) -> dict:
 
 
 def gpu(data: Path, out_path: Path, budget_s: float, device: str) -> dict:
-    import subprocess
 
     import pyarrow.parquet as pq
     import torch
@@ -101,24 +100,7 @@ def gpu(data: Path, out_path: Path, budget_s: float, device: str) -> dict:
         import embray.models.sentence_transformers as st
 
         st._on_cpu = lambda spec: False
-    props = torch.cuda.get_device_properties(0) if cuda else None
-    smi = ""
-    if cuda:
-        q = "--query-gpu=name,power.limit,clocks.max.sm,driver_version,memory.total"
-        smi = subprocess.run(["nvidia-smi", q, "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
-    try:
-        power = float(smi.split(",")[1].strip().split()[0])
-    except (IndexError, ValueError):
-        power = None
-    key, peaks = card_peaks(props.name, power) if props else (device, {})
-    out["card"] = {
-        "name": props.name if props else device,
-        "nvidia_smi": smi,
-        "spec_sheet": key,
-        "spec_dense_tflops": peaks,
-        "cpus": os.cpu_count(),
-        "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "(unset: on)"),
-    }
+    props, peaks, out["card"] = card_info(torch, device)
     gemms = {}
     if cuda:
         for label, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):

@@ -156,8 +156,8 @@ def costliest_first(chunks: list[Chunk]) -> list[Chunk]:
     # Costliest chunks first (longest processing time first): the pool deals chunks out in turn and queues
     # several per actor, so in shard order (each shard's full chunks, then its small last one) one actor could
     # get the full ones and the other the small ones. Measured (1,190 man pages, bf16, 2 actors x 1 thread):
-    # backfill 39.6-53.9 s in shard order (5 runs), 39.0-40.2 s by rows (2). The cost is the characters (up to
-    # a model's reach a text), then the rows: a shard's last chunk holds its fewest but longest texts (chunks are
+    # backfill 39.6-53.9 s in shard order (5 runs), 39.0-40.2 s by rows (2). The cost is the characters (each text's up
+    # to COST_CHARS), then the rows: a shard's last chunk holds its fewest but longest texts (chunks are
     # cut from texts sorted by length), and by rows alone those came last and left one actor finishing alone
     # (6,000 docstrings, 2 x 1: the two actors finished 5 s apart).
     return sorted(chunks, key=lambda c: (-c.chars, -c.rows))
