@@ -46,7 +46,7 @@ class Chunk:
     need: str
     cache: str
     rows: int
-    chars: int = 0  # the texts' characters, each counted up to COST_CHARS: what embedding the chunk costs, roughly
+    chars: int  # the texts' characters, each counted up to COST_CHARS: what embedding the chunk costs, roughly
 
 
 @dataclass(frozen=True)
