@@ -13,7 +13,7 @@ text's sha256), so a rerun embeds only texts it has not embedded before. --queri
 held out: they are the queries and are NOT in the index, so no query finds itself. Ground truth: exact top-10
 by cosine in float32 (numpy).
 For each connectivity (M) x expansion_add: a fresh USearch `Index` as embray's shards make one (metric cos, dtype
-f16, embray/build/shards.py `_new_index`), `index.add` of the n - queries vectors with --threads threads (one:
+f16, embray/pipeline/shards.py `_new_index`), `index.add` of the n - queries vectors with --threads threads (one:
 an embray shard task reserves one CPU), timed; then the queries searched at --expansion-search (embray's
 default 64), one thread: recall@10 against the exact top-10 and the search time per query (median of 3
 passes). The recall ceiling of f16 itself is the same search with `exact=True`. --write puts the table into

@@ -47,7 +47,7 @@ def main() -> None:
 
     from embray import Collection
     from embray.config import parse_config
-    from embray.quality import evaluate
+    from embray.quality.retrieval import evaluate
 
     col = Collection(
         parse_config(

@@ -85,9 +85,9 @@ def main() -> None:
     import ray
 
     from embray import Collection
-    from embray.build.warm import release_warm
     from embray.config import parse_config
     from embray.demo import write_demo
+    from embray.pipeline.warm import release_warm
 
     tmp = Path(tempfile.mkdtemp(prefix="embray-bench-refresh-"))
     _, n = write_demo(tmp / "demo", docs=args.minilm_docs, files=8)
@@ -111,7 +111,7 @@ def main() -> None:
         )
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    from embray.registry import Registry
+    from embray.lifecycle.registry import Registry
 
     Registry(cfg("warmup", {"backend": "hash", "name": "words", "dims": 8}, 0)).experiment_id()  # create the DB
     results = []

@@ -335,8 +335,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     from embray.config import parse_config
     from embray.demo import collect
     from embray.errors import GateError
-    from embray.vectors import to_numpy
-    from embray.versions import file_rel
+    from embray.lifecycle.versions import file_rel
+    from embray.storage.vectors import to_numpy
 
     say(f"workdir {work}")
     docs = list(collect(6000).values())

@@ -111,8 +111,8 @@ def cycle(col, corpus: Corpus, n: int, keep: int, t0: float) -> dict:
 
 def census(col) -> dict[str, list]:
     """Every file under the collection: category -> [files, bytes]; "left behind" lists its paths too."""
-    from embray.layout import manifest_rel
-    from embray.versions import file_rel, list_versions
+    from embray.lifecycle.versions import file_rel, list_versions
+    from embray.storage.layout import manifest_rel
 
     kept = list_versions(col.store, col.name)
     owned = {file_rel(m, f) for m in kept for f in m.files()} | {manifest_rel(col.name, m.version) for m in kept}

@@ -4,7 +4,7 @@
 
 Backfills a collection (`hash` backend, so the cycle is about the pipeline, not the model), then for
 each step edits --change of the rows (new, changed and deleted, with `updated_at`), and runs one
-monitor check (`embray.monitor.check_once`: status -> refresh when the stale fraction passes
+monitor check (`embray.quality.monitor.check_once`: status -> refresh when the stale fraction passes
 monitor.max_stale_fraction -> promotion through the gates), logging it to one MLflow run. The plot
 is drawn from that run's metric history, read back from MLflow: docs/img/staleness-cycle.png.
 --write also puts the table of checks into docs/benchmarks.md.

@@ -22,16 +22,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from embray import aliases as _aliases
-from embray import flows, monitor, quality
-from embray import gc as _gc
 from embray.config import Config, load_config, load_model_spec, parse_config, parse_model_spec
 from embray.context import Context
 from embray.errors import ConfigError
-from embray.layout import version_dir
+from embray.lifecycle import aliases as _aliases
+from embray.lifecycle import flows
+from embray.lifecycle import gc as _gc
+from embray.lifecycle.registry import ACTIVE
+from embray.lifecycle.verify import verify as _verify
+from embray.lifecycle.versions import Manifest, file_rel, is_version_id, list_versions, read_manifest
 from embray.models.spec import ModelSpec
 from embray.progress import Progress
-from embray.registry import ACTIVE
+from embray.quality import monitor
+from embray.quality import retrieval as quality
 from embray.results import (
     AuditReport,
     BuildResult,
@@ -48,15 +51,14 @@ from embray.results import (
 )
 from embray.runtime import init_ray
 from embray.search import VersionIndex
-from embray.segments import read_tombstones
-from embray.store import Store
-from embray.verify import verify as _verify
-from embray.versions import Manifest, file_rel, is_version_id, list_versions, read_manifest
+from embray.storage.layout import version_dir
+from embray.storage.segments import read_tombstones
+from embray.storage.store import Store
 
 if TYPE_CHECKING:
     import ray.data
 
-    from embray.registry import Registry
+    from embray.lifecycle.registry import Registry
 
 _OPEN_VERSIONS = 2  # opened versions kept (each with its encoder): the current one and the one before
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 
 from embray.config import Config
+from embray.lifecycle.registry import Registry
 from embray.progress import NullProgress, Progress
-from embray.registry import Registry
-from embray.store import Store
+from embray.storage.store import Store
 
 
 class Context:

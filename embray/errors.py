@@ -61,3 +61,14 @@ class GateError(EmbrayError):
     """A promotion gate (verify, ANN recall, labelled nDCG) refused a version."""
 
     exit_code = 4
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an error on one line, for logs and one-line CLI messages.
+
+    A Ray task's or actor's error is unwrapped to the exception the task raised (its ``cause``); of a message
+    that carries a remote traceback the last line is kept (the error itself), of any other the first."""
+    cause = getattr(e, "cause", None) or e
+    lines = [x for x in str(cause).strip().splitlines() if x.strip()]
+    text = (lines[-1] if "Traceback" in str(cause) else lines[0]).strip() if lines else ""
+    return f"{type(cause).__name__}: {text}"[:limit]

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from embray.versions import Manifest
+from embray.lifecycle.versions import Manifest
 
 COUNTS = ("new", "changed", "deleted", "reused", "embedded", "cache_hits")
 
@@ -113,7 +113,8 @@ class BuildResult(_Result):
 
 @dataclass(frozen=True)
 class Estimate(_Result):
-    """What a planned build will cost (see :mod:`embray.estimate`); ``basis`` says where the numbers come from."""
+    """What a planned build will cost (see :mod:`embray.quality.estimate`); ``basis`` says where the numbers come
+    from."""
 
     to_embed: int
     shards_rebuilt: int

@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from embray import rows as R
 from embray.errors import VersionError
-from embray.layout import local_cache_root
+from embray.lifecycle.versions import FileEntry, Manifest, file_rel
 from embray.models import Embedder, fingerprint, load_embedder
 from embray.results import Hit, SearchResult
-from embray.segments import dead_keys, live_mask
-from embray.store import Store
-from embray.vectors import to_numpy
-from embray.versions import FileEntry, Manifest, file_rel
+from embray.storage import rows as R
+from embray.storage.layout import local_cache_root
+from embray.storage.segments import dead_keys, live_mask
+from embray.storage.store import Store
+from embray.storage.vectors import to_numpy
 
 
 def _score(metric: str, distance: float) -> float:

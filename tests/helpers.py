@@ -126,9 +126,9 @@ def make_config(tmp_path, **over):
 
 def content(cfg, version: str) -> dict:
     """id -> (content_hash, vector) of a committed version, read from its manifest's files."""
-    from embray.segments import ShardFiles, live_rows
-    from embray.store import Store
-    from embray.versions import read_manifest
+    from embray.lifecycle.versions import read_manifest
+    from embray.storage.segments import ShardFiles, live_rows
+    from embray.storage.store import Store
 
     store = Store(cfg.store.uri, cfg.store.storage_options)
     m = read_manifest(store, cfg.collection, version)

@@ -13,11 +13,11 @@ import pytest
 
 from embray import Collection
 from embray.errors import ConfigError, SourceError, StoreError
+from embray.lifecycle.registry import Registry
+from embray.lifecycle.versions import list_versions
 from embray.models import fingerprint, load_embedder
-from embray.registry import Registry
-from embray.rows import shard_of
-from embray.store import Store
-from embray.versions import list_versions
+from embray.storage.rows import shard_of
+from embray.storage.store import Store
 
 from .helpers import free_port, make_config, write_corpus
 
@@ -218,8 +218,8 @@ def test_a_resource_no_node_offers_fails_at_once_naming_it(tmp_path):
 def test_the_actor_pool_gets_the_costliest_chunks_first():
     # A shard's chunks are cut from its texts sorted by length, so its last chunk holds its fewest rows but its
     # longest texts: by rows alone it came last, and one actor embedded it alone at the end of the stage.
-    from embray.build.embed import costliest_first
-    from embray.build.types import Chunk
+    from embray.pipeline.embed import costliest_first
+    from embray.pipeline.types import Chunk
 
     shard = [Chunk("n0", "c0", 256, 9_800), Chunk("n1", "c1", 256, 87_000), Chunk("n2", "c2", 149, 140_000)]
     other = [Chunk("m0", "d0", 256, 87_000), Chunk("m1", "d1", 200, 87_000)]

@@ -9,7 +9,7 @@ import pytest
 
 from embray import Collection
 from embray.cli import main
-from embray.estimate import PastBuild, bytes_per_row, estimate
+from embray.quality.estimate import PastBuild, bytes_per_row, estimate
 
 from .helpers import make_config, mutate, write_corpus, write_rows
 

@@ -17,9 +17,9 @@ import pytest
 from embray import Collection
 from embray.config import load_config
 from embray.errors import ConflictError, StoreError
-from embray.lock import WRITER, Lease
-from embray.store import Store
-from embray.versions import list_version_dirs, list_versions
+from embray.lifecycle.lock import WRITER, Lease
+from embray.lifecycle.versions import list_version_dirs, list_versions
+from embray.storage.store import Store
 
 from .helpers import REPO, mutate, write_corpus, write_rows
 

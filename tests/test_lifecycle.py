@@ -14,11 +14,11 @@ import pytest
 
 from embray import Collection
 from embray.errors import ConflictError, GateError, VersionError
-from embray.lock import WRITER, Lease
+from embray.lifecycle.lock import WRITER, Lease
+from embray.lifecycle.registry import ACTIVE, CANDIDATE, Registry
+from embray.lifecycle.versions import file_rel, list_versions, read_manifest
 from embray.models import ModelSpec
-from embray.registry import ACTIVE, CANDIDATE, Registry
-from embray.store import Store
-from embray.versions import file_rel, list_versions, read_manifest
+from embray.storage.store import Store
 
 from .helpers import make_config, mutate, write_corpus, write_rows
 

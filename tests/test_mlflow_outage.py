@@ -17,9 +17,9 @@ import requests
 
 from embray import Collection
 from embray.errors import RegistryError
-from embray.registry import VERSION_TAG
-from embray.store import Store
-from embray.versions import list_versions
+from embray.lifecycle.registry import VERSION_TAG
+from embray.lifecycle.versions import list_versions
+from embray.storage.store import Store
 
 from .helpers import free_port, make_config, wait_for, write_corpus
 

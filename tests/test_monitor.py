@@ -13,11 +13,11 @@ import pytest
 
 from embray import Collection
 from embray.cli import main
+from embray.lifecycle.registry import ACTIVE, Registry
+from embray.lifecycle.versions import file_rel, read_manifest
 from embray.models import ModelSpec
-from embray.monitor import read_status
-from embray.registry import ACTIVE, Registry
-from embray.store import Store
-from embray.versions import file_rel, read_manifest
+from embray.quality.monitor import read_status
+from embray.storage.store import Store
 
 from .helpers import REPO, make_config, write_corpus, write_rows, write_with_times
 
@@ -155,7 +155,7 @@ def test_monitor_refreshes_when_stale_promotes_through_gates_and_logs_metrics(tm
 
 
 def test_monitor_records_a_refused_promotion_and_does_not_rebuild_it(tmp_path):
-    from embray.versions import list_versions
+    from embray.lifecycle.versions import list_versions
 
     rows = write_corpus(tmp_path / "corpus", files=2, rows=200)
     # A starved HNSW graph: ANN recall stays below the floor, so the gate refuses what the monitor builds.

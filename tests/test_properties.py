@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from embray import Collection
-from embray.rows import content_hash, shard_of
+from embray.storage.rows import content_hash, shard_of
 
 from .helpers import assert_same_content, content, doc_text, make_config, write_rows
 

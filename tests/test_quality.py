@@ -12,11 +12,11 @@ import pytest
 from embray import Collection
 from embray.cli import main
 from embray.errors import ConfigError, GateError
+from embray.lifecycle.registry import ACTIVE, CANDIDATE, Registry
+from embray.lifecycle.versions import file_rel, read_manifest
 from embray.models import ModelSpec
-from embray.quality import evaluate, load_queries
-from embray.registry import ACTIVE, CANDIDATE, Registry
-from embray.store import Store
-from embray.versions import file_rel, read_manifest
+from embray.quality.retrieval import evaluate, load_queries
+from embray.storage.store import Store
 
 from .helpers import make_config, write_corpus, write_rows
 

@@ -7,10 +7,10 @@ import pytest
 
 from embray import Collection
 from embray.errors import ConfigError, VersionError
+from embray.lifecycle.registry import ACTIVE, CANDIDATE, Registry
+from embray.lifecycle.versions import list_versions
 from embray.models import ModelSpec, fingerprint
-from embray.registry import ACTIVE, CANDIDATE, Registry
-from embray.store import Store
-from embray.versions import list_versions
+from embray.storage.store import Store
 
 from .helpers import assert_same_content, content, make_config, mutate, write_corpus, write_rows
 

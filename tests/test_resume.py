@@ -19,8 +19,8 @@ import pytest
 
 from embray import Collection
 from embray.errors import EmbrayError
-from embray.store import Store
-from embray.versions import list_version_dirs, list_versions
+from embray.lifecycle.versions import list_version_dirs, list_versions
+from embray.storage.store import Store
 
 from .helpers import REPO, assert_same_content, content, make_config, mutate, write_corpus, write_rows
 
@@ -180,7 +180,7 @@ def test_a_delta_refresh_killed_after_its_segments_and_before_its_commit(tmp_pat
     marker = tmp_path / "shards-written"
     driver = (
         "import pathlib, time\n"
-        "from embray.build import pipeline\n"
+        "from embray.pipeline import pipeline\n"
         "def hold(self, *args, **kwargs):\n"
         f"    pathlib.Path({str(marker)!r}).write_text('')\n"
         "    time.sleep(600)\n"

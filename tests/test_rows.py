@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embray import rows as R
+from embray.storage import rows as R
 
 
 def test_shard_of_is_stable_and_spreads():
@@ -20,7 +20,7 @@ def test_shard_of_matches_another_process():
     import subprocess
     import sys
 
-    code = "from embray.rows import shard_of; print([shard_of(f'x{i}', 7) for i in range(20)])"
+    code = "from embray.storage.rows import shard_of; print([shard_of(f'x{i}', 7) for i in range(20)])"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert other == str([R.shard_of(f"x{i}", 7) for i in range(20)])
 

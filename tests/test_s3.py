@@ -6,8 +6,8 @@ import pytest
 
 from embray import Collection
 from embray.errors import ConflictError
-from embray.store import Store
-from embray.versions import file_rel, list_versions, read_manifest
+from embray.lifecycle.versions import file_rel, list_versions, read_manifest
+from embray.storage.store import Store
 
 from .helpers import doc_text, make_config, mutate, write_corpus
 
@@ -51,8 +51,8 @@ def test_backfill_from_s3_to_s3_and_search(tmp_path, bucket):
 
 
 def test_refresh_migrate_verify_promote_gc_on_s3(tmp_path, bucket):
+    from embray.lifecycle.registry import ACTIVE, CANDIDATE, Registry
     from embray.models import ModelSpec
-    from embray.registry import ACTIVE, CANDIDATE, Registry
 
     name, options, fs = bucket
     rows = write_corpus(f"{name}/corpus", files=2, rows=60, fs=fs)
@@ -97,7 +97,7 @@ def test_status_eval_audit_and_monitor_on_s3(tmp_path, bucket):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from embray.monitor import read_status
+    from embray.quality.monitor import read_status
 
     name, options, fs = bucket
     rows = write_corpus(f"{name}/corpus", files=2, rows=60, fs=fs)

@@ -16,9 +16,9 @@ import pytest
 
 from embray import Collection
 from embray.errors import ConflictError, StoreError
+from embray.lifecycle.versions import list_versions, read_manifest
 from embray.models import ModelSpec
-from embray.store import Store
-from embray.versions import list_versions, read_manifest
+from embray.storage.store import Store
 
 from .faulty_s3 import FaultyS3
 from .helpers import assert_same_content, content, make_config, mutate, write_corpus

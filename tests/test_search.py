@@ -8,9 +8,9 @@ import pytest
 
 from embray import Collection
 from embray.errors import VersionError
+from embray.lifecycle.versions import file_rel
 from embray.search import VersionIndex
-from embray.store import Store
-from embray.versions import file_rel
+from embray.storage.store import Store
 
 from .helpers import make_config, mutate, write_corpus, write_rows
 
@@ -136,8 +136,8 @@ def test_recall_holds_on_shards_updated_in_place(built, tmp_path):
 def test_shard_groups_hold_their_shards_only_and_merge_to_the_whole_answer(tmp_path):
     """A version split into shard groups (a replica each, for versions larger than one replica): every group
     opens only its shards, and their answers merged equal the whole version's, in any order."""
+    from embray.lifecycle.versions import read_manifest
     from embray.search import group_shards, merge_hits
-    from embray.versions import read_manifest
 
     rows = write_corpus(tmp_path / "corpus", files=2, rows=150)
     cfg = make_config(tmp_path, index={"shards": 4})

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from embray import Collection
-from embray.rows import content_hash
-from embray.store import Store
-from embray.versions import file_rel, read_manifest
+from embray.lifecycle.versions import file_rel, read_manifest
+from embray.storage.rows import content_hash
+from embray.storage.store import Store
 
 from .helpers import assert_same_content, content, make_config, mutate, write_corpus, write_rows
 

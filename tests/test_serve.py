@@ -490,7 +490,7 @@ def test_a_pinned_query_answers_from_that_version_and_replicas_keep_few(served):
 
     # Aliases: `active` is the served version; another alias is read from MLflow.
     assert _search(url, {"text": text, "version": "active"}).json()["version"] == active
-    from embray.registry import CANDIDATE, Registry
+    from embray.lifecycle.registry import CANDIDATE, Registry
 
     Registry(cfg).set_alias(CANDIDATE, others[-1])
     try:
@@ -522,11 +522,11 @@ def test_shard_groups_answer_from_one_version_through_a_promotion_and_a_rollback
     missing."""
     from ray import serve
 
+    from embray.lifecycle.versions import file_rel, read_manifest
     from embray.search import VersionIndex, group_shards
     from embray.serving import application
     from embray.serving.groups import read_groups
-    from embray.store import Store
-    from embray.versions import file_rel, read_manifest
+    from embray.storage.store import Store
 
     rows = write_corpus(tmp_path / "corpus", files=2, rows=100)
     cfg = make_config(

@@ -13,7 +13,7 @@ from embray import Collection
 from embray.cli import _status_human
 from embray.errors import GateError
 from embray.models import ModelSpec
-from embray.shadow import read_shadow
+from embray.quality.shadow import read_shadow
 
 from .helpers import free_port, make_config, wait_for, write_corpus
 

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from embray import Collection
-from embray import source as source_module
-from embray.store import Store
+from embray.storage import source as source_module
+from embray.storage.store import Store
 
 from .helpers import assert_same_content, content, make_config, write_corpus
 
@@ -179,7 +179,7 @@ def test_a_duplicate_resolved_elsewhere_embeds_the_unchanged_files_row(tmp_path)
 
 
 def content_hash(text: str) -> str:
-    from embray.rows import content_hash as h
+    from embray.storage.rows import content_hash as h
 
     return h(text)
 

@@ -12,10 +12,10 @@ import time
 import pytest
 
 from embray import Collection
-from embray.build.embed import ONE_WORKER_S, one_worker
-from embray.build.warm import NAMESPACE, WarmEmbedder, release_warm, warm_actors, warm_name
 from embray.models import fingerprint
-from embray.store import Store
+from embray.pipeline.embed import ONE_WORKER_S, one_worker
+from embray.pipeline.warm import NAMESPACE, WarmEmbedder, release_warm, warm_actors, warm_name
+from embray.storage.store import Store
 
 from .helpers import assert_same_content, content, make_config, mutate, write_corpus, write_rows
 

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from embray.layout import local_cache_root
 from embray.models.spec import ModelSpec, resolve_model_path, weights_digest
 from embray.models.tokens import PROBE, Layout, Tokens, batches, read_layout
+from embray.storage.layout import local_cache_root
 
 log = logging.getLogger("embray")
 

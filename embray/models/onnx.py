@@ -12,9 +12,9 @@ from typing import NamedTuple
 import numpy as np
 
 from embray.errors import ModelError
-from embray.layout import local_cache_root
 from embray.models.base import Embedder
 from embray.models.spec import ONNX_OPSET, ONNX_RECIPE, ModelSpec, resolve_model_path, weights_digest
+from embray.storage.layout import local_cache_root
 
 
 def _num_threads() -> int:

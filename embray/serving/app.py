@@ -40,17 +40,17 @@ from ray import serve
 
 from embray.collection import Collection
 from embray.config import Config, load_config
-from embray.errors import ConfigError, EmbrayError, VersionError
-from embray.layout import reload_file
-from embray.registry import ACTIVE, CANDIDATE
+from embray.errors import ConfigError, EmbrayError, VersionError, one_line
+from embray.lifecycle.registry import ACTIVE, CANDIDATE
+from embray.lifecycle.versions import is_version_id, read_manifest, utcnow
+from embray.quality.shadow import ShadowRecorder, overlap_at_10
 from embray.results import Hit
 from embray.search import VersionIndex, group_shards, merge_hits
 from embray.serving.groups import EmbrayShardGroup, Liveness, group_deployment, not_ready, serve_config
 from embray.serving.metrics import ServeMetrics, ShadowMetrics
 from embray.serving.schemas import CollectionInfo, NotReady, SearchRequest, SearchResponse, errors
 from embray.serving.watch import poll_loop
-from embray.shadow import ShadowRecorder, overlap_at_10
-from embray.versions import is_version_id, read_manifest, utcnow
+from embray.storage.layout import reload_file
 
 log = logging.getLogger("embray.serve")
 
@@ -72,13 +72,6 @@ class Loaded:
 
 def _secret(configured: str | None, env: str) -> str | None:
     return configured or os.environ.get(env) or None
-
-
-def _first_line(e: BaseException) -> str:
-    """A group's error, without the remote traceback Ray wraps it in."""
-    cause = getattr(e, "cause", None) or e
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -549,7 +542,7 @@ class EmbrayServer:
             if task in pending:
                 failed[g] = f"no answer within {limit:g}s (serve.group_timeout_s)"
             elif task.exception() is not None:
-                failed[g] = _first_line(task.exception())
+                failed[g] = one_line(task.exception())
             else:
                 answers[g] = task.result()
         return self._merge(idx, answers, failed, k, partial)
@@ -573,7 +566,7 @@ class EmbrayServer:
             got = [e]
         for g, e in enumerate(got):
             if isinstance(e, BaseException):
-                log.warning("shard group %s could not load %s: %s", g, version, _first_line(e))
+                log.warning("shard group %s could not load %s: %s", g, version, one_line(e))
 
     def _merge(self, idx: VersionIndex, answers: dict, failed: dict[int, str], k: int, partial: bool):
         groups = len(self.groups or ())

@@ -38,13 +38,13 @@ from ray import serve
 from embray.collection import Collection
 from embray.config import Config, parse_config
 from embray.errors import EmbrayError, VersionError
-from embray.layout import group_status_dir
-from embray.registry import ACTIVE
+from embray.lifecycle.registry import ACTIVE
+from embray.lifecycle.versions import read_manifest, utcnow
 from embray.results import Hit
 from embray.search import VersionIndex
 from embray.serving.watch import poll_loop
-from embray.store import Store
-from embray.versions import read_manifest, utcnow
+from embray.storage.layout import group_status_dir
+from embray.storage.store import Store
 
 log = logging.getLogger("embray.serve")
 

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 
 from embray.errors import EmbrayError
-from embray.layout import reload_file
-from embray.store import Store
+from embray.storage.layout import reload_file
+from embray.storage.store import Store
 
 log = logging.getLogger("embray.serve")
 

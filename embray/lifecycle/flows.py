@@ -7,7 +7,7 @@
 - ``compact``: a version's own rows again, with every shard that has delta segments or tombstones rebuilt
   whole; the corpus is not read and nothing is embedded.
 
-All of them run :func:`embray.build.pipeline.run_build`; a rerun after a crash resumes from the vector cache.
+All of them run :func:`embray.pipeline.run.run_build`; a rerun after a crash resumes from the vector cache.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from embray.aliases import promote, set_active, set_candidate, sync_registry
-from embray.build.pipeline import plan_build, run_build
-from embray.build.types import BuildSpec
 from embray.context import Context
 from embray.errors import VersionError
-from embray.lock import WRITER, Lease
+from embray.lifecycle.aliases import promote, set_active, set_candidate, sync_registry
+from embray.lifecycle.lock import WRITER, Lease
+from embray.lifecycle.registry import ACTIVE, CANDIDATE
+from embray.lifecycle.versions import Manifest, read_manifest
 from embray.models import fingerprint
 from embray.models.spec import ModelSpec
-from embray.registry import ACTIVE, CANDIDATE
+from embray.pipeline.run import plan_build, run_build
+from embray.pipeline.types import BuildSpec
 from embray.results import BuildResult, PlanResult
-from embray.versions import Manifest, read_manifest
 
 log = logging.getLogger("embray")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from embray.lifecycle.versions import FileEntry, Manifest, ShardEntry
 from embray.models.spec import ModelSpec
 from embray.results import Counts
-from embray.segments import ShardFiles
-from embray.versions import FileEntry, Manifest, ShardEntry
+from embray.storage.segments import ShardFiles
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,18 @@ from typing import Any
 
 import numpy as np
 
-from embray import layout
-from embray.build.types import ParentShard, ShardBuild, ShardPlan
 from embray.config import IndexConfig
 from embray.errors import StoreError
-from embray.segments import live_rows, read_tombstones, segment_refs, write_tombstones
-from embray.store import Store, local_tmpdir, sha256_file
-from embray.vectors import read_checked, to_arrow, to_numpy, with_fingerprint
-from embray.versions import FileEntry, Segment, ShardEntry
+from embray.lifecycle.versions import FileEntry, Segment, ShardEntry
+from embray.pipeline.types import ParentShard, ShardBuild, ShardPlan
+from embray.storage import layout
+from embray.storage.segments import live_rows, read_tombstones, segment_refs, write_tombstones
+from embray.storage.store import Store, local_tmpdir, sha256_file
+from embray.storage.vectors import read_checked, to_arrow, to_numpy, with_fingerprint
 
 # An in-place shard update stays cheaper and as good as a rebuild while the change is small.
 INCREMENTAL_MAX_CHANGE = 0.25
-# A shard task reserves one CPU (pipeline.py); USearch would otherwise start a thread per core of the node,
+# A shard task reserves one CPU (run.py); USearch would otherwise start a thread per core of the node,
 # so eight shard tasks on a 64-core node would run 512 threads. Ray runs as many shard tasks as CPUs are free.
 THREADS = 1
 

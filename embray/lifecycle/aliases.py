@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import logging
 
-from embray import layout
 from embray.context import Context
 from embray.errors import ConfigError, EmbrayError, GateError, VersionError
-from embray.lock import ALIASES, Lease
-from embray.quality import check_gates, log_result, result_tags
-from embray.registry import ACTIVE, CANDIDATE, VERSION_TAG, Registry
+from embray.lifecycle.lock import ALIASES, Lease
+from embray.lifecycle.registry import ACTIVE, CANDIDATE, VERSION_TAG, Registry
+from embray.lifecycle.versions import list_version_dirs, list_versions, read_manifest, utcnow, who
+from embray.quality.retrieval import check_gates, log_result, result_tags
 from embray.results import PromoteResult, RollbackResult
-from embray.versions import list_version_dirs, list_versions, read_manifest, utcnow, who
+from embray.storage import layout
 
 log = logging.getLogger("embray")
 
@@ -99,7 +99,7 @@ def set_candidate(ctx: Context, version: str) -> None:
 def promote(
     ctx: Context, version: str, *, reason: str = "", force: bool = False, queries: str | None = None
 ) -> PromoteResult:
-    """Move ``active`` to ``version`` once it passes the gates (:func:`embray.quality.check_gates`).
+    """Move ``active`` to ``version`` once it passes the gates (:func:`embray.quality.retrieval.check_gates`).
 
     ``force`` overrides the quality gates (recall, nDCG) and needs a ``reason``, which is recorded;
     it never overrides verify: a version with missing or corrupt files cannot be served.

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from embray.config import SourceConfig
 from embray.errors import SourceError, VersionError
-from embray.store import Store, list_source_infos, sha256_of
-from embray.versions import Manifest, SourceFile
+from embray.lifecycle.versions import Manifest, SourceFile
+from embray.storage.store import Store, list_source_infos, sha256_of
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ Under the store root (local directory or ``s3://bucket/prefix``)::
     <collection>/cache/<fingerprint>/shard-00000-of-00004/<digest>.parquet   content_hash, vector
     <collection>/sources/<digest>.parquet                          a source file's row states: id, content_hash...
     <collection>/_scratch/<id>/...                                 dry runs (status); never a version
-    <collection>/_locks/{writer,aliases}/g<N>.{json,end}           lease generations (see embray.lock)
+    <collection>/_locks/{writer,aliases}/g<N>.{json,end}           lease generations (see embray.lifecycle.lock)
     <collection>/_locks/{writer,aliases}.json                      a copy of the newest claim
     <collection>/_status/status.json                               the monitor's last status
     <collection>/_status/reload.json                               a Serve reload marker
@@ -124,7 +124,7 @@ def status_file(collection: str) -> str:
 
 
 def shadow_dir(collection: str, version: str) -> str:
-    """Each Serve replica's shadow-traffic numbers for candidate ``version`` (see embray.shadow)."""
+    """Each Serve replica's shadow-traffic numbers for candidate ``version`` (see embray.quality.shadow)."""
     return f"{collection}/_status/shadow/{version}"
 
 

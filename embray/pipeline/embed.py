@@ -13,14 +13,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from embray.build.chunks import EmbedChunks, node_id
-from embray.build.types import Chunk, Embedded
-from embray.build.warm import embed_warm, make_room, reservation
 from embray.config import EmbedConfig, RayConfig
 from embray.errors import ConfigError, ModelError
 from embray.models.spec import ModelSpec
+from embray.pipeline.chunks import EmbedChunks, node_id
+from embray.pipeline.types import Chunk, Embedded
+from embray.pipeline.warm import embed_warm, make_room, reservation
 from embray.runtime import cluster_address
-from embray.store import Store
+from embray.storage.store import Store
 
 log = logging.getLogger("embray")
 
@@ -152,7 +152,7 @@ def wait_for_node(ec: EmbedConfig, rc: RayConfig) -> None:
 
 def costliest_first(chunks: list[Chunk]) -> list[Chunk]:
     """The chunks in the order the pool gets them: by cost (characters, each text counted up to
-    :data:`~embray.build.types.COST_CHARS`), then rows, biggest first."""
+    :data:`~embray.pipeline.types.COST_CHARS`), then rows, biggest first."""
     # Costliest chunks first (longest processing time first): the pool deals chunks out in turn and queues
     # several per actor, so in shard order (each shard's full chunks, then its small last one) one actor could
     # get the full ones and the other the small ones. Measured (1,190 man pages, bf16, 2 actors x 1 thread):

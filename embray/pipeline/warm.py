@@ -27,12 +27,12 @@ import os
 import threading
 import time
 
-from embray.build.chunks import EmbedChunks, node_id
 from embray.config import EmbedConfig
-from embray.errors import ModelError
+from embray.errors import ModelError, one_line
 from embray.models import fingerprint
 from embray.models.spec import ModelSpec
-from embray.store import Store
+from embray.pipeline.chunks import EmbedChunks, node_id
+from embray.storage.store import Store
 
 log = logging.getLogger("embray")
 
@@ -241,8 +241,5 @@ def embed_warm(ec: EmbedConfig, spec: ModelSpec, fp: str, store: Store, chunks: 
         needs, caches = [c.need for c in chunks], [c.cache for c in chunks]
         return ray.get(actor.embed.remote(spec, fp, store, needs, caches, ec.keep_warm_s))
     except Exception as e:  # noqa: BLE001 - the warm actor is only a shortcut: fall back, never fail here
-        cause = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        log.warning(
-            "warm embedding actor %s unusable (%s: %s); embedding in a plain task", name, type(e).__name__, cause
-        )
+        log.warning("warm embedding actor %s unusable (%s); embedding in a plain task", name, one_line(e))
         return None

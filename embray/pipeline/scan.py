@@ -7,12 +7,12 @@ an id keeps the shard the parent recorded (the same id and shard count give the 
 
 from __future__ import annotations
 
-from embray import layout
-from embray import rows as R
 from embray.errors import SourceError
-from embray.source import SourceInfo
-from embray.store import Store, local_tmpdir, sha256_file
-from embray.versions import FileEntry
+from embray.lifecycle.versions import FileEntry
+from embray.storage import layout
+from embray.storage import rows as R
+from embray.storage.source import SourceInfo
+from embray.storage.store import Store, local_tmpdir, sha256_file
 
 UPDATED_AT = "updated_at"  # staging column: when the source says a row last changed (UTC), or null
 BATCH_ROWS = 65536
@@ -37,7 +37,7 @@ def updated_at(batch, col: str | None):
 def prepare(
     batch, *, id_col: str, text_col: str, shards: int, first_row: int, updated_col: str | None = None, known=None
 ):
-    """Hash content, assign shards, and mark rows that cannot be embedded (the rules of :mod:`embray.rows`,
+    """Hash content, assign shards, and mark rows that cannot be embedded (the rules of :mod:`embray.storage.rows`,
     applied to whole columns). ``known``: each row's shard where the parent's row states of this file already
     hold its id, else null (:func:`_held`); only the other ids are hashed for their shard."""
     import pyarrow as pa

@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 
-from embray.layout import FINGERPRINT_KEY
-from embray.store import Store
+from embray.storage.layout import FINGERPRINT_KEY
+from embray.storage.store import Store
 
 log = logging.getLogger("embray")
 

@@ -1,7 +1,7 @@
 """One loaded model that embeds whole planned chunks into the vector cache.
 
 :class:`EmbedChunks` is what every embedding path holds: the Ray Data actor pool (bulk), the plain Ray
-task (a few batches) and the warm actor of :mod:`embray.build.warm` (a few batches, model already
+task (a few batches) and the warm actor of :mod:`embray.pipeline.warm` (a few batches, model already
 loaded). Each finished chunk is written whole (rename or S3 put) into the cache, so a rerun trusts it.
 """
 
@@ -13,8 +13,8 @@ import socket
 from embray.errors import ModelError
 from embray.models import fingerprint, load_embedder
 from embray.models.spec import ModelSpec
-from embray.store import Store, local_tmpdir
-from embray.vectors import to_arrow, with_fingerprint
+from embray.storage.store import Store, local_tmpdir
+from embray.storage.vectors import to_arrow, with_fingerprint
 
 
 def node_id() -> str:

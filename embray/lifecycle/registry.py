@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from embray.config import Config, is_remote
-from embray.errors import RegistryError, VersionError
-from embray.versions import Manifest
+from embray.errors import RegistryError, VersionError, one_line
+from embray.lifecycle.versions import Manifest
 
 log = logging.getLogger("embray")
 
@@ -27,7 +27,7 @@ VERSION_TAG = "embray.version"
 
 def _mlflow_error(uri: str, e: Exception) -> RegistryError:
     return RegistryError(
-        f"MLflow at {uri} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        f"MLflow at {uri} failed ({one_line(e)}); "
         "check mlflow.tracking_uri and that the server is up"
     )
 
@@ -84,7 +84,7 @@ class Registry:
         return self._call(self.client.create_experiment, name, artifact_location=artifacts)
 
     def start_run(self, version: str, kind: str, params: dict[str, Any]) -> str:
-        from embray.versions import who
+        from embray.lifecycle.versions import who
 
         parent = params.get("parent")
         run = self._call(

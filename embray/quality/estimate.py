@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from embray.config import Config
 from embray.errors import EmbrayError
-from embray.registry import Registry
+from embray.lifecycle.registry import Registry
 from embray.results import Estimate
 
 log = logging.getLogger("embray")

@@ -34,9 +34,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from embray.errors import VersionError
-from embray.layout import manifest_rel, sources_dir, version_dir, versions_dir
 from embray.models.spec import ModelSpec
-from embray.store import Store
+from embray.storage.layout import manifest_rel, sources_dir, version_dir, versions_dir
+from embray.storage.store import Store
 
 FORMAT = "embray.version/1"
 

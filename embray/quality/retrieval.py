@@ -27,20 +27,20 @@ from typing import Any
 
 import numpy as np
 
-from embray import rows as R
 from embray.config import Config
 from embray.context import Context
 from embray.errors import ConfigError, EmbrayError, SourceError, VersionError
+from embray.lifecycle.registry import ACTIVE, CANDIDATE
+from embray.lifecycle.verify import problems as verify_problems
+from embray.lifecycle.versions import Manifest, read_manifest
 from embray.models import fingerprint, load_embedder
-from embray.registry import ACTIVE, CANDIDATE
+from embray.quality.shadow import read_shadow
 from embray.results import AuditReport, EvalReport, Gate, GateReport, Hit
 from embray.search import VersionIndex
-from embray.segments import ShardFiles, live_mask, live_rows
-from embray.shadow import read_shadow
-from embray.store import Store, list_source_files
-from embray.vectors import to_numpy
-from embray.verify import problems as verify_problems
-from embray.versions import Manifest, read_manifest
+from embray.storage import rows as R
+from embray.storage.segments import ShardFiles, live_mask, live_rows
+from embray.storage.store import Store, list_source_files
+from embray.storage.vectors import to_numpy
 
 log = logging.getLogger("embray")
 

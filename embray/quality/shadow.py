@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from embray import layout
+from embray.lifecycle.versions import utcnow
 from embray.results import ShadowStats
-from embray.store import Store
-from embray.versions import utcnow
+from embray.storage import layout
+from embray.storage.store import Store
 
 LATENCIES_KEPT = 2000  # per candidate and replica: the newest, for p50 / p99
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from embray.errors import VersionError
-from embray.store import Store
-from embray.vectors import read_checked
-from embray.versions import FileEntry, Manifest, ShardEntry, file_rel
+from embray.lifecycle.versions import FileEntry, Manifest, ShardEntry, file_rel
+from embray.storage.store import Store
+from embray.storage.vectors import read_checked
 
 
 @dataclass(frozen=True)

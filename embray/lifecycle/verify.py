@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from embray import rows as R
 from embray.errors import VersionError
+from embray.lifecycle.versions import FileEntry, Manifest, ShardEntry, file_rel, read_manifest
 from embray.results import VerifyReport
-from embray.store import Store, local_tmpdir, sha256_of
-from embray.vectors import file_fingerprint
-from embray.versions import FileEntry, Manifest, ShardEntry, file_rel, read_manifest
+from embray.storage import rows as R
+from embray.storage.store import Store, local_tmpdir, sha256_of
+from embray.storage.vectors import file_fingerprint
 
 
 def _file_problems(store: Store, m: Manifest) -> list[str]:

@@ -11,17 +11,17 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from embray import layout
-from embray import rows as R
-from embray.build.scan import UPDATED_AT
-from embray.build.types import COST_CHARS, Chunk, ParentShard, ShardPlan
 from embray.errors import ConfigError, SourceError, StoreError
+from embray.lifecycle.versions import FileEntry, Manifest, file_rel
+from embray.pipeline.scan import UPDATED_AT
+from embray.pipeline.types import COST_CHARS, Chunk, ParentShard, ShardPlan
 from embray.results import Counts
-from embray.segments import ShardFiles, live_rows
-from embray.source import SourceInfo
-from embray.store import Store, local_tmpdir, sha256_file
-from embray.vectors import file_fingerprint
-from embray.versions import FileEntry, Manifest, file_rel
+from embray.storage import layout
+from embray.storage import rows as R
+from embray.storage.segments import ShardFiles, live_rows
+from embray.storage.source import SourceInfo
+from embray.storage.store import Store, local_tmpdir, sha256_file
+from embray.storage.vectors import file_fingerprint
 
 log = logging.getLogger("embray")
 

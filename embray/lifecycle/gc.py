@@ -6,13 +6,13 @@ import dataclasses
 import datetime as dt
 import logging
 
-from embray import layout
 from embray.context import Context
 from embray.errors import ConfigError, EmbrayError
-from embray.lock import ALIASES, WRITER, Lease
+from embray.lifecycle.lock import ALIASES, WRITER, Lease
+from embray.lifecycle.versions import Manifest, list_version_dirs, read_manifest
 from embray.results import GcResult
-from embray.store import Store
-from embray.versions import Manifest, list_version_dirs, read_manifest
+from embray.storage import layout
+from embray.storage.store import Store
 
 log = logging.getLogger("embray")
 

@@ -23,20 +23,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from embray import layout
-from embray.aliases import promote
-from embray.build.pipeline import plan_build
-from embray.build.types import BuildSpec
 from embray.context import Context
 from embray.errors import EmbrayError, GateError, StoreError, VersionError
-from embray.flows import refresh
-from embray.registry import ACTIVE, CANDIDATE
+from embray.lifecycle.aliases import promote
+from embray.lifecycle.flows import refresh
+from embray.lifecycle.registry import ACTIVE, CANDIDATE
+from embray.lifecycle.verify import problems as verify_problems
+from embray.lifecycle.versions import Manifest, list_versions, read_manifest, utcnow
+from embray.pipeline.run import plan_build
+from embray.pipeline.types import BuildSpec
+from embray.quality.shadow import read_shadow
 from embray.results import MonitorAction, Staleness, StatusReport, VersionSummary
-from embray.shadow import read_shadow
-from embray.source import inspect_source
-from embray.store import Store
-from embray.verify import problems as verify_problems
-from embray.versions import Manifest, list_versions, read_manifest, utcnow
+from embray.storage import layout
+from embray.storage.source import inspect_source
+from embray.storage.store import Store
 
 log = logging.getLogger("embray")
 

@@ -32,9 +32,9 @@ import time
 from typing import Any
 
 from embray.errors import ConflictError
-from embray.layout import lock_file
-from embray.store import Store
-from embray.versions import who
+from embray.lifecycle.versions import who
+from embray.storage.layout import lock_file
+from embray.storage.store import Store
 
 log = logging.getLogger("embray")
 

@@ -1,10 +1,10 @@
 """Builds: every new version (backfill, refresh, migration) goes through one pipeline.
 
     start   fingerprint, the parent's shards, corpus files (which changed) and schemas, an MLflow run
-    scan    (:mod:`embray.build.scan`)   one Ray task per new or changed source file -> row states, texts
-    plan    (:mod:`embray.build.plan`)   one Ray task per shard -> rejects, diff, chunks still to embed
-    embed   (:mod:`embray.build.embed`)  Ray Data actor pool -> vector cache files
-    shards  (:mod:`embray.build.shards`) one Ray task per shard -> embeddings part + USearch index
+    scan    (:mod:`embray.pipeline.scan`)   one Ray task per new or changed source file -> row states, texts
+    plan    (:mod:`embray.pipeline.plan`)   one Ray task per shard -> rejects, diff, chunks still to embed
+    embed   (:mod:`embray.pipeline.embed`)  Ray Data actor pool -> vector cache files
+    shards  (:mod:`embray.pipeline.shards`) one Ray task per shard -> embeddings part + USearch index
     commit  manifest last, create-only -> MLflow metrics, model version
     abandon on any failure: the version directory is removed, the run marked failed
 
@@ -26,24 +26,24 @@ import logging
 import time
 from dataclasses import dataclass
 
-from embray import layout
-from embray.build.embed import check_pool_fits, embed_chunks, wait_for_node
-from embray.build.plan import ShardInputs, parent_shards, plan_shard
-from embray.build.scan import scan_file
-from embray.build.shards import THREADS as SHARD_THREADS
-from embray.build.shards import build_shard, cached_dims, shard_action
-from embray.build.types import BuildSpec, Embedded, ShardBuild, ShardPlan
-from embray.build.warm import TASK_CPUS, make_room
 from embray.config import IndexConfig
 from embray.context import Context
-from embray.errors import ConflictError, EmbrayError, ModelError, RegistryError, SourceError, StoreError
-from embray.estimate import estimate, throughput_history
-from embray.lock import Lease
+from embray.errors import ConflictError, EmbrayError, ModelError, RegistryError, SourceError, StoreError, one_line
+from embray.lifecycle.lock import Lease
+from embray.lifecycle.versions import Manifest, ShardEntry, SourceFile, commit_manifest, new_version_id, utcnow, who
 from embray.models import fingerprint
+from embray.pipeline.embed import check_pool_fits, embed_chunks, wait_for_node
+from embray.pipeline.plan import ShardInputs, parent_shards, plan_shard
+from embray.pipeline.scan import scan_file
+from embray.pipeline.shards import THREADS as SHARD_THREADS
+from embray.pipeline.shards import build_shard, cached_dims, shard_action
+from embray.pipeline.types import BuildSpec, Embedded, ShardBuild, ShardPlan
+from embray.pipeline.warm import TASK_CPUS, make_room
+from embray.quality.estimate import estimate, throughput_history
 from embray.results import COUNTS, BuildResult, Counts, Estimate, PlanResult, SourceFiles
 from embray.runtime import gather, init_ray
-from embray.source import inspect_source, recorded_source
-from embray.versions import Manifest, ShardEntry, SourceFile, commit_manifest, new_version_id, utcnow, who
+from embray.storage import layout
+from embray.storage.source import inspect_source, recorded_source
 
 log = logging.getLogger("embray")
 
@@ -59,8 +59,7 @@ def _stage(kind: str, stage: str, error: type[EmbrayError], fn, *args):
             if cause is e:
                 raise
             raise cause from e
-        last = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
-        raise error(f"the {kind} failed while {stage}: {type(cause).__name__}: {last}") from e
+        raise error(f"the {kind} failed while {stage}: {one_line(e)}") from e
 
 
 @dataclass

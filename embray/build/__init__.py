@@ -1,1 +1,0 @@
-"""The build pipeline: scan -> plan -> embed -> shards -> commit (see :mod:`embray.build.pipeline`)."""

@@ -1,0 +1,1 @@
+"""Quality: retrieval measures and gates, shadow traffic, the monitor, cost estimates."""
