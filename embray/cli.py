@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from embray.errors import EmbrayError
+
+if TYPE_CHECKING:
+    from embray.results import BuildResult, Estimate, PlanResult, StatusReport
 
 config_option = click.option(
     "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="embray YAML config file."
@@ -21,8 +24,14 @@ config_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout and nothing else.")
 
 
-def _emit(obj: Any, as_json: bool, human: str) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str) if as_json else human)
+def _emit(result: Any, as_json: bool, human: str) -> None:
+    """Print a typed result: its ``to_dict()`` as JSON with --json (a list of results as a JSON array), else
+    the human text rendered from the result."""
+    if not as_json:
+        click.echo(human)
+        return
+    obj = [r.to_dict() for r in result] if isinstance(result, list) else result.to_dict()
+    click.echo(json.dumps(obj, indent=2, default=str))
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -95,35 +104,47 @@ def cli(verbose: bool) -> None:
 @json_option
 def backfill(config_path: str, no_promote: bool, as_json: bool) -> None:
     """Embed the whole source corpus into a new version."""
-    s = _open(config_path, as_json).backfill(promote=not no_promote).to_dict()
-    _emit(s, as_json, _build_human(s))
+    r = _open(config_path, as_json).backfill(promote=not no_promote)
+    _emit(r, as_json, _build_human(r))
 
 
-def _estimate_human(e: dict[str, Any]) -> str:
-    size = f"{e['bytes_added'] / 1e6:.1f} MB" if e["bytes_added"] is not None else "unknown"
-    shards = f"shards: {e['shards_rebuilt']} rebuilt, {e['shards_updated']} updated, {e['shards_reused']} reused"
-    if e.get("shards_delta"):
-        shards += f", {e['shards_delta']} delta"
-    if e["seconds"] is None:
-        return f"\n  {shards}; store +{size}\n  time: {e['basis']}"
+def _estimate_human(e: Estimate | None) -> str:
+    if e is None:
+        return ""
+    size = f"{e.bytes_added / 1e6:.1f} MB" if e.bytes_added is not None else "unknown"
+    shards = f"shards: {e.shards_rebuilt} rebuilt, {e.shards_updated} updated, {e.shards_reused} reused"
+    if e.shards_delta:
+        shards += f", {e.shards_delta} delta"
+    if e.seconds is None:
+        return f"\n  {shards}; store +{size}\n  time: {e.basis}"
     return (
-        f"\n  {shards}; store +{size}\n  about {e['seconds']:.0f} s, {e['cpu_hours']:.3f} CPU-h, "
-        f"{e['gpu_hours']:.3f} GPU-h ({e['basis']})"
+        f"\n  {shards}; store +{size}\n  about {e.seconds:.0f} s, {e.cpu_hours:.3f} CPU-h, "
+        f"{e.gpu_hours:.3f} GPU-h ({e.basis})"
     )
 
 
-def _build_human(s: dict[str, Any]) -> str:
-    reasons = ", ".join(f"{n} {r}" for r, n in s["rejected_by_reason"].items()) or "none"
-    lineage = f" from {s['parent']}" if s.get("parent") else ""
+def _build_human(r: BuildResult) -> str:
+    c = r.counts
+    reasons = ", ".join(f"{n} {why}" for why, n in r.rejected_by_reason.items()) or "none"
+    lineage = f" from {r.parent}" if r.parent else ""
     return (
-        f"version {s['version']}{lineage} committed: {s['rows']} rows in {s['seconds']}s\n"
-        f"  new {s['new']}, changed {s['changed']}, deleted {s['deleted']}, reused {s['reused']}; "
-        f"embedded {s['embedded']} texts ({s['cache_hits']} more came from the cache)\n"
-        f"  fingerprint {s['fingerprint']}, MLflow model version {s['model_version']}"
-        f"{', alias ' + ','.join(s['aliases']) if s['aliases'] else ''}\n"
-        f"  rejected {s['rejected']} rows ({reasons})"
-        + (f"; see {s['uri']}/rejects/" if s["rejected"] else "")
-        + f"\n  {s['uri']}"
+        f"version {r.version}{lineage} committed: {r.rows} rows in {round(r.seconds, 3)}s\n"
+        f"  new {c.new}, changed {c.changed}, deleted {c.deleted}, reused {c.reused}; "
+        f"embedded {c.embedded} texts ({c.cache_hits} more came from the cache)\n"
+        f"  fingerprint {r.fingerprint}, MLflow model version {r.model_version}"
+        f"{', alias ' + ','.join(r.aliases) if r.aliases else ''}\n"
+        f"  rejected {r.rejected} rows ({reasons})"
+        + (f"; see {r.uri}/rejects/" if r.rejected else "")
+        + f"\n  {r.uri}"
+    )
+
+
+def _dry_refresh_human(p: PlanResult) -> str:
+    c = p.counts
+    return (
+        f"{p.parent} vs the source now: new {c.new}, changed {c.changed}, deleted {c.deleted}, "
+        f"unchanged {c.reused}, rejected {p.rejected}; a refresh would embed "
+        f"{p.to_embed} texts (dry run: nothing written)" + _estimate_human(p.estimate)
     )
 
 
@@ -135,17 +156,8 @@ def _build_human(s: dict[str, Any]) -> str:
 @json_option
 def refresh(config_path: str, parent: str | None, dry_run: bool, promote_it: bool, as_json: bool) -> None:
     """Re-embed only the rows that changed since a version, into a child version."""
-    s = _open(config_path, as_json).refresh(parent, dry_run=dry_run, promote=promote_it).to_dict()
-    if dry_run:
-        _emit(
-            s,
-            as_json,
-            f"{s['parent']} vs the source now: new {s['new']}, changed {s['changed']}, deleted {s['deleted']}, "
-            f"unchanged {s['reused']}, rejected {s['rejected']}; a refresh would embed "
-            f"{s['to_embed']} texts (dry run: nothing written)" + _estimate_human(s["estimate"]),
-        )
-        return
-    _emit(s, as_json, _build_human(s))
+    r = _open(config_path, as_json).refresh(parent, dry_run=dry_run, promote=promote_it)
+    _emit(r, as_json, _dry_refresh_human(r) if dry_run else _build_human(r))
 
 
 @cli.command()
@@ -156,8 +168,8 @@ def refresh(config_path: str, parent: str | None, dry_run: bool, promote_it: boo
 def compact(config_path: str, version: str | None, promote_it: bool, as_json: bool) -> None:
     """Rebuild a version's shards that have delta segments or tombstones into one index each, as a child
     version with the same rows; nothing is re-embedded and the corpus is not read."""
-    s = _open(config_path, as_json).compact(version, promote=promote_it).to_dict()
-    _emit(s, as_json, _build_human(s))
+    r = _open(config_path, as_json).compact(version, promote=promote_it)
+    _emit(r, as_json, _build_human(r))
 
 
 @cli.command()
@@ -169,17 +181,16 @@ def compact(config_path: str, version: str | None, promote_it: bool, as_json: bo
 @json_option
 def migrate(config_path: str, model_path: str, dry_run: bool, as_json: bool) -> None:
     """Re-embed the whole collection with another model into a `candidate` version."""
-    s = _open(config_path, as_json).migrate(model_path, dry_run=dry_run).to_dict()
+    r = _open(config_path, as_json).migrate(model_path, dry_run=dry_run)
     if dry_run:
-        _emit(
-            s,
-            as_json,
-            f"a migration to fingerprint {s['fingerprint']} would embed {s['to_embed']} texts "
-            f"({s['cache_hits']} of the {s['rows']} rows come from the cache) (dry run: nothing written)"
-            + _estimate_human(s["estimate"]),
+        human = (
+            f"a migration to fingerprint {r.fingerprint} would embed {r.to_embed} texts "
+            f"({r.counts.cache_hits} of the {r.rows} rows come from the cache) (dry run: nothing written)"
+            + _estimate_human(r.estimate)
         )
-        return
-    _emit(s, as_json, _build_human(s) + f"\n  promote it with `embray promote {s['version']} --config {config_path}`")
+    else:
+        human = _build_human(r) + f"\n  promote it with `embray promote {r.version} --config {config_path}`"
+    _emit(r, as_json, human)
 
 
 @cli.command()
@@ -188,10 +199,10 @@ def migrate(config_path: str, model_path: str, dry_run: bool, as_json: bool) -> 
 @json_option
 def verify(version: str, config_path: str, as_json: bool) -> None:
     """Check a version: files and checksums, one fingerprint, row counts, unique ids."""
-    out = _open(config_path).verify(version).to_dict()
-    problems = out["problems"]
+    r = _open(config_path).verify(version)
+    problems = r.problems
     _emit(
-        out,
+        r,
         as_json,
         f"{version}: ok" if not problems else f"{version}: {len(problems)} problem(s)\n  " + "\n  ".join(problems),
     )
@@ -208,10 +219,10 @@ def verify(version: str, config_path: str, as_json: bool) -> None:
 @json_option
 def promote(version: str, config_path: str, reason: str, force: bool, queries: str | None, as_json: bool) -> None:
     """Make VERSION the active one once it passes the gates (verify, ANN recall, labelled nDCG)."""
-    out = _open(config_path).promote(version, reason=reason, force=force, queries=queries).to_dict()
-    gates = ", ".join(f"{g['gate']} {'ok' if g['passed'] else 'FAILED'}" for g in out["gates"])
-    forced = " (FORCED past failed gates)" if out["forced"] else ""
-    _emit(out, as_json, f"active: {out['previous']} -> {out['active']}{forced}; gates: {gates}")
+    r = _open(config_path).promote(version, reason=reason, force=force, queries=queries)
+    gates = ", ".join(f"{g.gate} {'ok' if g.passed else 'FAILED'}" for g in r.gates)
+    forced = " (FORCED past failed gates)" if r.forced else ""
+    _emit(r, as_json, f"active: {r.previous} -> {r.active}{forced}; gates: {gates}")
 
 
 @cli.command()
@@ -220,8 +231,8 @@ def promote(version: str, config_path: str, reason: str, force: bool, queries: s
 @json_option
 def rollback(config_path: str, reason: str, as_json: bool) -> None:
     """Make the previously active version active again."""
-    out = _open(config_path).rollback(reason=reason).to_dict()
-    _emit(out, as_json, f"active: {out['previous']} -> {out['active']}")
+    r = _open(config_path).rollback(reason=reason)
+    _emit(r, as_json, f"active: {r.previous} -> {r.active}")
 
 
 @cli.command()
@@ -233,14 +244,14 @@ def rollback(config_path: str, reason: str, as_json: bool) -> None:
 @json_option
 def gc(config_path: str, keep: int, dry_run: bool, as_json: bool) -> None:
     """Delete old versions that no alias points at and no kept version reuses."""
-    out = _open(config_path).gc(keep, dry_run=dry_run).to_dict()
+    r = _open(config_path).gc(keep, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     _emit(
-        out,
+        r,
         as_json,
-        f"kept {len(out['kept'])} versions; {verb} {len(out['deleted'])} versions "
-        f"({', '.join(out['deleted']) or 'none'}), {len(out['unfinished'])} unfinished builds "
-        f"and {len(out['caches'])} vector caches of unused models",
+        f"kept {len(r.kept)} versions; {verb} {len(r.deleted)} versions "
+        f"({', '.join(r.deleted) or 'none'}), {len(r.unfinished)} unfinished builds "
+        f"and {len(r.caches)} vector caches of unused models",
     )
 
 
@@ -250,45 +261,40 @@ def gc(config_path: str, keep: int, dry_run: bool, as_json: bool) -> None:
 @json_option
 def status(config_path: str, no_verify: bool, as_json: bool) -> None:
     """Is the collection current, consistent and served as its alias says? Exit 1 when not."""
-    out = _open(config_path, as_json).status(verify=not no_verify).to_dict()
-    _emit(out, as_json, _status_human(out))
-    if not out["ok"]:
+    r = _open(config_path, as_json).status(verify=not no_verify)
+    _emit(r, as_json, _status_human(r))
+    if not r.ok:
         sys.exit(1)
 
 
-def _status_human(s: dict[str, Any]) -> str:
-    lines = [f"collection {s['collection']}: {'OK' if s['ok'] else 'PROBLEMS'} (checked {s['checked_at']})"]
-    for alias in ("active", "candidate"):
-        v = s.get(alias)
-        age = f"{v['age_s'] / 3600:.1f} h old" if v else ""
+def _status_human(s: StatusReport) -> str:
+    lines = [f"collection {s.collection}: {'OK' if s.ok else 'PROBLEMS'} (checked {s.checked_at})"]
+    for alias, v in (("active", s.active), ("candidate", s.candidate)):
+        if v is None:
+            lines.append(f"  {alias:<9} -")
+            continue
         segs = (
-            f", {v['segments']} delta segment(s) and {v['dead_rows']} dead rows in {v['segmented_shards']} shard(s)"
-            if v and v.get("segmented_shards")
+            f", {v.segments} delta segment(s) and {v.dead_rows} dead rows in {v.segmented_shards} shard(s)"
+            if v.segmented_shards
             else ""
         )
-        lines.append(
-            f"  {alias:<9} {v['id']}  {v['model']} ({v['fingerprint']}), {v['rows']} rows, {age}{segs}"
-            if v
-            else f"  {alias:<9} -"
-        )
-    sh = s.get("shadow")
+        age = f"{v.age_s / 3600:.1f} h old"
+        lines.append(f"  {alias:<9} {v.id}  {v.model} ({v.fingerprint}), {v.rows} rows, {age}{segs}")
+    sh = s.shadow
     if sh:
         lines.append(
-            f"  shadow    {sh['queries']} live queries: overlap@10 with active {sh['overlap_at_10']}, "
-            f"candidate p50 {sh['p50_ms']} ms, p99 {sh['p99_ms']} ms ({sh['replicas']} replica(s))"
+            f"  shadow    {sh.queries} live queries: overlap@10 with active {sh.overlap_at_10}, "
+            f"candidate p50 {sh.p50_ms} ms, p99 {sh.p99_ms} ms ({sh.replicas} replica(s))"
         )
-    st = s.get("staleness")
+    st = s.staleness
     if st:
-        oldest = f", oldest stale change {st['oldest_stale_at']}" if st["oldest_stale_at"] else ""
-        lines.append(
-            f"  staleness {st['fraction']:.2%}: {st['new']} new, {st['changed']} changed, "
-            f"{st['deleted']} deleted{oldest}"
-        )
-    if s.get("consistent") is not None:
-        lines.append(f"  verify    {'ok' if s['consistent'] else 'FAILED'} for {', '.join(s['verify']) or '-'}")
-    if s.get("served_matches") is not None or s.get("served"):
-        lines.append(f"  served    {s['served'] or '-'} ({'matches active' if s['served_matches'] else 'NOT active'})")
-    lines += [f"  problem: {p}" for p in s["problems"]]
+        oldest = f", oldest stale change {st.oldest_stale_at}" if st.oldest_stale_at else ""
+        lines.append(f"  staleness {st.fraction:.2%}: {st.new} new, {st.changed} changed, {st.deleted} deleted{oldest}")
+    if s.consistent is not None:
+        lines.append(f"  verify    {'ok' if s.consistent else 'FAILED'} for {', '.join(s.verify) or '-'}")
+    if s.served_matches is not None or s.served:
+        lines.append(f"  served    {s.served or '-'} ({'matches active' if s.served_matches else 'NOT active'})")
+    lines += [f"  problem: {p}" for p in s.problems]
     return "\n".join(lines)
 
 
@@ -301,16 +307,15 @@ def _status_human(s: dict[str, Any]) -> str:
 @json_option
 def eval_(version: str, config_path: str, against: str | None, queries: str | None, sample: int | None, as_json: bool):
     """Measure VERSION: ANN recall@10 vs exact, overlap with another version, labelled nDCG@10."""
-    out = _open(config_path, as_json).eval(version, against=against, queries=queries, sample=sample).to_dict()
-    human = [f"{version}: recall@10 {out['recall_at_10']} (ANN vs exact, {out['recall_queries']} queries)"]
-    if "overlap_at_10" in out:
-        human.append(f"  overlap@10 with {out['against']}: {out['overlap_at_10']} ({out['overlap_queries']} texts)")
-    if "ndcg_at_10" in out:
+    r = _open(config_path, as_json).eval(version, against=against, queries=queries, sample=sample)
+    human = [f"{version}: recall@10 {r.recall_at_10} (ANN vs exact, {r.recall_queries} queries)"]
+    if r.overlap_at_10 is not None:
+        human.append(f"  overlap@10 with {r.against}: {r.overlap_at_10} ({r.overlap_queries} texts)")
+    if r.ndcg_at_10 is not None:
         human.append(
-            f"  nDCG@10 {out['ndcg_at_10']}, recall@10 {out['labelled_recall_at_10']} "
-            f"({out['labelled_queries']} labelled queries)"
+            f"  nDCG@10 {r.ndcg_at_10}, recall@10 {r.labelled_recall_at_10} ({r.labelled_queries} labelled queries)"
         )
-    _emit(out, as_json, "\n".join(human))
+    _emit(r, as_json, "\n".join(human))
 
 
 @cli.command()
@@ -324,14 +329,14 @@ def audit(
     version: str, config_path: str, sample: int | None, min_cosine: float | None, seed: int | None, as_json: bool
 ):
     """Re-embed a sample of VERSION's rows and compare with the stored vectors; exit 1 on drift."""
-    out = _open(config_path, as_json).audit(version, sample=sample, min_cosine=min_cosine, seed=seed).to_dict()
+    r = _open(config_path, as_json).audit(version, sample=sample, min_cosine=min_cosine, seed=seed)
     human = (
-        f"{version}: {'ok' if out['ok'] else 'DRIFT'}: {out['compared']} rows re-embedded, min cosine "
-        f"{out['min_cosine']}, mean {out['mean_cosine']} (threshold {out['threshold']}); "
-        f"{out['source_changed']} changed and {out['source_missing']} missing in the source, skipped"
+        f"{version}: {'ok' if r.ok else 'DRIFT'}: {r.compared} rows re-embedded, min cosine "
+        f"{r.min_cosine}, mean {r.mean_cosine} (threshold {r.threshold}); "
+        f"{r.source_changed} changed and {r.source_missing} missing in the source, skipped"
     )
-    _emit(out, as_json, "\n  ".join([human, *out["problems"]]))
-    if not out["ok"]:
+    _emit(r, as_json, "\n  ".join([human, *r.problems]))
+    if not r.ok:
         sys.exit(1)
 
 
@@ -352,14 +357,13 @@ def monitor(
 ) -> None:
     """Check status on an interval, log it to MLflow, and refresh when staleness passes the threshold."""
 
-    def show(report) -> None:  # one line per check, as it happens (JSON Lines with --json)
-        r = report.to_dict()
+    def show(report: StatusReport) -> None:  # one line per check, as it happens (JSON Lines with --json)
         if as_json:
-            click.echo(json.dumps(r, default=str))
+            click.echo(json.dumps(report.to_dict(), default=str))
             return
-        a = r.get("action") or {}
+        a = report.action.to_dict() if report.action else {}
         did = ", ".join(f"{k} {v}" for k, v in a.items() if v) or "no action"
-        click.echo(f"{r.get('checked_at', '')} {'ok' if r['ok'] else '; '.join(r['problems'])}; {did}")
+        click.echo(f"{report.checked_at} {'ok' if report.ok else '; '.join(report.problems)}; {did}")
 
     _open(config_path).monitor(
         interval_s=interval,
@@ -374,12 +378,11 @@ def monitor(
 @json_option
 def versions(config_path: str, as_json: bool) -> None:
     """List the committed versions of the collection, oldest first."""
-    rows = [v.to_dict() for v in _open(config_path).versions()]
+    rows = _open(config_path).versions()
     lines = [f"{'VERSION':<29} {'ROWS':>9}  {'FINGERPRINT':<24}  {'CREATED':<29} {'ALIASES':<18} MODEL"]
-    for r in rows:
+    for v in rows:
         lines.append(
-            f"{r['id']:<29} {r['rows']:>9}  {r['fingerprint']:<24}  {r['created']:<29} "
-            f"{','.join(r['aliases']) or '-':<18} {r['model']}"
+            f"{v.id:<29} {v.rows:>9}  {v.fingerprint:<24}  {v.created:<29} {','.join(v.aliases) or '-':<18} {v.model}"
         )
     _emit(rows, as_json, "\n".join(lines) if rows else "no versions yet: run `embray backfill`")
 
@@ -394,10 +397,9 @@ def search(config_path: str, query: str, k: int, version: str | None, as_json: b
     """Search the active version with QUERY, embedded by that version's own model."""
     col = _open(config_path, as_json, show_log=False)
     res = col.search(query, k=k, version=version)
-    out = res.to_dict()
     human = [f"version {res.version} ({col.index(res.version).manifest.model.label}, fingerprint {res.fingerprint})"]
     human += [f"{h.score:8.4f}  {h.id}" for h in res.results]
-    _emit(out, as_json, "\n".join(human))
+    _emit(res, as_json, "\n".join(human))
 
 
 @cli.command()

@@ -195,7 +195,7 @@ class Collection:
             promote: Make the child ``active`` through the promotion gates.
 
         Returns:
-            The child's :class:`BuildResult` (``counts.reused`` = its rows; ``manifest.counts["shards_reused"]``
+            The child's :class:`BuildResult` (``counts.reused`` = its rows; ``manifest.counts.shards_reused``
             the shards that had nothing to compact).
 
         Raises:
@@ -255,7 +255,7 @@ class Collection:
                 model=m.model.label,
                 fingerprint=m.fingerprint,
                 rows=m.rows,
-                rejected=m.counts.get("rejected", 0),
+                rejected=m.counts.rejected,
                 dims=m.dims,
                 shards=len(m.shards),
                 created=m.created,
@@ -572,8 +572,8 @@ class Collection:
         """Write a status where the Serve app exports it as gauges (``<collection>/_status/status.json``)."""
         monitor.record_status(self._ctx, st)
 
-    def last_status(self) -> dict[str, Any] | None:
-        """The status the monitor last recorded (its JSON), or None."""
+    def last_status(self) -> StatusReport | None:
+        """The status the monitor last recorded, or None."""
         return monitor.read_status(self.store, self.name)
 
     def version_uri(self, version: str) -> str:

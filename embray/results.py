@@ -8,6 +8,8 @@ or dropped. Optional parts of a report (``overlap_at_10`` without ``--against``.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,29 @@ class _Result:
                 continue
             out[f.name] = _plain(value)
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """The result back from its ``to_dict()`` (e.g. a report another process wrote as JSON): nested results
+        are rebuilt as their types; keys this version does not know are ignored, missing ones take defaults."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: _revive(hints[k], v) for k, v in data.items() if k in known})
+
+
+def _revive(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _revive(next(a for a in args if a is not type(None)), value)
+    if isinstance(tp, type) and issubclass(tp, _Result):
+        return tp.from_dict(value)
+    if origin is list:
+        return [_revive(args[0], v) for v in value]
+    if origin is dict:
+        return {k: _revive(args[1], v) for k, v in value.items()}
+    return value
 
 
 def _plain(value: Any) -> Any:
@@ -361,6 +386,22 @@ class Staleness(_Result):
 
 
 @dataclass(frozen=True)
+class VersionCheck(_Result):
+    """``embray verify`` of one aliased version, in a status report."""
+
+    ok: bool
+    problems: list[str] = field(default_factory=list)  # the first ten
+
+
+@dataclass(frozen=True)
+class SpaceUse(_Result):
+    """One vector space (fingerprint) in a status report: its model and which alias holds which version."""
+
+    model: str
+    versions: dict[str, str] = field(default_factory=dict)  # alias -> version id
+
+
+@dataclass(frozen=True)
 class MonitorAction(_Result):
     refreshed: str | None = None
     promoted: str | None = None
@@ -395,8 +436,8 @@ class StatusReport(_Result):
     active: VersionSummary | None = None
     candidate: VersionSummary | None = None
     staleness: Staleness | None = None
-    verify: dict[str, dict[str, Any]] = field(default_factory=dict)  # version -> {ok, problems}
-    fingerprints: dict[str, dict[str, Any]] = field(default_factory=dict)  # fp -> {model, versions: {alias: id}}
+    verify: dict[str, VersionCheck] = field(default_factory=dict)  # version -> its verify
+    fingerprints: dict[str, SpaceUse] = field(default_factory=dict)  # fingerprint -> model, versions by alias
     consistent: bool | None = None
     served: str | None = None
     served_matches: bool | None = None

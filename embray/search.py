@@ -64,7 +64,7 @@ class VersionIndex:
         check_consistent(manifest)
         self.store = store
         self.manifest = manifest
-        self.metric = manifest.index.get("metric", "cos")
+        self.metric = manifest.index.metric
         same_space = shared is not None and shared.fingerprint == manifest.fingerprint
         self._embedder: Embedder | None = shared.loaded_embedder if same_space else None
         # One entry per HNSW graph: index, keys (sorted), ids (numpy or Arrow), and the dead keys to skip
@@ -100,8 +100,8 @@ class VersionIndex:
                 f"({0 if index is None else len(index)} vectors of {getattr(index, 'ndim', '?')} dims in "
                 f"{idx.path}, expected {rows} of {m.dims}); run `embray verify`"
             )
-        index.expansion_search = int(m.index.get("expansion_search", 64))
-        index.expansion_add = int(m.index.get("expansion_add", 128))
+        index.expansion_search = m.index.expansion_search
+        index.expansion_add = m.index.expansion_add
         return index
 
     def _merged(self, s, dead: np.ndarray) -> tuple[Any, np.ndarray, Any, np.ndarray]:

@@ -141,7 +141,7 @@ def test_monitor_refreshes_when_stale_promotes_through_gates_and_logs_metrics(tm
     assert [h.value for h in reg.client.get_metric_history(run.info.run_id, "refreshed")] == [1.0, 0.0]
     assert run.info.status == "FINISHED"
     recorded = read_status(Store(cfg.store.uri), cfg.collection)
-    assert recorded["active"]["id"] == v2 and recorded["staleness"]["fraction"] == 0.0
+    assert recorded.active.id == v2 and recorded.staleness.fraction == 0.0
     assert v1 != v2
 
     # The Ray job entry point: one check, JSON on stdout.

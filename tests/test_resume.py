@@ -180,11 +180,11 @@ def test_a_delta_refresh_killed_after_its_segments_and_before_its_commit(tmp_pat
     marker = tmp_path / "shards-written"
     driver = (
         "import pathlib, time\n"
-        "from embray.pipeline import pipeline\n"
+        "from embray.pipeline import run\n"
         "def hold(self, *args, **kwargs):\n"
         f"    pathlib.Path({str(marker)!r}).write_text('')\n"
         "    time.sleep(600)\n"
-        "pipeline.Build.commit = hold  # stop right before the manifest is written\n"
+        "run.Build.commit = hold  # stop right before the manifest is written\n"
         "from embray.cli import main\n"
         f"main(['refresh', '--config', {str(_config_file(tmp_path))!r}])\n"
     )

@@ -115,7 +115,7 @@ def test_status_eval_audit_and_monitor_on_s3(tmp_path, bucket):
     assert (st.staleness.changed, st.staleness.fraction) == (6, 0.05) and st.consistent is True
     assert st.ok  # 5% is not above the default threshold
     col.record_status(st)
-    assert read_status(Store(cfg.store.uri, options), "docs")["staleness"]["changed"] == 6
+    assert read_status(Store(cfg.store.uri, options), "docs").staleness.changed == 6
     assert col.eval(v1).recall_at_10 >= 0.95
     a = col.audit(v1, sample=120, seed=1)
     assert a.ok and a.compared == 114 and a.source_changed == 6

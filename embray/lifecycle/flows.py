@@ -20,7 +20,7 @@ from embray.errors import VersionError
 from embray.lifecycle.aliases import promote, set_active, set_candidate, sync_registry
 from embray.lifecycle.lock import WRITER, Lease
 from embray.lifecycle.registry import ACTIVE, CANDIDATE
-from embray.lifecycle.versions import Manifest, read_manifest
+from embray.lifecycle.versions import BuildKind, Manifest, read_manifest
 from embray.models import fingerprint
 from embray.models.spec import ModelSpec
 from embray.pipeline.run import plan_build, run_build
@@ -56,7 +56,7 @@ def backfill(ctx: Context, *, promote: bool = True) -> BuildResult:
     """Build a new version of the collection from its whole source."""
     _open_for_writing(ctx)
     with _writer(ctx, "backfill") as lease:
-        result = run_build(ctx, BuildSpec("backfill", ctx.cfg.model), lease)
+        result = run_build(ctx, BuildSpec(BuildKind.BACKFILL, ctx.cfg.model), lease)
         if promote and ACTIVE not in ctx.registry.aliases():
             set_active(
                 ctx,
@@ -85,7 +85,7 @@ def _refresh_base(ctx: Context, parent: str | None) -> Manifest:
 def plan_refresh(ctx: Context, parent: str | None = None) -> PlanResult:
     """What a refresh of ``parent`` (default: active) would do now. Writes only scratch files; takes no lease."""
     base = _refresh_base(ctx, parent)
-    spec = BuildSpec("refresh", base.model, parent=base, fingerprint=base.fingerprint)
+    spec = BuildSpec(BuildKind.REFRESH, base.model, parent=base, fingerprint=base.fingerprint)
     return plan_build(ctx, spec, with_estimate=True)
 
 
@@ -94,7 +94,7 @@ def refresh(ctx: Context, *, parent: str | None = None, promote_it: bool = False
     _open_for_writing(ctx)
     base = _refresh_base(ctx, parent)
     with _writer(ctx, "refresh") as lease:
-        result = run_build(ctx, BuildSpec("refresh", base.model, parent=base), lease)
+        result = run_build(ctx, BuildSpec(BuildKind.REFRESH, base.model, parent=base), lease)
     if promote_it:
         promote(ctx, result.version, reason=f"refresh of {base.version}")
         result = dataclasses.replace(result, aliases=(ACTIVE,))
@@ -117,7 +117,7 @@ def _migration_parent(ctx: Context, model: ModelSpec) -> Manifest | None:
 def plan_migrate(ctx: Context, model: ModelSpec) -> PlanResult:
     """What a migration to ``model`` would embed and cost. Writes only scratch files; takes no lease."""
     parent = _migration_parent(ctx, model)
-    return plan_build(ctx, BuildSpec("migrate", model, parent=parent), with_estimate=True)
+    return plan_build(ctx, BuildSpec(BuildKind.MIGRATE, model, parent=parent), with_estimate=True)
 
 
 def migrate(ctx: Context, model: ModelSpec) -> BuildResult:
@@ -126,7 +126,7 @@ def migrate(ctx: Context, model: ModelSpec) -> BuildResult:
     parent = _migration_parent(ctx, model)
     params = {"migrated_from": parent.fingerprint if parent else ""}
     with _writer(ctx, "migrate") as lease:
-        result = run_build(ctx, BuildSpec("migrate", model, parent=parent, params=params), lease)
+        result = run_build(ctx, BuildSpec(BuildKind.MIGRATE, model, parent=parent, params=params), lease)
         set_candidate(ctx, result.version)
     return dataclasses.replace(result, aliases=(CANDIDATE,))
 
@@ -142,7 +142,7 @@ def compact(ctx: Context, *, version: str | None = None, promote_it: bool = Fals
             "(`embray status` shows how many segments the active version holds)"
         )
     params = {"compacted_shards": ",".join(map(str, segmented))}
-    spec = BuildSpec("compact", base.model, parent=base, params=params, fingerprint=base.fingerprint)
+    spec = BuildSpec(BuildKind.COMPACT, base.model, parent=base, params=params, fingerprint=base.fingerprint)
     with _writer(ctx, "compact") as lease:
         result = run_build(ctx, spec, lease)
     if promote_it:

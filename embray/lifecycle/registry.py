@@ -197,9 +197,9 @@ class Registry:
             "embray.dims": str(manifest.dims),
             "embray.rows": str(manifest.rows),
             "embray.shards": str(len(manifest.shards)),
-            "embray.rejected": str(manifest.counts.get("rejected", 0)),
+            "embray.rejected": str(manifest.counts.rejected),
             "embray.parent": manifest.parent or "none",
-            "embray.kind": str(manifest.counts.get("kind", "")),
+            "embray.kind": str(manifest.counts.kind or ""),
         }
         tags["embray.uri"] = uri
         source = uri
@@ -213,7 +213,7 @@ class Registry:
             source=source,
             run_id=manifest.mlflow_run_id,
             tags=tags,
-            description=f"{manifest.model.label}: {manifest.rows} rows of {manifest.source.get('uri')}",
+            description=f"{manifest.model.label}: {manifest.rows} rows of {manifest.source.uri}",
         )
         return str(self.one_version(manifest.version, self.versions_of(manifest.version) or [mv]).version)
 

@@ -29,16 +29,117 @@ import os
 import re
 import secrets
 import socket
+from enum import Enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from embray.config import IndexConfig, SourceConfig
 from embray.errors import VersionError
 from embray.models.spec import ModelSpec
 from embray.storage.layout import manifest_rel, sources_dir, version_dir, versions_dir
 from embray.storage.store import Store
 
 FORMAT = "embray.version/1"
+
+
+class _Text(str, Enum):
+    """A string-valued enum that prints, formats and serialises as its value (``f"{kind}"`` is ``refresh``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+
+class BuildKind(_Text):
+    """How a version was made (``counts.kind`` of its manifest, MLflow tag ``embray.kind``)."""
+
+    BACKFILL = "backfill"  # a full build from the corpus
+    REFRESH = "refresh"  # a child: only what changed since its parent embedded
+    MIGRATE = "migrate"  # a full re-embed under another model (a new vector space)
+    COMPACT = "compact"  # a child with its parent's rows, delta segments folded into whole shards
+
+
+class ShardAction(_Text):
+    """What a build did with one shard, next to its parent's."""
+
+    REUSED = "reused"  # the parent's files, by reference
+    DELTA = "delta"  # the parent's base and segments, plus a new delta segment and tombstones
+    UPDATED = "updated"  # the parent's index copied and updated in place (few changes)
+    REBUILT = "rebuilt"  # embeddings part and index written anew
+
+
+class _Subscript:
+    """``section["key"]`` reads a field, as the dicts the manifest's sections once were did."""
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+
+class _Section(_Subscript, BaseModel):
+    """A section of the manifest. Keys that older manifests wrote and this code no longer knows are kept
+    (``extra="allow"``), so every committed manifest keeps loading."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class IndexMeta(_Subscript, IndexConfig):
+    """The ``index`` section: the index settings the version was built with (``index:`` of the config)."""
+
+
+class SourceMeta(_Section):
+    """The ``source`` section: which corpus and columns a version was built from, and its digest."""
+
+    uri: str
+    id_column: str = "id"
+    text_column: str = "text"
+    files: int = 0
+    digest: str = ""  # sha256 over the corpus's (id, content_hash) pairs, as the build saw them
+    id_type: str = ""  # the id column's Arrow type ("" where unknown)
+    updated_at_column: str | None = None
+
+    def reads_like(self, cfg: SourceConfig) -> bool:
+        """Whether ``cfg`` names the same corpus and columns (a manifest older than ``updated_at_column``
+        never does: its row states lack that column)."""
+        then = (self.uri, self.id_column, self.text_column)
+        if then != (cfg.uri, cfg.id_column, cfg.text_column) or "updated_at_column" not in self.model_fields_set:
+            return False
+        return self.updated_at_column == cfg.updated_at_column
+
+
+class VersionCounts(_Section):
+    """The ``counts`` section: rows read, kept and rejected, what the build embedded and reused, per shard."""
+
+    kind: BuildKind | None = None  # None: a manifest older than build kinds
+    input_rows: int | None = None  # None: not recorded (older manifests)
+    rows: int | None = None
+    rejected: int = 0
+    by_reason: dict[str, int] = Field(default_factory=dict)
+    new: int = 0
+    changed: int = 0
+    deleted: int = 0
+    reused: int = 0
+    embedded: int = 0
+    cache_hits: int = 0
+    shards_reused: int = 0
+    shards_updated: int = 0
+    shards_delta: int = 0
+    files_read: int = 0
+    files_reused: int = 0
+
+
+class BuildStats(_Section):
+    """The ``stats`` section: wall seconds of the build and of its stages."""
+
+    seconds: float = 0.0
+    plan_seconds: float = 0.0
+    embed_seconds: float = 0.0
+    shard_seconds: float = 0.0
 
 
 class FileEntry(BaseModel):
@@ -120,12 +221,12 @@ class Manifest(BaseModel):
     model: ModelSpec
     fingerprint: str
     dims: int
-    index: dict[str, Any]
-    source: dict[str, Any]
-    counts: dict[str, Any]
+    index: IndexMeta
+    source: SourceMeta
+    counts: VersionCounts
     shards: list[ShardEntry]
     content_digest: str
-    stats: dict[str, float]
+    stats: BuildStats
     mlflow_run_id: str | None = None
     inputs: list[SourceFile] = Field(default_factory=list)  # per source file, in source order (none in older versions)
 

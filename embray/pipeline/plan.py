@@ -41,7 +41,7 @@ def parent_shards(parent: Manifest | None, fp: str, shards: int) -> list[ParentS
             entry=s,
             files=ShardFiles.of(parent, s),
             index_rel=file_rel(parent, s.index) if s.index else None,
-            index_cfg=dict(parent.index, dims=parent.dims),
+            index_cfg=parent.index,
             rejects_rel=file_rel(parent, s.rejects) if s.rejects else None,
         )
         for s in parent.shards

@@ -26,11 +26,24 @@ import logging
 import time
 from dataclasses import dataclass
 
-from embray.config import IndexConfig
 from embray.context import Context
 from embray.errors import ConflictError, EmbrayError, ModelError, RegistryError, SourceError, StoreError, one_line
 from embray.lifecycle.lock import Lease
-from embray.lifecycle.versions import Manifest, ShardEntry, SourceFile, commit_manifest, new_version_id, utcnow, who
+from embray.lifecycle.versions import (
+    BuildKind,
+    BuildStats,
+    IndexMeta,
+    Manifest,
+    ShardAction,
+    ShardEntry,
+    SourceFile,
+    SourceMeta,
+    VersionCounts,
+    commit_manifest,
+    new_version_id,
+    utcnow,
+    who,
+)
 from embray.models import fingerprint
 from embray.pipeline.embed import check_pool_fits, embed_chunks, wait_for_node
 from embray.pipeline.plan import ShardInputs, parent_shards, plan_shard
@@ -77,8 +90,8 @@ class Build:
         self.kind = spec.kind
         # A compaction rebuilds its parent's rows from the parent's files alone, with its index settings; every
         # other build reads the source and takes the config's.
-        self.compact = spec.kind == "compact"
-        self.index_cfg = IndexConfig.model_validate(spec.parent.index) if self.compact else ctx.cfg.index
+        self.compact = spec.kind == BuildKind.COMPACT
+        self.index_cfg = spec.parent.index if self.compact else ctx.cfg.index
         self.shards = self.index_cfg.shards
         self.run_id: str | None = None
         self.t0 = time.monotonic()
@@ -99,20 +112,20 @@ class Build:
         self.parents = parent_shards(self.spec.parent, self.fp, self.shards)
         if self.compact:  # the parent's rows, from what it recorded: the corpus is not read
             self.src = recorded_source(cfg.source, self.spec.parent)
-            self.source_meta = dict(self.spec.parent.source)
+            self.source_meta = self.spec.parent.source
         else:
             before = self._parent_inputs()
-            id_type = self.spec.parent.source.get("id_type", "") if before else ""
+            id_type = self.spec.parent.source.id_type if before else ""
             self.src = inspect_source(cfg.source, before, id_type)  # reads only the new and changed files
-            self.source_meta = {
-                "uri": cfg.source.uri,
-                "id_column": cfg.source.id_column,
-                "text_column": cfg.source.text_column,
-                "files": len(self.src.files),
-                "digest": self.src.digest,
-                "id_type": self.src.id_type,
-                "updated_at_column": cfg.source.updated_at_column,
-            }
+            self.source_meta = SourceMeta(
+                uri=cfg.source.uri,
+                id_column=cfg.source.id_column,
+                text_column=cfg.source.text_column,
+                files=len(self.src.files),
+                digest=self.src.digest,
+                id_type=self.src.id_type,
+                updated_at_column=cfg.source.updated_at_column,
+            )
         self.vid = new_version_id()
         # A dry run writes only scratch files, outside versions/ (gc and listings never see it), and takes no lease.
         self.vdir = (
@@ -137,19 +150,16 @@ class Build:
         if not self.dry_run:
             reg = self.ctx.registry
             self.run_id = reg.start_run(self.vid, self.kind, self._params())
-            src_uri = self.source_meta["uri"]
+            src_uri = self.source_meta.uri
             reg.log_corpus(self.run_id, src_uri, self.src.digest, {"id": self.src.id_type, "text": "string"})
 
     def _parent_inputs(self) -> list[SourceFile]:
         """What the parent read of each source file, when it can stand for this build's reading: the same
         vector space (so its rows need no new embedding) and the same source and columns."""
-        parent, sc = self.spec.parent, self.cfg.source
+        parent = self.spec.parent
         if parent is None or self.parents[0] is None:
             return []
-        now = (sc.uri, sc.id_column, sc.text_column, sc.updated_at_column)
-        src = parent.source
-        then = (src.get("uri"), src.get("id_column"), src.get("text_column"), src.get("updated_at_column", "?"))
-        return list(parent.inputs) if now == then else []
+        return list(parent.inputs) if parent.source.reads_like(self.cfg.source) else []
 
     def unchanged_corpus(self) -> bool:
         """Every source file is one the parent read, unchanged, and none is gone: nothing to plan."""
@@ -170,7 +180,7 @@ class Build:
             "model": spec.model.label,
             "backend": spec.model.backend,
             "fingerprint": self.fp,
-            "corpus_uri": self.source_meta["uri"],
+            "corpus_uri": self.source_meta.uri,
             "corpus_files": len(self.src.files),
             "store_uri": cfg.store.uri,
             "index.metric": self.index_cfg.metric,
@@ -294,29 +304,29 @@ class Build:
             model=spec.model,
             fingerprint=self.fp,
             dims=dims,
-            index=self.index_cfg.model_dump(),
+            index=IndexMeta(**self.index_cfg.model_dump()),
             source=self.source_meta,
-            counts={
-                "kind": self.kind,
-                "input_rows": input_rows,
-                "rows": rows,
-                "rejected": rejected,
-                "by_reason": by_reason,
+            counts=VersionCounts(
+                kind=self.kind,
+                input_rows=input_rows,
+                rows=rows,
+                rejected=rejected,
+                by_reason=by_reason,
                 **counts.to_dict(),
-                "shards_reused": sum(1 for b in built if b.action == "reused"),
-                "shards_updated": sum(1 for b in built if b.action == "updated"),
-                "shards_delta": sum(1 for b in built if b.action == "delta"),
-                "files_read": self.files.read,
-                "files_reused": self.files.reused,
-            },
+                shards_reused=sum(1 for b in built if b.action == ShardAction.REUSED),
+                shards_updated=sum(1 for b in built if b.action == ShardAction.UPDATED),
+                shards_delta=sum(1 for b in built if b.action == ShardAction.DELTA),
+                files_read=self.files.read,
+                files_reused=self.files.reused,
+            ),
             shards=entries,
             content_digest=hashlib.sha256("".join(e.content_digest for e in entries).encode()).hexdigest(),
-            stats={
-                "seconds": round(time.monotonic() - self.t0, 3),
-                "plan_seconds": round(self.times.plan, 3),
-                "embed_seconds": round(self.times.embed, 3),
-                "shard_seconds": round(self.times.shards, 3),
-            },
+            stats=BuildStats(
+                seconds=round(time.monotonic() - self.t0, 3),
+                plan_seconds=round(self.times.plan, 3),
+                embed_seconds=round(self.times.embed, 3),
+                shard_seconds=round(self.times.shards, 3),
+            ),
             mlflow_run_id=self.run_id,
             inputs=self.inputs,
         )
@@ -333,18 +343,18 @@ class Build:
     def record(self, manifest: Manifest) -> BuildResult:
         """After the commit: the run's metrics, its end, and the MLflow model version."""
         c = manifest.counts
-        seconds = manifest.stats["seconds"]
-        log.info("committed %s: %d rows, %d rejected, %.1fs", self.vid, c["rows"], c["rejected"], seconds)
+        seconds = manifest.stats.seconds
+        log.info("committed %s: %d rows, %d rejected, %.1fs", self.vid, manifest.rows, c.rejected, seconds)
         reg = self.ctx.registry
         metrics = {
             **{k: c[k] for k in ("rows", "rejected", "input_rows", *COUNTS, "shards_reused", "shards_updated")},
-            "shards_delta": c.get("shards_delta", 0),
+            "shards_delta": c.shards_delta,
             "files_read": self.files.read,
             "files_reused": self.files.reused,
             "seconds": seconds,
             "embed_seconds": self.times.embed,
-            "rows_per_s": c["rows"] / seconds if seconds else 0.0,
-            **{f"rejected.{k.replace(' ', '_')}": v for k, v in c["by_reason"].items()},
+            "rows_per_s": manifest.rows / seconds if seconds else 0.0,
+            **{f"rejected.{k.replace(' ', '_')}": v for k, v in c.by_reason.items()},
         }
         own = [f.bytes for f in manifest.files() if f.version in (None, self.vid)]
         reused = self.src.unchanged
@@ -488,8 +498,8 @@ def _nothing_changed(b: Build, parent: Manifest) -> PlanResult:
         parent=parent.version,
         fingerprint=b.fp,
         rows=parent.rows,
-        rejected=int(c.get("rejected", 0)),
-        rejected_by_reason=dict(c.get("by_reason", {})),
+        rejected=c.rejected,
+        rejected_by_reason=dict(c.by_reason),
         counts=Counts(reused=parent.rows),
         to_embed=0,
         oldest_stale_us=None,
@@ -501,14 +511,16 @@ def _nothing_changed(b: Build, parent: Manifest) -> PlanResult:
 def _rows_written(p: ShardPlan, parent, index_cfg) -> int:
     """Rows a shard's new files will hold: none reused, the change in a delta segment, else the shard."""
     action = shard_action(p, parent, index_cfg)
-    return {"reused": 0, "delta": p.counts.new + p.counts.changed}.get(action, p.rows)
+    if action == ShardAction.REUSED:
+        return 0
+    return p.counts.new + p.counts.changed if action == ShardAction.DELTA else p.rows
 
 
 def _shard_actions(plans: list[ShardPlan], parents: list, index_cfg) -> dict[str, int]:
     """How many shards a build rebuilds, updates in place, writes a delta segment for, and reuses."""
-    out = {"rebuilt": 0, "updated": 0, "reused": 0, "delta": 0}
+    out = {a.value: 0 for a in (ShardAction.REBUILT, ShardAction.UPDATED, ShardAction.REUSED, ShardAction.DELTA)}
     for p in plans:
-        out[shard_action(p, parents[p.shard], index_cfg)] += 1
+        out[shard_action(p, parents[p.shard], index_cfg).value] += 1
     return out
 
 

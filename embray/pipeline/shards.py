@@ -23,7 +23,7 @@ import numpy as np
 
 from embray.config import IndexConfig
 from embray.errors import StoreError
-from embray.lifecycle.versions import FileEntry, Segment, ShardEntry
+from embray.lifecycle.versions import FileEntry, Segment, ShardAction, ShardEntry
 from embray.pipeline.types import ParentShard, ShardBuild, ShardPlan
 from embray.storage import layout
 from embray.storage.segments import live_rows, read_tombstones, segment_refs, write_tombstones
@@ -117,17 +117,17 @@ def _reused(plan: ShardPlan, parent: ParentShard, fp: str) -> ShardBuild:
         dead=pe.dead,
         **refs,
     )
-    return ShardBuild(entry, action="reused")
+    return ShardBuild(entry, action=ShardAction.REUSED)
 
 
-def shard_action(plan: ShardPlan, parent: ParentShard | None, index_cfg: IndexConfig) -> str:
+def shard_action(plan: ShardPlan, parent: ParentShard | None, index_cfg: IndexConfig) -> ShardAction:
     """What a build does with one shard: reused, delta, updated or rebuilt (see the module doc)."""
     if plan.compact and parent is not None and (parent.entry.segments or parent.entry.tombstones):
-        return "rebuilt"
+        return ShardAction.REBUILT
     if parent is None or parent.index_rel is None or _graph_settings_changed(parent, index_cfg):
-        return "rebuilt"  # (a graph of other settings is never reused: one version, one metric and dtype)
+        return ShardAction.REBUILT  # (a graph of other settings is never reused: one version, one metric and dtype)
     if plan.unchanged:
-        return "reused"
+        return ShardAction.REUSED
     c, pe = plan.counts, parent.entry
     base = max(pe.rows if pe.base_rows is None else pe.base_rows, 1)
     limit = index_cfg.max_delta_fraction * base
@@ -135,15 +135,16 @@ def shard_action(plan: ShardPlan, parent: ParentShard | None, index_cfg: IndexCo
     seg_rows = sum(g.rows for g in pe.segments) + c.new + c.changed
     dead = pe.dead + c.changed + c.deleted
     if index_cfg.max_segments and segments <= index_cfg.max_segments and seg_rows <= limit and dead <= limit:
-        return "delta"
+        return ShardAction.DELTA
     if pe.segments or pe.tombstones:
-        return "rebuilt"  # compaction: past the delta limits
-    return "updated" if c.new + c.changed + c.deleted <= INCREMENTAL_MAX_CHANGE * base else "rebuilt"
+        return ShardAction.REBUILT  # compaction: past the delta limits
+    few = c.new + c.changed + c.deleted <= INCREMENTAL_MAX_CHANGE * base
+    return ShardAction.UPDATED if few else ShardAction.REBUILT
 
 
 def _graph_settings_changed(parent: ParentShard, index_cfg: IndexConfig) -> bool:
     """Whether the parent's graphs were built with another metric, dtype or connectivity than ``index_cfg``."""
-    return any(parent.index_cfg.get(k) != getattr(index_cfg, k) for k in ("metric", "dtype", "connectivity"))
+    return any(getattr(parent.index_cfg, k) != getattr(index_cfg, k) for k in ("metric", "dtype", "connectivity"))
 
 
 def _new_index(dims: int, cfg: IndexConfig):
@@ -267,7 +268,7 @@ def _delta(store: Store, vdir: str, plan: ShardPlan, parent: ParentShard, p, sam
         dead=len(dead),
         **refs,
     )
-    return ShardBuild(entry, action="delta")
+    return ShardBuild(entry, action=ShardAction.DELTA)
 
 
 def build_shard(
@@ -284,7 +285,7 @@ def build_shard(
     """Write one shard of the new version (see the module doc)."""
     shard = plan.shard
     action = shard_action(plan, parent, index_cfg)
-    if action == "reused":
+    if action == ShardAction.REUSED:
         return _reused(plan, parent, fp)
     import pyarrow.compute as pc
 
@@ -293,14 +294,16 @@ def build_shard(
     same = np.asarray(same_arr.to_numpy(zero_copy_only=False), dtype=bool)
     parent_live = None
     if parent is not None:  # a delta needs only the parent's keys (its vectors: only for a text it alone holds)
-        cols = ["id", "key", "content_hash"] + ([] if action == "delta" else ["vector"])
+        cols = ["id", "key", "content_hash"] + ([] if action == ShardAction.DELTA else ["vector"])
         parent_live = live_rows(store, parent.files, cols, fp=fp)
-    hashes = p.column("content_hash") if action == "rebuilt" else p.column("content_hash").filter(pc.invert(same_arr))
+    hashes = p.column("content_hash")
+    if action != ShardAction.REBUILT:
+        hashes = hashes.filter(pc.invert(same_arr))
     wanted = set(hashes.to_pylist())
     chunks = tuple(c.cache for c in plan.chunks)
-    tables = [parent_live] if parent_live is not None and action != "delta" else []
+    tables = [parent_live] if parent_live is not None and action != ShardAction.DELTA else []
     found = lookup_vectors(store, cdir, wanted, dims, fp, tables, first=chunks)
-    if action == "delta" and wanted - set(found):
+    if action == ShardAction.DELTA and wanted - set(found):
         more = live_rows(store, parent.files, ["key", "content_hash", "vector"], fp=fp)
         found.update(lookup_vectors(store, cdir, wanted - set(found), dims, fp, [more], cache=False))  # (read)
     missing = wanted - set(found)
@@ -309,11 +312,11 @@ def build_shard(
             f"shard {shard}: {len(missing)} vectors are missing from the cache {store.url(cdir)} after embedding; "
             "was it deleted while the build ran? rerun the command"
         )
-    if action == "delta":
+    if action == ShardAction.DELTA:
         return _delta(store, vdir, plan, parent, p, same, parent_live, found, dims, fp, index_cfg)
     tmp = local_tmpdir("embray-shard-")
     index = _new_index(dims, index_cfg)
-    if action == "updated":
+    if action == ShardAction.UPDATED:
         keys, vectors, next_key = _update_in_place(index, store, parent, parent_live, p, same, found, dims, tmp)
     else:
         keys, next_key = np.arange(p.num_rows, dtype=np.uint64), p.num_rows

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from embray.lifecycle.versions import FileEntry, Manifest, ShardEntry
+from embray.config import IndexConfig
+from embray.lifecycle.versions import BuildKind, FileEntry, Manifest, ShardAction, ShardEntry
 from embray.models.spec import ModelSpec
 from embray.results import Counts
 from embray.storage.segments import ShardFiles
@@ -15,7 +16,7 @@ from embray.storage.segments import ShardFiles
 class BuildSpec:
     """What one build makes: its kind, model, and the version it derives from."""
 
-    kind: str  # backfill | refresh | migrate | compact
+    kind: BuildKind
     model: ModelSpec
     parent: Manifest | None = None  # lineage; its vectors are reused only when its fingerprint is the model's
     params: dict[str, Any] = field(default_factory=dict)  # extra MLflow params
@@ -30,7 +31,7 @@ class ParentShard:
     entry: ShardEntry
     files: ShardFiles  # its parts (base, then delta segments) and tombstones: read live rows through it
     index_rel: str | None  # the base's index
-    index_cfg: dict[str, Any]
+    index_cfg: IndexConfig  # the settings its graph was built with
     rejects_rel: str | None = None  # its rejects file
 
 
@@ -71,7 +72,7 @@ class ShardBuild:
     """A written (or reused) shard."""
 
     entry: ShardEntry
-    action: str  # reused | delta | updated (the parent's graph updated in place) | rebuilt
+    action: ShardAction
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from embray.context import Context
 from embray.errors import EmbrayError, GateError, StoreError, VersionError
@@ -29,11 +28,11 @@ from embray.lifecycle.aliases import promote
 from embray.lifecycle.flows import refresh
 from embray.lifecycle.registry import ACTIVE, CANDIDATE
 from embray.lifecycle.verify import problems as verify_problems
-from embray.lifecycle.versions import Manifest, list_versions, read_manifest, utcnow
+from embray.lifecycle.versions import BuildKind, Manifest, list_versions, read_manifest, utcnow
 from embray.pipeline.run import plan_build
 from embray.pipeline.types import BuildSpec
 from embray.quality.shadow import read_shadow
-from embray.results import MonitorAction, Staleness, StatusReport, VersionSummary
+from embray.results import MonitorAction, SpaceUse, Staleness, StatusReport, VersionCheck, VersionSummary
 from embray.storage import layout
 from embray.storage.source import inspect_source
 from embray.storage.store import Store
@@ -50,7 +49,7 @@ def staleness(ctx: Context, manifest: Manifest) -> Staleness:
     same_shards = ctx.cfg.model_copy(
         update={"index": ctx.cfg.index.model_copy(update={"shards": len(manifest.shards)})}
     )
-    spec = BuildSpec("refresh", manifest.model, parent=manifest, fingerprint=manifest.fingerprint)
+    spec = BuildSpec(BuildKind.REFRESH, manifest.model, parent=manifest, fingerprint=manifest.fingerprint)
     r = plan_build(ctx.with_config(same_shards), spec)
     c = r.counts
     stale = c.new + c.changed + c.deleted
@@ -114,7 +113,9 @@ def _describe(m: Manifest, now: dt.datetime) -> VersionSummary:
     )
 
 
-def _aliased(ctx: Context, aliases: dict[str, str], problems: list[str], verify: dict) -> dict[str, Manifest]:
+def _aliased(
+    ctx: Context, aliases: dict[str, str], problems: list[str], verify: dict[str, VersionCheck]
+) -> dict[str, Manifest]:
     """alias -> manifest of active and candidate; an unreadable one is a problem."""
     out: dict[str, Manifest] = {}
     for alias, vid in aliases.items():
@@ -123,7 +124,7 @@ def _aliased(ctx: Context, aliases: dict[str, str], problems: list[str], verify:
                 out[alias] = read_manifest(ctx.store, ctx.collection, vid)
             except VersionError as e:  # the alias names a version whose manifest is gone or broken
                 problems.append(f"{alias} {vid} cannot be read: {e}")
-                verify[vid] = {"ok": False, "problems": [str(e)]}
+                verify[vid] = VersionCheck(ok=False, problems=[str(e)])
     return out
 
 
@@ -166,7 +167,7 @@ def status(ctx: Context, *, check_verify: bool = True, check_staleness: bool = T
     t0 = time.monotonic()
     now = dt.datetime.now(dt.timezone.utc)
     problems: list[str] = []
-    verify: dict[str, dict[str, Any]] = {}
+    verify: dict[str, VersionCheck] = {}
     manifests = _aliased(ctx, ctx.registry.aliases(), problems, verify)
     if ACTIVE not in manifests:
         problems.append(f"collection {ctx.collection!r} has no active version; run `embray backfill`")
@@ -177,12 +178,12 @@ def status(ctx: Context, *, check_verify: bool = True, check_staleness: bool = T
     if check_verify:
         for alias, m in manifests.items():
             found = verify_problems(ctx.store, ctx.collection, m.version)
-            verify[m.version] = {"ok": not found, "problems": found[:10]}
+            verify[m.version] = VersionCheck(ok=not found, problems=found[:10])
             if found:
                 problems.append(f"{alias} {m.version} fails verify: {found[0]}")
-    by_fp: dict[str, dict[str, Any]] = {}
+    by_fp: dict[str, SpaceUse] = {}
     for alias, m in manifests.items():
-        by_fp.setdefault(m.fingerprint, {"model": m.model.label, "versions": {}})["versions"][alias] = m.version
+        by_fp.setdefault(m.fingerprint, SpaceUse(model=m.model.label)).versions[alias] = m.version
     served, matches = _served(ctx, problems)
     return StatusReport(
         collection=ctx.collection,
@@ -194,7 +195,7 @@ def status(ctx: Context, *, check_verify: bool = True, check_staleness: bool = T
         staleness=stale,
         verify=verify,
         fingerprints=by_fp,
-        consistent=all(v["ok"] for v in verify.values()) if check_verify else None,
+        consistent=all(v.ok for v in verify.values()) if check_verify else None,
         served=served,
         served_matches=matches,
         seconds=round(time.monotonic() - t0, 3),
@@ -207,11 +208,11 @@ def record_status(ctx: Context, st: StatusReport) -> None:
     ctx.store.write_bytes(layout.status_file(ctx.collection), json.dumps(st.to_dict(), default=str).encode())
 
 
-def read_status(store: Store, collection: str) -> dict[str, Any] | None:
-    """The status the monitor last recorded (its JSON), or None."""
+def read_status(store: Store, collection: str) -> StatusReport | None:
+    """The status the monitor last recorded, or None (none recorded, or unreadable)."""
     try:
-        return json.loads(store.read_bytes(layout.status_file(collection)))
-    except (FileNotFoundError, StoreError, ValueError):
+        return StatusReport.from_dict(json.loads(store.read_bytes(layout.status_file(collection))))
+    except (FileNotFoundError, StoreError, ValueError, TypeError):
         return None
 
 
@@ -247,13 +248,13 @@ def check_once(ctx: Context, *, promote_if_gates_pass: bool = False) -> StatusRe
 def _refresh_of_this_source(ctx: Context, active: str) -> str | None:
     """A committed, not promoted refresh of ``active`` built from exactly the current source files."""
     children = [
-        m for m in list_versions(ctx.store, ctx.collection) if m.parent == active and m.counts.get("kind") == "refresh"
+        m for m in list_versions(ctx.store, ctx.collection) if m.parent == active and m.counts.kind == BuildKind.REFRESH
     ]
     if not children:
         return None
     newest = children[-1]  # what it read stands for the unchanged files: only changed ones are hashed
-    digest = inspect_source(ctx.cfg.source, newest.inputs, newest.source.get("id_type", "")).digest
-    same = [m.version for m in children if m.source.get("digest") == digest]
+    digest = inspect_source(ctx.cfg.source, newest.inputs, newest.source.id_type).digest
+    same = [m.version for m in children if m.source.digest == digest]
     return same[-1] if same else None
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from embray.results import StatusReport
+
 
 class ServeMetrics:
     """The Serve app's Prometheus metrics (Ray prefixes them with ``ray_`` on its metrics endpoint)."""
@@ -114,22 +116,20 @@ class ServeMetrics:
     def mlflow(self, up: bool) -> None:
         self._set(self.mlflow_up, 1.0 if up else 0.0, {"collection": self.collection})
 
-    def status(self, st: dict[str, Any]) -> None:
-        """Export the monitor's last status (its JSON, as ``<collection>/_status/status.json`` holds it)."""
+    def status(self, st: StatusReport) -> None:
+        """Export the monitor's last status (``<collection>/_status/status.json``)."""
         tags = {"collection": self.collection}
-        stale = st.get("staleness") or {}
+        stale = st.staleness
         if stale:
-            self._set(self.stale_fraction, stale["fraction"], tags)
+            self._set(self.stale_fraction, stale.fraction, tags)
             for kind in ("new", "changed", "deleted"):
-                self._set(self.stale_rows, stale[kind], {**tags, "kind": kind})
-        active = st.get("active") or {}
-        for kind, key in (("segments", "segments"), ("dead_rows", "dead_rows")):
-            if key in active:
-                self._set(self.segments, active[key], {**tags, "kind": kind})
-        self._set(self.status_ok, 1.0 if st.get("ok") else 0.0, tags)
-        checked = st.get("checked_at")
-        if checked:
-            self._checked_at = dt.datetime.fromisoformat(checked)
+                self._set(self.stale_rows, getattr(stale, kind), {**tags, "kind": kind})
+        if st.active:
+            for kind in ("segments", "dead_rows"):
+                self._set(self.segments, getattr(st.active, kind), {**tags, "kind": kind})
+        self._set(self.status_ok, 1.0 if st.ok else 0.0, tags)
+        if st.checked_at:
+            self._checked_at = dt.datetime.fromisoformat(st.checked_at)
             self._status_age()
 
     def _status_age(self) -> None:

@@ -141,7 +141,7 @@ def recorded_source(cfg: SourceConfig, version: Manifest) -> SourceInfo:
             f"version {version.version} records no source files (it was built before embray recorded them), so "
             "its rows cannot be rebuilt without reading the corpus again: refresh it instead"
         )
-    store = Store(version.source.get("uri", cfg.uri), cfg.storage_options)
+    store = Store(version.source.uri, cfg.storage_options)
     seen = [
         FileSeen(path=f.path, bytes=f.bytes, etag=f.etag, sha256=f.sha256, mtime_ns=f.mtime_ns, checked_ns=f.checked_ns)
         for f in version.inputs
@@ -149,8 +149,8 @@ def recorded_source(cfg: SourceConfig, version: Manifest) -> SourceInfo:
     return SourceInfo(
         store=store,
         files=[store.root + f.path for f in version.inputs],
-        id_type=version.source.get("id_type", "string"),
-        digest=version.source.get("digest", ""),
+        id_type=version.source.id_type or "string",
+        digest=version.source.digest,
         seen=seen,
         unchanged=list(version.inputs),
     )
