@@ -408,7 +408,10 @@ def search(config_path: str, query: str, k: int, version: str | None, as_json: b
 @click.option("--port", default=None, type=click.IntRange(1, 65535), help="HTTP port (default: serve.port, 8000).")
 @click.option("--haproxy", is_flag=True, help="HAProxy ingress instead of Serve's Python proxy (lower latency).")
 def serve(config_path: str, host: str | None, port: int | None, haproxy: bool) -> None:
-    """Serve the active version over HTTP on a Ray Serve app; Ctrl-C stops it."""
+    """Serve the active version over HTTP on a Ray Serve app; Ctrl-C stops it (exit 130; SIGTERM: 143).
+
+    A configuration whose replicas this Ray cannot hold is refused at once on a local Ray (exit 2, naming the
+    shortfall); on a cluster it waits up to serve.placement_timeout_s for nodes."""
     from embray.config import load_config
     from embray.serving.launch import run_blocking
 
@@ -416,7 +419,9 @@ def serve(config_path: str, host: str | None, port: int | None, haproxy: bool) -
     cfg = cfg.model_copy(
         update={"serve": cfg.serve.model_copy(update={"host": host or cfg.serve.host, "port": port or cfg.serve.port})}
     )
-    run_blocking(cfg, haproxy=haproxy)
+    code = run_blocking(cfg, haproxy=haproxy)
+    if code:
+        sys.exit(code)
 
 
 @cli.command()

@@ -16,12 +16,11 @@ is that command's ``--json`` output.
 from __future__ import annotations
 
 import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from embray.cache import VersionCache
 from embray.config import Config, load_config, load_model_spec, parse_config, parse_model_spec
 from embray.context import Context
 from embray.errors import ConfigError
@@ -94,8 +93,7 @@ class Collection:
                 "use Collection.open('embray.yaml') for a file"
             )
         self._ctx = Context(cfg, progress)
-        self._lock = threading.Lock()
-        self._indexes: OrderedDict[str, VersionIndex] = OrderedDict()
+        self._indexes: VersionCache[VersionIndex] = VersionCache(_OPEN_VERSIONS)
         self._active: tuple[str, float] | None = None  # (version, monotonic time it was read)
 
     @classmethod
@@ -395,19 +393,11 @@ class Collection:
             VersionError: No such version, or it mixes fingerprints.
         """
         vid = self._active_version() if version in (None, ACTIVE) else self._id(version)
-        with self._lock:
-            vi = self._indexes.get(vid)
-            if vi is not None:
-                self._indexes.move_to_end(vid)
-                return vi
-        with self._lock:
-            newest = next(reversed(self._indexes.values()), None)  # a refresh's parent shares its encoder
-        vi = VersionIndex(self.store, read_manifest(self.store, self.name, vid), shared=newest)
-        with self._lock:
-            vi = self._indexes.setdefault(vid, vi)
-            while len(self._indexes) > _OPEN_VERSIONS:
-                self._indexes.popitem(last=False)
-        return vi
+
+        def load() -> VersionIndex:  # a refresh's parent shares its encoder with the version opened before it
+            return VersionIndex(self.store, read_manifest(self.store, self.name, vid), shared=self._indexes.newest())
+
+        return self._indexes.open(vid, load)
 
     def search(
         self,

@@ -151,9 +151,10 @@ class MlflowConfig(_Strict):
         5,
         ge=0,
         le=10,
-        description="Retries of an MLflow request that cannot connect or gets a 5xx/429 (MLflow's "
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES, which this sets). With backoff_s 1 a server restart of about 30 s is "
-        "ridden out; a longer outage fails the command with one line (a build's committed version is registered "
+        description="Retries of an MLflow request that cannot connect or gets a 5xx/429 (as MLflow's "
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES, but for embray's own MLflow calls only, so a Serve replica's short budget "
+        "and a build's long one do not mix). With backoff_s 1 a server restart of about 30 s is ridden out; a "
+        "longer outage fails the command with one line (a build's committed version is registered "
         "by the next command). The Serve app uses at most 1, so its alias poll never stalls.",
     )
     backoff_s: int = Field(
@@ -229,6 +230,14 @@ class ServeConfig(_Strict):
         description="How long the ingress waits, on a new active version, for every shard-group replica to report "
         "it loaded and warm before it switches; past it the switch is put off to the next check (still serving "
         "the old version; the reason in the info endpoint's last_error).",
+    )
+    placement_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="`embray serve` on a cluster (ray.address or RAY_ADDRESS) whose nodes cannot hold every replica "
+        "(replicas x num_cpus + shard_groups x group_replicas x group_num_cpus) deploys anyway, so that an "
+        "autoscaler sees the demand, says what it waits for, and gives up after this many seconds naming the "
+        "shortfall. A local Ray of its own is checked at once (no node will join it).",
     )
     max_ongoing_requests: int = Field(32, ge=1, description="Requests one replica works on at once.")
     max_queued_requests: int = Field(64, ge=0, description="Requests queued per caller before 503s (overload).")

@@ -15,6 +15,8 @@ from embray.config import parse_config
 
 from .helpers import REPO, make_config
 
+READYZ_APP = "embray-readyz"
+
 KUBERAY = REPO / "deploy" / "kuberay"
 
 
@@ -26,8 +28,9 @@ def test_serve_config_is_accepted_by_serves_deploy_schema():
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(_yaml(REPO / "serve" / "config.yaml"))
-    [app] = schema.applications
+    app, ready = schema.applications
     assert app.import_path == "embray.serving:build" and "working_dir" not in (app.runtime_env or {})
+    assert (ready.name, ready.route_prefix, ready.args) == (READYZ_APP, "/readyz", {"app": app.name})
 
 
 def test_the_sharded_serve_config_names_the_deployments_the_builder_makes():
@@ -37,7 +40,8 @@ def test_the_sharded_serve_config_names_the_deployments_the_builder_makes():
     from embray.serving import application
 
     schema = ServeDeploySchema.model_validate(_yaml(REPO / "serve" / "config-sharded.yaml"))
-    [app] = schema.applications
+    app, ready = schema.applications
+    assert ready.import_path == "embray.serving:readyz" and ready.route_prefix == "/readyz"
     assert app.import_path == "embray.serving:build"
     built = application(make_config(Path("/tmp/unused"), serve={"shard_groups": 4, "group_replicas": 2}))
     made = {built._bound_deployment.name} | {g._bound_deployment.name for g in built._bound_deployment.init_args[1]}
@@ -57,9 +61,20 @@ def test_the_rayservice_serves_the_same_application_as_serve_config():
 def test_the_builder_import_path_resolves_to_the_serve_application():
     from ray.serve._private.utils import import_attr
 
-    from embray.serving import build
+    from embray.serving import build, readyz
 
-    assert import_attr(_yaml(REPO / "serve" / "config.yaml")["applications"][0]["import_path"]) is build
+    app, ready = _yaml(REPO / "serve" / "config.yaml")["applications"]
+    assert import_attr(app["import_path"]) is build and import_attr(ready["import_path"]) is readyz
+
+
+def test_serve_pods_are_ready_only_while_embray_answers_and_the_probe_cannot_hang():
+    """The Serve workers' readiness probe is /readyz (answered by the embray-readyz application in every state)
+    with a timeout; the head has none of its own (KubeRay deploys the Serve config only once the head is ready)."""
+    spec = _yaml(KUBERAY / "rayservice.yaml")["spec"]["rayClusterConfig"]
+    assert "readinessProbe" not in spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    [cpu] = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "cpu"]
+    probe = cpu["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/readyz", "port": 8000} and 1 <= probe["timeoutSeconds"] <= 2
 
 
 def test_cluster_yaml_passes_the_cluster_launchers_validation():

@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
+import jsonschema
 import pytest
 import requests
 
@@ -295,28 +297,69 @@ def test_cutover_under_load_through_a_promotion_and_a_rollback(served):
     Collection(cfg).rollback()  # leave v1 active for any later test
 
 
-@pytest.mark.parametrize("ingress", ["default", "haproxy"])
-def test_embray_serve_command_answers_and_stops_on_ctrl_c(tmp_path, ingress):
+def _embray_serve(tmp_path, cfg_path, port: int, *args: str, env: dict | None = None, log: str = "serve.log"):
+    """A real `embray serve` process in a session of its own; its stdout and stderr go to ``tmp_path / log``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    env.pop("EMBRAY_ADMIN_TOKEN", None)
+    with open(tmp_path / log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "embray.cli", "serve", "--config", str(cfg_path), "--port", str(port), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+
+def _stopped(proc, sig: int, within: float) -> float:
+    """Send ``sig`` and wait for the process to exit; returns how long it took (it must exit within ``within``)."""
+    proc.send_signal(sig)
+    t = time.monotonic()
+    try:
+        proc.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"`embray serve` still runs {within:g}s after {signal.Signals(sig).name}") from None
+    return time.monotonic() - t
+
+
+def _readyz(url: str, *, starting: bool = False) -> dict | None:
+    """GET /readyz, which must answer within 2 s whenever the port accepts (``starting``: or be still starting):
+    its status and body (None: nothing listens yet, or any more)."""
+    try:
+        r = requests.get(f"{url}/readyz", timeout=2)
+    except requests.ConnectionError:
+        return None
+    except requests.Timeout:
+        if starting:  # the moment between Serve's proxy taking the port and the embray-readyz replica running
+            return None
+        raise AssertionError(f"{url}/readyz accepted the connection but did not answer within 2 s") from None
+    return {"status": r.status_code, **(r.json() if r.headers.get("content-type") == "application/json" else {})}
+
+
+def _yaml_config(tmp_path, **extra: str) -> object:
+    """The embray.yaml of a 40-row hash collection (built), with ``extra`` top-level sections (YAML flow text)."""
     write_corpus(tmp_path / "corpus", files=1, rows=40)
-    port = free_port()
+    Collection(make_config(tmp_path, model={"dims": 32}, index={"shards": 2})).backfill()
     cfg_path = tmp_path / "embray.yaml"
     cfg_path.write_text(
         "collection: docs\nsource: {uri: ./corpus}\nstore: {uri: ./store}\n"
-        "model: {backend: hash, name: words, dims: 32}\nindex: {shards: 2}\nray: {num_cpus: 2}\n"
+        "model: {backend: hash, name: words, dims: 32}\nindex: {shards: 2}\n"
+        + "".join(f"{k}: {v}\n" for k, v in extra.items())
     )
-    Collection(make_config(tmp_path, model={"dims": 32}, index={"shards": 2})).backfill()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("EMBRAY_ADMIN_TOKEN", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "embray.cli", "serve", "--config", str(cfg_path), "--port", str(port)]
-        + (["--haproxy"] if ingress == "haproxy" else []),
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    return cfg_path
+
+
+@pytest.mark.parametrize(
+    ("ingress", "sig", "code"),
+    [("default", signal.SIGINT, 130), ("haproxy", signal.SIGTERM, 143)],
+    ids=["default-SIGINT", "haproxy-SIGTERM"],
+)
+def test_embray_serve_command_answers_and_stops_on_ctrl_c(tmp_path, ingress, sig, code):
+    cfg_path = _yaml_config(tmp_path, ray="{num_cpus: 2}")
+    port = free_port()
+    proc = _embray_serve(tmp_path, cfg_path, port, *(["--haproxy"] if ingress == "haproxy" else []))
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, timeout=180)
@@ -325,14 +368,123 @@ def test_embray_serve_command_answers_and_stops_on_ctrl_c(tmp_path, ingress):
         # No admin token configured anywhere: reload is refused outright.
         r = requests.post(f"{url}/v1/collections/docs/reload", headers={"Authorization": "Bearer x"}, timeout=10)
         assert r.status_code == 403 and "admin_token" in r.text
-        proc.send_signal(signal.SIGINT)
-        t = time.monotonic()
-        out, err = proc.communicate(timeout=90)
-        assert proc.returncode == 0, err[-3000:]
-        assert "stopped" in err and time.monotonic() - t < 30
+        assert _readyz(url)["status"] == 200
+        took = _stopped(proc, sig, within=20)
+        log = (tmp_path / "serve.log").read_text()
+        assert proc.returncode == code, log[-3000:]
+        assert "stopped" in log and took < 20
+        assert _readyz(url) is None  # Serve's proxy is gone with it
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_embray_serve_refuses_what_its_local_ray_cannot_place(tmp_path):
+    """The issue's case: two shard groups with the default reservations on a 2-CPU local Ray."""
+    cfg_path = tmp_path / "embray.yaml"
+    cfg_path.write_text(
+        "collection: docs\nsource: {uri: ./corpus}\nstore: {uri: ./store}\n"
+        "model: {backend: hash, name: words, dims: 32}\nray: {num_cpus: 2}\nserve: {shard_groups: 2}\n"
+    )
+    t = time.monotonic()
+    proc = _embray_serve(tmp_path, cfg_path, free_port())
+    try:
+        assert proc.wait(timeout=60) == 2
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - t < 60
+    log = (tmp_path / "serve.log").read_text()
+    assert (
+        "error: cannot serve 'docs': the application needs 3 CPUs (ingress 1 + 2 shard groups x 1); this Ray has 2: "
+        "lower serve.num_cpus / serve.group_num_cpus or raise ray.num_cpus" in log
+    ), log[-3000:]
+
+
+@pytest.fixture
+def small_cluster(tmp_path):
+    """A Ray of 2 CPUs started with `ray start` (a cluster to `embray serve`: one it may wait on for nodes), in
+    a temp dir and a session of its own, stopped by its process group; yields (address, environment)."""
+    import secrets
+    import shutil
+
+    from .cluster import BIN, _agent_ports, _kill_naming, _stop_group, new_root
+
+    temp = Path(new_root())  # short: Ray's socket paths must stay under ~100 characters
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    port = free_port()
+    with open(tmp_path / "ray-head.log", "w") as out:
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1"]
+            + ["--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}"]
+            + ["--disable-usage-stats", f"--ray-client-server-port={free_port()}", *_agent_ports()],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        started = lambda: "will now block forever" in (tmp_path / "ray-head.log").read_text()  # noqa: E731
+        wait_for("the Ray head", started, timeout=90)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        _stop_group(head.pid)
+        _kill_naming(str(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_embray_serve_on_a_cluster_waits_for_nodes_answers_readyz_and_stops_on_ctrl_c(tmp_path, small_cluster):
+    """On a cluster that cannot hold the replicas yet `embray serve` deploys (an autoscaler would see the demand),
+    says what it waits for, answers /readyz within 2 s (503 with the reason), and stops on the first Ctrl-C; with
+    a short serve.placement_timeout_s it gives up, naming the shortfall."""
+    address, env = small_cluster
+    cfg_path = _yaml_config(
+        tmp_path, ray=f'{{address: "{address}"}}', serve="{shard_groups: 2, placement_timeout_s: 600}"
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _embray_serve(tmp_path, cfg_path, port, env=env)
+    try:
+        waiting = wait_for(
+            "/readyz to say what the application waits for",
+            lambda: (got := _readyz(url, starting=True)) and "EmbrayShardGroup" in got.get("reason", "") and got,
+            timeout=120,
+        )
+        assert waiting["status"] == 503 and waiting["ready"] is False, waiting
+        assert "'embray' is DEPLOYING" in waiting["reason"] and "STARTING" in waiting["reason"], waiting
+        assert [_readyz(url)["status"] for _ in range(3)] == [503] * 3  # (each within 2 s)
+        log = (tmp_path / "serve.log").read_text()
+        assert "needs 3 CPUs (ingress 1 + 2 shard groups x 1); this Ray has 2" in log
+        assert "waiting up to 600s (serve.placement_timeout_s) for nodes" in log
+        took = _stopped(proc, signal.SIGINT, within=20)
+        log = (tmp_path / "serve.log").read_text()
+        assert proc.returncode == 130 and "stopped" in log and took < 20, log[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    short = cfg_path.read_text().replace("placement_timeout_s: 600", "placement_timeout_s: 3")
+    (tmp_path / "short.yaml").write_text(short)
+    t = time.monotonic()
+    proc = _embray_serve(tmp_path, tmp_path / "short.yaml", free_port(), env=env, log="short.log")
+    try:
+        assert proc.wait(timeout=60) == 2
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "short.log").read_text()
+    assert time.monotonic() - t < 60
+    assert (
+        "error: cannot serve 'docs': the application needs 3 CPUs (ingress 1 + 2 shard groups x 1); this Ray has 2: "
+        "lower serve.num_cpus / serve.group_num_cpus or add nodes (waited 3s for nodes: serve.placement_timeout_s)"
+        in log
+    ), log[-3000:]
 
 
 def test_overload_gets_503_instead_of_piling_up(served, tmp_path):
@@ -463,6 +615,34 @@ def test_the_openapi_document_tells_the_truth(served):
     schema = doc["components"]["schemas"]["SearchRequest"]
     assert schema["additionalProperties"] is False
     assert {"required": ["vector", "fingerprint"], "not": {"required": ["text"]}} in schema["oneOf"]
+
+    # The schema and the server agree on every body: valid by the schema <=> not refused as malformed (422).
+    # Nulls for text / vector / fingerprint are refused by both (a schema-driven fuzzer found `{"text": null}`).
+    validator = jsonschema.Draft202012Validator(schema)
+    vec = [0.1] * 64
+    for body in (
+        {"text": "river"},
+        {"text": "river", "k": 1, "version": "active", "partial": True},
+        {"text": "river", "fingerprint": fp},
+        {"vector": vec, "fingerprint": fp},
+        {"text": None},
+        {"text": None, "vector": vec, "fingerprint": fp},
+        {"text": "river", "vector": None},
+        {"vector": vec, "fingerprint": None},
+        {"text": "river", "fingerprint": None},
+        {"text": "river", "version": None},
+        {"text": 3},
+        {"text": "river", "k": 0},
+        {"text": "river", "k": 1001},
+        {"text": "river", "k": None},
+        {"vector": "abc", "fingerprint": fp},
+        {"text": "river", "vector": vec, "fingerprint": fp},
+        {},
+    ):
+        r = _search(url, body)
+        valid = validator.is_valid(body)
+        assert valid == (r.status_code != 422), (body, valid, r.status_code, r.text[:300])
+    assert "`text` is null: leave it out" in _search(url, {"text": None}).text
 
 
 def test_a_pinned_query_answers_from_that_version_and_replicas_keep_few(served):

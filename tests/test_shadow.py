@@ -79,9 +79,7 @@ def test_shadow_traffic_measures_the_candidate_and_its_gate_refuses_a_weak_one(t
 
     st = col.status(verify=False, staleness=False)
     assert st.shadow is not None and st.shadow.candidate == v2 and st.shadow.queries == stats.queries
-    assert f"shadow    {stats.queries} live queries: overlap@10 with active {stats.overlap_at_10}" in _status_human(
-        st.to_dict()
-    )
+    assert f"shadow    {stats.queries} live queries: overlap@10 with active {stats.overlap_at_10}" in _status_human(st)
 
     with pytest.raises(
         GateError, match=r"shadow_overlap_at_10: live overlap@10 with the active answers 0\.\d+ vs floor 0\.9"

@@ -8,13 +8,17 @@ version is one model version whose source is the version's URI and whose tag
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
+import threading
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from embray.config import Config, is_remote
+from embray.config import Config, MlflowConfig, is_remote
 from embray.errors import RegistryError, VersionError, one_line
 from embray.lifecycle.versions import Manifest
 
@@ -32,13 +36,47 @@ def _mlflow_error(uri: str, e: Exception) -> RegistryError:
     )
 
 
-def _http_settings(cfg: Config) -> None:
-    """MLflow's HTTP retries and timeout, from the config (MLflow reads them from the environment at
-    every request, so they apply to every client of this process)."""
-    m = cfg.mlflow
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(m.max_retries)
-    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(m.backoff_s)
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(m.timeout_s)
+# MLflow's HTTP retries and timeout per client, not per process. MLflow takes them from the environment
+# (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR, _TIMEOUT) at every request unless the call passes them,
+# and its clients have no setting of their own; so a Registry's calls run with its config's budget in a
+# context variable (per thread and task), which one wrapper of MLflow's http_request reads. A Serve replica's
+# short budget then stays with its own calls, and a build in the same process keeps its long one.
+_BUDGET: ContextVar[MlflowConfig | None] = ContextVar("embray_mlflow_budget", default=None)
+_hook_lock = threading.Lock()
+
+
+def _install_budget_hook() -> None:
+    """Once per process: MLflow's http_request, taking its retries and timeout from :data:`_BUDGET` when set
+    (its REST stores call it through ``rest_utils.call_endpoint``, which looks it up in that module)."""
+    from mlflow.utils import rest_utils
+
+    with _hook_lock:
+        if getattr(rest_utils.http_request, "embray_budget", False):
+            return
+        original = rest_utils.http_request
+
+        @functools.wraps(original)
+        def http_request(*args: Any, **kwargs: Any):
+            m = _BUDGET.get()
+            if m is not None:
+                for key, value in (("max_retries", m.max_retries), ("backoff_factor", m.backoff_s)):
+                    if kwargs.get(key) is None:
+                        kwargs[key] = value
+                if kwargs.get("timeout") is None:
+                    kwargs["timeout"] = m.timeout_s
+            return original(*args, **kwargs)
+
+        http_request.embray_budget = True  # type: ignore[attr-defined]
+        rest_utils.http_request = http_request
+
+
+@contextlib.contextmanager
+def _budget(m: MlflowConfig):
+    token = _BUDGET.set(m)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
 
 
 class Registry:
@@ -47,7 +85,7 @@ class Registry:
     def __init__(self, cfg: Config):
         from mlflow import MlflowClient
 
-        _http_settings(cfg)
+        _install_budget_hook()
         self.cfg = cfg
         self.uri = cfg.tracking_uri()
         self.name = cfg.registered_model
@@ -61,7 +99,8 @@ class Registry:
         from mlflow.exceptions import MlflowException
 
         try:
-            return fn(*args, **kwargs)
+            with _budget(self.cfg.mlflow):
+                return fn(*args, **kwargs)
         except MlflowException as e:
             raise _mlflow_error(self.uri, e) from e
         except OSError as e:
@@ -174,7 +213,8 @@ class Registry:
         if self._model_ready:
             return
         try:
-            self.client.get_registered_model(self.name)
+            with _budget(self.cfg.mlflow):
+                self.client.get_registered_model(self.name)
         except MlflowException:
             self._call(
                 self.client.create_registered_model,

@@ -28,13 +28,13 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from embray.cache import VersionCache
 from embray.collection import Collection
 from embray.config import Config, parse_config
 from embray.errors import EmbrayError, VersionError
@@ -143,12 +143,12 @@ class EmbrayShardGroup:
         self.collection = Collection(self.cfg)
         self.store = self.collection.store
         self.replica = replica_name()
-        self.loaded: OrderedDict[str, tuple[VersionIndex, float]] = OrderedDict()  # version -> (index, last named)
         self.target: str | None = None  # the version alias `active` names
         self.previous: str | None = None  # the one it named before: kept until a query names the new one
         self.loading: str | None = None
-        self._lock = threading.Lock()  # guards self.loaded
-        self._load = threading.Lock()  # one load at a time
+        self.loaded: VersionCache[VersionIndex] = VersionCache(
+            self.cfg.serve.max_loaded_versions, keep=self._kept, on_evict=self._evicted
+        )
         self._stop = threading.Event()
         self._prune()
         # A thread of its own: a replica that is loading a large version (or waiting on MLflow) stays live.
@@ -173,70 +173,44 @@ class EmbrayShardGroup:
             )
         if version == self.target:
             self.previous = None  # the ingress has switched: the previous version may go once idle
-        index = self._held(version) or await asyncio.to_thread(self._open, version)
+        index = self.loaded.get(version) or await asyncio.to_thread(self._open, version)
         return index.search_vectors(vectors, k)
 
     async def prepare(self, version: str) -> list[str]:
         """Load ``version`` now (a pinned query's, before it is asked for); the versions held."""
-        self._held(version) or await asyncio.to_thread(self._open, version)
+        self.loaded.get(version) or await asyncio.to_thread(self._open, version)
         return self.loaded_versions()
 
     def loaded_versions(self) -> list[str]:
-        with self._lock:
-            return list(self.loaded)
+        return self.loaded.ids()
 
     # --- loading and letting go -----------------------------------------------------------------
-    def _held(self, version: str) -> VersionIndex | None:
-        """``version`` if it is loaded (marked as just used), else None."""
-        with self._lock:
-            got = self.loaded.get(version)
-            if got is None:
-                return None
-            self.loaded[version] = (got[0], time.monotonic())
-            self.loaded.move_to_end(version)
-            return got[0]
-
     def _open(self, version: str) -> VersionIndex:
-        with self._load:
-            with self._lock:
-                got = self.loaded.get(version)
-            if got is not None:
-                return got[0]
-            t = time.monotonic()
-            self.loading = version
-            try:
-                manifest = read_manifest(self.store, self.cfg.collection, version)  # VersionError: not committed
-                index = VersionIndex(self.store, manifest, group=(self.group, self.groups))
-                if index.shards:  # touch every shard (its pages) before the first real query
-                    q = np.ones((1, manifest.dims), dtype=np.float32) / np.sqrt(manifest.dims)
-                    index.search_vectors(q, 1)
-            finally:
-                self.loading = None
-            with self._lock:
-                self.loaded[version] = (index, time.monotonic())
-                self._trim()
-            log.info(
-                "%s loaded %s (%d shards) in %.2fs",
-                group_deployment(self.group),
-                version,
-                len(index.shards),
-                time.monotonic() - t,
-            )
+        index = self.loaded.open(version, lambda: self._load(version))
         self._heartbeat()
+        return index
+
+    def _load(self, version: str) -> VersionIndex:
+        t = time.monotonic()
+        self.loading = version
+        try:
+            manifest = read_manifest(self.store, self.cfg.collection, version)  # VersionError: not committed
+            index = VersionIndex(self.store, manifest, group=(self.group, self.groups))
+            if index.shards:  # touch every shard (its pages) before the first real query
+                q = np.ones((1, manifest.dims), dtype=np.float32) / np.sqrt(manifest.dims)
+                index.search_vectors(q, 1)
+        finally:
+            self.loading = None
+        what = "%s loaded %s (%d shards) in %.2fs"
+        log.info(what, group_deployment(self.group), version, len(index.shards), time.monotonic() - t)
         return index
 
     def _kept(self) -> set[str | None]:
         """Versions never let go: the alias's, and the previous one until a query names the alias's."""
         return {self.target, self.previous}
 
-    def _trim(self) -> None:
-        """Keep at most serve.max_loaded_versions, never those of :meth:`_kept` (caller holds the lock)."""
-        while len(self.loaded) > self.cfg.serve.max_loaded_versions:
-            old = next((v for v in self.loaded if v not in self._kept()), None)
-            if old is None:
-                return
-            del self.loaded[old]
-            log.info("%s let go of %s (serve.max_loaded_versions)", group_deployment(self.group), old)
+    def _evicted(self, version: str) -> None:
+        log.info("%s let go of %s (serve.max_loaded_versions)", group_deployment(self.group), version)
 
     def check(self) -> None:
         """Load the version the `active` alias names, beside the ones held."""
@@ -249,17 +223,12 @@ class EmbrayShardGroup:
             self.previous, self.target = self.target, target
         if target is not None:
             try:
-                self._held(target) or self._open(target)
+                self.loaded.get(target) or self._open(target)
             except Exception as e:  # noqa: BLE001 - a version that cannot load must not stop the replica
                 log.error("%s could not load the active version %s: %s", group_deployment(self.group), target, e)
 
     def _tick(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            kept = self._kept()
-            idle = [v for v, (_, used) in self.loaded.items() if v not in kept and now - used > UNLOAD_IDLE_S]
-            for v in idle:
-                del self.loaded[v]  # a request still running on it holds its own reference
+        idle = self.loaded.drop_idle(UNLOAD_IDLE_S)  # a request still running on one holds its own reference
         for v in idle:
             log.info("%s let go of %s (no query named it for %.0fs)", group_deployment(self.group), v, UNLOAD_IDLE_S)
         if idle:

@@ -4,14 +4,18 @@
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 MAX_K = 1000
+NON_NULL = ("text", "vector", "fingerprint")  # absent when unused, never null
 
 
 class SearchRequest(BaseModel):
     """Search by ``text`` (embedded with the serving version's model), or by a ``vector`` made with ``fingerprint``.
 
     Exactly one of the two; unknown fields are refused (422), so a typo such as ``top_k`` is not ignored.
+    ``text``, ``vector`` and ``fingerprint`` are left out when unused: an explicit ``null`` is refused (422), as
+    the schema says (their types do not include null).
     """
 
     model_config = ConfigDict(
@@ -24,9 +28,9 @@ class SearchRequest(BaseModel):
         },
     )
 
-    text: str | None = Field(None, description="Query text.")
-    vector: list[float] | None = Field(None, description="Query vector; needs `fingerprint`.")
-    fingerprint: str | None = Field(None, description="Fingerprint of the model that made `vector`.")
+    text: str | SkipJsonSchema[None] = Field(None, description="Query text.")
+    vector: list[float] | SkipJsonSchema[None] = Field(None, description="Query vector; needs `fingerprint`.")
+    fingerprint: str | SkipJsonSchema[None] = Field(None, description="Fingerprint of the model that made `vector`.")
     k: int = Field(10, ge=1, le=MAX_K, description="Results to return.")
     version: str | None = Field(
         None,
@@ -40,6 +44,15 @@ class SearchRequest(BaseModel):
         "when one fails or times out; the response then has `partial: true` and `missing_shards`. Without it, "
         "such a request gets 503 naming the group.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            null = [k for k in NON_NULL if k in data and data[k] is None]
+            if null:
+                raise ValueError(f"`{null[0]}` is null: leave it out instead")
+        return data
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
