@@ -79,10 +79,6 @@ class VersionCache(Generic[T]):
         with self._lock:
             return next(reversed(self._held.values()), (None, 0.0))[0]
 
-    def drop(self, vid: str) -> bool:
-        with self._lock:
-            return self._held.pop(vid, None) is not None
-
     def drop_idle(self, idle_s: float) -> list[str]:
         """Let go of the versions not used for ``idle_s`` seconds (never those ``keep()`` names); their ids."""
         now = time.monotonic()

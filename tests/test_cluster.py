@@ -142,15 +142,17 @@ def test_a_resource_no_node_offers_fails_in_bounded_time_naming_it(cluster, s3fs
 
 
 def _deploy(cluster: LocalCluster, config: Path, timeout_s: float = 180) -> str:
-    """serve/config.yaml's application, through the Serve REST API (what `serve deploy` calls), with the
-    embray config of this test, a port of its own and one small replica; returns the endpoint's URL."""
+    """serve/config.yaml's applications (embray, and embray-readyz, which answers /readyz), through the Serve
+    REST API (what `serve deploy` calls), with the embray config of this test, a port of its own and one small
+    replica; returns the endpoint's URL."""
     shipped = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    (app,) = shipped["applications"]
+    app, ready = shipped["applications"]
+    assert ready["name"] == "embray-readyz" and ready["args"] == {"app": app["name"]}
     app["args"] = {"config": str(config)}
     (dep,) = app["deployments"]
     dep.pop("autoscaling_config")
     dep.update(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
-    body = {"http_options": {"host": "127.0.0.1", "port": cluster.serve_port}, "applications": [app]}
+    body = {"http_options": {"host": "127.0.0.1", "port": cluster.serve_port}, "applications": [app, ready]}
     put = requests.put(f"{cluster.dashboard_url}/api/serve/applications/", json=body, headers=cluster.auth, timeout=60)
     put.raise_for_status()
     url = f"http://127.0.0.1:{cluster.serve_port}"

@@ -12,9 +12,9 @@ __all__ = ["application", "build", "readyz"]
 
 def __getattr__(name: str) -> Any:
     if name in ("application", "build"):
-        from embray.serving import app
+        from embray.serving import builder
 
-        return getattr(app, name)
+        return getattr(builder, name)
     if name == "readyz":  # not `readiness`: that name is the module's
         from embray.serving.readiness import readyz
 

@@ -23,7 +23,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import threading
 import time
 from typing import Any
@@ -34,13 +33,13 @@ from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 
 from embray.collection import Collection
-from embray.config import Config, load_config
-from embray.errors import ConfigError, EmbrayError, VersionError
+from embray.config import Config
+from embray.errors import EmbrayError, VersionError
 from embray.lifecycle.registry import CANDIDATE
 from embray.lifecycle.versions import utcnow
 from embray.serving.auth import API_KEY, BEARER, check_admin, check_query
 from embray.serving.fanout import FanOut
-from embray.serving.groups import EmbrayShardGroup, group_deployment, serve_config
+from embray.serving.groups import serve_config
 from embray.serving.metrics import ServeMetrics
 from embray.serving.schemas import CollectionInfo, NotReady, SearchRequest, SearchResponse, errors
 from embray.serving.shadow import ShadowSender
@@ -292,37 +291,3 @@ class EmbrayServer:
 async def _unexpected(request: Request, exc: Exception):  # the server answers, whatever the input
     log.exception("unexpected error on %s: %s", request.url.path, exc)
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
-
-
-def build(args: dict[str, Any]):
-    """Application builder for `serve deploy` / `serve run`: ``args: {config: path/to/embray.yaml}``."""
-    path = args.get("config") or os.environ.get("EMBRAY_CONFIG")
-    if not path:
-        raise ConfigError("the Serve application needs `args: {config: path/to/embray.yaml}` or EMBRAY_CONFIG")
-    return application(load_config(path), os.path.dirname(os.path.abspath(path)))
-
-
-def application(cfg: Config, base_dir: str = "."):
-    """The bound application for ``cfg`` (replicas and limits from ``cfg.serve``): the ingress EmbrayServer and,
-    with ``serve.shard_groups`` G > 1, the deployments EmbrayShardGroup0..G-1 it fans out to (made from the
-    embray config alone, so a deploy config only overrides their autoscaling by name)."""
-    payload = {"data": cfg.model_dump(mode="json"), "base_dir": base_dir}
-    s = cfg.serve
-    G = s.shard_groups
-    groups = [
-        EmbrayShardGroup.options(
-            name=group_deployment(g),
-            num_replicas=s.group_replicas,
-            max_ongoing_requests=s.max_ongoing_requests,
-            max_queued_requests=s.max_queued_requests,
-            ray_actor_options={"num_cpus": s.group_num_cpus},
-        ).bind(payload, g, G)
-        for g in range(G)
-    ]
-    ingress = EmbrayServer.options(
-        num_replicas=s.replicas,
-        max_ongoing_requests=s.max_ongoing_requests,
-        max_queued_requests=s.max_queued_requests,
-        ray_actor_options={"num_cpus": s.num_cpus},
-    )
-    return ingress.bind(payload, groups) if G > 1 else ingress.bind(payload)

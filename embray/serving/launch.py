@@ -24,7 +24,7 @@ from embray.config import Config
 from embray.errors import ConfigError, EmbrayError
 from embray.pipeline.warm import release_warm, warm_actors
 from embray.runtime import cluster_address, init_ray
-from embray.serving.app import application
+from embray.serving.builder import application
 from embray.serving.placement import parts, ray_nodes, shortfall
 from embray.serving.readiness import APP, READYZ_APP, ROUTE, readyz, why_not_running
 
