@@ -56,6 +56,18 @@ def _cut_classes(text: str, starts: list[int], ends: list[int]) -> list[int]:
     return cls
 
 
+def _with_overlap(text, cores, starts, ends, cls, overlap):
+    """Each core (token range) as a span, from the second on extended back by <= overlap tokens of the previous
+    core, starting at a word boundary."""
+    spans = []
+    for k, (a, b) in enumerate(cores):
+        p = a
+        if overlap and k > 0:
+            p = next((i for i in range(max(cores[k - 1][0] + 1, a - overlap), a) if cls[i] > 0), a)
+        spans.append((starts[p], ends[b - 1], text[starts[p] : ends[b - 1]]))
+    return spans
+
+
 def baseline(tok: Tokenizer, limit: int = LIMIT, overlap: int = OVERLAP, anchored: bool = False):
     """Tokenise once with offsets; partition the tokens into cores of <= limit - overlap tokens, each core ending
     at the best boundary class found in the second half of its window (latest one of that class); each chunk is
@@ -102,16 +114,7 @@ def baseline(tok: Tokenizer, limit: int = LIMIT, overlap: int = OVERLAP, anchore
                             break
             cores.append((a, b))
             a = b
-        spans = []
-        for k, (a, b) in enumerate(cores):
-            p = a
-            if overlap and k > 0:
-                for i in range(max(cores[k - 1][0] + 1, a - overlap), a):
-                    if cls[i] > 0:
-                        p = i
-                        break
-            spans.append((starts[p], ends[b - 1], text[starts[p] : ends[b - 1]]))
-        return spans
+        return _with_overlap(text, cores, starts, ends, cls, overlap)
 
     return fn
 
@@ -183,16 +186,7 @@ def baseline_cdc(tok: Tokenizer, limit: int = LIMIT, overlap: int = OVERLAP, eve
                 ca = None
         if ca is not None:
             cores.append((ca, cb))
-        spans = []
-        for k, (a, b) in enumerate(cores):
-            p = a
-            if overlap and k > 0:
-                for i in range(max(cores[k - 1][0] + 1, a - overlap), a):
-                    if cls[i] > 0:
-                        p = i
-                        break
-            spans.append((starts[p], ends[b - 1], text[starts[p] : ends[b - 1]]))
-        return spans
+        return _with_overlap(text, cores, starts, ends, cls, overlap)
 
     return fn
 
