@@ -213,8 +213,8 @@ def main() -> None:
     # Search with 0 (the in-place refresh: whole shards), 1, 4 and 8 segments per shard.
     qrng = np.random.default_rng(0)
     vi = base_col.index(base.version)
-    picks = qrng.choice(len(vi.shards[0][1]), args.queries, replace=False)
-    q = np.asarray(vi.shards[0][0].get(vi.shards[0][1][picks], dtype=np.float32))
+    picks = qrng.choice(len(vi.shards[0].keys), args.queries, replace=False)
+    q = np.asarray(vi.shards[0].index.get(vi.shards[0].keys[picks], dtype=np.float32))
     q = q + qrng.normal(0, 0.05, q.shape).astype(np.float32)
     q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
     search = {0: search_figures(Collection(config(runs["inplace"], args.model)), out["inplace"]["version"], q)}

@@ -133,9 +133,7 @@ def _build_human(r: BuildResult) -> str:
         f"embedded {c.embedded} texts ({c.cache_hits} more came from the cache)\n"
         f"  fingerprint {r.fingerprint}, MLflow model version {r.model_version}"
         f"{', alias ' + ','.join(r.aliases) if r.aliases else ''}\n"
-        f"  rejected {r.rejected} rows ({reasons})"
-        + (f"; see {r.uri}/rejects/" if r.rejected else "")
-        + f"\n  {r.uri}"
+        f"  rejected {r.rejected} rows ({reasons})" + (f"; see {r.uri}/rejects/" if r.rejected else "") + f"\n  {r.uri}"
     )
 
 
@@ -392,13 +390,17 @@ def versions(config_path: str, as_json: bool) -> None:
 @click.argument("query")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000), help="Results to return.")
 @click.option("--version", "version", default=None, help="Search this version instead of the active one.")
+@click.option("--chunks", is_flag=True, help="Chunked documents: list the top passages, not documents.")
 @json_option
-def search(config_path: str, query: str, k: int, version: str | None, as_json: bool) -> None:
-    """Search the active version with QUERY, embedded by that version's own model."""
+def search(config_path: str, query: str, k: int, version: str | None, chunks: bool, as_json: bool) -> None:
+    """Search the active version with QUERY, embedded by that version's own model. In a version of chunked
+    documents each hit is a document, shown with the passage (ordinal, characters start-end) that scored."""
     col = _open(config_path, as_json, show_log=False)
-    res = col.search(query, k=k, version=version)
+    res = col.search(query, k=k, version=version, chunks=chunks)
     human = [f"version {res.version} ({col.index(res.version).manifest.model.label}, fingerprint {res.fingerprint})"]
-    human += [f"{h.score:8.4f}  {h.id}" for h in res.results]
+    for h in res.results:
+        at = f"  (passage {h.chunk.ordinal}, characters {h.chunk.start}-{h.chunk.end})" if h.chunk else ""
+        human.append(f"{h.score:8.4f}  {h.id}{at}")
     _emit(res, as_json, "\n".join(human))
 
 

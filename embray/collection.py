@@ -31,6 +31,7 @@ from embray.lifecycle.registry import ACTIVE
 from embray.lifecycle.verify import verify as _verify
 from embray.lifecycle.versions import Manifest, file_rel, is_version_id, list_versions, read_manifest
 from embray.models.spec import ModelSpec
+from embray.pipeline.types import SPAN_COLUMNS
 from embray.progress import Progress
 from embray.quality import monitor
 from embray.quality import retrieval as quality
@@ -406,10 +407,13 @@ class Collection:
         fingerprint: str | None = None,
         k: int = 10,
         version: str | None = None,
+        chunks: bool = False,
     ) -> SearchResult:
         """Top-k from one version (default ``active``), by ``text`` or by a ``vector`` made in space ``fingerprint``.
 
-        A text is embedded with the version's own model; a vector from another space is refused.
+        A text is embedded with the version's own model; a vector from another space is refused. In a version
+        of chunked documents (``chunk:``), a hit is a document (its source id), scored by its best passage, which
+        ``Hit.chunk`` names (ordinal and character span); ``k`` counts documents.
 
         Args:
             text: The query text; or
@@ -417,6 +421,7 @@ class Collection:
             fingerprint: the fingerprint of the model that made it.
             k: Results to return, 1..1000.
             version: A version id or alias; default ``active``.
+            chunks: In a chunked version, the top-k passages themselves instead of documents.
 
         Returns:
             :class:`SearchResult`, best first, naming the version and its fingerprint.
@@ -427,11 +432,13 @@ class Collection:
         """
         if not 1 <= k <= 1000:
             raise ConfigError(f"k={k}: ask for 1 to 1000 results")
-        return self.index(version).search(text=text, vector=vector, fingerprint=fingerprint, k=k)
+        return self.index(version).search(text=text, vector=vector, fingerprint=fingerprint, k=k, chunks=chunks)
 
     def dataset(self, version: str | None = None) -> ray.data.Dataset:
         """A version's rows (``id``, ``content_hash``, ``vector``) as a Ray Dataset, read from its embeddings
-        parts as the manifest lists them (a refreshed version's include the parts it reuses from its parent).
+        parts as the manifest lists them (a refreshed version's include the parts it reuses from its parent). A
+        version of chunked documents has a row per passage, with its document's id (``doc``) and its ``ordinal``,
+        ``start`` and ``end`` in the document's text (``id`` is ``<doc>#<ordinal>#<start>``).
 
         The vectors are float32, L2-normalised, exactly as stored. Connects to (or starts) the configured Ray.
 
@@ -458,7 +465,7 @@ class Collection:
                     dead[paths[-1]] = tomb
         init_ray(self.config.ray)
         fs = self.store.pyarrow_fs() if self.store.remote else None
-        columns = ["id", "content_hash", "vector"]
+        columns = ["id", "content_hash", "vector", *(SPAN_COLUMNS if m.chunk else [])]
         if not dead:
             return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=[*columns, "key"], include_paths=True)

@@ -90,6 +90,29 @@ class IndexConfig(_Strict):
     )
 
 
+class ChunkConfig(_Strict):
+    """``chunk:``: cut each document into passages that fit the model's window, one vector each (long documents).
+
+    ``chunk: none`` embeds one vector per row, truncated at the model's window (the rows that lost text are
+    counted). Left out: a refresh keeps its parent's chunking; a new version is not chunked."""
+
+    tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Tokens per passage, the model's special tokens and document_prefix included, counted by the "
+        "model's own tokenizer; null: the model's window (max_seq_length). Never more than the window.",
+    )
+    overlap: int = Field(
+        32, ge=0, description="Tokens of the previous passage each passage starts with (from a word boundary)."
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> ChunkConfig:
+        if self.tokens is not None and self.overlap >= self.tokens // 2:
+            raise ValueError(f"overlap {self.overlap} must be under half of tokens {self.tokens}")
+        return self
+
+
 class EmbedConfig(_Strict):
     batch_size: int = Field(256, ge=1, description="Rows per batch handed to one embedding actor.")
     actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data actor pool.")
@@ -306,6 +329,12 @@ class Config(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     model: ModelSpec = Field(default_factory=lambda: ModelSpec())
     index: IndexConfig = Field(default_factory=IndexConfig)
+    chunk: ChunkConfig | Literal["none"] | None = Field(
+        None,
+        description="Passages per document (a mapping, e.g. {tokens: 256, overlap: 32}), 'none' (one vector per "
+        "row, truncated), or left out (a refresh keeps its parent's; a new version: none). Part of the vector "
+        "space: a change is a migration.",
+    )
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

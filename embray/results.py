@@ -212,12 +212,28 @@ class VersionInfo(_Result):
 
 
 @dataclass(frozen=True)
+class ChunkRef(_Result):
+    """Which passage of a document a hit is: its ordinal and its span, ``text[start:end]`` of the document."""
+
+    ordinal: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class Hit(_Result):
+    """One result: a row's id and score; in a chunked version, a document's id, scored by its best passage
+    (``chunk``: that passage)."""
+
     id: Any
     score: float
+    chunk: ChunkRef | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "score": round(self.score, 6)}
+        out = {"id": self.id, "score": round(self.score, 6)}
+        if self.chunk is not None:
+            out["chunk"] = self.chunk.to_dict()
+        return out
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,7 @@ import numpy as np
 from embray.errors import VersionError
 from embray.lifecycle.versions import FileEntry, Manifest, file_rel
 from embray.models import Embedder, fingerprint, load_embedder
-from embray.results import Hit, SearchResult
-from embray.storage import rows as R
+from embray.results import ChunkRef, Hit, SearchResult
 from embray.storage.layout import local_cache_root
 from embray.storage.segments import dead_keys, live_mask
 from embray.storage.store import Store
@@ -59,7 +59,6 @@ class VersionIndex:
         of a version too large for one; :func:`merge_hits` combines the groups' answers. ``encoder_only``: open
         no shard (a sharded Serve ingress, which only embeds queries)."""
         import pyarrow.parquet as pq
-        from usearch.index import Index
 
         check_consistent(manifest)
         self.store = store
@@ -71,7 +70,8 @@ class VersionIndex:
         # (sorted; empty without any). A shard with delta segments (up to MERGE_MAX_ROWS rows in them) is one
         # graph: its base loaded into memory, dead keys removed and the segments' live rows added, so a query
         # costs what it costs on a compacted shard. Past that, its segments are searched as graphs of their own.
-        self.shards: list[tuple[Index, np.ndarray, Any, np.ndarray]] = []
+        self.chunked = manifest.chunk is not None  # rows are passages: a search answers documents
+        self.shards: list[Part] = []
         mine = set(group_shards(len(manifest.shards), *group)) if group else None
         for s in manifest.shards:
             if encoder_only or s.rows == 0 or not s.parts:
@@ -86,7 +86,7 @@ class VersionIndex:
                 continue
             for emb, idx, rows in s.parts:
                 index = self._open(s.shard, idx, rows, view=True)
-                self.shards.append((index, *_read_keys(self._local(file_rel(manifest, emb), emb)), dead))
+                self.shards.append(Part(index, *_read_keys(self._local(file_rel(manifest, emb), emb)), dead))
 
     def _open(self, shard: int, idx: FileEntry, rows: int, *, view: bool):
         """One of the version's USearch files, memory-mapped (``view``) or loaded, checked against the manifest."""
@@ -104,9 +104,9 @@ class VersionIndex:
         index.expansion_add = m.index.expansion_add
         return index
 
-    def _merged(self, s, dead: np.ndarray) -> tuple[Any, np.ndarray, Any, np.ndarray]:
+    def _merged(self, s, dead: np.ndarray) -> Part:
         """A shard with delta segments as one graph in memory: its base loaded, its dead keys removed, its
-        segments' live rows added under their own keys. Returns a ``shards`` entry with nothing left to skip."""
+        segments' live rows added under their own keys. Returns a part with nothing left to skip."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -115,32 +115,30 @@ class VersionIndex:
         index = self._open(s.shard, idx, rows, view=False)
         if len(dead):
             index.remove(dead)
-        keys, ids = _read_keys(self._local(file_rel(m, emb), emb))
+        keys, ids, spans = _read_keys(self._local(file_rel(m, emb), emb))
         if len(dead):  # the entry lists exactly the keys its graph holds
             live = live_mask(keys, dead)
             keys, ids = keys[live], (ids[live] if isinstance(ids, np.ndarray) else ids.filter(pa.array(live)))
-        t = pa.concat_tables(
-            [
-                pq.read_table(
-                    str(self._local(file_rel(m, g.embeddings), g.embeddings)), columns=["key", "id", "vector"]
-                )
-                for g in s.segments
-            ]
-        )
+            spans = None if spans is None else spans[live]
+        none = np.zeros(0, dtype=np.uint64)
+        segs = [str(self._local(file_rel(m, g.embeddings), g.embeddings)) for g in s.segments]
+        t = pa.concat_tables([pq.read_table(p, columns=["key", *_ID_COLUMNS[self.chunked], "vector"]) for p in segs])
         if len(dead):
             t = t.filter(pa.array(live_mask(t.column("key").to_numpy(), dead)))
         if not t.num_rows:
-            return index, keys, ids, np.zeros(0, dtype=np.uint64)
+            return Part(index, keys, ids, spans, none)
         seg_keys = t.column("key").to_numpy()
         index.add(seg_keys, to_numpy(t.column("vector"), m.dims), threads=os.cpu_count() or 1)
         all_keys = np.concatenate([keys, seg_keys])
         order = np.argsort(all_keys, kind="stable")
-        col = t.column("id")
+        col = t.column(_ID_COLUMNS[self.chunked][0])
         if isinstance(ids, np.ndarray):
             all_ids = np.concatenate([ids, col.combine_chunks().to_numpy()])[order]
         else:
             all_ids = pa.concat_arrays([ids, col.cast(pa.large_string()).combine_chunks()]).take(pa.array(order))
-        return index, all_keys[order], all_ids, np.zeros(0, dtype=np.uint64)
+        if spans is not None:
+            spans = np.concatenate([spans, _spans(t)])[order]
+        return Part(index, all_keys[order], all_ids, spans, none)
 
     def _local(self, rel: str, entry: FileEntry) -> Path:
         """A local path for a version file: itself on local disk; on S3 a cached copy, downloaded whole and
@@ -180,11 +178,13 @@ class VersionIndex:
             self._embedder = load_embedder(self.manifest.model)
         return self._embedder
 
-    def search_text(self, texts: list[str], k: int = 10) -> list[list[Hit]]:
+    def search_text(self, texts: list[str], k: int = 10, *, chunks: bool = False) -> list[list[Hit]]:
         """Top-k for each text, embedded as a query by the version's own model."""
-        return self.search_vectors(self.embedder.embed_queries(texts), k)
+        return self.search_vectors(self.embedder.embed_queries(texts), k, chunks=chunks)
 
-    def search(self, text: str | None = None, vector=None, fingerprint: str | None = None, k: int = 10) -> SearchResult:
+    def search(
+        self, text: str | None = None, vector=None, fingerprint: str | None = None, k: int = 10, chunks: bool = False
+    ) -> SearchResult:
         """One query, by ``text`` or by a ``vector`` made in space ``fingerprint``; the hits name this version.
 
         Raises:
@@ -193,27 +193,88 @@ class VersionIndex:
         if (text is None) == (vector is None):
             raise VersionError("search needs exactly one of text or vector")
         if text is not None:
-            hits = self.search_text([text], k)[0]
+            hits = self.search_text([text], k, chunks=chunks)[0]
         else:
             if fingerprint != self.fingerprint:
                 raise VersionError(
                     f"the vector was made in space {fingerprint}, but version {self.version} is in space "
                     f"{self.fingerprint}; embed the query with that version's model (or search by text)"
                 )
-            hits = self.search_vectors(np.asarray(vector, dtype=np.float32), k)[0]
+            hits = self.search_vectors(np.asarray(vector, dtype=np.float32), k, chunks=chunks)[0]
         return SearchResult(self.version, self.fingerprint, hits)
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10, *, exact: bool = False) -> list[list[Hit]]:
-        """Top-k over every shard for each query row. ``exact`` brute-forces each shard."""
+    def search_vectors(
+        self, vectors: np.ndarray, k: int = 10, *, exact: bool = False, chunks: bool = False
+    ) -> list[list[Hit]]:
+        """Top-k over every shard for each query row. ``exact`` brute-forces each shard.
+
+        In a chunked version a hit is a document, scored by its best passage (``Hit.chunk``), and ``k`` counts
+        documents: each part is asked for more passages than ``k`` (:data:`PASSAGES_PER_HIT` times, then four
+        times as many for a query whose passages name fewer than ``k`` documents, until the part runs out).
+        ``chunks``: the top-k passages themselves, several of one document if they score so."""
         q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if q.shape[1] != self.manifest.dims:
             raise VersionError(f"query vectors have {q.shape[1]} dims; version {self.version} has {self.manifest.dims}")
-        per_query: list[list[list[tuple[float, Any]]]] = [[] for _ in range(len(q))]
-        for index, keys_sorted, ids, dead in self.shards:
-            for qi, found in enumerate(_search_part(index, q, min(k, len(ids)), dead, exact)):
-                rows = np.searchsorted(keys_sorted, np.asarray([key for key, _ in found], dtype=np.uint64))
-                per_query[qi].append([(d, ids[r]) for r, (_, d) in zip(rows, found, strict=True)])
-        return [[Hit(_plain(i), _score(self.metric, d)) for d, i in R.merge_topk(shards, k)] for shards in per_query]
+        group = self.chunked and not chunks
+        out: list[list[Hit] | None] = [None] * len(q)
+        want, todo = k * (PASSAGES_PER_HIT if group else 1), list(range(len(q)))
+        while todo:
+            found, short = self._top(q[todo], want, exact), []
+            for qi, hits in zip(todo, found, strict=True):
+                best = self._best_per_document(hits, k) if group else hits[:k]
+                out[qi] = best
+                if group and len(best) < k and len(hits) >= want:  # a part may hold more documents
+                    short.append(qi)
+            todo, want = short, want * 4
+        return [[self._hit(d, part, row) for d, part, row in hits] for hits in out]
+
+    def _top(self, q: np.ndarray, want: int, exact: bool) -> list[list[tuple[float, int, int]]]:
+        """Per query row, the ``want`` nearest live rows over every part: (distance, part, row), best first."""
+        per_query: list[list[list[tuple[float, int, int]]]] = [[] for _ in range(len(q))]
+        for p, part in enumerate(self.shards):
+            for qi, found in enumerate(_search_part(part.index, q, min(want, len(part.keys)), part.dead, exact)):
+                rows = np.searchsorted(part.keys, np.asarray([key for key, _ in found], dtype=np.uint64))
+                per_query[qi].append([(d, p, int(r)) for r, (_, d) in zip(rows, found, strict=True)])
+
+        def order(x: tuple[float, int, int]):  # equal distances by id (then passage): the same answer in any order
+            part = self.shards[x[1]]
+            return x[0], str(_plain(part.ids[x[2]])), 0 if part.spans is None else int(part.spans[x[2], 0])
+
+        return [heapq.nsmallest(want, (x for hits in shards for x in hits), key=order) for shards in per_query]
+
+    def _best_per_document(self, hits: list[tuple[float, int, int]], k: int) -> list[tuple[float, int, int]]:
+        """The first (best) passage of each of the first ``k`` documents among ``hits`` (best first)."""
+        seen, out = set(), []
+        for hit in hits:
+            doc = _plain(self.shards[hit[1]].ids[hit[2]])
+            if doc not in seen:
+                seen.add(doc)
+                out.append(hit)
+                if len(out) == k:
+                    break
+        return out
+
+    def _hit(self, distance: float, p: int, row: int) -> Hit:
+        part = self.shards[p]
+        chunk = None if part.spans is None else ChunkRef(*(int(v) for v in part.spans[row]))
+        return Hit(_plain(part.ids[row]), _score(self.metric, distance), chunk)
+
+
+# A chunked version's search first asks each part for this many passages per document wanted.
+PASSAGES_PER_HIT = 4
+_ID_COLUMNS = {False: ["id"], True: ["doc", "ordinal", "start", "end"]}  # what a hit names, per kind of version
+
+
+@dataclass(frozen=True)
+class Part:
+    """One HNSW graph of a version opened for search: its keys (sorted), the id of each (numpy or Arrow), a
+    chunked version's passage of each (ordinal, start, end; else None), and the dead keys to skip (sorted)."""
+
+    index: Any
+    keys: np.ndarray
+    ids: Any
+    spans: np.ndarray | None
+    dead: np.ndarray
 
 
 def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) -> list[list[tuple[int, float]]]:
@@ -263,14 +324,23 @@ def _plain(value: Any) -> Any:
     return value.as_py() if hasattr(value, "as_py") else value  # an Arrow scalar (string ids)
 
 
-def _read_keys(path: Path) -> tuple[np.ndarray, Any]:
-    """(keys, ids) of an embeddings part, which is stored in key order. Integer ids as a numpy array; string
-    ids stay one Arrow array (bytes and offsets: about 25 bytes a row where Python strings take about 70)."""
+def _read_keys(path: Path) -> tuple[np.ndarray, Any, np.ndarray | None]:
+    """(keys, ids, spans) of an embeddings part, which is stored in key order. Integer ids as a numpy array;
+    string ids stay one Arrow array (bytes and offsets: about 25 bytes a row where Python strings take about
+    70). A chunked version's part names each row's document (its ids) and passage (spans: ordinal, start, end
+    per row; None for other parts)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    t = pq.read_table(str(path), columns=["key", "id"])
-    col = t.column("id")
+    chunked = "doc" in pq.read_schema(str(path)).names
+    t = pq.read_table(str(path), columns=["key", *_ID_COLUMNS[chunked]])
+    col = t.column(_ID_COLUMNS[chunked][0])
+    spans = _spans(t) if chunked else None
     if pa.types.is_integer(col.type):
-        return t.column("key").to_numpy(), col.combine_chunks().to_numpy()
-    return t.column("key").to_numpy(), col.cast(pa.large_string()).combine_chunks()  # one array past 2 GiB too
+        return t.column("key").to_numpy(), col.combine_chunks().to_numpy(), spans
+    return t.column("key").to_numpy(), col.cast(pa.large_string()).combine_chunks(), spans  # one array past 2 GiB
+
+
+def _spans(t) -> np.ndarray:
+    """(rows, 3) int64: each passage's ordinal, start and end."""
+    return np.stack([t.column(c).to_numpy().astype(np.int64) for c in ("ordinal", "start", "end")], axis=1)

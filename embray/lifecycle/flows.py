@@ -20,9 +20,10 @@ from embray.errors import VersionError
 from embray.lifecycle.aliases import promote, set_active, set_candidate, sync_registry
 from embray.lifecycle.lock import WRITER, Lease
 from embray.lifecycle.registry import ACTIVE, CANDIDATE
-from embray.lifecycle.versions import BuildKind, Manifest, read_manifest
+from embray.lifecycle.versions import BuildKind, Manifest, read_manifest, same_chunking
 from embray.models import fingerprint
 from embray.models.spec import ModelSpec
+from embray.pipeline.passages import chunking
 from embray.pipeline.run import plan_build, run_build
 from embray.pipeline.types import BuildSpec
 from embray.results import BuildResult, PlanResult
@@ -79,7 +80,18 @@ def _refresh_base(ctx: Context, parent: str | None) -> Manifest:
             f"model is {ctx.cfg.model.label} (fingerprint {fp}); a refresh never mixes two vector spaces: "
             "use `embray migrate` to move to the new model, or set `model` back to the version's"
         )
+    chunk = chunking(ctx.cfg, BuildKind.REFRESH, base.model, base)
+    if not same_chunking(chunk, base.chunk):
+        raise VersionError(
+            f"version {vid} was cut into passages {_chunk_label(base.chunk)}, but the config's chunk: says "
+            f"{_chunk_label(chunk)}; a refresh never mixes two chunkings: use `embray migrate` to re-cut the "
+            "collection, or set chunk: back to the version's (or leave it out)"
+        )
     return base
+
+
+def _chunk_label(chunk) -> str:
+    return "none (one vector per row)" if chunk is None else f"of {chunk.tokens} tokens, overlap {chunk.overlap}"
 
 
 def plan_refresh(ctx: Context, parent: str | None = None) -> PlanResult:
@@ -106,10 +118,12 @@ def _migration_parent(ctx: Context, model: ModelSpec) -> Manifest | None:
     active = ctx.registry.aliases().get(ACTIVE)
     parent = read_manifest(ctx.store, ctx.collection, active) if active else None
     fp = fingerprint(model)
-    if parent is not None and parent.fingerprint == fp:
+    chunk = chunking(ctx.cfg, BuildKind.MIGRATE, model, parent)
+    if parent is not None and parent.fingerprint == fp and same_chunking(parent.chunk, chunk):
         raise VersionError(
-            f"the active version {parent.version} already uses {model.label} (fingerprint {fp}); "
-            "a migration needs a different model: use `embray refresh` to bring it up to date instead"
+            f"the active version {parent.version} already uses {model.label} (fingerprint {fp}) and chunk "
+            f"{_chunk_label(chunk)}; a migration needs a different model or chunking: use `embray refresh` to "
+            "bring it up to date instead"
         )
     return parent
 

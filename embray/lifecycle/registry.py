@@ -30,10 +30,7 @@ VERSION_TAG = "embray.version"
 
 
 def _mlflow_error(uri: str, e: Exception) -> RegistryError:
-    return RegistryError(
-        f"MLflow at {uri} failed ({one_line(e)}); "
-        "check mlflow.tracking_uri and that the server is up"
-    )
+    return RegistryError(f"MLflow at {uri} failed ({one_line(e)}); check mlflow.tracking_uri and that the server is up")
 
 
 # MLflow's HTTP retries and timeout per client, not per process. MLflow takes them from the environment

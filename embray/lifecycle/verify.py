@@ -53,7 +53,7 @@ def _shard_problems(store: Store, m: Manifest, s: ShardEntry, seen: set[Any], tm
         if part.num_rows != rows:
             problems.append(f"shard {s.shard}: {emb.path} has {part.num_rows} rows, manifest {rows}")
         problems += _index_problems(store, m, s, idx, rows, part, tmp)
-        tables.append(part.select(["id", "key", "content_hash"]))
+        tables.append(part.select(["id", "key", "content_hash", *(["doc"] if m.chunk else [])]))
     table = pa.concat_tables(tables)
     keys = table.column("key").to_numpy().astype(np.uint64)
     if len(np.unique(keys)) != len(keys):
@@ -75,9 +75,10 @@ def _shard_problems(store: Store, m: Manifest, s: ShardEntry, seen: set[Any], tm
     if across:
         problems.append(f"shard {s.shard}: {len(across)} ids also in another shard, e.g. {next(iter(across))!r}")
     seen.update(ids)
-    misplaced = sum(1 for i in ids if R.shard_of(i, len(m.shards)) != s.shard)
+    placed = table.column("doc").to_pylist() if m.chunk else ids  # a passage is in its document's shard
+    misplaced = sum(1 for i in placed if R.shard_of(i, len(m.shards)) != s.shard)
     if misplaced:
-        problems.append(f"shard {s.shard}: {misplaced} ids belong to another shard")
+        problems.append(f"shard {s.shard}: {misplaced} {'passages' if m.chunk else 'ids'} belong to another shard")
     order = sorted(range(len(ids)), key=lambda i: ids[i])
     hashes = table.column("content_hash").to_pylist()
     if R.digest_pairs([ids[i] for i in order], [hashes[i] for i in order]) != s.content_digest:

@@ -112,12 +112,36 @@ class SourceMeta(_Section):
         return self.updated_at_column == cfg.updated_at_column
 
 
+class ChunkMeta(_Section):
+    """The ``chunk`` section: how documents were cut into passages (absent: one vector per row, truncated at the
+    model's window). Part of the vector space: two versions with different chunking never share vectors."""
+
+    tokens: int  # per passage, special tokens and document prefix included
+    overlap: int
+    specials: int  # tokens the model adds to every input (special tokens, document prefix)
+    cutter: str  # the cutting algorithm's name and version
+    tokenizer: str  # sha256 of the tokenizer that counted the tokens
+
+    def params(self) -> dict[str, Any]:
+        """As MLflow params."""
+        return {f"chunk.{k}": v for k, v in self.model_dump().items()}
+
+    def same_as(self, other: ChunkMeta | None) -> bool:
+        return other is not None and self.model_dump() == other.model_dump()
+
+
+def same_chunking(a: ChunkMeta | None, b: ChunkMeta | None) -> bool:
+    """Whether two versions cut documents the same way (both unchunked counts as the same)."""
+    return a is None and b is None or a is not None and a.same_as(b)
+
+
 class VersionCounts(_Section):
     """The ``counts`` section: rows read, kept and rejected, what the build embedded and reused, per shard."""
 
     kind: BuildKind | None = None  # None: a manifest older than build kinds
     input_rows: int | None = None  # None: not recorded (older manifests)
-    rows: int | None = None
+    rows: int | None = None  # vectors: passages of a chunked version
+    documents: int | None = None  # the documents those passages come from (chunked versions only)
     rejected: int = 0
     by_reason: dict[str, int] = Field(default_factory=dict)
     new: int = 0
@@ -222,6 +246,7 @@ class Manifest(BaseModel):
     fingerprint: str
     dims: int
     index: IndexMeta
+    chunk: ChunkMeta | None = None  # None: one vector per row (every version before chunking existed)
     source: SourceMeta
     counts: VersionCounts
     shards: list[ShardEntry]
@@ -251,7 +276,12 @@ class Manifest(BaseModel):
         return {f.version for f in self.files() if f.version and f.version != self.version}
 
     def to_json(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+        doc = self.model_dump(mode="json")
+        if doc["chunk"] is None:  # an unchunked version's manifest reads as every manifest before chunking did
+            del doc["chunk"]
+        if doc["counts"].get("documents", 0) is None:
+            del doc["counts"]["documents"]
+        return json.dumps(doc, indent=2, sort_keys=True).encode()
 
 
 _VERSION_ID = re.compile(r"^v\d{8}T\d{9}Z-[0-9a-f]{6}$")

@@ -21,8 +21,16 @@ Deterministic: the same text and settings give the same passages in any process 
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+from embray.config import ChunkConfig, Config
+from embray.errors import ConfigError
+from embray.lifecycle.versions import BuildKind, ChunkMeta, Manifest
+from embray.models.spec import ModelSpec, resolve_model_path
 
 _SENTENCE_END = frozenset(".!?")
 PARAGRAPH, LINE, SENTENCE, SPACE = 4, 3, 2, 1  # the kinds of boundary before a token, strongest first
@@ -148,4 +156,108 @@ def fast_tokenizer(tokenizer_json: str):
     tok = Tokenizer.from_file(tokenizer_json)
     tok.no_padding()
     tok.no_truncation()
+    return tok
+
+
+# The cut's name and version: part of a chunked version's identity (ChunkMeta.cutter). Change it whenever
+# PassageCutter would cut any text differently.
+CUTTER = "embray-passages-v1: paragraph > line > sentence > space leaves, blake2b-64 anchors (target 444, tail 48)"
+WORDS = "embray-words-v1: one token per run of word characters"  # the 'hash' backend's tokenizer
+
+
+def chunking(cfg: Config, kind: BuildKind, model: ModelSpec, parent: Manifest | None) -> ChunkMeta | None:
+    """How a build of ``kind`` cuts documents: ``chunk:`` of the config where it says, else the parent's (a
+    refresh or compaction keeps it; a migration cuts as the parent did, sized to the new model's window), else
+    not at all."""
+    if kind == BuildKind.COMPACT:
+        return parent.chunk
+    if cfg.chunk == "none":
+        return None
+    if isinstance(cfg.chunk, ChunkConfig):
+        return chunk_meta(cfg.chunk, model)
+    if parent is None or parent.chunk is None:
+        return None
+    if kind == BuildKind.REFRESH:
+        return parent.chunk
+    return chunk_meta(ChunkConfig(overlap=parent.chunk.overlap), model)
+
+
+def chunk_meta(chunk: ChunkConfig, spec: ModelSpec) -> ChunkMeta:
+    """The chunking ``chunk`` means for ``spec``'s model: its tokens (default: the model's window; never more),
+    the specials the model adds, and the identity of its tokenizer.
+
+    Raises:
+        ConfigError: passages larger than the model's window, or a model whose window is unknown.
+    """
+    window = model_window(spec)
+    tokens = chunk.tokens or window
+    if tokens is None:
+        raise ConfigError(f"model {spec.label} has no token window to size passages by: set chunk.tokens")
+    if window is not None and tokens > window:
+        raise ConfigError(
+            f"chunk.tokens is {tokens} but model {spec.label} reads at most {window} tokens: its passages would be "
+            f"truncated; set chunk.tokens to {window} or less (or leave it out: the model's window)"
+        )
+    if chunk.overlap >= tokens // 2:
+        raise ConfigError(f"chunk.overlap {chunk.overlap} must be under half of the passage's {tokens} tokens")
+    tok, digest = _tokenizer(spec)
+    specials = len(tok.encode(spec.document_prefix + "a").ids) - len(tok.encode("a", add_special_tokens=False).ids)
+    return ChunkMeta(tokens=tokens, overlap=chunk.overlap, specials=specials, cutter=CUTTER, tokenizer=digest)
+
+
+def cutter(meta: ChunkMeta, spec: ModelSpec) -> PassageCutter:
+    """The :class:`PassageCutter` of a chunked version, checked to count with the tokenizer it was cut with."""
+    tok, digest = _tokenizer(spec)
+    if digest != meta.tokenizer:
+        raise ConfigError(
+            f"model {spec.label}'s tokenizer here (sha256 {digest[:12]}) is not the one its passages were cut with "
+            f"({meta.tokenizer[:12]}); give every node the same model files"
+        )
+    return PassageCutter(tok, tokens=meta.tokens, overlap=meta.overlap, specials=meta.specials)
+
+
+def model_window(spec: ModelSpec) -> int | None:
+    """The most tokens ``spec``'s model reads (special tokens included); None: no limit (the 'hash' backend)."""
+    if spec.backend == "hash":
+        return None
+    root = resolve_model_path(spec)
+    found = None
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("config.json", "max_position_embeddings")):
+        try:
+            found = json.loads((root / name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+        if found:
+            break
+    if spec.max_tokens:
+        return min(spec.max_tokens, found or spec.max_tokens)
+    if not found:
+        raise ConfigError(f"model {spec.label}: its window is not in {root}'s config files; set chunk.tokens")
+    return int(found)
+
+
+def _tokenizer(spec: ModelSpec):
+    """(the model's tokenizer for counting, its identity): ``tokenizer.json`` and its sha256; for the 'hash'
+    backend, which reads words, a word tokenizer."""
+    if spec.backend == "hash":
+        return _words(), hashlib.sha256(WORDS.encode()).hexdigest()
+    path = resolve_model_path(spec) / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"model {spec.label} has no {path.name} in {path.parent}: it cannot be chunked; set chunk: none"
+        )
+    return _load(str(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str):
+    return fast_tokenizer(path), hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _words():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     return tok

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from embray.errors import ConfigError, SourceError, StoreError
-from embray.lifecycle.versions import FileEntry, Manifest, file_rel
-from embray.pipeline.scan import UPDATED_AT
-from embray.pipeline.types import COST_CHARS, Chunk, ParentShard, ShardPlan
+from embray.lifecycle.versions import ChunkMeta, FileEntry, Manifest, file_rel, same_chunking
+from embray.pipeline.scan import PASSAGE_COLUMNS, UPDATED_AT
+from embray.pipeline.types import COST_CHARS, SPAN_COLUMNS, Chunk, ParentShard, ShardPlan
 from embray.results import Counts
 from embray.storage import layout
 from embray.storage import rows as R
@@ -26,9 +26,12 @@ from embray.storage.vectors import file_fingerprint
 log = logging.getLogger("embray")
 
 
-def parent_shards(parent: Manifest | None, fp: str, shards: int) -> list[ParentShard | None]:
-    """Per shard, what the build may reuse from ``parent``: nothing unless it is the same vector space."""
-    if parent is None or parent.fingerprint != fp:
+def parent_shards(
+    parent: Manifest | None, fp: str, shards: int, chunk: ChunkMeta | None = None
+) -> list[ParentShard | None]:
+    """Per shard, what the build may reuse from ``parent``: nothing unless it is the same vector space (the
+    same model fingerprint and the same chunking)."""
+    if parent is None or parent.fingerprint != fp or not same_chunking(parent.chunk, chunk):
         return [None] * shards
     if len(parent.shards) != shards:
         raise ConfigError(
@@ -69,9 +72,10 @@ def cached_hashes(store: Store, cdir: str, fp: str):
 STATE_COLUMNS = ["id", "row", "content_hash", "reason", UPDATED_AT, "text"]
 
 
-def _shard_rows(store: Store, states: list[str], shard: int):
+def _shard_rows(store: Store, states: list[str], shard: int, chunked: bool = False):
     """The shard's rows from every source file's row states (its row group of each): ids and content
-    hashes, no texts (only a rejected row's). Adds ``file``, the file's position in ``states``."""
+    hashes, no texts (only a rejected row's), and (``chunked``) their passages. Adds ``file``, the file's
+    position in ``states``."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -87,13 +91,47 @@ def _shard_rows(store: Store, states: list[str], shard: int):
                 groups.append(g)
         if not groups:
             continue
-        t = pf.read_row_groups(groups, columns=[*STATE_COLUMNS, "shard"])
+        t = pf.read_row_groups(groups, columns=[*STATE_COLUMNS, *(PASSAGE_COLUMNS if chunked else []), "shard"])
         t = t.filter(pc.equal(t.column("shard"), pa.scalar(shard, pa.int32()))).drop(["shard"])
         tables.append(t.append_column("file", pa.array([f] * t.num_rows, pa.int32())))
     if tables:
         return pa.concat_tables(tables, promote_options="permissive")
     empty = {c: pa.array([], pa.string()) for c in ("id", "content_hash", "reason", "text")}
+    if chunked:
+        empty.update({c: pa.array([], pa.list_(pa.int32())) for c in ("p_start", "p_end")})
+        empty["p_hash"] = pa.array([], pa.list_(pa.string()))
     return pa.table({**empty, "row": pa.array([], pa.int64()), "file": pa.array([], pa.int32())})
+
+
+def passage_rows(docs):
+    """A chunked shard's good documents as one row per passage: ``id`` (``<doc>#<ordinal>#<start>``: a
+    passage keeps its row only while its document id, ordinal, span and text stay the same), its
+    ``content_hash`` (of its text: the vector cache's key, so a passage that moved is not embedded again),
+    ``doc`` (the document's id), ``ordinal``, ``start``, ``end`` (its span in the document), and the
+    document's ``file``, ``row`` and change time."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    hashes = docs.column("p_hash").combine_chunks()
+    lens = pc.list_value_length(hashes).to_numpy(zero_copy_only=False).astype(np.int64)
+    parent = pa.array(np.repeat(np.arange(len(lens)), lens))
+    ordinal = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    doc = pc.take(docs.column("id"), parent)
+    start = pc.list_flatten(docs.column("p_start").combine_chunks())
+    as_text = [pc.cast(a, pa.string()) for a in (doc, pa.array(ordinal), start)]
+    out = {
+        "id": pc.binary_join_element_wise(*as_text, "#"),
+        "content_hash": pc.list_flatten(hashes),
+        "doc": doc,
+        "ordinal": pa.array(ordinal, pa.int32()),
+        "start": start,
+        "end": pc.list_flatten(docs.column("p_end").combine_chunks()),
+    }
+    for c in ("file", "row", UPDATED_AT):
+        if c in docs.column_names:
+            out[c] = pc.take(docs.column(c), parent)
+    return pa.table(out).sort_by("id")  # (the order a shard's content digest is taken in, as for rows)
 
 
 def _split_rejects(table) -> tuple[Any, Any, dict[str, int]]:
@@ -142,17 +180,22 @@ def _texts(store: Store, staged: str, shard: int, wanted: set[str], rows, src: S
     if not missing:
         return out
     hit = rows.filter(pc.is_in(rows.column("content_hash"), value_set=pa.array(list(missing), pa.string())))
-    by_file: dict[int, dict[int, str]] = {}
-    for f, row, h in zip(*(hit.column(c).to_pylist() for c in ("file", "row", "content_hash")), strict=True):
-        by_file.setdefault(f, {})[row] = h
+    spans = ["start", "end"] if "start" in hit.column_names else []  # passages: slices of their documents
+    by_file: dict[int, dict[int, list]] = {}
+    for f, row, h, *span in zip(
+        *(hit.column(c).to_pylist() for c in ("file", "row", "content_hash", *spans)), strict=True
+    ):
+        by_file.setdefault(f, {}).setdefault(row, []).append((h, span))
     for f, want in by_file.items():
         path = src.files[f]
         col = pq.ParquetFile(src.store.pyarrow_fs().open_input_file(path)).read(columns=[text_col]).column(0)
-        for row, h in want.items():
+        for row, pieces in want.items():
             text = col[row].as_py() if row < len(col) else None
-            if text is None or R.content_hash(text) != h:
-                raise SourceError(f"{src.url(path)} changed while this build read it; run the command again")
-            out[h] = text
+            for h, span in pieces:
+                piece = text[span[0] : span[1]] if span and isinstance(text, str) else text
+                if piece is None or R.content_hash(piece) != h:
+                    raise SourceError(f"{src.url(path)} changed while this build read it; run the command again")
+                out[h] = piece
     return out
 
 
@@ -269,6 +312,7 @@ def _write_plan_and_chunks(
             "content_hash": good.column("content_hash"),
             "status": d.status,
             "parent_key": d.parent_keys.cast(pa.uint64()),
+            **{c: good.column(c) for c in SPAN_COLUMNS if c in good.column_names},  # a chunked version's passages
         }
     )
     tmp = local_tmpdir("embray-plan-")
@@ -300,6 +344,7 @@ class ShardInputs:
     src: SourceInfo
     text_column: str
     compact: bool = False  # a compaction: the parent's rows exactly; its rejects files copied, not rebuilt
+    chunked: bool = False  # rows are passages of documents (the row states list them)
 
 
 def plan_shard(
@@ -320,8 +365,9 @@ def plan_shard(
     """
     import pyarrow.compute as pc
 
-    rows = _shard_rows(store, inputs.states, shard)
-    good, bad, by_reason = _split_rejects(rows)
+    rows = _shard_rows(store, inputs.states, shard, inputs.chunked)
+    docs, bad, by_reason = _split_rejects(rows)
+    good = passage_rows(docs) if inputs.chunked else docs
     d = _diff(good, parent, store, cdir, fp)
     c = d.counts
     rejects, chunks = None, ()
@@ -329,13 +375,21 @@ def plan_shard(
         rejects = _copy_rejects(store, parent, vdir)
     if not dry_run:
         dup_hashes = bad.filter(pc.is_null(bad.column("text"))).column("content_hash").drop_null().to_pylist()
-        wanted = set(d.todo) | (set() if inputs.compact else set(dup_hashes))
-        texts = _texts(store, inputs.staged, shard, wanted, rows, inputs.src, inputs.text_column) if wanted else {}
+        dups = set() if inputs.compact else set(dup_hashes)
+
+        def texts_of(wanted: set[str], where) -> dict[str, str]:
+            return _texts(store, inputs.staged, shard, wanted, where, inputs.src, inputs.text_column) if wanted else {}
+
+        if inputs.chunked:  # passages' texts are staged, a duplicate document's is read from its file
+            texts, dup_texts = texts_of(set(d.todo), good), texts_of(dups, rows)
+        else:
+            texts = dup_texts = texts_of(set(d.todo) | dups, rows)
         if bad.num_rows and not inputs.compact:
-            rejects = _write_rejects(store, vdir, shard, bad, texts, inputs.urls)
+            rejects = _write_rejects(store, vdir, shard, bad, dup_texts, inputs.urls)
         chunks = _write_plan_and_chunks(store, inputs.staged, shard, cdir, good, d, texts, chunk_rows)
     return ShardPlan(
         shard=shard,
+        documents=docs.num_rows,
         rows=good.num_rows,
         rejected=bad.num_rows,
         by_reason=by_reason,

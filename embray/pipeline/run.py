@@ -46,6 +46,7 @@ from embray.lifecycle.versions import (
 )
 from embray.models import fingerprint
 from embray.pipeline.embed import check_pool_fits, embed_chunks, wait_for_node
+from embray.pipeline.passages import chunking
 from embray.pipeline.plan import ShardInputs, parent_shards, plan_shard
 from embray.pipeline.scan import scan_file
 from embray.pipeline.shards import THREADS as SHARD_THREADS
@@ -109,7 +110,8 @@ class Build:
         check_pool_fits(cfg.embed, cfg.ray)
         make_room(TASK_CPUS, 0, "the scan, plan and shard tasks need a CPU")  # warm actors give way
         self.fp = self.spec.fingerprint or fingerprint(self.spec.model)
-        self.parents = parent_shards(self.spec.parent, self.fp, self.shards)
+        self.chunk = chunking(cfg, self.kind, self.spec.model, self.spec.parent)
+        self.parents = parent_shards(self.spec.parent, self.fp, self.shards, self.chunk)
         if self.compact:  # the parent's rows, from what it recorded: the corpus is not read
             self.src = recorded_source(cfg.source, self.spec.parent)
             self.source_meta = self.spec.parent.source
@@ -186,6 +188,7 @@ class Build:
             "index.metric": self.index_cfg.metric,
             "index.dtype": self.index_cfg.dtype,
             "index.shards": self.shards,
+            **(self.chunk.params() if self.chunk else {"chunk": "none"}),
             "embed.batch_size": cfg.embed.batch_size,
             "embed.actors": cfg.embed.actors,
             **spec.params,
@@ -200,7 +203,8 @@ class Build:
         args = (sc.id_column, sc.text_column, self.shards, self.store, self.staged, self.states, sc.updated_at_column)
         shared = layout.sources_dir(self.cfg.collection)
         before = {f.path: f"{shared}/{f.state.path}" for f in self._parent_inputs()}
-        refs = [task.remote(src, i, *args, not self.dry_run, before.get(src.seen[i].path)) for i in todo]
+        chunk = (self.chunk, self.spec.model) if self.chunk else None
+        refs = [task.remote(src, i, *args, not self.dry_run, before.get(src.seen[i].path), chunk) for i in todo]
         self.progress.stage("scan", len(refs), "files")
         done = _stage(self.kind, "reading the corpus", SourceError, gather, refs, self.progress.advance)
         read = dict(zip(todo, done, strict=True))
@@ -220,7 +224,8 @@ class Build:
 
         sc, src = self.cfg.source, self.src
         urls = [src.url(f) for f in src.files]
-        inputs = ray.put(ShardInputs(self.state_rels, urls, self.staged, src, sc.text_column, self.compact))
+        chunked = self.chunk is not None
+        inputs = ray.put(ShardInputs(self.state_rels, urls, self.staged, src, sc.text_column, self.compact, chunked))
         task = ray.remote(num_cpus=1)(plan_shard)
         refs = [
             task.remote(
@@ -305,11 +310,13 @@ class Build:
             fingerprint=self.fp,
             dims=dims,
             index=IndexMeta(**self.index_cfg.model_dump()),
+            chunk=self.chunk,
             source=self.source_meta,
             counts=VersionCounts(
                 kind=self.kind,
                 input_rows=input_rows,
                 rows=rows,
+                documents=sum(p.documents for p in plans) if self.chunk else None,
                 rejected=rejected,
                 by_reason=by_reason,
                 **counts.to_dict(),
@@ -349,6 +356,7 @@ class Build:
         metrics = {
             **{k: c[k] for k in ("rows", "rejected", "input_rows", *COUNTS, "shards_reused", "shards_updated")},
             "shards_delta": c.shards_delta,
+            **({"documents": c.documents} if c.documents is not None else {}),
             "files_read": self.files.read,
             "files_reused": self.files.reused,
             "seconds": seconds,

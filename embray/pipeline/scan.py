@@ -15,6 +15,8 @@ from embray.storage.source import SourceInfo
 from embray.storage.store import Store, local_tmpdir, sha256_file
 
 UPDATED_AT = "updated_at"  # staging column: when the source says a row last changed (UTC), or null
+# A chunked version's row states list each document's passages: their spans in its text and content hashes.
+PASSAGE_COLUMNS = ["p_start", "p_end", "p_hash"]
 BATCH_ROWS = 65536
 # A changed file's earlier ids, hashes and shards are held in memory (~100 bytes a row) up to this many rows.
 SEEN_MAX_ROWS = 4_000_000
@@ -73,15 +75,54 @@ def _shards(ids, shards: int, known):
 
 
 def _held(ids, before):
-    """For each of ``ids``: (its shard, its content hash) in ``before`` (the parent's row states of this file:
-    id, content_hash, shard), null where ``before`` has no such id; None without ``before`` or when the id
-    types differ."""
+    """For each of ``ids``: (its shard, its content hash, its position) in ``before`` (the parent's row states
+    of this file: id, content_hash, shard), null where ``before`` has no such id; None without ``before`` or
+    when the id types differ."""
     import pyarrow.compute as pc
 
     if before is None or before.column("id").type != ids.type:
-        return None, None
+        return None, None, None
     pos = pc.index_in(ids, value_set=before.column("id"), skip_nulls=True)
-    return pc.take(before.column("shard"), pos), pc.take(before.column("content_hash"), pos)
+    return pc.take(before.column("shard"), pos), pc.take(before.column("content_hash"), pos), pos
+
+
+def with_passages(table, cut, before=None, pos=None):
+    """``table`` (prepared rows) with each good row's passages (:data:`PASSAGE_COLUMNS`): cut by ``cut`` (a
+    :class:`~embray.pipeline.passages.PassageCutter`), or taken from ``before`` where it holds the row's id
+    with the same content hash (``pos``: each row's position there). A row whose text has no token is
+    rejected (:data:`rows.NO_TOKENS`): it would have no vector."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    same = [False] * n
+    if before is not None and pos is not None and "p_hash" in before.column_names:
+        eq = pc.equal(pc.take(before.column("content_hash"), pos), table.column("content_hash"))
+        same = pc.fill_null(eq, False).to_pylist()
+        where = pos.to_pylist()
+    reasons = table.column("reason").to_pylist()
+    texts = table.column("text")
+    cols: dict[str, list] = {c: [None] * n for c in PASSAGE_COLUMNS}
+    for i in range(n):
+        if reasons[i] is not None:
+            continue
+        if same[i]:
+            for c in PASSAGE_COLUMNS:
+                cols[c][i] = before.column(c)[where[i]].as_py()
+            continue
+        text = texts[i].as_py()
+        ps = cut.cut(text)
+        if not ps:
+            reasons[i] = R.NO_TOKENS
+            continue
+        cols["p_start"][i] = [p.start for p in ps]
+        cols["p_end"][i] = [p.end for p in ps]
+        cols["p_hash"][i] = [R.content_hash(text[p.start : p.end]) for p in ps]
+    table = table.set_column(table.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+    types = {"p_start": pa.list_(pa.int32()), "p_end": pa.list_(pa.int32()), "p_hash": pa.list_(pa.string())}
+    for c in PASSAGE_COLUMNS:
+        table = table.append_column(c, pa.array(cols[c], types[c]))
+    return table
 
 
 def _state_of(table):
@@ -109,11 +150,14 @@ def scan_file(
     updated_col: str | None = None,
     stage_texts: bool = True,
     before: str | None = None,
+    chunk=None,
 ) -> tuple[int, FileEntry]:
     """Read one source file in row batches; write its row states (to ``states``, a row group per shard) and,
     with ``stage_texts``, the texts of its good rows to per-shard staging files (what the plan may embed),
     except rows whose id and content hash ``before`` (the row states the parent recorded of this file) holds:
-    their texts were embedded then. An id ``before`` holds keeps its recorded shard.
+    their texts were embedded then. An id ``before`` holds keeps its recorded shard. With ``chunk`` (a
+    version's (ChunkMeta, ModelSpec)), each good row's passages are listed (:func:`with_passages`) and the
+    passages' texts are staged instead of the rows'.
 
     Returns (rows read, the state file, relative to ``states``)."""
     import pyarrow as pa
@@ -125,7 +169,12 @@ def scan_file(
     writers: dict[int, pq.ParquetWriter] = {}
     parts: dict[int, list] = {}
     rows = 0
-    held = _before(store, before) if before else None
+    held = _before(store, before, chunked=chunk is not None) if before else None
+    cut = None
+    if chunk is not None:
+        from embray.pipeline.passages import cutter
+
+        cut = cutter(*chunk)
     try:
         try:
             pf = pq.ParquetFile(src.store.pyarrow_fs().open_input_file(path))
@@ -133,7 +182,7 @@ def scan_file(
             if updated_col and updated_col in pf.schema_arrow.names and updated_col not in columns:
                 columns.append(updated_col)
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
-                known, hashes_before = _held(batch.column(id_col), held)
+                known, hashes_before, pos = _held(batch.column(id_col), held)
                 table = prepare(
                     batch,
                     id_col=id_col,
@@ -143,6 +192,8 @@ def scan_file(
                     updated_col=updated_col,
                     known=known,
                 )
+                if cut is not None:
+                    table = with_passages(table, cut, held, pos)
                 rows += table.num_rows
                 for k, state, good in _by_shard(table, stage_texts, hashes_before):
                     parts.setdefault(k, []).append(state)
@@ -153,7 +204,8 @@ def scan_file(
                     writers[k].write_table(good)
             if rows == 0:  # an empty file still records its (empty) row states
                 empty = pf.schema_arrow.empty_table().select(columns)
-                parts[0] = [_state_of(prepare(empty, id_col=id_col, text_col=text_col, shards=shards, first_row=0))]
+                table = prepare(empty, id_col=id_col, text_col=text_col, shards=shards, first_row=0)
+                parts[0] = [_state_of(with_passages(table, cut) if cut is not None else table)]
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
             raise SourceError(f"{url} cannot be read as Parquet ({type(e).__name__}: {e}); repair or remove it") from e
         for k, w in writers.items():
@@ -180,7 +232,9 @@ def _by_shard(table, stage_texts: bool, hashes_before=None):
     stage = pc.is_null(table.column("reason")) if stage_texts else pa.repeat(False, table.num_rows)
     if hashes_before is not None:
         stage = pc.and_(stage, pc.invert(pc.fill_null(pc.equal(table.column("content_hash"), hashes_before), False)))
-    texts = table.select(["shard", "content_hash", "text"]).filter(stage)
+    chunked = "p_hash" in table.column_names
+    texts = table.select(["shard", "content_hash", "text", *(PASSAGE_COLUMNS if chunked else [])])
+    texts = _passage_texts(texts.filter(stage))
     texts = texts.take(pc.sort_indices(texts.column("shard")))
     cut, text_cut = (np.asarray(t.column("shard")).searchsorted for t in (states, texts))
     for k in pc.unique(states.column("shard")).to_pylist():
@@ -189,7 +243,26 @@ def _by_shard(table, stage_texts: bool, hashes_before=None):
         yield k, states.slice(a, b - a), texts.slice(ta, tb - ta).select(["content_hash", "text"])
 
 
-def _before(store: Store, state: str):
+def _passage_texts(docs):
+    """Staged texts of a chunked version: each document's passages (shard, content_hash, text); else ``docs``."""
+    import pyarrow as pa
+
+    if "p_hash" not in docs.column_names:
+        return docs
+    shard, hashes, texts = [], [], []
+    cols = [docs.column(c).to_pylist() for c in ("shard", "text", "p_start", "p_end", "p_hash")]
+    for k, text, starts, ends, phash in zip(*cols, strict=True):
+        for a, b, h in zip(starts, ends, phash, strict=True):
+            shard.append(k)
+            hashes.append(h)
+            texts.append(text[a:b])
+    return pa.table(
+        {"shard": pa.array(shard, pa.int32()), "content_hash": pa.array(hashes, pa.string()), "text": texts},
+        schema=pa.schema([("shard", pa.int32()), ("content_hash", pa.string()), ("text", pa.string())]),
+    )
+
+
+def _before(store: Store, state: str, chunked: bool = False):
     """The id, content hash and shard of each row of a row-state file (one Arrow table of plain arrays); None
     for a file so large that they would outweigh the scan's row batches in memory (then every good row's
     text is staged and every id hashed for its shard)."""
@@ -199,7 +272,10 @@ def _before(store: Store, state: str):
     pf = pq.ParquetFile(store.pyarrow_fs().open_input_file(store.path(state)))
     if pf.metadata.num_rows > SEEN_MAX_ROWS:
         return None
-    t = pf.read(columns=["id", "content_hash", "shard"])
+    columns = ["id", "content_hash", "shard"]
+    if chunked and "p_hash" in pf.schema_arrow.names:
+        columns += PASSAGE_COLUMNS
+    t = pf.read(columns=columns)
     return pa.table({c: t.column(c).combine_chunks() for c in t.column_names})
 
 

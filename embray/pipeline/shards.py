@@ -24,7 +24,7 @@ import numpy as np
 from embray.config import IndexConfig
 from embray.errors import StoreError
 from embray.lifecycle.versions import FileEntry, Segment, ShardAction, ShardEntry
-from embray.pipeline.types import ParentShard, ShardBuild, ShardPlan
+from embray.pipeline.types import SPAN_COLUMNS, ParentShard, ShardBuild, ShardPlan
 from embray.storage import layout
 from embray.storage.segments import live_rows, read_tombstones, segment_refs, write_tombstones
 from embray.storage.store import Store, local_tmpdir, sha256_file
@@ -207,6 +207,7 @@ def _write(store: Store, vdir: str, shard: int, fp: str, p, keys, vectors, index
             "key": pa.array(keys[order], pa.uint64()),
             "content_hash": p.column("content_hash").take(pa.array(order)),
             "vector": to_arrow(vectors[order], dims),
+            **{c: p.column(c).take(pa.array(order)) for c in SPAN_COLUMNS if c in p.column_names},  # passages
         }
     )
 

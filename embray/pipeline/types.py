@@ -39,6 +39,10 @@ class ParentShard:
 # long text's characters, 512-token models ~2,500), so a 300,000-character page costs what a long one does.
 COST_CHARS = 2048
 
+# A chunked version's rows are passages: besides id (``<doc>#<ordinal>#<start>``), key, content_hash and vector,
+# its embeddings parts hold each passage's document id and span in the document's text.
+SPAN_COLUMNS = ["doc", "ordinal", "start", "end"]
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -55,7 +59,7 @@ class ShardPlan:
     """The plan stage's verdict on one shard: which rows are rejected, reused, or still to embed."""
 
     shard: int
-    rows: int  # rows the shard will hold
+    rows: int  # rows the shard will hold (a chunked version's: passages)
     rejected: int
     by_reason: dict[str, int]
     rejects: FileEntry | None  # the shard's rejects file (None in a dry run or without rejects)
@@ -65,6 +69,7 @@ class ShardPlan:
     oldest_stale_us: int | None  # the earliest source change time (µs) of a new or changed row
     chunks: tuple[Chunk, ...] = ()
     compact: bool = False  # rebuild a shard with segments or tombstones whole, though its rows are unchanged
+    documents: int = 0  # the documents its rows are passages of (chunked versions; else its rows)
 
 
 @dataclass(frozen=True)

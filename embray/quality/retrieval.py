@@ -96,7 +96,7 @@ def load_queries(path: str | Path) -> list[LabelledQuery]:
 
 def _sample_keys(vi: VersionIndex, n: int, rng: np.random.Generator) -> list[tuple[int, np.ndarray]]:
     """(shard position, keys) of about ``n`` stored rows, spread over shards by size."""
-    live = [keys[live_mask(keys, dead)] for _, keys, _, dead in vi.shards]  # a part's keys less tombstones
+    live = [p.keys[live_mask(p.keys, p.dead)] for p in vi.shards]  # a part's keys less tombstones
     sizes = np.array([len(keys) for keys in live], dtype=float)
     if not sizes.sum():
         return []
@@ -116,12 +116,14 @@ def ann_recall(vi: VersionIndex, sample: int, *, k: int = K, seed: int = 0) -> t
     top k or scores at least as well as the exact k-th (so exact ties do not count as misses).
     """
     rng = np.random.default_rng(seed)
-    parts = [np.asarray(vi.shards[pos][0].get(keys, dtype=np.float32)) for pos, keys in _sample_keys(vi, sample, rng)]
+    parts = [
+        np.asarray(vi.shards[pos].index.get(keys, dtype=np.float32)) for pos, keys in _sample_keys(vi, sample, rng)
+    ]
     if not parts:
         return 1.0, 0
     q = np.vstack(parts)
-    ann = vi.search_vectors(q, k)
-    exact = vi.search_vectors(q, k, exact=True)
+    ann = vi.search_vectors(q, k, chunks=True)  # (a chunked version's graph holds passages: compared as such)
+    exact = vi.search_vectors(q, k, exact=True, chunks=True)
     found = []
     for a, e in zip(ann, exact, strict=True):
         if not e:

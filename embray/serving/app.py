@@ -255,15 +255,15 @@ class EmbrayServer:
 
             q = np.asarray([body.vector], dtype=np.float32)
         if self.fan_out is None:
-            hits, missing = idx.search_vectors(q, body.k)[0], None
+            hits, missing = idx.search_vectors(q, body.k, chunks=body.chunks)[0], None
         else:
-            hits, missing = await self.fan_out.search(idx, q, body.k, body.partial)
+            hits, missing = await self.fan_out.search(idx, q, body.k, body.partial, body.chunks)
         if body.text is not None and shadow and self.shadow is not None:
             self.shadow.offer(body.text, [h.id for h in hits])
         doc: dict[str, Any] = {
             "version": idx.version,
             "fingerprint": idx.fingerprint,
-            "results": [{"id": h.id, "score": round(h.score, 6)} for h in hits],
+            "results": [h.to_dict() for h in hits],
         }
         if missing:
             doc.update(partial=True, missing_shards=missing)

@@ -25,12 +25,16 @@ class FanOut:
         self.timeout_s, self.switch_timeout_s = s.group_timeout_s, s.switch_timeout_s
         self.loop: asyncio.AbstractEventLoop | None = None  # the replica's, set by each request
 
-    async def search(self, idx: VersionIndex, q, k: int, partial: bool) -> tuple[list[Hit], list[int]]:
-        """Every group's top k of ``idx``'s version for the query row ``q``, merged; and the missing shards."""
+    async def search(
+        self, idx: VersionIndex, q, k: int, partial: bool, chunks: bool = False
+    ) -> tuple[list[Hit], list[int]]:
+        """Every group's top k of ``idx``'s version for the query row ``q``, merged; and the missing shards. A
+        chunked version's documents never span groups (a document's passages are all in its shard), so the
+        groups' best documents merge by score as rows do."""
         G, limit = len(self.handles), self.timeout_s
 
         async def ask(g: int, handle):
-            response = handle.search.remote((g, G), idx.version, q, k)
+            response = handle.search.remote((g, G), idx.version, q, k, chunks)
             try:
                 return await response
             except asyncio.CancelledError:

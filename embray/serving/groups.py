@@ -159,7 +159,9 @@ class EmbrayShardGroup:
         threading.Thread(target=poll_loop, args=args, kwargs=kw, name="embray-group-poller", daemon=True).start()
 
     # --- what the ingress calls ---------------------------------------------------------------
-    async def search(self, group: tuple[int, int], version: str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    async def search(
+        self, group: tuple[int, int], version: str, vectors: np.ndarray, k: int, chunks: bool = False
+    ) -> list[list[Hit]]:
         """Top k of this group's shards of ``version`` for each query row (loaded first if need be).
 
         ``group`` is the (g, G) the ingress asks for: refused unless it is this replica's (during a redeploy
@@ -174,7 +176,7 @@ class EmbrayShardGroup:
         if version == self.target:
             self.previous = None  # the ingress has switched: the previous version may go once idle
         index = self.loaded.get(version) or await asyncio.to_thread(self._open, version)
-        return index.search_vectors(vectors, k)
+        return index.search_vectors(vectors, k, chunks=chunks)
 
     async def prepare(self, version: str) -> list[str]:
         """Load ``version`` now (a pinned query's, before it is asked for); the versions held."""

@@ -38,6 +38,11 @@ class SearchRequest(BaseModel):
         "active one: loaded on demand, kept while among the replica's `serve.max_loaded_versions`.",
         min_length=1,
     )
+    chunks: bool = Field(
+        False,
+        description="In a version of chunked documents: answer the top `k` passages themselves (several may be of "
+        "one document) instead of the top `k` documents, each scored by its best passage. Ignored otherwise.",
+    )
     partial: bool = Field(
         False,
         description="With shard groups (serve.shard_groups > 1): accept an answer from the groups that replied "
@@ -65,9 +70,18 @@ class SearchRequest(BaseModel):
         return self
 
 
+class ChunkModel(BaseModel):
+    ordinal: int = Field(description="The passage's position in its document (0, 1, ...).")
+    start: int = Field(description="Where the passage starts in the document's text (characters).")
+    end: int = Field(description="Where it ends: the passage is the document's text[start:end].")
+
+
 class HitModel(BaseModel):
-    id: str | int
+    id: str | int = Field(description="The row's id; in a version of chunked documents, the document's.")
     score: float
+    chunk: ChunkModel | None = Field(
+        None, description="In a version of chunked documents: the passage that scored (absent otherwise)."
+    )
 
 
 class SearchResponse(BaseModel):

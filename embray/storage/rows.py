@@ -17,6 +17,7 @@ NULL_TEXT = "null text"
 EMPTY_TEXT = "empty text"
 NOT_TEXT = "text is not a string"
 DUPLICATE_ID = "duplicate id"
+NO_TOKENS = "no text the model reads"  # a chunked document whose text tokenises to nothing
 
 
 def content_hash(text: str) -> str:
