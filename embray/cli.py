@@ -277,7 +277,13 @@ def _status_human(s: StatusReport) -> str:
             else ""
         )
         age = f"{v.age_s / 3600:.1f} h old"
-        lines.append(f"  {alias:<9} {v.id}  {v.model} ({v.fingerprint}), {v.rows} rows, {age}{segs}")
+        rows = f"{v.rows} passages of {v.documents} documents" if v.documents is not None else f"{v.rows} rows"
+        lines.append(f"  {alias:<9} {v.id}  {v.model} ({v.fingerprint}), {rows}, {age}{segs}")
+        if v.truncated_rows:
+            lines.append(
+                f"            {v.truncated_rows} rows longer than the model's window: {v.truncated_tokens} of their "
+                "tokens are not embedded (chunk: embeds every passage of a long document)"
+            )
     sh = s.shadow
     if sh:
         lines.append(

@@ -112,6 +112,8 @@ class BuildResult(_Result):
     embed_nodes: tuple[str, ...] = ()  # Ray node ids the texts were embedded on (none when nothing was)
     source_files: SourceFiles = SourceFiles()
     manifest: Manifest | None = field(default=None, compare=False, repr=False)
+    documents: int | None = None  # a chunked version's documents (its rows are their passages)
+    truncation: Truncation | None = None  # an unchunked version's rows the model's window cut short
 
     @property
     def promoted(self) -> bool:
@@ -133,7 +135,23 @@ class BuildResult(_Result):
             "aliases": list(self.aliases),
             "embed_nodes": list(self.embed_nodes),
             "source_files": self.source_files.to_dict(),
+            **_extras(self.documents, self.truncation),
         }
+
+
+def _extras(documents: int | None, truncation: Truncation | None) -> dict[str, Any]:
+    out: dict[str, Any] = {} if documents is None else {"documents": documents}
+    return out if truncation is None else {**out, "truncated": truncation.to_dict()}
+
+
+@dataclass(frozen=True)
+class Truncation(_Result):
+    """Rows longer than the model's window, in a version of one vector per row: the model read only each one's
+    first ``window`` tokens (special tokens included) and never the other ``tokens``."""
+
+    rows: int
+    tokens: int
+    window: int
 
 
 @dataclass(frozen=True)
@@ -169,6 +187,8 @@ class PlanResult(_Result):
     seconds: float
     estimate: Estimate | None = None  # asked for by `refresh --dry-run` and `migrate --dry-run`
     source_files: SourceFiles = SourceFiles()
+    documents: int | None = None
+    truncation: Truncation | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -188,6 +208,7 @@ class PlanResult(_Result):
             "dry_run": True,
             "source_files": self.source_files.to_dict(),
             **({"estimate": self.estimate.to_dict()} if self.estimate else {}),
+            **_extras(self.documents, self.truncation),
         }
 
 
@@ -381,6 +402,9 @@ class VersionSummary(_Result):
     segments: int = 0  # delta segments over all its shards (``embray compact`` folds them into the bases)
     segmented_shards: int = 0  # shards with delta segments or tombstones
     dead_rows: int = 0  # tombstoned rows its bases and segments still hold (searched past, then dropped)
+    documents: int | None = None  # chunked: the documents its rows are passages of
+    truncated_rows: int | None = None  # unchunked: rows longer than the model's window (None: not counted)
+    truncated_tokens: int | None = None  # their tokens the model never read
 
 
 @dataclass(frozen=True)

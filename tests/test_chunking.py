@@ -103,6 +103,10 @@ def test_a_chunked_backfill_holds_every_passage_of_every_document_with_its_span(
     assert [o for o, *_ in long] == list(range(len(long))) and long[0][1] == 0 and long[-1][2] == len(rows["long"])
     assert {v[1] for v in got.values()} == set(good)
     assert col.verify(built.version).ok
+    audit = col.audit(built.version, sample=25, seed=1)  # passages re-embedded from their span of the source
+    assert audit.ok and audit.compared == audit.sampled >= 20 and audit.min_cosine > 0.999
+    gates = col.gates(built.version)  # ANN recall over passages
+    assert gates.passed, gates.to_dict()
 
     params = Registry(cfg).client.get_run(m.mlflow_run_id).data.params
     assert (
@@ -318,3 +322,58 @@ def test_step_by_step_refreshes_of_chunked_documents_equal_a_fresh_backfill(firs
         assert all(np.isfinite(v).all() for _, v in got.values())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_without_chunking_the_rows_the_model_window_cuts_short_are_counted(tmp_path, caplog):
+    from tokenizers import Tokenizer
+
+    from embray.models.spec import resolve_model_path
+
+    rows = {f"short-{i}": f"a short text number {i}" for i in range(12)}
+    rows.update({f"long-{i}": document(300 + i, 12 + 4 * i) for i in range(4)})  # ~400-800 words
+    write_rows(tmp_path / "corpus", rows, files=2)
+    minilm = {"backend": "sentence-transformers", "name": "all-MiniLM-L6-v2", "dims": None}
+    cfg = make_config(tmp_path, model=minilm, chunk="none", index={"shards": 2})
+    tok = Tokenizer.from_file(str(resolve_model_path(cfg.model) / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    over = {i: len(tok.encode(t).ids) - 256 for i, t in rows.items() if len(tok.encode(t).ids) > 256}
+    assert set(over) == {f"long-{i}" for i in range(4)}
+
+    with caplog.at_level("WARNING", logger="embray"):
+        built = Collection(cfg).backfill()
+    t = built.truncation
+    assert (t.rows, t.tokens, t.window) == (4, sum(over.values()), 256)
+    assert built.to_dict()["truncated"] == {"rows": 4, "tokens": sum(over.values()), "window": 256}
+    assert "4 of 16 rows are longer than model" in caplog.text and "chunk:" in caplog.text
+    m = built.manifest
+    assert (m.counts.truncated, m.counts.truncated_tokens) == (4, sum(over.values())) and m.chunk is None
+    metrics = Registry(cfg).client.get_run(m.mlflow_run_id).data.metrics
+    assert metrics["truncated_rows"] == 4 and metrics["truncated_tokens"] == sum(over.values())
+
+    edited = {**rows, "long-0": "now a short text", "short-0": document(400, 12)}  # one fits now, one does not
+    write_rows(tmp_path / "corpus", edited, files=2)
+    again = Collection(cfg).refresh()
+    over2 = {i: len(tok.encode(t).ids) - 256 for i, t in edited.items() if len(tok.encode(t).ids) > 256}
+    assert (again.truncation.rows, again.truncation.tokens) == (4, sum(over2.values()))
+    report = Collection(cfg).status(verify=False, staleness=False)
+    assert report.active.truncated_rows == 4  # the active version (the backfill) as `embray status` shows it
+
+    hashed = make_config(tmp_path, store={"uri": str(tmp_path / "hash-store")})  # no window: nothing to count
+    plain = Collection(hashed).backfill()
+    assert plain.truncation is None and "truncated" not in plain.to_dict()
+
+
+def test_a_document_the_tokenizer_reads_nothing_of_is_rejected_with_its_reason():
+    import pyarrow as pa
+
+    from embray.pipeline.scan import prepare, with_passages
+    from embray.storage.rows import NO_TOKENS
+
+    minilm = ModelSpec(backend="sentence-transformers", name="all-MiniLM-L6-v2")
+    cut = cutter(chunk_meta(ChunkConfig(), minilm), minilm)
+    batch = pa.table({"id": ["zero-width", "words", "blank"], "text": ["\u200b\u200b\u200b", "real words", " "]})
+    t = with_passages(prepare(batch, id_col="id", text_col="text", shards=2, first_row=0), cut)
+    assert t.column("reason").to_pylist() == [NO_TOKENS, None, "empty text"]  # never a document without a vector
+    assert t.column("p_hash").to_pylist()[0] is None and len(t.column("p_hash")[1]) == 1
+    assert t.column("p_start")[1].as_py() == [0] and t.column("p_end")[1].as_py() == [len("real words")]

@@ -135,6 +135,10 @@ def same_chunking(a: ChunkMeta | None, b: ChunkMeta | None) -> bool:
     return a is None and b is None or a is not None and a.same_as(b)
 
 
+# Counts only some versions have: left out of the manifest's JSON where None, as older manifests have them.
+NEWER_COUNTS = ("documents", "truncated", "truncated_tokens")
+
+
 class VersionCounts(_Section):
     """The ``counts`` section: rows read, kept and rejected, what the build embedded and reused, per shard."""
 
@@ -142,6 +146,8 @@ class VersionCounts(_Section):
     input_rows: int | None = None  # None: not recorded (older manifests)
     rows: int | None = None  # vectors: passages of a chunked version
     documents: int | None = None  # the documents those passages come from (chunked versions only)
+    truncated: int | None = None  # rows longer than the model's window (unchunked versions whose tokens were counted)
+    truncated_tokens: int | None = None  # the tokens of theirs the model never read
     rejected: int = 0
     by_reason: dict[str, int] = Field(default_factory=dict)
     new: int = 0
@@ -279,8 +285,9 @@ class Manifest(BaseModel):
         doc = self.model_dump(mode="json")
         if doc["chunk"] is None:  # an unchunked version's manifest reads as every manifest before chunking did
             del doc["chunk"]
-        if doc["counts"].get("documents", 0) is None:
-            del doc["counts"]["documents"]
+        for key in NEWER_COUNTS:
+            if key in doc["counts"] and doc["counts"][key] is None:
+                del doc["counts"][key]
         return json.dumps(doc, indent=2, sort_keys=True).encode()
 
 

@@ -205,6 +205,41 @@ def chunk_meta(chunk: ChunkConfig, spec: ModelSpec) -> ChunkMeta:
     return ChunkMeta(tokens=tokens, overlap=chunk.overlap, specials=specials, cutter=CUTTER, tokenizer=digest)
 
 
+@dataclass(frozen=True)
+class WindowCounter:
+    """Counts, for a model that embeds one vector per row, the tokens of each text its window leaves out."""
+
+    tokenizer: object
+    window: int  # tokens the model reads, special tokens and document prefix included
+    specials: int
+
+    def dropped(self, texts: list[str]) -> list[int]:
+        """Per text, its tokens past the window (0: the model reads all of it). Only texts longer (in UTF-8
+        bytes) than the window's room are tokenised: no tokenizer makes more tokens than bytes."""
+        room = self.window - self.specials
+        out = [0] * len(texts)
+        long = [i for i, t in enumerate(texts) if len(t) > room and len(t.encode("utf-8")) > room]
+        if long:
+            encs = self.tokenizer.encode_batch([texts[i] for i in long], add_special_tokens=False)
+            for i, enc in zip(long, encs, strict=True):
+                out[i] = max(0, len(enc.ids) - room)
+        return out
+
+
+def window_counter(spec: ModelSpec) -> WindowCounter | None:
+    """The :class:`WindowCounter` of ``spec``'s model; None for a model without a window ('hash') or whose window
+    or tokenizer is not in its files (then nothing is counted)."""
+    try:
+        window = model_window(spec)
+        if window is None:
+            return None
+        tok, _ = _tokenizer(spec)
+    except ConfigError:
+        return None
+    specials = len(tok.encode(spec.document_prefix + "a").ids) - len(tok.encode("a", add_special_tokens=False).ids)
+    return WindowCounter(tok, window, specials)
+
+
 def cutter(meta: ChunkMeta, spec: ModelSpec) -> PassageCutter:
     """The :class:`PassageCutter` of a chunked version, checked to count with the tokenizer it was cut with."""
     tok, digest = _tokenizer(spec)

@@ -91,7 +91,9 @@ def _shard_rows(store: Store, states: list[str], shard: int, chunked: bool = Fal
                 groups.append(g)
         if not groups:
             continue
-        t = pf.read_row_groups(groups, columns=[*STATE_COLUMNS, *(PASSAGE_COLUMNS if chunked else []), "shard"])
+        optional = [c for c in ("dropped",) if c in pf.schema_arrow.names]  # (row states of older builds lack it)
+        columns = [*STATE_COLUMNS, *(PASSAGE_COLUMNS if chunked else []), *optional, "shard"]
+        t = pf.read_row_groups(groups, columns=columns)
         t = t.filter(pc.equal(t.column("shard"), pa.scalar(shard, pa.int32()))).drop(["shard"])
         tables.append(t.append_column("file", pa.array([f] * t.num_rows, pa.int32())))
     if tables:
@@ -101,6 +103,17 @@ def _shard_rows(store: Store, states: list[str], shard: int, chunked: bool = Fal
         empty.update({c: pa.array([], pa.list_(pa.int32())) for c in ("p_start", "p_end")})
         empty["p_hash"] = pa.array([], pa.list_(pa.string()))
     return pa.table({**empty, "row": pa.array([], pa.int64()), "file": pa.array([], pa.int32())})
+
+
+def _truncation(docs) -> tuple[int | None, int | None]:
+    """(rows longer than the model's window, their tokens past it) among a shard's good rows; (None, None)
+    where the scan counted none (a chunked version, a model without a window, row states of older builds)."""
+    import pyarrow.compute as pc
+
+    if "dropped" not in docs.column_names or docs.column("dropped").null_count == docs.num_rows:
+        return None, None
+    col = docs.column("dropped")
+    return pc.sum(pc.greater(col, 0)).as_py() or 0, pc.sum(col).as_py() or 0
 
 
 def passage_rows(docs):
@@ -387,9 +400,12 @@ def plan_shard(
         if bad.num_rows and not inputs.compact:
             rejects = _write_rejects(store, vdir, shard, bad, dup_texts, inputs.urls)
         chunks = _write_plan_and_chunks(store, inputs.staged, shard, cdir, good, d, texts, chunk_rows)
+    truncated, dropped = _truncation(docs)
     return ShardPlan(
         shard=shard,
         documents=docs.num_rows,
+        truncated=truncated,
+        truncated_tokens=dropped,
         rows=good.num_rows,
         rejected=bad.num_rows,
         by_reason=by_reason,

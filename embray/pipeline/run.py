@@ -46,7 +46,7 @@ from embray.lifecycle.versions import (
 )
 from embray.models import fingerprint
 from embray.pipeline.embed import check_pool_fits, embed_chunks, wait_for_node
-from embray.pipeline.passages import chunking
+from embray.pipeline.passages import chunking, window_counter
 from embray.pipeline.plan import ShardInputs, parent_shards, plan_shard
 from embray.pipeline.scan import scan_file
 from embray.pipeline.shards import THREADS as SHARD_THREADS
@@ -54,7 +54,7 @@ from embray.pipeline.shards import build_shard, cached_dims, shard_action
 from embray.pipeline.types import BuildSpec, Embedded, ShardBuild, ShardPlan
 from embray.pipeline.warm import TASK_CPUS, make_room
 from embray.quality.estimate import estimate, throughput_history
-from embray.results import COUNTS, BuildResult, Counts, Estimate, PlanResult, SourceFiles
+from embray.results import COUNTS, BuildResult, Counts, Estimate, PlanResult, SourceFiles, Truncation
 from embray.runtime import gather, init_ray
 from embray.storage import layout
 from embray.storage.source import inspect_source, recorded_source
@@ -100,6 +100,7 @@ class Build:
         self.progress = ctx.progress
         self.estimate: Estimate | None = None
         self.embed_nodes: tuple[str, ...] = ()  # Ray node ids the embedding ran on
+        self.truncation: Truncation | None = None  # what the model's window leaves out (unchunked; after the plan)
         self.lease = lease  # the writer lease the caller holds: checked again right before the commit
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -111,6 +112,9 @@ class Build:
         make_room(TASK_CPUS, 0, "the scan, plan and shard tasks need a CPU")  # warm actors give way
         self.fp = self.spec.fingerprint or fingerprint(self.spec.model)
         self.chunk = chunking(cfg, self.kind, self.spec.model, self.spec.parent)
+        # One vector per row: the scan counts what the model's window leaves out of each row.
+        counter = None if self.chunk or self.compact else window_counter(self.spec.model)
+        self.window = counter.window if counter else None
         self.parents = parent_shards(self.spec.parent, self.fp, self.shards, self.chunk)
         if self.compact:  # the parent's rows, from what it recorded: the corpus is not read
             self.src = recorded_source(cfg.source, self.spec.parent)
@@ -204,7 +208,8 @@ class Build:
         shared = layout.sources_dir(self.cfg.collection)
         before = {f.path: f"{shared}/{f.state.path}" for f in self._parent_inputs()}
         chunk = (self.chunk, self.spec.model) if self.chunk else None
-        refs = [task.remote(src, i, *args, not self.dry_run, before.get(src.seen[i].path), chunk) for i in todo]
+        count = self.spec.model if self.window else None
+        refs = [task.remote(src, i, *args, not self.dry_run, before.get(src.seen[i].path), chunk, count) for i in todo]
         self.progress.stage("scan", len(refs), "files")
         done = _stage(self.kind, "reading the corpus", SourceError, gather, refs, self.progress.advance)
         read = dict(zip(todo, done, strict=True))
@@ -317,6 +322,8 @@ class Build:
                 input_rows=input_rows,
                 rows=rows,
                 documents=sum(p.documents for p in plans) if self.chunk else None,
+                truncated=self.truncation.rows if self.truncation else None,
+                truncated_tokens=self.truncation.tokens if self.truncation else None,
                 rejected=rejected,
                 by_reason=by_reason,
                 **counts.to_dict(),
@@ -357,6 +364,7 @@ class Build:
             **{k: c[k] for k in ("rows", "rejected", "input_rows", *COUNTS, "shards_reused", "shards_updated")},
             "shards_delta": c.shards_delta,
             **({"documents": c.documents} if c.documents is not None else {}),
+            **({"truncated_rows": c.truncated, "truncated_tokens": c.truncated_tokens} if self.truncation else {}),
             "files_read": self.files.read,
             "files_reused": self.files.reused,
             "seconds": seconds,
@@ -389,6 +397,8 @@ class Build:
             embed_nodes=self.embed_nodes,
             source_files=self.files,
             manifest=manifest,
+            documents=c.documents,
+            truncation=self.truncation,
         )
 
     def forecast(self, plans: list[ShardPlan], counts: Counts) -> Estimate:
@@ -442,6 +452,14 @@ def _totals(plans: list[ShardPlan]) -> tuple[int, int, dict[str, int]]:
     return sum(p.rows for p in plans), sum(p.rejected for p in plans), by_reason
 
 
+def _truncation(plans: list[ShardPlan], window: int | None) -> Truncation | None:
+    """What the model's window leaves out of the rows (None: not counted)."""
+    counted = [p for p in plans if p.truncated is not None]
+    if window is None or not counted:
+        return None
+    return Truncation(sum(p.truncated for p in counted), sum(p.truncated_tokens for p in counted), window)
+
+
 def _planned(b: Build) -> tuple[int, list[ShardPlan], Counts]:
     t = time.monotonic()
     input_rows = b.scan()
@@ -449,6 +467,18 @@ def _planned(b: Build) -> tuple[int, list[ShardPlan], Counts]:
     b.times.plan = time.monotonic() - t
     counts = sum((p.counts for p in plans), Counts())
     rows, rejected, _ = _totals(plans)
+    b.truncation = _truncation(plans, b.window)
+    if b.truncation and b.truncation.rows:
+        t = b.truncation
+        log.warning(
+            "%d of %d rows are longer than model %s's window of %d tokens: %d of their tokens are not embedded; "
+            "set chunk: {tokens: null} to embed every passage of a long document",
+            t.rows,
+            rows,
+            b.spec.model.label,
+            t.window,
+            t.tokens,
+        )
     log.info(
         "%s %s planned in %.1fs: %d rows (%d rejected), %s",
         b.kind,
@@ -560,4 +590,6 @@ def plan_build(ctx: Context, spec: BuildSpec, *, with_estimate: bool = False) ->
         seconds=time.monotonic() - b.t0,
         estimate=b.forecast(plans, counts) if with_estimate else None,
         source_files=b.files,
+        documents=sum(p.documents for p in plans) if b.chunk else None,
+        truncation=b.truncation,
     )

@@ -151,13 +151,15 @@ def scan_file(
     stage_texts: bool = True,
     before: str | None = None,
     chunk=None,
+    count=None,
 ) -> tuple[int, FileEntry]:
     """Read one source file in row batches; write its row states (to ``states``, a row group per shard) and,
     with ``stage_texts``, the texts of its good rows to per-shard staging files (what the plan may embed),
     except rows whose id and content hash ``before`` (the row states the parent recorded of this file) holds:
     their texts were embedded then. An id ``before`` holds keeps its recorded shard. With ``chunk`` (a
     version's (ChunkMeta, ModelSpec)), each good row's passages are listed (:func:`with_passages`) and the
-    passages' texts are staged instead of the rows'.
+    passages' texts are staged instead of the rows'. With ``count`` (the ModelSpec of an unchunked version), each
+    good row's tokens past the model's window are counted (column ``dropped``).
 
     Returns (rows read, the state file, relative to ``states``)."""
     import pyarrow as pa
@@ -170,11 +172,7 @@ def scan_file(
     parts: dict[int, list] = {}
     rows = 0
     held = _before(store, before, chunked=chunk is not None) if before else None
-    cut = None
-    if chunk is not None:
-        from embray.pipeline.passages import cutter
-
-        cut = cutter(*chunk)
+    cut, counter = _row_tools(chunk, count)
     try:
         try:
             pf = pq.ParquetFile(src.store.pyarrow_fs().open_input_file(path))
@@ -192,8 +190,7 @@ def scan_file(
                     updated_col=updated_col,
                     known=known,
                 )
-                if cut is not None:
-                    table = with_passages(table, cut, held, pos)
+                table = _annotated(table, cut, counter, held, pos)
                 rows += table.num_rows
                 for k, state, good in _by_shard(table, stage_texts, hashes_before):
                     parts.setdefault(k, []).append(state)
@@ -205,7 +202,7 @@ def scan_file(
             if rows == 0:  # an empty file still records its (empty) row states
                 empty = pf.schema_arrow.empty_table().select(columns)
                 table = prepare(empty, id_col=id_col, text_col=text_col, shards=shards, first_row=0)
-                parts[0] = [_state_of(with_passages(table, cut) if cut is not None else table)]
+                parts[0] = [_state_of(_annotated(table, cut, counter))]
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
             raise SourceError(f"{url} cannot be read as Parquet ({type(e).__name__}: {e}); repair or remove it") from e
         for k, w in writers.items():
@@ -241,6 +238,34 @@ def _by_shard(table, stage_texts: bool, hashes_before=None):
         a, b = cut(k), cut(k, "right")
         ta, tb = text_cut(k), text_cut(k, "right")
         yield k, states.slice(a, b - a), texts.slice(ta, tb - ta).select(["content_hash", "text"])
+
+
+def _row_tools(chunk, count):
+    """(the passage cutter, the window counter) of a scan task: each only where asked for."""
+    from embray.pipeline.passages import cutter, window_counter
+
+    return (cutter(*chunk) if chunk is not None else None), (window_counter(count) if count is not None else None)
+
+
+def _annotated(table, cut, counter, held=None, pos=None):
+    """Prepared rows with their passages (``cut``) or their tokens past the model's window (``counter``)."""
+    if cut is not None:
+        table = with_passages(table, cut, held, pos)
+    if counter is not None:
+        table = with_dropped(table, counter)
+    return table
+
+
+def with_dropped(table, counter):
+    """``table`` with column ``dropped``: each good row's tokens past the model's window (null: a rejected row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    good = pc.is_null(table.column("reason"))
+    texts = table.column("text").filter(good).to_pylist()
+    counts = iter(counter.dropped(texts))
+    dropped = [next(counts) if ok else None for ok in good.to_pylist()]
+    return table.append_column("dropped", pa.array(dropped, pa.int32()))
 
 
 def _passage_texts(docs):

@@ -70,6 +70,8 @@ class ShardPlan:
     chunks: tuple[Chunk, ...] = ()
     compact: bool = False  # rebuild a shard with segments or tombstones whole, though its rows are unchanged
     documents: int = 0  # the documents its rows are passages of (chunked versions; else its rows)
+    truncated: int | None = None  # unchunked: rows longer than the model's window (None: not counted)
+    truncated_tokens: int | None = None  # their tokens past it, which the model never reads
 
 
 @dataclass(frozen=True)

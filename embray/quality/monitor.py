@@ -110,6 +110,9 @@ def _describe(m: Manifest, now: dt.datetime) -> VersionSummary:
         segments=sum(len(s.segments) for s in m.shards),
         segmented_shards=sum(1 for s in m.shards if s.segments or s.tombstones),
         dead_rows=sum(s.dead for s in m.shards),
+        documents=m.counts.documents,
+        truncated_rows=m.counts.truncated,
+        truncated_tokens=m.counts.truncated_tokens,
     )
 
 

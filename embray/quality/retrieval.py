@@ -325,13 +325,15 @@ def _shadow_gate(ctx: Context, version: str) -> Gate | None:
 # --- drift audit ----------------------------------------------------------------------------
 
 
-def _stored_sample(store: Store, manifest: Manifest, n: int, rng: random.Random) -> dict[Any, tuple[str, np.ndarray]]:
-    """id -> (content_hash, stored vector) for about ``n`` rows spread over the shards by size."""
+def _stored_sample(store: Store, manifest: Manifest, n: int, rng: random.Random) -> dict[Any, tuple]:
+    """id -> (content_hash, stored vector, span) for about ``n`` rows spread over the shards by size; a chunked
+    version's span is (document id, start, end) of the passage, else None."""
     import pyarrow.parquet as pq
 
     shards = [s for s in manifest.shards if s.rows and s.embeddings]
     total = sum(s.rows for s in shards)
-    out: dict[Any, tuple[str, np.ndarray]] = {}
+    out: dict[Any, tuple] = {}
+    spans = ["doc", "start", "end"] if manifest.chunk else []
     for s in shards:
         take = min(s.rows, max(1, round(n * s.rows / total)))
         files = ShardFiles.of(manifest, s)
@@ -341,13 +343,15 @@ def _stored_sample(store: Store, manifest: Manifest, n: int, rng: random.Random)
         for rel in files.parts:
             t = pq.read_table(
                 store.path(rel),
-                columns=["id", "content_hash", "vector"],
+                columns=["id", "content_hash", "vector", *spans],
                 filesystem=store.pyarrow_fs(),
                 filters=[("key", "in", keys)],
             )
             vecs = to_numpy(t.column("vector"), manifest.dims)
-            for i, h, v in zip(t.column("id").to_pylist(), t.column("content_hash").to_pylist(), vecs, strict=True):
-                out[i] = (h, v)
+            where = list(zip(*(t.column(c).to_pylist() for c in spans), strict=True)) if spans else [None] * len(vecs)
+            ids, hashes = t.column("id").to_pylist(), t.column("content_hash").to_pylist()
+            for i, h, v, span in zip(ids, hashes, vecs, where, strict=True):
+                out[i] = (h, v, span)
     return out
 
 
@@ -376,6 +380,18 @@ def _source_texts(cfg: Config, ids: list[Any]) -> dict[Any, str]:
     return out
 
 
+def _stored_texts(cfg: Config, stored: dict[Any, tuple]) -> dict[Any, str]:
+    """The current source text of each sampled row (a passage: its span of its document's current text)."""
+    if all(span is None for _, _, span in stored.values()):
+        return _source_texts(cfg, list(stored))
+    docs = _source_texts(cfg, sorted({span[0] for _, _, span in stored.values()}, key=str))
+    out = {}
+    for i, (_, _, (doc, start, end)) in stored.items():
+        if isinstance(docs.get(doc), str):
+            out[i] = docs[doc][start:end]
+    return out
+
+
 def audit(
     ctx: Context,
     version: str,
@@ -396,7 +412,7 @@ def audit(
     floor = cfg.monitor.audit_min_cosine if min_cosine is None else min_cosine
     rng = random.Random(seed if seed is not None else time.time_ns())
     stored = _stored_sample(ctx.store, m, sample or cfg.monitor.audit_sample, rng)
-    texts = _source_texts(cfg, list(stored))
+    texts = _stored_texts(cfg, stored)
     usable = [i for i in stored if isinstance(texts.get(i), str) and R.content_hash(texts[i]) == stored[i][0]]
     here = fingerprint(m.model)
     problems = []
