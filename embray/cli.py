@@ -383,10 +383,12 @@ def monitor(
 def versions(config_path: str, as_json: bool) -> None:
     """List the committed versions of the collection, oldest first."""
     rows = _open(config_path).versions()
-    lines = [f"{'VERSION':<29} {'ROWS':>9}  {'FINGERPRINT':<24}  {'CREATED':<29} {'ALIASES':<18} MODEL"]
+    lines = [f"{'VERSION':<29} {'ROWS':>9}  {'FINGERPRINT':<24}  {'CREATED':<29} {'ALIASES':<18} {'CHUNK':<8} MODEL"]
     for v in rows:
+        chunk = f"{v.chunk['tokens']}/{v.chunk['overlap']}" if v.chunk else "none"
         lines.append(
-            f"{v.id:<29} {v.rows:>9}  {v.fingerprint:<24}  {v.created:<29} {','.join(v.aliases) or '-':<18} {v.model}"
+            f"{v.id:<29} {v.rows:>9}  {v.fingerprint:<24}  {v.created:<29} {','.join(v.aliases) or '-':<18} "
+            f"{chunk:<8} {v.model}"
         )
     _emit(rows, as_json, "\n".join(lines) if rows else "no versions yet: run `embray backfill`")
 

@@ -261,6 +261,8 @@ class Collection:
                 parent=m.parent,
                 aliases=sorted(by_version.get(m.version, [])),
                 registered=m.version in registered,
+                chunk={"tokens": m.chunk.tokens, "overlap": m.chunk.overlap} if m.chunk else None,
+                documents=m.counts.documents,
             )
             for m in manifests
         ]

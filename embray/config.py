@@ -94,7 +94,9 @@ class ChunkConfig(_Strict):
     """``chunk:``: cut each document into passages that fit the model's window, one vector each (long documents).
 
     ``chunk: none`` embeds one vector per row, truncated at the model's window (the rows that lost text are
-    counted). Left out: a refresh keeps its parent's chunking; a new version is not chunked."""
+    counted). Left out: a version keeps the chunking of the version it follows (a refresh its parent's, a
+    backfill the active version's); a new collection's is passages sized to the model's window (none for the
+    'hash' model, which has no window)."""
 
     tokens: int | None = Field(
         None,
@@ -332,8 +334,8 @@ class Config(_Strict):
     chunk: ChunkConfig | Literal["none"] | None = Field(
         None,
         description="Passages per document (a mapping, e.g. {tokens: 256, overlap: 32}), 'none' (one vector per "
-        "row, truncated), or left out (a refresh keeps its parent's; a new version: none). Part of the vector "
-        "space: a change is a migration.",
+        "row, truncated), or left out (a refresh keeps its parent's, a backfill the active version's; a new "
+        "collection: passages sized to the model's window). Part of the vector space: a change is a migration.",
     )
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)

@@ -133,6 +133,8 @@ def write_demo(out: str | Path, docs: int = 6000, files: int = 8) -> tuple[Path,
             "# elsewhere it runs in fp32 with a warning (README, Backends)\n"
             "model: {backend: sentence-transformers, name: all-MiniLM-L6-v2, precision: bf16}\n"
             "index: {metric: cos, dtype: f16, shards: 4}\n"
+            "# a docstring longer than the model's window (256 tokens) is cut into passages, a vector each\n"
+            "chunk: {tokens: null, overlap: 32}\n"
             "embed: {batch_size: 512, actors: 1, num_cpus: 1}\n"
             "mlflow: {tracking_uri: null}\n"
             "ray: {address: null}\n"

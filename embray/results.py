@@ -230,6 +230,8 @@ class VersionInfo(_Result):
     parent: str | None
     aliases: list[str]
     registered: bool  # false only after a crash between commit and MLflow registration
+    chunk: dict[str, int] | None = None  # {tokens, overlap} of a version of passages; None: one vector per row
+    documents: int | None = None  # the documents a version of passages holds
 
 
 @dataclass(frozen=True)

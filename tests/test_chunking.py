@@ -200,6 +200,8 @@ def test_a_refresh_never_mixes_chunkings_and_a_migration_recuts(tmp_path):
             Collection(make_config(tmp_path, chunk=other)).refresh()
     kept = Collection(make_config(tmp_path)).refresh()  # chunk: left out: the parent's chunking
     assert kept.manifest.chunk == base.manifest.chunk and kept.counts.embedded == 0
+    again = Collection(make_config(tmp_path)).backfill()  # left out: the active version's chunking
+    assert again.manifest.chunk == base.manifest.chunk and again.rows == base.rows
 
     with pytest.raises(VersionError, match="needs a different model or chunking"):
         Collection(cfg).migrate(cfg.model)
@@ -361,7 +363,14 @@ def test_without_chunking_the_rows_the_model_window_cuts_short_are_counted(tmp_p
 
     hashed = make_config(tmp_path, store={"uri": str(tmp_path / "hash-store")})  # no window: nothing to count
     plain = Collection(hashed).backfill()
-    assert plain.truncation is None and "truncated" not in plain.to_dict()
+    assert plain.truncation is None and "truncated" not in plain.to_dict() and plain.manifest.chunk is None
+
+    # A new collection with `chunk:` left out: passages sized to the model's window, nothing truncated.
+    fresh = make_config(tmp_path, model=minilm, index={"shards": 2}, store={"uri": str(tmp_path / "new-store")})
+    assert fresh.chunk is None
+    auto = Collection(fresh).backfill()
+    assert auto.manifest.chunk.tokens == 256 and auto.documents == 16 and auto.rows > 16
+    assert auto.truncation is None and auto.to_dict()["documents"] == 16
 
 
 def test_a_document_the_tokenizer_reads_nothing_of_is_rejected_with_its_reason():

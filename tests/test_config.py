@@ -95,6 +95,7 @@ def test_the_demo_writes_a_config_with_the_recommended_cpu_model(tmp_path):
         "bf16",
     )
     assert fingerprint(cfg.model) == fingerprint(ModelSpec())
+    assert cfg.chunk.tokens is None and cfg.chunk.overlap == 32  # long docstrings: passages sized to the model
 
 
 @pytest.mark.parametrize(

@@ -56,8 +56,10 @@ def _writer(ctx: Context, job: str) -> Lease:
 def backfill(ctx: Context, *, promote: bool = True) -> BuildResult:
     """Build a new version of the collection from its whole source."""
     _open_for_writing(ctx)
+    active = ctx.registry.aliases().get(ACTIVE)
+    like = read_manifest(ctx.store, ctx.collection, active) if active else None  # (its chunking, if chunk: is unset)
     with _writer(ctx, "backfill") as lease:
-        result = run_build(ctx, BuildSpec(BuildKind.BACKFILL, ctx.cfg.model), lease)
+        result = run_build(ctx, BuildSpec(BuildKind.BACKFILL, ctx.cfg.model, like=like), lease)
         if promote and ACTIVE not in ctx.registry.aliases():
             set_active(
                 ctx,

@@ -24,6 +24,7 @@ import bisect
 import functools
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from embray.errors import ConfigError
 from embray.lifecycle.versions import BuildKind, ChunkMeta, Manifest
 from embray.models.spec import ModelSpec, resolve_model_path
 
+log = logging.getLogger("embray")
 _SENTENCE_END = frozenset(".!?")
 PARAGRAPH, LINE, SENTENCE, SPACE = 4, 3, 2, 1  # the kinds of boundary before a token, strongest first
 
@@ -165,21 +167,32 @@ CUTTER = "embray-passages-v1: paragraph > line > sentence > space leaves, blake2
 WORDS = "embray-words-v1: one token per run of word characters"  # the 'hash' backend's tokenizer
 
 
-def chunking(cfg: Config, kind: BuildKind, model: ModelSpec, parent: Manifest | None) -> ChunkMeta | None:
-    """How a build of ``kind`` cuts documents: ``chunk:`` of the config where it says, else the parent's (a
-    refresh or compaction keeps it; a migration cuts as the parent did, sized to the new model's window), else
-    not at all."""
-    if kind == BuildKind.COMPACT:
+def chunking(
+    cfg: Config, kind: BuildKind, model: ModelSpec, parent: Manifest | None, like: Manifest | None = None
+) -> ChunkMeta | None:
+    """How a build of ``kind`` cuts documents: as ``chunk:`` of the config says; left out, as the version it
+    follows does (a refresh or compaction: its parent's chunking; a migration: its parent's; a backfill: the
+    active version's, ``like``), sized to the model's window where the model changed; and in a new collection,
+    into passages sized to the model's window (none for a model without one: 'hash' reads every word)."""
+    if kind == BuildKind.COMPACT or (kind == BuildKind.REFRESH and cfg.chunk is None):
         return parent.chunk
     if cfg.chunk == "none":
         return None
     if isinstance(cfg.chunk, ChunkConfig):
         return chunk_meta(cfg.chunk, model)
-    if parent is None or parent.chunk is None:
+    like = parent or like
+    if like is not None:
+        if like.chunk is None:
+            return None
+        try:  # the same settings; a window smaller than their passages: passages of the window
+            return chunk_meta(ChunkConfig(tokens=like.chunk.tokens, overlap=like.chunk.overlap), model)
+        except ConfigError:
+            return chunk_meta(ChunkConfig(overlap=like.chunk.overlap), model)
+    try:
+        return None if model_window(model) is None else chunk_meta(ChunkConfig(), model)
+    except ConfigError as e:
+        log.warning("model %s: %s; its rows are embedded one vector per row (set chunk: to cut them)", model.label, e)
         return None
-    if kind == BuildKind.REFRESH:
-        return parent.chunk
-    return chunk_meta(ChunkConfig(overlap=parent.chunk.overlap), model)
 
 
 def chunk_meta(chunk: ChunkConfig, spec: ModelSpec) -> ChunkMeta:

@@ -111,7 +111,7 @@ class Build:
         check_pool_fits(cfg.embed, cfg.ray)
         make_room(TASK_CPUS, 0, "the scan, plan and shard tasks need a CPU")  # warm actors give way
         self.fp = self.spec.fingerprint or fingerprint(self.spec.model)
-        self.chunk = chunking(cfg, self.kind, self.spec.model, self.spec.parent)
+        self.chunk = chunking(cfg, self.kind, self.spec.model, self.spec.parent, self.spec.like)
         # One vector per row: the scan counts what the model's window leaves out of each row.
         counter = None if self.chunk or self.compact else window_counter(self.spec.model)
         self.window = counter.window if counter else None

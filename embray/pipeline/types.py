@@ -21,6 +21,7 @@ class BuildSpec:
     parent: Manifest | None = None  # lineage; its vectors are reused only when its fingerprint is the model's
     params: dict[str, Any] = field(default_factory=dict)  # extra MLflow params
     fingerprint: str | None = None  # known already (a dry run against a version): skips hashing the weights
+    like: Manifest | None = None  # a backfill's: the active version, whose chunking an unset `chunk:` keeps
 
 
 @dataclass(frozen=True)

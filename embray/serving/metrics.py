@@ -42,7 +42,20 @@ class ServeMetrics:
             tag_keys=("collection", "version"),
         )
         self.rows = metrics.Gauge(
-            "embray_served_rows", description="Rows in the served version.", tag_keys=("collection", "version")
+            "embray_served_rows",
+            description="Rows (vectors) in the served version: passages, in a version of chunked documents.",
+            tag_keys=("collection", "version"),
+        )
+        self.documents = metrics.Gauge(
+            "embray_served_documents",
+            description="Documents in the served version (its rows, without chunking).",
+            tag_keys=("collection", "version"),
+        )
+        self.truncated = metrics.Gauge(
+            "embray_truncated",
+            description="The active version's rows longer than the model's window (kind rows) and their tokens "
+            "the model never read (kind tokens), at the monitor's last check; versions without chunking only.",
+            tag_keys=("collection", "kind"),
         )
         # From the monitor's last status (<collection>/_status/status.json), re-read on every poll.
         self.stale_fraction = metrics.Gauge(
@@ -127,6 +140,9 @@ class ServeMetrics:
         if st.active:
             for kind in ("segments", "dead_rows"):
                 self._set(self.segments, getattr(st.active, kind), {**tags, "kind": kind})
+            if st.active.truncated_rows is not None:
+                self._set(self.truncated, st.active.truncated_rows, {**tags, "kind": "rows"})
+                self._set(self.truncated, st.active.truncated_tokens, {**tags, "kind": "tokens"})
         self._set(self.status_ok, 1.0 if st.ok else 0.0, tags)
         if st.checked_at:
             self._checked_at = dt.datetime.fromisoformat(st.checked_at)
@@ -137,10 +153,12 @@ class ServeMetrics:
             age = (dt.datetime.now(dt.timezone.utc) - self._checked_at).total_seconds()
             self.status_age.set(age, tags={"collection": self.collection})
 
-    def served(self, old: str | None, version: str, load_seconds: float, rows: int, created: str) -> None:
+    def served(
+        self, old: str | None, version: str, load_seconds: float, rows: int, created: str, documents: int | None = None
+    ) -> None:
         if old:  # set to 0 once, then left to age out
             gone = {"collection": self.collection, "version": old}
-            for gauge in (self.active, self.rows, self.load_seconds, self.version_created):
+            for gauge in (self.active, self.rows, self.documents, self.load_seconds, self.version_created):
                 gauge.set(0, tags=gone)
                 self._sticky.pop((gauge.info["name"], tuple(sorted(gone.items()))), None)
         tags = {"collection": self.collection, "version": version}
@@ -148,6 +166,7 @@ class ServeMetrics:
         self._set(self.active, 1, tags)
         self._set(self.load_seconds, load_seconds, tags)
         self._set(self.rows, rows, tags)
+        self._set(self.documents, rows if documents is None else documents, tags)
 
     def record(self, endpoint: str, version: str | None, outcome: str, ms: float) -> None:
         self.requests.inc(

@@ -108,7 +108,8 @@ class ServedVersions:
         old = self.current.version if self.current else None
         self.current = loaded  # the switch: one reference; in-flight requests keep the one they read
         self.last_error = None
-        self.metrics.served(old, loaded.version, loaded.load_seconds, index.manifest.rows, index.manifest.created)
+        m = index.manifest
+        self.metrics.served(old, loaded.version, loaded.load_seconds, m.rows, m.created, m.counts.documents)
         self.metrics.alias(True)
         log.info("serving %s (was %s); loaded and warmed in %.2fs", loaded.version, old, loaded.load_seconds)
         return True
