@@ -147,6 +147,15 @@ def test_search_answers_documents_by_their_best_passage(tmp_path, capsys):
     everything = col.search(deep, k=20).results
     assert [h.id for h in everything] == list(best)[:20] and len(everything) == 20
 
+    # Shard groups (a Serve ingress over G groups): a document's passages are all in its shard, so the groups'
+    # best documents, merged by score, are the whole version's answer.
+    from embray.search import VersionIndex, merge_hits
+
+    m = col.manifest()
+    q = col.index().embedder.embed_queries([deep])
+    groups = [VersionIndex(col.store, m, group=(g, 2)).search_vectors(q, 5)[0] for g in range(2)]
+    assert merge_hits(groups, 5) == col.index().search_vectors(q, 5)[0]
+
     from embray.cli import cli
 
     cfg_path = tmp_path / "embray.yaml"
