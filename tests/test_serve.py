@@ -453,9 +453,9 @@ def test_embray_serve_on_a_cluster_waits_for_nodes_answers_readyz_and_stops_on_c
     try:
         waiting = wait_for(
             "/readyz to say what the application waits for",
-            lambda: (got := _readyz(url, starting=True)) and "EmbrayShardGroup" in got.get("reason", "") and got,
+            lambda: (got := _readyz(url, starting=True)) and "STARTING" in got.get("reason", "") and got,
             timeout=120,
-        )
+        )  # (Serve first says UPDATING, no replicas yet; then STARTING: replicas that wait for a node)
         assert waiting["status"] == 503 and waiting["ready"] is False, waiting
         assert "'embray' is DEPLOYING" in waiting["reason"] and "STARTING" in waiting["reason"], waiting
         assert [_readyz(url)["status"] for _ in range(3)] == [503] * 3  # (each within 2 s)
