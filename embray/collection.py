@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from embray.cache import VersionCache
 from embray.config import Config, load_config, load_model_spec, parse_config, parse_model_spec
 from embray.context import Context
-from embray.errors import ConfigError
+from embray.errors import ConfigError, VersionError
 from embray.lifecycle import aliases as _aliases
 from embray.lifecycle import flows
 from embray.lifecycle import gc as _gc
@@ -435,6 +435,45 @@ class Collection:
         if not 1 <= k <= 1000:
             raise ConfigError(f"k={k}: ask for 1 to 1000 results")
         return self.index(version).search(text=text, vector=vector, fingerprint=fingerprint, k=k, chunks=chunks)
+
+    def search_many(
+        self,
+        texts: list[str] | None = None,
+        vectors: Any = None,
+        fingerprint: str | None = None,
+        k: int = 10,
+        version: str | None = None,
+        chunks: bool = False,
+    ) -> list[SearchResult]:
+        """Top-k for each of many queries from one version (default ``active``), in one call: ``texts`` are
+        embedded in one batch by the version's own model, or ``vectors`` (rows) were made in space ``fingerprint``.
+
+        Returns:
+            One :class:`SearchResult` per query, in order, all from the same version.
+
+        Raises:
+            VersionError: No such version, vectors from another space, or neither/both of texts and vectors.
+            ConfigError: ``k`` outside 1..1000, or no query.
+        """
+        if not 1 <= k <= 1000:
+            raise ConfigError(f"k={k}: ask for 1 to 1000 results")
+        if (texts is None) == (vectors is None):
+            raise VersionError("search_many needs exactly one of texts or vectors")
+        index = self.index(version)
+        if texts is not None:
+            if isinstance(texts, str) or not texts:
+                raise ConfigError("texts: give a non-empty list of query texts")
+            found = index.search_text(list(texts), k, chunks=chunks)
+        else:
+            if fingerprint != index.fingerprint:
+                raise VersionError(
+                    f"the vectors were made in space {fingerprint}, but version {index.version} is in space "
+                    f"{index.fingerprint}; embed the queries with that version's model (or search by text)"
+                )
+            import numpy as np
+
+            found = index.search_vectors(np.atleast_2d(np.asarray(vectors, dtype=np.float32)), k, chunks=chunks)
+        return [SearchResult(index.version, index.fingerprint, hits) for hits in found]
 
     def dataset(self, version: str | None = None) -> ray.data.Dataset:
         """A version's rows (``id``, ``content_hash``, ``vector``) as a Ray Dataset, read from its embeddings

@@ -219,6 +219,7 @@ class ServeConfig(_Strict):
     )
     api_key: str | None = Field(None, description="If set (or env EMBRAY_API_KEY), queries need header X-API-Key.")
     max_text_chars: int = Field(8192, ge=1, description="Longest query text accepted (413 above it).")
+    max_batch: int = Field(64, ge=1, description="Most queries in one request's `queries` batch (413 above it).")
     max_loaded_versions: int = Field(
         3,
         ge=1,

@@ -32,8 +32,10 @@ def _words(rng: random.Random, n: int) -> str:
 def _document(rng: random.Random, paragraphs: int) -> str:
     out = []
     for _ in range(paragraphs):
-        sentences = [_words(rng, rng.randint(4, 30)).capitalize() + rng.choice([".", "!", "?", ";"])
-                     for _ in range(rng.randint(1, 8))]
+        sentences = [
+            _words(rng, rng.randint(4, 30)).capitalize() + rng.choice([".", "!", "?", ";"])
+            for _ in range(rng.randint(1, 8))
+        ]
         out.append(" ".join(sentences) if rng.random() < 0.8 else "\n".join(sentences))
     return "\n\n".join(out)
 

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from embray import Collection
+from embray.errors import ConfigError, VersionError
 from embray.models import ModelSpec, fingerprint, load_embedder
 
 from .helpers import REPO, free_port, make_config, mutate, wait_for, write_corpus, write_rows
@@ -614,11 +615,13 @@ def test_the_openapi_document_tells_the_truth(served):
 
     schema = doc["components"]["schemas"]["SearchRequest"]
     assert schema["additionalProperties"] is False
-    assert {"required": ["vector", "fingerprint"], "not": {"required": ["text"]}} in schema["oneOf"]
+    one_of = [sorted(c["required"]) for c in schema["oneOf"]]
+    assert one_of == [["text"], ["fingerprint", "vector"], ["queries"]]  # exactly one kind of query
 
     # The schema and the server agree on every body: valid by the schema <=> not refused as malformed (422).
     # Nulls for text / vector / fingerprint are refused by both (a schema-driven fuzzer found `{"text": null}`).
-    validator = jsonschema.Draft202012Validator(schema)
+    root = {"$ref": "#/components/schemas/SearchRequest", "components": doc["components"]}  # (Query: a $ref)
+    validator = jsonschema.Draft202012Validator(root)
     vec = [0.1] * 64
     for body in (
         {"text": "river"},
@@ -638,11 +641,55 @@ def test_the_openapi_document_tells_the_truth(served):
         {"vector": "abc", "fingerprint": fp},
         {"text": "river", "vector": vec, "fingerprint": fp},
         {},
+        {"queries": [{"text": "river"}, {"vector": vec, "fingerprint": fp}], "k": 2, "chunks": True},
+        {"queries": []},
+        {"queries": None},
+        {"queries": [{"text": None}]},
+        {"queries": [{"vector": vec}]},
+        {"queries": [{"text": "river", "k": 3}]},
+        {"queries": [{"text": "river"}], "text": "stone"},
+        {"queries": [{"text": "river", "vector": vec, "fingerprint": fp}]},
     ):
         r = _search(url, body)
         valid = validator.is_valid(body)
         assert valid == (r.status_code != 422), (body, valid, r.status_code, r.text[:300])
     assert "`text` is null: leave it out" in _search(url, {"text": None}).text
+
+
+def test_a_batch_answers_every_query_in_order_from_one_version(served):
+    """{"queries": [...]}: one round trip, each query's hits exactly what it gets alone, in the order asked;
+    a bad query is named by its position; more than serve.max_batch is 413."""
+    url, cfg, rows = served["url"], served["cfg"], served["rows"]
+    fp = fingerprint(cfg.model)
+    texts = [rows[f"doc-{i:06d}"] for i in (3, 42, 117)]
+    vec = load_embedder(cfg.model).embed_queries(["river stone"])[0].tolist()
+    queries = [{"text": texts[0]}, {"vector": vec, "fingerprint": fp}, {"text": texts[1]}, {"text": texts[2]}]
+    r = _search(url, {"queries": queries, "k": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    alone = [_search(url, {**q, "k": 4}).json() for q in queries]
+    assert body["results"] == [a["results"] for a in alone] and len(body["results"]) == 4
+    assert {a["version"] for a in alone} == {body["version"]}
+    tops = [body["results"][i][0]["id"] for i in (0, 2, 3)]
+    assert tops == ["doc-000003", "doc-000042", "doc-000117"]  # each text finds its own row, in order
+
+    bad = _search(url, {"queries": [{"text": "a"}, {"vector": vec, "fingerprint": "0" * 24}], "k": 2})
+    assert bad.status_code == 409 and "queries[1]" in bad.json()["detail"]
+    short = _search(url, {"queries": [{"text": "a"}, {"vector": vec[:5], "fingerprint": fp}]})
+    assert short.status_code == 422 and "queries[1]: vector has 5 dimensions" in short.json()["detail"]
+    many = _search(url, {"queries": [{"text": "a"}] * (cfg.serve.max_batch + 1)})
+    assert many.status_code == 413 and "serve.max_batch" in many.json()["detail"]
+    assert _search(url, {"queries": [{"text": "a"}] * cfg.serve.max_batch, "k": 1}).status_code == 200
+
+    col = Collection(cfg)  # the same in Python: one call, one embedding batch, one version
+    many = col.search_many([texts[0], texts[2]], k=4, version=body["version"])
+    assert [[h.to_dict() for h in m.results] for m in many] == [body["results"][0], body["results"][3]]
+    by_vec = col.search_many(vectors=[vec], fingerprint=fp, k=4, version=body["version"])
+    assert [h.to_dict() for h in by_vec[0].results] == body["results"][1]
+    with pytest.raises(VersionError, match="made in space"):
+        col.search_many(vectors=[vec], fingerprint="0" * 24)
+    with pytest.raises(ConfigError, match="non-empty list"):
+        col.search_many([])
 
 
 def test_a_pinned_query_answers_from_that_version_and_replicas_keep_few(served):

@@ -202,7 +202,7 @@ class EmbrayServer:
         t = time.perf_counter()
         if self.fan_out is not None:
             self.fan_out.loop = asyncio.get_running_loop()  # for fan-outs from threads (shadow, pinned loads)
-        endpoint = "text" if body.text is not None else "vector"
+        endpoint = "batch" if body.queries is not None else "text" if body.text is not None else "vector"
         version = None
         try:
             self._collection(name)
@@ -228,46 +228,66 @@ class EmbrayServer:
 
     async def _answer(self, cur: Loaded, body: SearchRequest, *, shadow: bool) -> tuple[dict[str, Any], list]:
         """The SearchResponse body (the route's documented response_model, serialised directly) from ``cur``,
-        but for took_ms; and the shards missing from a partial answer."""
+        but for took_ms; and the shards missing from a partial answer. A batch's texts are embedded in one
+        call and its queries searched together."""
         idx = cur.index
-        if body.text is not None:
-            limit = self.cfg.serve.max_text_chars
-            if len(body.text) > limit:
-                raise HTTPException(
-                    413, f"text has {len(body.text)} characters; the limit is {limit} (serve.max_text_chars)"
-                )
-            q = idx.embedder.embed_queries([body.text])
-        else:
-            if body.fingerprint != idx.fingerprint:
-                raise HTTPException(
-                    409,
-                    f"the vector was made in space {body.fingerprint}, but this server answers from version "
-                    f"{idx.version} in space {idx.fingerprint}; embed the query with that version's model, or send "
-                    "`text`",
-                )
-            if len(body.vector) != idx.manifest.dims:
-                raise HTTPException(
-                    422, f"vector has {len(body.vector)} dimensions; version {idx.version} has {idx.manifest.dims}"
-                )
-            if not all(math.isfinite(x) for x in body.vector):
-                raise HTTPException(422, "vector has NaN or infinite values")
-            import numpy as np
-
-            q = np.asarray([body.vector], dtype=np.float32)
+        batch = body.queries is not None
+        queries = body.queries if batch else [body]
+        if batch and len(queries) > self.cfg.serve.max_batch:
+            raise HTTPException(
+                413, f"a batch of {len(queries)} queries; the limit is {self.cfg.serve.max_batch} (serve.max_batch)"
+            )
+        q = self._vectors(idx, queries, batch)
         if self.fan_out is None:
-            hits, missing = idx.search_vectors(q, body.k, chunks=body.chunks)[0], None
+            found, missing = idx.search_vectors(q, body.k, chunks=body.chunks), None
         else:
-            hits, missing = await self.fan_out.search(idx, q, body.k, body.partial, body.chunks)
-        if body.text is not None and shadow and self.shadow is not None:
-            self.shadow.offer(body.text, [h.id for h in hits])
+            found, missing = await self.fan_out.search(idx, q, body.k, body.partial, body.chunks)
+        if not batch and body.text is not None and shadow and self.shadow is not None:
+            self.shadow.offer(body.text, [h.id for h in found[0]])
+        results = [[h.to_dict() for h in hits] for hits in found]
         doc: dict[str, Any] = {
             "version": idx.version,
             "fingerprint": idx.fingerprint,
-            "results": [h.to_dict() for h in hits],
+            "results": results if batch else results[0],
         }
         if missing:
             doc.update(partial=True, missing_shards=missing)
         return doc, missing or []
+
+    def _vectors(self, idx, queries: list, batch: bool):
+        """The query vectors, in order: texts embedded by the version's model (in one call), vectors checked."""
+        import numpy as np
+
+        where = (lambda i: f"queries[{i}]: ") if batch else (lambda i: "")
+        limit = self.cfg.serve.max_text_chars
+        texts = [(i, q.text) for i, q in enumerate(queries) if q.text is not None]
+        for i, text in texts:
+            if len(text) > limit:
+                raise HTTPException(
+                    413, f"{where(i)}text has {len(text)} characters; the limit is {limit} (serve.max_text_chars)"
+                )
+        out = np.zeros((len(queries), idx.manifest.dims), dtype=np.float32)
+        for i, q in enumerate(queries):
+            if q.vector is None:
+                continue
+            if q.fingerprint != idx.fingerprint:
+                raise HTTPException(
+                    409,
+                    f"{where(i)}the vector was made in space {q.fingerprint}, but this server answers from version "
+                    f"{idx.version} in space {idx.fingerprint}; embed the query with that version's model, or send "
+                    "`text`",
+                )
+            if len(q.vector) != idx.manifest.dims:
+                raise HTTPException(
+                    422,
+                    f"{where(i)}vector has {len(q.vector)} dimensions; version {idx.version} has {idx.manifest.dims}",
+                )
+            if not all(math.isfinite(x) for x in q.vector):
+                raise HTTPException(422, f"{where(i)}vector has NaN or infinite values")
+            out[i] = q.vector
+        if texts:
+            out[[i for i, _ in texts]] = idx.embedder.embed_queries([t for _, t in texts])
+        return out
 
     @app.post(
         "/v1/collections/{name}/reload",

@@ -27,9 +27,9 @@ class FanOut:
 
     async def search(
         self, idx: VersionIndex, q, k: int, partial: bool, chunks: bool = False
-    ) -> tuple[list[Hit], list[int]]:
-        """Every group's top k of ``idx``'s version for the query row ``q``, merged; and the missing shards. A
-        chunked version's documents never span groups (a document's passages are all in its shard), so the
+    ) -> tuple[list[list[Hit]], list[int]]:
+        """Every group's top k of ``idx``'s version for each query row of ``q``, merged; and the missing shards.
+        A chunked version's documents never span groups (a document's passages are all in its shard), so the
         groups' best documents merge by score as rows do."""
         G, limit = len(self.handles), self.timeout_s
 
@@ -62,7 +62,7 @@ class FanOut:
     def search_blocking(self, idx: VersionIndex, q, k: int) -> list[Hit]:
         """:meth:`search` from a thread off the event loop (shadow traffic), run on the replica's loop:
         handles made with RAY_SERVE_THROUGHPUT_OPTIMIZED work only there."""
-        return self._on_loop(self.search(idx, q, k, False), self.timeout_s + 1)[0]
+        return self._on_loop(self.search(idx, q, k, False), self.timeout_s + 1)[0][0]
 
     def prepare(self, version: str) -> None:
         """From a thread off the event loop: have each shard group load ``version`` (one replica of each).
@@ -93,4 +93,5 @@ class FanOut:
             raise HTTPException(503, f"no complete answer from version {idx.version}: {what}{hint}")
         shards = idx.manifest.shards
         missing = sorted(s for g in failed for s in group_shards(len(shards), g, groups) if shards[s].rows)
-        return merge_hits([a[0] for a in answers.values()], k), missing
+        rows = len(next(iter(answers.values())))
+        return [merge_hits([a[r] for a in answers.values()], k) for r in range(rows)], missing

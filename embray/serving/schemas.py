@@ -1,29 +1,75 @@
 """The HTTP API's request and response bodies (the OpenAPI schema at /docs is made from these)."""
 
 # No `from __future__ import annotations`: FastAPI and pydantic must see the real types.
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 MAX_K = 1000
-NON_NULL = ("text", "vector", "fingerprint")  # absent when unused, never null
+NON_NULL = ("text", "vector", "fingerprint", "queries")  # absent when unused, never null
+
+
+def _no_nulls(data: Any) -> Any:
+    if isinstance(data, dict):
+        null = [k for k in NON_NULL if k in data and data[k] is None]
+        if null:
+            raise ValueError(f"`{null[0]}` is null: leave it out instead")
+    return data
+
+
+def _one_query(q: Any, what: str = "") -> None:
+    if (q.text is None) == (q.vector is None):
+        raise ValueError(f"give exactly one of `text` or `vector`{what}")
+    if q.vector is not None and not q.fingerprint:
+        raise ValueError(f"a `vector` query must name the `fingerprint` of the model that made it{what}")
+    if q.text is not None and not q.text.strip():
+        raise ValueError(f"`text` is empty{what}")
+
+
+_ONE_QUERY = [
+    {"required": ["text"], "not": {"required": ["vector"]}},
+    {"required": ["vector", "fingerprint"], "not": {"required": ["text"]}},
+]
+
+
+class Query(BaseModel):
+    """One query of a batch: a ``text``, or a ``vector`` with the ``fingerprint`` of the model that made it."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": _ONE_QUERY})
+
+    text: str | SkipJsonSchema[None] = Field(None, description="Query text.")
+    vector: list[float] | SkipJsonSchema[None] = Field(None, description="Query vector; needs `fingerprint`.")
+    fingerprint: str | SkipJsonSchema[None] = Field(None, description="Fingerprint of the model that made `vector`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _no_nulls(data)
+
+    @model_validator(mode="after")
+    def _one(self) -> "Query":
+        _one_query(self)
+        return self
 
 
 class SearchRequest(BaseModel):
-    """Search by ``text`` (embedded with the serving version's model), or by a ``vector`` made with ``fingerprint``.
+    """Search by ``text`` (embedded with the serving version's model), by a ``vector`` made with ``fingerprint``,
+    or by a batch of such ``queries`` (answered in one round trip, their texts embedded in one batch).
 
-    Exactly one of the two; unknown fields are refused (422), so a typo such as ``top_k`` is not ignored.
-    ``text``, ``vector`` and ``fingerprint`` are left out when unused: an explicit ``null`` is refused (422), as
-    the schema says (their types do not include null).
+    Exactly one of the three; unknown fields are refused (422), so a typo such as ``top_k`` is not ignored.
+    ``text``, ``vector``, ``fingerprint`` and ``queries`` are left out when unused: an explicit ``null`` is
+    refused (422), as the schema says (their types do not include null). ``k``, ``version``, ``chunks`` and
+    ``partial`` apply to every query of a batch.
     """
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "oneOf": [
-                {"required": ["text"], "not": {"required": ["vector"]}},
-                {"required": ["vector", "fingerprint"], "not": {"required": ["text"]}},
+                {**_ONE_QUERY[0], "not": {"anyOf": [{"required": ["vector"]}, {"required": ["queries"]}]}},
+                {**_ONE_QUERY[1], "not": {"anyOf": [{"required": ["text"]}, {"required": ["queries"]}]}},
+                {"required": ["queries"], "not": {"anyOf": [{"required": ["text"]}, {"required": ["vector"]}]}},
             ]
         },
     )
@@ -31,6 +77,11 @@ class SearchRequest(BaseModel):
     text: str | SkipJsonSchema[None] = Field(None, description="Query text.")
     vector: list[float] | SkipJsonSchema[None] = Field(None, description="Query vector; needs `fingerprint`.")
     fingerprint: str | SkipJsonSchema[None] = Field(None, description="Fingerprint of the model that made `vector`.")
+    queries: Annotated[list[Query], Field(min_length=1)] | SkipJsonSchema[None] = Field(
+        None,
+        description="A batch of queries, answered in order as `results: [[hits of the first], ...]` (at most "
+        "`serve.max_batch`; more: 413).",
+    )
     k: int = Field(10, ge=1, le=MAX_K, description="Results to return.")
     version: str | None = Field(
         None,
@@ -53,20 +104,15 @@ class SearchRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _no_nulls(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            null = [k for k in NON_NULL if k in data and data[k] is None]
-            if null:
-                raise ValueError(f"`{null[0]}` is null: leave it out instead")
-        return data
+        return _no_nulls(data)
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
-        if (self.text is None) == (self.vector is None):
-            raise ValueError("give exactly one of `text` or `vector`")
-        if self.vector is not None and not self.fingerprint:
-            raise ValueError("a `vector` query must name the `fingerprint` of the model that made it")
-        if self.text is not None and not self.text.strip():
-            raise ValueError("`text` is empty")
+        if self.queries is not None:
+            if self.text is not None or self.vector is not None or self.fingerprint is not None:
+                raise ValueError("give either `queries` or one query (`text`, or `vector` and `fingerprint`)")
+            return self
+        _one_query(self, " (or `queries`)")
         return self
 
 
@@ -87,7 +133,9 @@ class HitModel(BaseModel):
 class SearchResponse(BaseModel):
     version: str = Field(description="The version the results came from.")
     fingerprint: str = Field(description="Its vector space.")
-    results: list[HitModel] = Field(description="Best first.")
+    results: list[HitModel] | list[list[HitModel]] = Field(
+        description="Best first; for a batch (`queries`), one such list per query, in the order asked."
+    )
     took_ms: float
     partial: bool | None = Field(
         None, description='Only on a "partial" request that some shard group failed: true (absent otherwise).'
