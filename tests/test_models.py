@@ -475,7 +475,7 @@ def test_the_cpu_graph_gives_sentence_transformers_tokens_and_vectors(precision,
         ids, _, _ = fused.fused.tokens.tensors(fused.fused.tokens.encodings([t]))
         assert ids[0].tolist() == plain.model.tokenize([t])["input_ids"][0].tolist(), t[:60]
     got, want = fused.embed_documents(texts), plain.embed_documents(texts)
-    assert fused.fused.calls["graph" if fused.fused.fuse else "plain"] >= 1  # fused where it pays (AVX-512 and up)
+    assert fused.fused.calls["graph"] >= 1  # the batches of man pages ran fused
     cos = np.sum(got * want, axis=1)
     assert cos.min() >= 0.9999, f"{precision}: cosine to sentence-transformers {cos.min():.6f}"
     # a query (fewer than MIN_BATCH texts) runs the same graph unoptimised, to the same vector

@@ -64,18 +64,6 @@ def pad_width(tokens: int) -> int:
     return -(-tokens // step) * step
 
 
-def fusion_pays() -> bool:
-    """Whether oneDNN's fuser runs the graph faster here: on AVX-512 and up (fp32 1.1x, bf16 ~1.2x on one core);
-    below (an AVX2 CPU, or ``ATEN_CPU_CAPABILITY`` / ``ONEDNN_MAX_CPU_ISA`` capped to it) it gained nothing
-    measurable, and each batch shape it compiles holds ~110 MB (fp32): 2.1 GiB on docstrings, 0.55 unfused."""
-    import torch
-
-    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2"):
-        return False
-    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
-    return isa in ("ALL", "DEFAULT") or isa.startswith(("AVX512", "AVX10"))
-
-
 def bound_heap() -> None:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` (process-wide; glibc only; left alone where
     ``MALLOC_MMAP_THRESHOLD_`` is set): a batch's large activations then go back to the system when freed."""
@@ -96,7 +84,6 @@ class FusedEncoder:
 
     def __init__(self, graph, layout: Layout):
         bound_heap()
-        self.fuse = fusion_pays()  # False: every batch runs the graph unoptimised, unpadded
         self.graph = graph
         self.layout = layout
         self.tokens = Tokens(layout)
@@ -110,7 +97,7 @@ class FusedEncoder:
         lengths = np.array([len(e.ids) for e in encs])
         for idx, rows in batches(lengths, lambda width: min(batch_size, BATCH_TOKENS // width), pad_width):
             # Only full batches of at least MIN_BATCH texts run fused: one shape per width to compile
-            out[idx] = self.forward([encs[i] for i in idx], fuse=self.fuse and len(idx) == rows >= MIN_BATCH)
+            out[idx] = self.forward([encs[i] for i in idx], fuse=len(idx) == rows >= MIN_BATCH)
         return out
 
     def forward(self, encs: list, fuse: bool) -> np.ndarray:
@@ -218,7 +205,7 @@ def _check(enc: FusedEncoder, model) -> None:
     want /= np.linalg.norm(want, axis=1, keepdims=True)  # in fp32, as embray does (bf16 normalising loses ~1e-3)
     alone = [enc.forward(enc.tokens.encodings([t]), fuse=False)[0] for t in PROBE]
     batch = enc.tokens.encodings((PROBE * MIN_BATCH)[:MIN_BATCH])
-    for got in [np.stack(alone)] + [enc.forward(batch, fuse=enc.fuse)[: len(PROBE)] for _ in range(3)]:
+    for got in [np.stack(alone)] + [enc.forward(batch, fuse=True)[: len(PROBE)] for _ in range(3)]:
         got = got / np.linalg.norm(got, axis=1, keepdims=True)
         cos = float(np.sum(got * want, axis=1).min())
         if cos < 0.9999:
@@ -241,4 +228,4 @@ def _save(enc: FusedEncoder, where: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["MIN_BATCH", "PAD_STEPS", "FusedEncoder", "build", "fusion_pays", "load_cached", "pad_width"]
+__all__ = ["MIN_BATCH", "PAD_STEPS", "FusedEncoder", "build", "load_cached", "pad_width"]
