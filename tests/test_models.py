@@ -300,6 +300,35 @@ def test_reduced_precision_where_the_device_computes_it(caplog, monkeypatch, nat
     assert ("needs a CPU with AMX or AVX512-BF16" in caplog.text) is not native_bf16
 
 
+@pytest.mark.parametrize(
+    ("var", "value", "capped"),
+    [
+        ("ONEDNN_MAX_CPU_ISA", "AVX2", True),
+        ("DNNL_MAX_CPU_ISA", "avx512_core", True),
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16", False),
+        ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX", False),
+        ("ONEDNN_MAX_CPU_ISA", "ALL", False),
+    ],
+)
+def test_an_instruction_set_cap_counts_as_a_cpu_without_bf16(monkeypatch, var, value, capped):
+    import embray.models.sentence_transformers as st
+
+    # torch's cpuinfo probes ignore the caps: under ONEDNN_MAX_CPU_ISA=AVX2 bf16 is emulated, ~5x slower than fp32
+    monkeypatch.setenv(var, value)
+    assert (st.bf16_capped() == f"{var}={value.upper()}") is capped
+    if capped:
+        assert st.cpu_has_bf16() is False
+
+
+def test_batch_widths_pad_little_and_take_few_shapes():
+    from embray.models.cpu_graph import pad_width
+
+    widths = [pad_width(n) for n in range(1, 513)]
+    assert all(w >= n and w % 8 == 0 for n, w in enumerate(widths, 1))
+    assert all(w - n <= max(7, n // 4) for n, w in enumerate(widths, 1))  # at most 7 tokens, or 1/4, of padding
+    assert len(set(widths[:256])) <= 16 and pad_width(256) == 256 and pad_width(33) == 40
+
+
 @pytest.mark.slow
 def test_fp16_spec_on_a_cpu_gives_the_fp32_vectors(minilm, caplog):
     with caplog.at_level("WARNING", logger="embray"):

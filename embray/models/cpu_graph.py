@@ -15,8 +15,15 @@ its truncation and lower-casing, its pooling in fp32). When the graph
 is made, its token ids and vectors are checked against sentence-transformers' ``encode`` on probe texts
 (ids equal, cosine >= 0.9999), or it is not used. A text's vector does not depend on its batch (cosine
 >= 0.9999 alone vs in any batch; tests/test_models.py). Two things keep the graph from compiling again and
-again: batches are padded to a multiple of :data:`PAD_TOKENS` tokens (masked, so the vectors do not change),
-and batches of fewer than :data:`MIN_BATCH` texts (a query, a few texts) run the same graph unoptimised.
+again: batches are padded (masked, so the vectors do not change) to one of :data:`PAD_STEPS` widths per doubling
+(:func:`pad_width`: at most ~16 shapes for a 256-token model, and at most 1/8 padding where a fixed multiple of 32
+padded docstrings of ~35 tokens by 1.5x), and batches of fewer than :data:`MIN_BATCH` texts (a query, a few
+texts) run the same graph unoptimised.
+
+Memory: a batch is at most :data:`BATCH_TOKENS` tokens, and loading the encoder fixes glibc's mmap threshold
+(:func:`bound_heap`): by default glibc raises it to the largest block freed (up to 32 MiB), so the batches'
+freed activations stay in the heap and a MiniLM worker grew to 0.9 (bf16) - 1.6 GiB (fp32) RSS; see
+docs/notes/issue30-cpu-tiers.md.
 
 Only Transformer -> Pooling (mean | cls) -> (Normalize) models with a fast tokenizer and no default prompt
 take this path; anything else, or ``EMBRAY_CPU_GRAPH=0`` in the environment, keeps sentence-transformers'
@@ -43,16 +50,40 @@ from embray.storage.layout import local_cache_root
 log = logging.getLogger("embray")
 
 RECIPE = "torchscript trace, eager attention, frozen, oneDNN fusion; fast tokenizer, prefix cut; fp32 pooling; v2"
-PAD_TOKENS = 32  # batches are padded to a multiple of this many tokens: few shapes for the graph to compile
-BATCH_TOKENS = 8192  # at most this many tokens a batch (MiniLM, 1 core: 32 x 256 ran 12% faster than 64 x 256)
+PAD_STEPS = 8  # batch widths: this many per doubling (and a multiple of 8): few shapes for the graph to compile
+BATCH_TOKENS = 4096  # at most this many tokens a batch (MiniLM, 1 core: 16 x 256 as fast as 32 x 256, 1/2 the memory)
+MMAP_THRESHOLD = 8 << 20  # glibc: blocks of this many bytes or more are mmapped, and unmapped when freed
 MIN_BATCH = 8  # smaller batches run the graph unoptimised: a query never waits for a new shape to compile
 OPTOUT = "EMBRAY_CPU_GRAPH"
+
+
+def pad_width(tokens: int) -> int:
+    """The width a batch whose longest text has ``tokens`` tokens is padded to: a multiple of 8, one of
+    :data:`PAD_STEPS` widths between each power of two and the next (33-64 tokens: 40, 48, 56, 64)."""
+    step = max(8, (1 << max(0, tokens - 1).bit_length()) // PAD_STEPS)
+    return -(-tokens // step) * step
+
+
+def bound_heap() -> None:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` (process-wide; glibc only; left alone where
+    ``MALLOC_MMAP_THRESHOLD_`` is set): a batch's large activations then go back to the system when freed."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (AttributeError, OSError, ValueError):  # not glibc
+        return
 
 
 class FusedEncoder:
     """Encodes texts with the traced transformer; see the module's notes."""
 
     def __init__(self, graph, layout: Layout):
+        bound_heap()
         self.graph = graph
         self.layout = layout
         self.tokens = Tokens(layout)
@@ -64,7 +95,7 @@ class FusedEncoder:
         out = np.empty((len(texts), self.layout.dims), dtype=np.float32)
         encs = self.tokens.encodings(texts)
         lengths = np.array([len(e.ids) for e in encs])
-        for idx, rows in batches(lengths, lambda width: min(batch_size, BATCH_TOKENS // width), PAD_TOKENS):
+        for idx, rows in batches(lengths, lambda width: min(batch_size, BATCH_TOKENS // width), pad_width):
             # Only full batches of at least MIN_BATCH texts run fused: one shape per width to compile
             out[idx] = self.forward([encs[i] for i in idx], fuse=len(idx) == rows >= MIN_BATCH)
         return out
@@ -73,7 +104,7 @@ class FusedEncoder:
         """Pooled vectors of one batch of encodings: through the fused graph, or the same graph unoptimised."""
         import torch
 
-        ids, mask, types = self.tokens.tensors(encs, PAD_TOKENS if fuse else 1)
+        ids, mask, types = self.tokens.tensors(encs, pad_width if fuse else 1)
         args = (ids, mask) if types is None else (ids, mask, types)
         with torch.no_grad(), torch.jit.optimized_execution(fuse):
             hidden = self.graph(*args)
@@ -197,4 +228,4 @@ def _save(enc: FusedEncoder, where: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["MIN_BATCH", "PAD_TOKENS", "FusedEncoder", "build", "load_cached"]
+__all__ = ["MIN_BATCH", "PAD_STEPS", "FusedEncoder", "build", "load_cached", "pad_width"]

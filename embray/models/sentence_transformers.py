@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -16,14 +17,32 @@ log = logging.getLogger("embray")
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AMX or AVX512-BF16), where a bf16 model runs 2-3x faster than
-    fp32; elsewhere torch emulates bf16 and it is slower than fp32."""
+    fp32; elsewhere torch emulates bf16 and it is slower than fp32 (~5x on one AVX2 core, docs/notes/issue30).
+    An instruction-set cap counts like a CPU without it: ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) below
+    AVX512_CORE_BF16, or ``ATEN_CPU_CAPABILITY`` below avx512 (the cpuinfo probes below ignore both)."""
     import torch
 
+    if bf16_capped() is not None:
+        return False
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         check = getattr(torch.cpu, probe, None)
         if check is not None and check():
             return True
     return False
+
+
+def bf16_capped() -> str | None:
+    """The setting that keeps torch from computing bf16 natively on this CPU, or None."""
+    import torch
+
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        isa = os.environ.get(var, "").strip().upper()
+        if isa and isa not in ("ALL", "DEFAULT") and not any(k in isa for k in ("BF16", "AMX", "FP16", "AVX10")):
+            return f"{var}={isa}"
+    aten = torch.backends.cpu.get_cpu_capability()
+    if aten in ("DEFAULT", "NO AVX", "AVX2"):  # x86 tiers below AVX512 (ARM and POWER report others)
+        return f"ATen CPU capability {aten}"
+    return None
 
 
 def _compute_dtype(precision: str | None, device_type: str):
@@ -42,7 +61,11 @@ def _compute_dtype(precision: str | None, device_type: str):
     if device_type == "cpu" and precision == "bf16":
         if cpu_has_bf16():
             return torch.bfloat16
-        log.warning("model.precision bf16 needs a CPU with AMX or AVX512-BF16; running in fp32 on this one")
+        cap = bf16_capped()
+        log.warning(
+            "model.precision bf16 needs a CPU with AMX or AVX512-BF16%s; running in fp32 on this one",
+            f" and no instruction-set cap ({cap})" if cap else "",
+        )
         return torch.float32
     log.warning("model.precision %s applies on CUDA (bf16: also on CPU); running in fp32 on %s", precision, device_type)
     return torch.float32

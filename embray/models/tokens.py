@@ -108,12 +108,12 @@ class Tokens:
                 encs[i] = self.tokenizer.encode(text.lower() if lower else text)
         return encs
 
-    def tensors(self, encs: list, multiple: int = 1):
+    def tensors(self, encs: list, multiple: int | Callable[[int], int] = 1):
         """(input ids, attention mask, token type ids or None) of a batch of encodings, as CPU tensors padded to
-        the longest rounded up to ``multiple``."""
+        the longest rounded up to ``multiple`` (or to ``multiple(longest)``)."""
         import torch
 
-        width = round_up(max(len(e.ids) for e in encs), multiple)
+        width = padded(max(len(e.ids) for e in encs), multiple)
         ids = np.full((len(encs), width), self.layout.pad_id, dtype=np.int64)
         mask = np.zeros((len(encs), width), dtype=np.int64)
         types = np.zeros((len(encs), width), dtype=np.int64) if self.layout.types else None
@@ -140,13 +140,16 @@ class Tokens:
         return ids.shape == feats["input_ids"].shape and bool((ids == feats["input_ids"]).all())
 
 
-def batches(lengths: np.ndarray, rows_for: Callable[[int], int], multiple: int) -> Iterator[tuple[np.ndarray, int]]:
+def batches(
+    lengths: np.ndarray, rows_for: Callable[[int], int], multiple: int | Callable[[int], int]
+) -> Iterator[tuple[np.ndarray, int]]:
     """Batches of text positions, longest first: (positions, the rows a full batch of that width has), where a
-    batch is as wide as its longest text rounded up to ``multiple`` and ``rows_for(width)`` rows tall."""
+    batch is as wide as its longest text rounded up to ``multiple`` (or ``multiple(longest)``) and
+    ``rows_for(width)`` rows tall."""
     order = np.argsort(-np.asarray(lengths), kind="stable")
     start = 0
     while start < len(order):
-        rows = max(1, rows_for(round_up(int(lengths[order[start]]), multiple)))
+        rows = max(1, rows_for(padded(int(lengths[order[start]]), multiple)))
         yield order[start : start + rows], rows
         start += rows
 
@@ -181,6 +184,11 @@ def splits_at_spaces(tokenizer_json: Path) -> bool:
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def padded(n: int, multiple: int | Callable[[int], int]) -> int:
+    """``n`` rounded up to ``multiple``, or ``multiple(n)`` where it is a function."""
+    return multiple(n) if callable(multiple) else round_up(n, multiple)
 
 
 __all__ = ["PROBE", "Layout", "Tokens", "batches", "prefix", "read_layout", "splits_at_spaces", "st_tokens"]
