@@ -51,37 +51,7 @@ class ServeMetrics:
             description="Documents in the served version (its rows, without chunking).",
             tag_keys=("collection", "version"),
         )
-        self.truncated = metrics.Gauge(
-            "embray_truncated",
-            description="The active version's rows longer than the model's window (kind rows) and their tokens "
-            "the model never read (kind tokens), at the monitor's last check; versions without chunking only.",
-            tag_keys=("collection", "kind"),
-        )
-        # From the monitor's last status (<collection>/_status/status.json), re-read on every poll.
-        self.stale_fraction = metrics.Gauge(
-            "embray_staleness_fraction",
-            description="Stale share of the active version's rows at the monitor's last check.",
-            tag_keys=("collection",),
-        )
-        self.stale_rows = metrics.Gauge(
-            "embray_stale_rows",
-            description="Rows new, changed or deleted in the source since the active version was built.",
-            tag_keys=("collection", "kind"),
-        )
-        self.status_ok = metrics.Gauge(
-            "embray_status_ok", description="1 when the monitor's last status had no problem.", tag_keys=("collection",)
-        )
-        self.status_age = metrics.Gauge(
-            "embray_status_age_seconds",
-            description="Seconds since the monitor's last status check (alert when it stops).",
-            tag_keys=("collection",),
-        )
-        self.segments = metrics.Gauge(
-            "embray_active_segments",
-            description="Delta segments over all shards of the active version, and its tombstoned rows (kind): "
-            "what `embray compact` folds into whole shards.",
-            tag_keys=("collection", "kind"),
-        )
+        self._status_gauges(metrics)
         self.serving_alias = metrics.Gauge(
             "embray_serving_alias",
             description="1 while this replica serves the version alias `active` names, 0 while it serves another "
@@ -112,6 +82,40 @@ class ServeMetrics:
         )
         self._set(threshold, stale_threshold, tags)
         self._set(interval, monitor_interval_s, tags)
+
+    def _status_gauges(self, metrics) -> None:
+        """The gauges exported from the monitor's last status (<collection>/_status/status.json), re-read on every
+        poll."""
+        self.truncated = metrics.Gauge(
+            "embray_truncated",
+            description="The active version's rows longer than the model's window (kind rows) and their tokens "
+            "the model never read (kind tokens), at the monitor's last check; versions without chunking only.",
+            tag_keys=("collection", "kind"),
+        )
+        self.stale_fraction = metrics.Gauge(
+            "embray_staleness_fraction",
+            description="Stale share of the active version's rows at the monitor's last check.",
+            tag_keys=("collection",),
+        )
+        self.stale_rows = metrics.Gauge(
+            "embray_stale_rows",
+            description="Rows new, changed or deleted in the source since the active version was built.",
+            tag_keys=("collection", "kind"),
+        )
+        self.status_ok = metrics.Gauge(
+            "embray_status_ok", description="1 when the monitor's last status had no problem.", tag_keys=("collection",)
+        )
+        self.status_age = metrics.Gauge(
+            "embray_status_age_seconds",
+            description="Seconds since the monitor's last status check (alert when it stops).",
+            tag_keys=("collection",),
+        )
+        self.segments = metrics.Gauge(
+            "embray_active_segments",
+            description="Delta segments over all shards of the active version, and its tombstoned rows (kind): "
+            "what `embray compact` folds into whole shards.",
+            tag_keys=("collection", "kind"),
+        )
 
     def _set(self, gauge, value: float, tags: dict[str, str]) -> None:
         gauge.set(value, tags=tags)
