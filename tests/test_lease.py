@@ -64,7 +64,10 @@ def test_a_writer_paused_past_its_lease_commits_nothing(tmp_path, writer_store):
     rows = write_corpus(tmp_path / "corpus", files=3, rows=100)
     path = _config_file(tmp_path, uri, options)
     col = Collection(load_config(str(path)))
-    parent = col.backfill()
+    # The parent is built under a lease of the usual length: with the test's 3 s, a renewal delayed by a loaded CI
+    # machine lost the setup's own lease once (a ConflictError before the scenario began).
+    cfg = col.config
+    parent = Collection(cfg.model_copy(update={"store": cfg.store.model_copy(update={"lease_ttl_s": 60.0})})).backfill()
     changed, *_ = mutate(rows, n_insert=60, n_update=60, n_delete=10)
     write_rows(tmp_path / "corpus", changed, files=3)
 
