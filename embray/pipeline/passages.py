@@ -214,7 +214,7 @@ def chunk_meta(chunk: ChunkConfig, spec: ModelSpec) -> ChunkMeta:
     if chunk.overlap >= tokens // 2:
         raise ConfigError(f"chunk.overlap {chunk.overlap} must be under half of the passage's {tokens} tokens")
     tok, digest = _tokenizer(spec)
-    specials = len(tok.encode(spec.document_prefix + "a").ids) - len(tok.encode("a", add_special_tokens=False).ids)
+    specials = _specials(tok, spec)
     return ChunkMeta(tokens=tokens, overlap=chunk.overlap, specials=specials, cutter=CUTTER, tokenizer=digest)
 
 
@@ -249,7 +249,7 @@ def window_counter(spec: ModelSpec) -> WindowCounter | None:
         tok, _ = _tokenizer(spec)
     except ConfigError:
         return None
-    specials = len(tok.encode(spec.document_prefix + "a").ids) - len(tok.encode("a", add_special_tokens=False).ids)
+    specials = _specials(tok, spec)
     return WindowCounter(tok, window, specials)
 
 
@@ -282,6 +282,11 @@ def model_window(spec: ModelSpec) -> int | None:
     if not found:
         raise ConfigError(f"model {spec.label}: its window is not in {root}'s config files; set chunk.tokens")
     return int(found)
+
+
+def _specials(tok, spec: ModelSpec) -> int:
+    """Tokens the model adds to every document besides its text: special tokens and the document prefix."""
+    return len(tok.encode(spec.document_prefix + "a").ids) - len(tok.encode("a", add_special_tokens=False).ids)
 
 
 def _tokenizer(spec: ModelSpec):
