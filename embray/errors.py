@@ -7,6 +7,7 @@ the original stays in the traceback.
 
     EmbrayError
     ├── ConfigError      a config file or option is wrong (exit 2)
+    │   └── QueryError   a query's filter, fields or mode is invalid (exit 2; HTTP 422)
     ├── SourceError      the corpus cannot be read or has the wrong shape
     ├── StoreError       the store (local disk or S3) cannot be reached, or a write failed
     ├── RegistryError    the MLflow tracking server / registry cannot be reached, or a call failed
@@ -29,6 +30,11 @@ class ConfigError(EmbrayError):
     """The configuration is invalid; the message names the key and the fix."""
 
     exit_code = 2
+
+
+class QueryError(ConfigError):
+    """A query asks for something the version cannot answer: a filter's unknown column, operator or ill-typed
+    value, an unknown field, an unknown mode. The message names the part of the query and the fix."""
 
 
 class SourceError(EmbrayError):
