@@ -399,16 +399,35 @@ def versions(config_path: str, as_json: bool) -> None:
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000), help="Results to return.")
 @click.option("--version", "version", default=None, help="Search this version instead of the active one.")
 @click.option("--chunks", is_flag=True, help="Chunked documents: list the top passages, not documents.")
+@click.option(
+    "--filter",
+    "filter_",
+    default=None,
+    metavar="JSON",
+    help='Only rows whose metadata matches, e.g. \'{"tenant": "acme", "year": {"$gte": 2024}}\' (source.columns).',
+)
+@click.option("--fields", default=None, metavar="A,B", help="Stored columns (and text) to show with each hit.")
 @json_option
-def search(config_path: str, query: str, k: int, version: str | None, chunks: bool, as_json: bool) -> None:
+def search(
+    config_path: str,
+    query: str,
+    k: int,
+    version: str | None,
+    chunks: bool,
+    filter_: str | None,
+    fields: str | None,
+    as_json: bool,
+) -> None:
     """Search the active version with QUERY, embedded by that version's own model. In a version of chunked
     documents each hit is a document, shown with the passage (ordinal, characters start-end) that scored."""
     col = _open(config_path, as_json, show_log=False)
-    res = col.search(query, k=k, version=version, chunks=chunks)
+    names = [f.strip() for f in fields.split(",") if f.strip()] if fields is not None else None
+    res = col.search(query, k=k, version=version, chunks=chunks, filter=filter_, fields=names)
     human = [f"version {res.version} ({col.index(res.version).manifest.model.label}, fingerprint {res.fingerprint})"]
     for h in res.results:
         at = f"  (passage {h.chunk.ordinal}, characters {h.chunk.start}-{h.chunk.end})" if h.chunk else ""
         human.append(f"{h.score:8.4f}  {h.id}{at}")
+        human += [f"          {name}: {value!r}" for name, value in (h.fields or {}).items()]
     _emit(res, as_json, "\n".join(human))
 
 

@@ -51,6 +51,7 @@ from embray.results import (
 )
 from embray.runtime import init_ray
 from embray.search import VersionIndex
+from embray.storage import metadata as M
 from embray.storage.layout import version_dir
 from embray.storage.segments import read_tombstones
 from embray.storage.store import Store
@@ -410,6 +411,8 @@ class Collection:
         k: int = 10,
         version: str | None = None,
         chunks: bool = False,
+        filter: dict | str | None = None,  # noqa: A002 - the name users know from every vector store
+        fields: list[str] | None = None,
     ) -> SearchResult:
         """Top-k from one version (default ``active``), by ``text`` or by a ``vector`` made in space ``fingerprint``.
 
@@ -424,17 +427,23 @@ class Collection:
             k: Results to return, 1..1000.
             version: A version id or alias; default ``active``.
             chunks: In a chunked version, the top-k passages themselves instead of documents.
+            filter: Only rows whose metadata (``source.columns``) matches, e.g.
+                ``{"tenant": "acme", "published": {"$gte": "2026-01-01"}}`` (:mod:`embray.filters`).
+            fields: Kept columns (and ``text`` with ``source.store_text``) each hit carries in ``Hit.fields``.
 
         Returns:
             :class:`SearchResult`, best first, naming the version and its fingerprint.
 
         Raises:
             VersionError: No such version, a vector without the version's fingerprint, or a wrong size.
+            QueryError: A filter or fields the version cannot answer (the message names the column or operator).
             ConfigError: ``k`` outside 1..1000.
         """
         if not 1 <= k <= 1000:
             raise ConfigError(f"k={k}: ask for 1 to 1000 results")
-        return self.index(version).search(text=text, vector=vector, fingerprint=fingerprint, k=k, chunks=chunks)
+        index = self.index(version)
+        where = {"filter": filter, "fields": fields}
+        return index.search(text=text, vector=vector, fingerprint=fingerprint, k=k, chunks=chunks, **where)
 
     def search_many(
         self,
@@ -444,15 +453,19 @@ class Collection:
         k: int = 10,
         version: str | None = None,
         chunks: bool = False,
+        filter: dict | str | None = None,  # noqa: A002 - the name users know from every vector store
+        fields: list[str] | None = None,
     ) -> list[SearchResult]:
         """Top-k for each of many queries from one version (default ``active``), in one call: ``texts`` are
         embedded in one batch by the version's own model, or ``vectors`` (rows) were made in space ``fingerprint``.
+        ``filter`` and ``fields`` apply to every query (as in :meth:`search`).
 
         Returns:
             One :class:`SearchResult` per query, in order, all from the same version.
 
         Raises:
             VersionError: No such version, vectors from another space, or neither/both of texts and vectors.
+            QueryError: A filter or fields the version cannot answer.
             ConfigError: ``k`` outside 1..1000, or no query.
         """
         if not 1 <= k <= 1000:
@@ -463,7 +476,7 @@ class Collection:
         if texts is not None:
             if isinstance(texts, str) or not texts:
                 raise ConfigError("texts: give a non-empty list of query texts")
-            found = index.search_text(list(texts), k, chunks=chunks)
+            found = index.search_text(list(texts), k, chunks=chunks, filter=filter, fields=fields)
         else:
             if fingerprint != index.fingerprint:
                 raise VersionError(
@@ -472,14 +485,16 @@ class Collection:
                 )
             import numpy as np
 
-            found = index.search_vectors(np.atleast_2d(np.asarray(vectors, dtype=np.float32)), k, chunks=chunks)
+            q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+            found = index.search_vectors(q, k, chunks=chunks, filter=filter, fields=fields)
         return [SearchResult(index.version, index.fingerprint, hits) for hits in found]
 
     def dataset(self, version: str | None = None) -> ray.data.Dataset:
         """A version's rows (``id``, ``content_hash``, ``vector``) as a Ray Dataset, read from its embeddings
         parts as the manifest lists them (a refreshed version's include the parts it reuses from its parent). A
         version of chunked documents has a row per passage, with its document's id (``doc``) and its ``ordinal``,
-        ``start`` and ``end`` in the document's text (``id`` is ``<doc>#<ordinal>#<start>``).
+        ``start`` and ``end`` in the document's text (``id`` is ``<doc>#<ordinal>#<start>``). The metadata columns
+        the version keeps (``source.columns``) follow under their own names, and ``text`` with ``source.store_text``.
 
         The vectors are float32, L2-normalised, exactly as stored. Connects to (or starts) the configured Ray.
 
@@ -506,11 +521,15 @@ class Collection:
                     dead[paths[-1]] = tomb
         init_ray(self.config.ray)
         fs = self.store.pyarrow_fs() if self.store.remote else None
-        columns = ["id", "content_hash", "vector", *(SPAN_COLUMNS if m.chunk else [])]
+        kept = [M.PREFIX + c for c in m.source.columns] + ([M.TEXT] if m.source.store_text else [])
+        columns = ["id", "content_hash", "vector", *(SPAN_COLUMNS if m.chunk else []), *kept]
+        bare = {M.PREFIX + c: c for c in m.source.columns}
         if not dead:
-            return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=[*columns, "key"], include_paths=True)
-        return ds.map_batches(_LiveOnly(dead), batch_format="pyarrow").select_columns(columns)
+            ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+        else:
+            ds = ray.data.read_parquet(paths, filesystem=fs, columns=[*columns, "key"], include_paths=True)
+            ds = ds.map_batches(_LiveOnly(dead), batch_format="pyarrow").select_columns(columns)
+        return ds.rename_columns(bare) if bare else ds
 
     # --- monitoring -----------------------------------------------------------------------------
     def status(self, *, verify: bool = True, staleness: bool = True) -> StatusReport:

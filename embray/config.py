@@ -52,6 +52,21 @@ class SourceConfig(_Strict):
         default_factory=dict,
         description="fsspec options for s3fs and the pyarrow reads, e.g. {client_kwargs: {endpoint_url: ...}}.",
     )
+    columns: list[str] = Field(
+        default_factory=list,
+        description="Metadata columns kept in each version beside the vectors, for search filters and hit fields "
+        "(strings, integers, floats, booleans, timestamps, dates, lists of strings; types from the Parquet schema).",
+    )
+    store_text: bool = Field(
+        False, description="Keep each row's text (a chunked version's: each passage's) in the version, for hit fields."
+    )
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> SourceConfig:
+        from embray.storage.metadata import check_names
+
+        check_names(self.columns, self.id_column, self.text_column)
+        return self
 
 
 class StoreConfig(_Strict):

@@ -246,17 +246,27 @@ class ChunkRef(_Result):
 @dataclass(frozen=True)
 class Hit(_Result):
     """One result: a row's id and score; in a chunked version, a document's id, scored by its best passage
-    (``chunk``: that passage)."""
+    (``chunk``: that passage); ``fields``: the stored columns a search asked for."""
 
     id: Any
     score: float
     chunk: ChunkRef | None = None
+    fields: dict[str, Any] | None = None  # the kept columns (and text) a search asked for, by name
 
     def to_dict(self) -> dict[str, Any]:
         out = {"id": self.id, "score": round(self.score, 6)}
         if self.chunk is not None:
             out["chunk"] = self.chunk.to_dict()
+        if self.fields is not None:
+            out["fields"] = {k: _json_value(v) for k, v in self.fields.items()}
         return out
+
+
+def _json_value(v: Any) -> Any:
+    """A field's value as JSON holds it: timestamps and dates as ISO 8601 text."""
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    return v
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from embray.errors import VersionError
+from embray.errors import QueryError, VersionError
+from embray.filters import Filter, parse_filter
 from embray.lifecycle.versions import FileEntry, Manifest, file_rel
 from embray.models import Embedder, fingerprint, load_embedder
 from embray.results import ChunkRef, Hit, SearchResult
+from embray.storage import metadata as M
 from embray.storage.layout import local_cache_root
 from embray.storage.segments import dead_keys, live_mask
 from embray.storage.store import Store
@@ -86,7 +88,8 @@ class VersionIndex:
                 continue
             for emb, idx, rows in s.parts:
                 index = self._open(s.shard, idx, rows, view=True)
-                self.shards.append(Part(index, *_read_keys(self._local(file_rel(manifest, emb), emb)), dead))
+                keys, ids, spans, kept = _read_keys(self._local(file_rel(manifest, emb), emb))
+                self.shards.append(Part(index, keys, ids, spans, dead, kept))
 
     def _open(self, shard: int, idx: FileEntry, rows: int, *, view: bool):
         """One of the version's USearch files, memory-mapped (``view``) or loaded, checked against the manifest."""
@@ -115,18 +118,22 @@ class VersionIndex:
         index = self._open(s.shard, idx, rows, view=False)
         if len(dead):
             index.remove(dead)
-        keys, ids, spans = _read_keys(self._local(file_rel(m, emb), emb))
+        keys, ids, spans, kept = _read_keys(self._local(file_rel(m, emb), emb))
         if len(dead):  # the entry lists exactly the keys its graph holds
             live = live_mask(keys, dead)
             keys, ids = keys[live], (ids[live] if isinstance(ids, np.ndarray) else ids.filter(pa.array(live)))
             spans = None if spans is None else spans[live]
+            kept = None if kept is None else kept.filter(pa.array(live))
         none = np.zeros(0, dtype=np.uint64)
         segs = [str(self._local(file_rel(m, g.embeddings), g.embeddings)) for g in s.segments]
-        t = pa.concat_tables([pq.read_table(p, columns=["key", *_ID_COLUMNS[self.chunked], "vector"]) for p in segs])
+        extra = [] if kept is None else [M.PREFIX + c for c in kept.column_names if c != M.TEXT]
+        extra += [M.TEXT] if kept is not None and M.TEXT in kept.column_names else []
+        cols = ["key", *_ID_COLUMNS[self.chunked], *extra, "vector"]
+        t = pa.concat_tables([pq.read_table(p, columns=cols) for p in segs])
         if len(dead):
             t = t.filter(pa.array(live_mask(t.column("key").to_numpy(), dead)))
         if not t.num_rows:
-            return Part(index, keys, ids, spans, none)
+            return Part(index, keys, ids, spans, none, kept)
         seg_keys = t.column("key").to_numpy()
         index.add(seg_keys, to_numpy(t.column("vector"), m.dims), threads=os.cpu_count() or 1)
         all_keys = np.concatenate([keys, seg_keys])
@@ -138,7 +145,9 @@ class VersionIndex:
             all_ids = pa.concat_arrays([ids, col.cast(pa.large_string()).combine_chunks()]).take(pa.array(order))
         if spans is not None:
             spans = np.concatenate([spans, _spans(t)])[order]
-        return Part(index, all_keys[order], all_ids, spans, none)
+        if kept is not None:
+            kept = pa.concat_tables([kept, _kept(t)]).take(pa.array(order))
+        return Part(index, all_keys[order], all_ids, spans, none, kept)
 
     def _local(self, rel: str, entry: FileEntry) -> Path:
         """A local path for a version file: itself on local disk; on S3 a cached copy, downloaded whole and
@@ -178,35 +187,86 @@ class VersionIndex:
             self._embedder = load_embedder(self.manifest.model)
         return self._embedder
 
-    def search_text(self, texts: list[str], k: int = 10, *, chunks: bool = False) -> list[list[Hit]]:
-        """Top-k for each text, embedded as a query by the version's own model."""
-        return self.search_vectors(self.embedder.embed_queries(texts), k, chunks=chunks)
+    def search_text(self, texts: list[str], k: int = 10, *, chunks: bool = False, **where) -> list[list[Hit]]:
+        """Top-k for each text, embedded as a query by the version's own model (``where``: ``filter``,
+        ``fields``, as :meth:`search_vectors` takes them)."""
+        self.check_query(**where)  # (a bad filter is refused before the model is loaded)
+        return self.search_vectors(self.embedder.embed_queries(texts), k, chunks=chunks, **where)
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """The metadata columns this version keeps (name -> kind): what filters and fields may name."""
+        return dict(self.manifest.source.columns)
+
+    def filter_of(self, spec) -> Filter | None:
+        """``spec`` (a filter as a dict or JSON text, or a parsed :class:`Filter`) checked against this version's
+        columns; None for no filter. Raises QueryError naming what is wrong."""
+        if spec is None or isinstance(spec, Filter):
+            return self.filter_of(spec.to_json()) if isinstance(spec, Filter) else None
+        return parse_filter(spec, M.schema(self.columns))
+
+    def check_fields(self, fields) -> list[str] | None:
+        """``fields`` (names of kept columns, and ``text`` where the version keeps texts), checked."""
+        if fields is None:
+            return None
+        if isinstance(fields, str) or not all(isinstance(f, str) for f in fields):
+            raise QueryError('fields: give a list of column names, e.g. ["title", "url"]')
+        known = [*self.columns, *([M.TEXT] if self.manifest.source.store_text else [])]
+        for name in fields:
+            if name not in known:
+                have = ", ".join(known) if known else "none (set source.columns or source.store_text and rebuild)"
+                raise QueryError(f"fields: unknown field {name!r}; version {self.version} keeps: {have}")
+        return list(dict.fromkeys(fields))
+
+    def check_query(self, *, filter=None, fields=None) -> None:  # noqa: A002 - the name users know
+        """QueryError for a filter or fields this version cannot answer."""
+        self.filter_of(filter)
+        self.check_fields(fields)
 
     def search(
-        self, text: str | None = None, vector=None, fingerprint: str | None = None, k: int = 10, chunks: bool = False
+        self,
+        text: str | None = None,
+        vector=None,
+        fingerprint: str | None = None,
+        k: int = 10,
+        chunks: bool = False,
+        **where,
     ) -> SearchResult:
         """One query, by ``text`` or by a ``vector`` made in space ``fingerprint``; the hits name this version.
+        ``where``: ``filter`` and ``fields`` (:meth:`search_vectors`).
 
         Raises:
             VersionError: a vector from another space (or of another size), or neither/both of text and vector.
+            QueryError: a filter or fields this version cannot answer.
         """
         if (text is None) == (vector is None):
             raise VersionError("search needs exactly one of text or vector")
         if text is not None:
-            hits = self.search_text([text], k, chunks=chunks)[0]
+            hits = self.search_text([text], k, chunks=chunks, **where)[0]
         else:
             if fingerprint != self.fingerprint:
                 raise VersionError(
                     f"the vector was made in space {fingerprint}, but version {self.version} is in space "
                     f"{self.fingerprint}; embed the query with that version's model (or search by text)"
                 )
-            hits = self.search_vectors(np.asarray(vector, dtype=np.float32), k, chunks=chunks)[0]
+            hits = self.search_vectors(np.asarray(vector, dtype=np.float32), k, chunks=chunks, **where)[0]
         return SearchResult(self.version, self.fingerprint, hits)
 
     def search_vectors(
-        self, vectors: np.ndarray, k: int = 10, *, exact: bool = False, chunks: bool = False
+        self,
+        vectors: np.ndarray,
+        k: int = 10,
+        *,
+        exact: bool = False,
+        chunks: bool = False,
+        filter=None,  # noqa: A002 - the name users know
+        fields=None,
     ) -> list[list[Hit]]:
         """Top-k over every shard for each query row. ``exact`` brute-forces each shard.
+
+        ``filter``: only rows whose metadata matches (:mod:`embray.filters`), searched exactly over the matching
+        rows where they are few, else on the graph with bounded oversampling (:func:`_search_allowed`).
+        ``fields``: the kept columns (and ``text``) each hit carries.
 
         In a chunked version a hit is a document, scored by its best passage (``Hit.chunk``), and ``k`` counts
         documents: each part is asked for more passages than ``k`` (:data:`PASSAGES_PER_HIT` times, then four
@@ -215,24 +275,31 @@ class VersionIndex:
         q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if q.shape[1] != self.manifest.dims:
             raise VersionError(f"query vectors have {q.shape[1]} dims; version {self.version} has {self.manifest.dims}")
+        f, fields = self.filter_of(filter), self.check_fields(fields)
+        allowed = None if f is None else [part.allowed(f) for part in self.shards]
         group = self.chunked and not chunks
         out: list[list[Hit] | None] = [None] * len(q)
         want, todo = k * (PASSAGES_PER_HIT if group else 1), list(range(len(q)))
         while todo:
-            found, short = self._top(q[todo], want, exact), []
+            found, short = self._top(q[todo], want, exact, allowed), []
             for qi, hits in zip(todo, found, strict=True):
                 best = self._best_per_document(hits, k) if group else hits[:k]
                 out[qi] = best
                 if group and len(best) < k and len(hits) >= want:  # a part may hold more documents
                     short.append(qi)
             todo, want = short, want * 4
-        return [[self._hit(d, part, row) for d, part, row in hits] for hits in out]
+        return [[self._hit(d, part, row, fields) for d, part, row in hits] for hits in out]
 
-    def _top(self, q: np.ndarray, want: int, exact: bool) -> list[list[tuple[float, int, int]]]:
-        """Per query row, the ``want`` nearest live rows over every part: (distance, part, row), best first."""
+    def _top(self, q: np.ndarray, want: int, exact: bool, allowed=None) -> list[list[tuple[float, int, int]]]:
+        """Per query row, the ``want`` nearest live rows over every part (``allowed``: per part, the keys a
+        filter lets through): (distance, part, row), best first."""
         per_query: list[list[list[tuple[float, int, int]]]] = [[] for _ in range(len(q))]
         for p, part in enumerate(self.shards):
-            for qi, found in enumerate(_search_part(part.index, q, min(want, len(part.keys)), part.dead, exact)):
+            if allowed is None:
+                hits = _search_part(part.index, q, min(want, len(part.keys)), part.dead, exact)
+            else:
+                hits = _search_allowed(part.index, q, min(want, len(allowed[p])), allowed[p], exact)
+            for qi, found in enumerate(hits):
                 rows = np.searchsorted(part.keys, np.asarray([key for key, _ in found], dtype=np.uint64))
                 per_query[qi].append([(d, p, int(r)) for r, (_, d) in zip(rows, found, strict=True)])
 
@@ -254,10 +321,11 @@ class VersionIndex:
                     break
         return out
 
-    def _hit(self, distance: float, p: int, row: int) -> Hit:
+    def _hit(self, distance: float, p: int, row: int, fields: list[str] | None = None) -> Hit:
         part = self.shards[p]
         chunk = None if part.spans is None else ChunkRef(*(int(v) for v in part.spans[row]))
-        return Hit(_plain(part.ids[row]), _score(self.metric, distance), chunk)
+        kept = None if fields is None else {f: part.kept.column(f)[row].as_py() for f in fields}
+        return Hit(_plain(part.ids[row]), _score(self.metric, distance), chunk, kept)
 
 
 # A chunked version's search first asks each part for this many passages per document wanted.
@@ -268,13 +336,23 @@ _ID_COLUMNS = {False: ["id"], True: ["doc", "ordinal", "start", "end"]}  # what 
 @dataclass(frozen=True)
 class Part:
     """One HNSW graph of a version opened for search: its keys (sorted), the id of each (numpy or Arrow), a
-    chunked version's passage of each (ordinal, start, end; else None), and the dead keys to skip (sorted)."""
+    chunked version's passage of each (ordinal, start, end; else None), the dead keys to skip (sorted), and
+    the metadata the version keeps of each row (an Arrow table, columns under their own names and ``text``;
+    None without any)."""
 
     index: Any
     keys: np.ndarray
     ids: Any
     spans: np.ndarray | None
     dead: np.ndarray
+    kept: Any = None
+
+    def allowed(self, f) -> np.ndarray:
+        """The sorted live keys whose row matches filter ``f``."""
+        match = f.mask(self.kept) if self.kept is not None else np.zeros(len(self.keys), dtype=bool)
+        if len(self.dead):
+            match &= live_mask(self.keys, self.dead)
+        return self.keys[match]
 
 
 def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) -> list[list[tuple[int, float]]]:
@@ -298,6 +376,63 @@ def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) ->
         if count >= n or all(len(o) >= k for o in out):
             return out
         count = min(n, count * 4)
+
+
+# A filtered search asks the graph for this many times the candidates it expects to need (k / the share of
+# rows the filter lets through), and scores the matching rows exactly where that would cost the graph about
+# as many distance computations (candidates x connectivity) as there are matching rows.
+OVERSAMPLE = 2.0
+
+
+def _search_allowed(index, q: np.ndarray, k: int, allowed: np.ndarray, exact: bool) -> list[list[tuple[int, float]]]:
+    """(key, distance) of the k nearest of the ``allowed`` keys (sorted, live) of one part for each query
+    row. Few allowed keys: their vectors (``index.get``) are scored exactly. Many: the graph is searched for
+    ``OVERSAMPLE`` x k / share candidates and those not allowed dropped; a query left with fewer than k asks
+    for four times as many once, then is scored exactly (so a filter never loses a matching row)."""
+    n, m = len(index), len(allowed)
+    if m == 0 or k == 0:
+        return [[] for _ in range(len(q))]
+    count = min(n, int(OVERSAMPLE * k * n / m) + 16)
+    if exact or count * max(index.connectivity, 1) >= m:
+        return _exact_among(index, q, k, allowed)
+    out: list[list[tuple[int, float]] | None] = [None] * len(q)
+    todo = list(range(len(q)))
+    for _ in range(2):
+        m_ = index.search(q[todo], count)
+        keys_2d, dists_2d = np.atleast_2d(m_.keys), np.atleast_2d(m_.distances)
+        counts = np.atleast_1d(m_.counts) if hasattr(m_, "counts") else np.full(len(todo), len(m_))
+        short = []
+        for j, qi in enumerate(todo):
+            keys, dists = keys_2d[j][: counts[j]], dists_2d[j][: counts[j]]
+            ok = allowed[np.minimum(np.searchsorted(allowed, keys), m - 1)] == keys
+            found = list(zip(keys[ok][:k].tolist(), dists[ok][:k].astype(float).tolist(), strict=True))
+            out[qi] = found
+            if len(found) < k:
+                short.append(qi)
+        todo = short
+        if not todo or count >= n:
+            break
+        count = min(n, count * 4)
+    if todo:
+        for qi, found in zip(todo, _exact_among(index, q[todo], k, allowed), strict=True):
+            out[qi] = found
+    return out
+
+
+def _exact_among(index, q: np.ndarray, k: int, allowed: np.ndarray) -> list[list[tuple[int, float]]]:
+    """(key, distance) of the k nearest of the ``allowed`` keys of one part, by brute force over their vectors."""
+    from usearch.index import search as brute_force
+
+    vectors = index.get(allowed, dtype=np.float32)
+    vectors = np.vstack(vectors) if isinstance(vectors, tuple) else np.atleast_2d(vectors)
+    m = brute_force(vectors, q, min(k, len(allowed)), index.metric, exact=True)
+    rows_2d, dists_2d = np.atleast_2d(m.keys), np.atleast_2d(m.distances)
+    counts = np.atleast_1d(m.counts) if hasattr(m, "counts") else np.full(len(q), len(m))
+    out = []
+    for i in range(len(q)):
+        rows, dists = rows_2d[i][: counts[i]].astype(np.int64), dists_2d[i][: counts[i]].astype(float)
+        out.append(list(zip(allowed[rows].tolist(), dists.tolist(), strict=True)))
+    return out
 
 
 # A shard's delta segments up to this many rows are merged into its base's graph when a version is opened
@@ -324,21 +459,34 @@ def _plain(value: Any) -> Any:
     return value.as_py() if hasattr(value, "as_py") else value  # an Arrow scalar (string ids)
 
 
-def _read_keys(path: Path) -> tuple[np.ndarray, Any, np.ndarray | None]:
-    """(keys, ids, spans) of an embeddings part, which is stored in key order. Integer ids as a numpy array;
-    string ids stay one Arrow array (bytes and offsets: about 25 bytes a row where Python strings take about
-    70). A chunked version's part names each row's document (its ids) and passage (spans: ordinal, start, end
-    per row; None for other parts)."""
+def _read_keys(path: Path) -> tuple[np.ndarray, Any, np.ndarray | None, Any]:
+    """(keys, ids, spans, kept) of an embeddings part, which is stored in key order. Integer ids as a numpy
+    array; string ids stay one Arrow array (bytes and offsets: about 25 bytes a row where Python strings take
+    about 70). A chunked version's part names each row's document (its ids) and passage (spans: ordinal,
+    start, end per row; None for other parts). ``kept``: the metadata columns and text (:func:`_kept`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    chunked = "doc" in pq.read_schema(str(path)).names
-    t = pq.read_table(str(path), columns=["key", *_ID_COLUMNS[chunked]])
+    names = pq.read_schema(str(path)).names
+    chunked = "doc" in names
+    extra = [c for c in names if c.startswith(M.PREFIX) or c == M.TEXT]
+    t = pq.read_table(str(path), columns=["key", *_ID_COLUMNS[chunked], *extra])
     col = t.column(_ID_COLUMNS[chunked][0])
     spans = _spans(t) if chunked else None
+    kept = _kept(t) if extra else None
     if pa.types.is_integer(col.type):
-        return t.column("key").to_numpy(), col.combine_chunks().to_numpy(), spans
-    return t.column("key").to_numpy(), col.cast(pa.large_string()).combine_chunks(), spans  # one array past 2 GiB
+        return t.column("key").to_numpy(), col.combine_chunks().to_numpy(), spans, kept
+    return t.column("key").to_numpy(), col.cast(pa.large_string()).combine_chunks(), spans, kept  # (past 2 GiB)
+
+
+def _kept(t):
+    """The metadata columns (under their own names) and the text of a part's table."""
+    import pyarrow as pa
+
+    cols = {c[len(M.PREFIX) :]: t.column(c).combine_chunks() for c in t.column_names if c.startswith(M.PREFIX)}
+    if M.TEXT in t.column_names:
+        cols[M.TEXT] = t.column(M.TEXT).combine_chunks()
+    return pa.table(cols)
 
 
 def _spans(t) -> np.ndarray:

@@ -93,6 +93,27 @@ def write_with_times(root, rows: dict, times: dict, files: int = 2) -> None:
         )
 
 
+TENANTS = ("acme", "globex", "initech")
+
+
+def row_number(row_id) -> int:
+    """The number in a test row's id (``doc-000042`` -> 42, ``new-0003`` -> 3)."""
+    return int("".join(c for c in str(row_id) if c.isdigit()) or 0)
+
+
+def add_columns(root) -> None:
+    """Give every Parquet file under ``root`` metadata columns derived from each row's id: ``tenant`` (one of
+    TENANTS) and ``n`` (the id's number)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in sorted(Path(root).glob("*.parquet")):
+        t = pq.read_table(path)
+        nums = [row_number(i) for i in t.column("id").to_pylist()]
+        t = t.append_column("tenant", pa.array([TENANTS[n % 3] for n in nums]))
+        pq.write_table(t.append_column("n", pa.array(nums, pa.int64())), path)
+
+
 def mutate(rows: dict, n_insert: int, n_update: int, n_delete: int) -> tuple[dict, set, set, set]:
     """A changed copy of ``rows``: (rows, inserted ids, updated ids, deleted ids)."""
     ids = sorted(rows)

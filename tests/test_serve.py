@@ -19,7 +19,18 @@ from embray import Collection
 from embray.errors import ConfigError, VersionError
 from embray.models import ModelSpec, fingerprint, load_embedder
 
-from .helpers import REPO, free_port, make_config, mutate, wait_for, write_corpus, write_rows
+from .helpers import (
+    REPO,
+    TENANTS,
+    add_columns,
+    free_port,
+    make_config,
+    mutate,
+    row_number,
+    wait_for,
+    write_corpus,
+    write_rows,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -46,16 +57,19 @@ def served(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve")
     rows = write_corpus(tmp / "corpus", files=2, rows=150)
+    add_columns(tmp / "corpus")
     port = free_port()
     cfg = make_config(
         tmp,
         serve={"port": port, "poll_s": 1.0, "admin_token": TOKEN, "max_text_chars": 500, "num_cpus": 0.5},
         index={"max_delta_fraction": 0.3},  # v2 is v1's bases plus a delta segment and tombstones per shard
+        source={"columns": ["tenant", "n"], "store_text": True},
     )
     col = Collection(cfg)
     v1 = col.backfill().version
     changed, inserted, *_ = mutate(rows, 20, 20, 10)
     write_rows(tmp / "corpus", changed, files=2)
+    add_columns(tmp / "corpus")
     refreshed = col.refresh()
     v2 = refreshed.version
     assert refreshed.manifest.counts["shards_delta"] == 3
@@ -649,6 +663,13 @@ def test_the_openapi_document_tells_the_truth(served):
         {"queries": [{"text": "river", "k": 3}]},
         {"queries": [{"text": "river"}], "text": "stone"},
         {"queries": [{"text": "river", "vector": vec, "fingerprint": fp}]},
+        {"text": "river", "filter": {"tenant": "acme"}, "fields": ["n", "text"]},
+        {"queries": [{"text": "river"}], "filter": {"n": {"$gte": 3}}, "fields": []},
+        {"text": "river", "filter": None},
+        {"text": "river", "filter": "acme"},
+        {"text": "river", "fields": None},
+        {"text": "river", "fields": [3]},
+        {"queries": [{"text": "river", "filter": {"n": 1}}]},
     ):
         r = _search(url, body)
         valid = validator.is_valid(body)
@@ -690,6 +711,60 @@ def test_a_batch_answers_every_query_in_order_from_one_version(served):
         col.search_many(vectors=[vec], fingerprint="0" * 24)
     with pytest.raises(ConfigError, match="non-empty list"):
         col.search_many([])
+
+
+def test_filters_and_fields_over_http_answer_from_each_version_own_metadata(served):
+    """`filter` and `fields` in the body: the hits are Python's for the same query, every one matches, carries
+    the columns asked for (and its text), from the version that answered (a pinned version's own metadata);
+    a batch applies them to every query; what the version cannot answer is a 422 naming it; the searches are
+    counted by mode and filter in Prometheus."""
+    import ray
+
+    url, cfg, rows, changed, v1, v2 = (served[k] for k in ("url", "cfg", "rows", "changed", "v1", "v2"))
+    col = Collection(cfg)
+    query, names = rows["doc-000007"], ["tenant", "n", "text"]
+    flt = {"tenant": {"$in": ["acme", "initech"]}, "n": {"$lt": 200}}
+    r = _search(url, {"text": query, "k": 8, "filter": flt, "fields": names})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    want = col.search(query, k=8, version=doc["version"], filter=flt, fields=names)
+    assert doc["results"] == [h.to_dict() for h in want.results] and len(doc["results"]) == 8
+    for h in doc["results"]:
+        n = row_number(h["id"])
+        assert h["fields"] == {"tenant": TENANTS[n % 3], "n": n, "text": rows[h["id"]]} and n < 200
+        assert h["fields"]["tenant"] != "globex"
+
+    # Every matching row and no other (k above the matches): v1's rows, or v2's (its inserted rows too).
+    for version, corpus in ((v1, rows), (v2, changed)):
+        body = {"text": query, "k": 1000, "version": version, "filter": {"n": {"$lt": 20}}, "fields": ["text"]}
+        got = _search(url, body).json()["results"]
+        assert {h["id"] for h in got} == {i for i in corpus if row_number(i) < 20}
+        assert all(h["fields"]["text"] == corpus[h["id"]] for h in got)  # v2's texts are v2's
+
+    batch = _search(url, {"queries": [{"text": query}, {"text": rows["doc-000042"]}], "k": 3, "filter": flt})
+    alone = [_search(url, {"text": t, "k": 3, "filter": flt}).json()["results"] for t in (query, rows["doc-000042"])]
+    assert batch.status_code == 200 and batch.json()["results"] == alone
+
+    for body, needle in (
+        ({"filter": {"tenat": "acme"}}, "unknown column 'tenat'"),
+        ({"filter": {"n": {"$regex": "1"}}}, "$regex"),
+        ({"filter": {"n": {"$gt": "x"}}}, "'n'"),
+        ({"fields": ["nope"]}, "unknown field 'nope'"),
+        ({"filter": None}, "`filter` is null"),
+        ({"fields": "tenant"}, "fields"),
+    ):
+        bad = _search(url, {"text": query, **body})
+        assert bad.status_code == 422 and needle in bad.text, (body, bad.status_code, bad.text)
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wait_for(
+        "filtered searches in Prometheus",
+        lambda: any(
+            ln.startswith("ray_embray_searches_total") and 'filtered="true"' in ln and 'mode="vector"' in ln
+            for ln in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
+        ),
+        timeout=60,
+    )
 
 
 def test_a_pinned_query_answers_from_that_version_and_replicas_keep_few(served):
@@ -756,9 +831,11 @@ def test_shard_groups_answer_from_one_version_through_a_promotion_and_a_rollback
     from embray.storage.store import Store
 
     rows = write_corpus(tmp_path / "corpus", files=2, rows=100)
+    add_columns(tmp_path / "corpus")
     cfg = make_config(
         tmp_path,
         collection="sharded",
+        source={"columns": ["tenant", "n"]},
         index={"shards": 4, "max_delta_fraction": 0.4},  # v2 and v3: delta segments on v1's bases
         serve={
             "shard_groups": 2,
@@ -773,6 +850,7 @@ def test_shard_groups_answer_from_one_version_through_a_promotion_and_a_rollback
     v1 = col.backfill().version
     changed, inserted, *_ = mutate(rows, 15, 15, 5)
     write_rows(tmp_path / "corpus", changed, files=2)
+    add_columns(tmp_path / "corpus")
     refreshed = col.refresh()
     v2 = refreshed.version
     assert refreshed.manifest.counts["shards_delta"] == 4
@@ -834,8 +912,19 @@ def test_shard_groups_answer_from_one_version_through_a_promotion_and_a_rollback
         assert all(v == v2 for t0, _, v, _ in log if t_v2 < t0 < t_rollback)
         assert all(v == v1 for t0, _, v, _ in log if t0 > t_v1)
 
+        # A filter and fields go to every group, each filtering its own shards: the whole version's answer.
+        for v in (v1, v2):
+            body = {"text": query, "k": 5, "version": v, "filter": {"tenant": "globex"}, "fields": ["n"]}
+            r = requests.post(search, json=body, timeout=30)
+            want = col.search(query, k=5, version=v, filter={"tenant": "globex"}, fields=["n"])
+            assert r.status_code == 200 and r.json()["results"] == [h.to_dict() for h in want.results], r.text
+            assert len(want.results) == 5 and all(row_number(h.id) % 3 == 1 for h in want.results)
+        bad = requests.post(search, json={"text": query, "filter": {"$or": "x"}}, timeout=30)
+        assert bad.status_code == 422 and "$or" in bad.text
+
         # A version one group cannot load (a shard file of group 1 lost): 503 naming the group, or partial.
         write_rows(tmp_path / "corpus", mutate(changed, 3, 3, 0)[0], files=2)
+        add_columns(tmp_path / "corpus")
         v3 = col.refresh().version
         store = Store(cfg.store.uri)
         m = read_manifest(store, "sharded", v3)

@@ -102,6 +102,8 @@ class SourceMeta(_Section):
     digest: str = ""  # sha256 over the corpus's (id, content_hash) pairs, as the build saw them
     id_type: str = ""  # the id column's Arrow type ("" where unknown)
     updated_at_column: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)  # metadata columns kept: name -> kind
+    store_text: bool = False  # each row's text is kept in the embeddings parts
 
     def reads_like(self, cfg: SourceConfig) -> bool:
         """Whether ``cfg`` names the same corpus and columns (a manifest older than ``updated_at_column``
@@ -109,7 +111,7 @@ class SourceMeta(_Section):
         then = (self.uri, self.id_column, self.text_column)
         if then != (cfg.uri, cfg.id_column, cfg.text_column) or "updated_at_column" not in self.model_fields_set:
             return False
-        return self.updated_at_column == cfg.updated_at_column
+        return self.updated_at_column == cfg.updated_at_column and set(self.columns) == set(cfg.columns)
 
 
 class ChunkMeta(_Section):
@@ -285,6 +287,9 @@ class Manifest(BaseModel):
         doc = self.model_dump(mode="json")
         if doc["chunk"] is None:  # an unchunked version's manifest reads as every manifest before chunking did
             del doc["chunk"]
+        for key, default in (("columns", {}), ("store_text", False)):  # (and one without metadata, likewise)
+            if doc["source"].get(key) == default:
+                del doc["source"][key]
         for key in NEWER_COUNTS:
             if key in doc["counts"] and doc["counts"][key] is None:
                 del doc["counts"][key]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from embray.errors import ConfigError, SourceError, StoreError
@@ -17,6 +17,7 @@ from embray.pipeline.scan import PASSAGE_COLUMNS, UPDATED_AT
 from embray.pipeline.types import COST_CHARS, SPAN_COLUMNS, Chunk, ParentShard, ShardPlan
 from embray.results import Counts
 from embray.storage import layout
+from embray.storage import metadata as M
 from embray.storage import rows as R
 from embray.storage.segments import ShardFiles, live_rows
 from embray.storage.source import SourceInfo
@@ -46,6 +47,7 @@ def parent_shards(
             index_rel=file_rel(parent, s.index) if s.index else None,
             index_cfg=parent.index,
             rejects_rel=file_rel(parent, s.rejects) if s.rejects else None,
+            meta=bool(parent.source.columns) or parent.source.store_text,
         )
         for s in parent.shards
     ]
@@ -72,10 +74,10 @@ def cached_hashes(store: Store, cdir: str, fp: str):
 STATE_COLUMNS = ["id", "row", "content_hash", "reason", UPDATED_AT, "text"]
 
 
-def _shard_rows(store: Store, states: list[str], shard: int, chunked: bool = False):
+def _shard_rows(store: Store, states: list[str], shard: int, chunked: bool = False, columns: dict | None = None):
     """The shard's rows from every source file's row states (its row group of each): ids and content
-    hashes, no texts (only a rejected row's), and (``chunked``) their passages. Adds ``file``, the file's
-    position in ``states``."""
+    hashes, no texts (only a rejected row's), (``chunked``) their passages and the metadata ``columns``
+    (name -> kind). Adds ``file``, the file's position in ``states``."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -92,8 +94,9 @@ def _shard_rows(store: Store, states: list[str], shard: int, chunked: bool = Fal
         if not groups:
             continue
         optional = [c for c in ("dropped",) if c in pf.schema_arrow.names]  # (row states of older builds lack it)
-        columns = [*STATE_COLUMNS, *(PASSAGE_COLUMNS if chunked else []), *optional, "shard"]
-        t = pf.read_row_groups(groups, columns=columns)
+        meta = [M.PREFIX + c for c in columns or {}]
+        columns_read = [*STATE_COLUMNS, *(PASSAGE_COLUMNS if chunked else []), *meta, *optional, "shard"]
+        t = pf.read_row_groups(groups, columns=columns_read)
         t = t.filter(pc.equal(t.column("shard"), pa.scalar(shard, pa.int32()))).drop(["shard"])
         tables.append(t.append_column("file", pa.array([f] * t.num_rows, pa.int32())))
     if tables:
@@ -102,6 +105,7 @@ def _shard_rows(store: Store, states: list[str], shard: int, chunked: bool = Fal
     if chunked:
         empty.update({c: pa.array([], pa.list_(pa.int32())) for c in ("p_start", "p_end")})
         empty["p_hash"] = pa.array([], pa.list_(pa.string()))
+    empty.update({M.PREFIX + c: pa.array([], M.arrow_type(kind)) for c, kind in (columns or {}).items()})
     return pa.table({**empty, "row": pa.array([], pa.int64()), "file": pa.array([], pa.int32())})
 
 
@@ -121,7 +125,7 @@ def passage_rows(docs):
     passage keeps its row only while its document id, ordinal, span and text stay the same), its
     ``content_hash`` (of its text: the vector cache's key, so a passage that moved is not embedded again),
     ``doc`` (the document's id), ``ordinal``, ``start``, ``end`` (its span in the document), and the
-    document's ``file``, ``row`` and change time."""
+    document's ``file``, ``row``, change time and metadata columns."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -141,8 +145,8 @@ def passage_rows(docs):
         "start": start,
         "end": pc.list_flatten(docs.column("p_end").combine_chunks()),
     }
-    for c in ("file", "row", UPDATED_AT):
-        if c in docs.column_names:
+    for c in docs.column_names:  # and the document's metadata, which each of its passages carries
+        if c in ("file", "row", UPDATED_AT) or c.startswith(M.PREFIX):
             out[c] = pc.take(docs.column(c), parent)
     return pa.table(out).sort_by("id")  # (the order a shard's content digest is taken in, as for rows)
 
@@ -266,7 +270,9 @@ def _diff(good, parent: ParentShard | None, store: Store, cdir: str, fp: str) ->
     import pyarrow.compute as pc
 
     ids, hashes = good.column("id").combine_chunks(), good.column("content_hash").combine_chunks()
-    p = live_rows(store, parent.files, ["id", "key", "content_hash"]) if parent is not None else None
+    with_meta = parent is not None and parent.meta and M.META_HASH in good.column_names
+    cols = ["id", "key", "content_hash", *([M.META_HASH] if with_meta else [])]
+    p = live_rows(store, parent.files, cols) if parent is not None else None
     if p is None:
         p = pa.table(
             {"id": pa.array([], ids.type), "key": pa.array([], pa.uint64()), "content_hash": pa.array([], pa.string())}
@@ -278,6 +284,11 @@ def _diff(good, parent: ParentShard | None, store: Store, cdir: str, fp: str) ->
     pos = pc.index_in(ids, value_set=p_ids)
     known = pc.is_valid(pos)
     same = pc.fill_null(pc.equal(pc.take(p_hashes, pos), hashes), False)
+    if with_meta:  # a row whose metadata changed is a changed row (its vector: the parent's, by content hash)
+        meta = pc.equal(pc.take(p.column(M.META_HASH).combine_chunks(), pos), good.column(M.META_HASH))
+        same = pc.and_(same, pc.fill_null(meta, False))
+    elif parent is not None and (parent.meta or M.META_HASH in good.column_names):  # kept by one of the two only
+        same = pa.repeat(False, len(ids))
     status = pc.if_else(same, "same", pc.if_else(known, "changed", "new"))
     moved = pc.indices_nonzero(pc.invert(same))  # the changed and new rows: few in a refresh
     moved_hashes = pc.take(hashes, moved)
@@ -313,9 +324,18 @@ def _among(few, many):
 
 
 def _write_plan_and_chunks(
-    store: Store, staged: str, shard: int, cdir: str, good, d: _Diff, texts: dict[str, str], chunk_rows: int
+    store: Store,
+    staged: str,
+    shard: int,
+    cdir: str,
+    good,
+    d: _Diff,
+    texts: dict[str, str],
+    chunk_rows: int,
+    stored: list[str | None] | None = None,
 ):
-    """The shard's plan file (id, content_hash, status, parent_key) and its chunks of texts to embed."""
+    """The shard's plan file (id, content_hash, status, parent_key, a chunked version's spans, the metadata
+    columns and ``stored`` texts) and its chunks of texts to embed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -326,8 +346,12 @@ def _write_plan_and_chunks(
             "status": d.status,
             "parent_key": d.parent_keys.cast(pa.uint64()),
             **{c: good.column(c) for c in SPAN_COLUMNS if c in good.column_names},  # a chunked version's passages
+            **{c: good.column(c) for c in good.column_names if c.startswith(M.PREFIX) or c == M.META_HASH},
         }
     )
+    if stored is not None:  # source.store_text: the texts of new and changed rows (the rest: the parent's)
+        moved = [t if s != "same" else None for t, s in zip(stored, d.status.to_pylist(), strict=True)]
+        plan = plan.append_column(M.TEXT, pa.array(moved, pa.string()))
     tmp = local_tmpdir("embray-plan-")
     pq.write_table(plan, str(tmp / "plan.parquet"), use_dictionary=["status"])  # (ids, hashes: unique)
     store.upload(str(tmp / "plan.parquet"), layout.plan_file(staged, shard))
@@ -358,6 +382,13 @@ class ShardInputs:
     text_column: str
     compact: bool = False  # a compaction: the parent's rows exactly; its rejects files copied, not rebuilt
     chunked: bool = False  # rows are passages of documents (the row states list them)
+    columns: dict[str, str] = field(default_factory=dict)  # metadata columns kept (name -> kind)
+    store_text: bool = False  # each row's text is kept in the embeddings parts
+
+    @property
+    def meta(self) -> bool:
+        """Whether the version keeps metadata (columns or texts): its rows carry ``meta_hash``."""
+        return bool(self.columns) or self.store_text
 
 
 def plan_shard(
@@ -378,9 +409,11 @@ def plan_shard(
     """
     import pyarrow.compute as pc
 
-    rows = _shard_rows(store, inputs.states, shard, inputs.chunked)
+    rows = _shard_rows(store, inputs.states, shard, inputs.chunked, inputs.columns)
     docs, bad, by_reason = _split_rejects(rows)
     good = passage_rows(docs) if inputs.chunked else docs
+    if inputs.meta:
+        good = good.append_column(M.META_HASH, M.meta_hash_column(good, list(inputs.columns), inputs.store_text))
     d = _diff(good, parent, store, cdir, fp)
     c = d.counts
     rejects, chunks = None, ()
@@ -393,13 +426,17 @@ def plan_shard(
         def texts_of(wanted: set[str], where) -> dict[str, str]:
             return _texts(store, inputs.staged, shard, wanted, where, inputs.src, inputs.text_column) if wanted else {}
 
+        # source.store_text: every new or changed row's text is kept (the rest are in the parent's parts)
+        moved = pc.filter(good.column("content_hash"), pc.not_equal(d.status, "same")) if inputs.store_text else None
+        wanted = set(d.todo) | (set(moved.to_pylist()) if moved is not None else set())
         if inputs.chunked:  # passages' texts are staged, a duplicate document's is read from its file
-            texts, dup_texts = texts_of(set(d.todo), good), texts_of(dups, rows)
+            texts, dup_texts = texts_of(wanted, good), texts_of(dups, rows)
         else:
-            texts = dup_texts = texts_of(set(d.todo) | dups, rows)
+            texts = dup_texts = texts_of(wanted | dups, rows)
         if bad.num_rows and not inputs.compact:
             rejects = _write_rejects(store, vdir, shard, bad, dup_texts, inputs.urls)
-        chunks = _write_plan_and_chunks(store, inputs.staged, shard, cdir, good, d, texts, chunk_rows)
+        stored = [texts.get(h) for h in good.column("content_hash").to_pylist()] if inputs.store_text else None
+        chunks = _write_plan_and_chunks(store, inputs.staged, shard, cdir, good, d, texts, chunk_rows, stored)
     truncated, dropped = _truncation(docs)
     return ShardPlan(
         shard=shard,

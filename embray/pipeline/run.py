@@ -121,8 +121,9 @@ class Build:
             self.source_meta = self.spec.parent.source
         else:
             before = self._parent_inputs()
-            id_type = self.spec.parent.source.id_type if before else ""
-            self.src = inspect_source(cfg.source, before, id_type)  # reads only the new and changed files
+            prev = self.spec.parent.source if before else None
+            # (reads only the new and changed files)
+            self.src = inspect_source(cfg.source, before, prev.id_type if prev else "", prev.columns if prev else None)
             self.source_meta = SourceMeta(
                 uri=cfg.source.uri,
                 id_column=cfg.source.id_column,
@@ -131,6 +132,8 @@ class Build:
                 digest=self.src.digest,
                 id_type=self.src.id_type,
                 updated_at_column=cfg.source.updated_at_column,
+                columns=self.src.columns,
+                store_text=cfg.source.store_text,
             )
         self.vid = new_version_id()
         # A dry run writes only scratch files, outside versions/ (gc and listings never see it), and takes no lease.
@@ -193,6 +196,8 @@ class Build:
             "index.dtype": self.index_cfg.dtype,
             "index.shards": self.shards,
             **(self.chunk.params() if self.chunk else {"chunk": "none"}),
+            "source.columns": ",".join(self.source_meta.columns) or "none",
+            "source.store_text": self.source_meta.store_text,
             "embed.batch_size": cfg.embed.batch_size,
             "embed.actors": cfg.embed.actors,
             **spec.params,
@@ -205,11 +210,15 @@ class Build:
         sc, src, task = self.cfg.source, self.src, ray.remote(num_cpus=1)(scan_file)
         todo = [i for i, prev in enumerate(src.unchanged) if prev is None]
         args = (sc.id_column, sc.text_column, self.shards, self.store, self.staged, self.states, sc.updated_at_column)
+        columns = self.src.columns
         shared = layout.sources_dir(self.cfg.collection)
         before = {f.path: f"{shared}/{f.state.path}" for f in self._parent_inputs()}
         chunk = (self.chunk, self.spec.model) if self.chunk else None
         count = self.spec.model if self.window else None
-        refs = [task.remote(src, i, *args, not self.dry_run, before.get(src.seen[i].path), chunk, count) for i in todo]
+        refs = [
+            task.remote(src, i, *args, not self.dry_run, before.get(src.seen[i].path), chunk, count, columns)
+            for i in todo
+        ]
         self.progress.stage("scan", len(refs), "files")
         done = _stage(self.kind, "reading the corpus", SourceError, gather, refs, self.progress.advance)
         read = dict(zip(todo, done, strict=True))
@@ -230,7 +239,10 @@ class Build:
         sc, src = self.cfg.source, self.src
         urls = [src.url(f) for f in src.files]
         chunked = self.chunk is not None
-        inputs = ray.put(ShardInputs(self.state_rels, urls, self.staged, src, sc.text_column, self.compact, chunked))
+        meta = self.source_meta
+        kept = {"columns": meta.columns, "store_text": meta.store_text}
+        inputs = ShardInputs(self.state_rels, urls, self.staged, src, sc.text_column, self.compact, chunked, **kept)
+        inputs = ray.put(inputs)
         task = ray.remote(num_cpus=1)(plan_shard)
         refs = [
             task.remote(

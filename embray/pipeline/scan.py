@@ -10,6 +10,7 @@ from __future__ import annotations
 from embray.errors import SourceError
 from embray.lifecycle.versions import FileEntry
 from embray.storage import layout
+from embray.storage import metadata as M
 from embray.storage import rows as R
 from embray.storage.source import SourceInfo
 from embray.storage.store import Store, local_tmpdir, sha256_file
@@ -37,16 +38,27 @@ def updated_at(batch, col: str | None):
 
 
 def prepare(
-    batch, *, id_col: str, text_col: str, shards: int, first_row: int, updated_col: str | None = None, known=None
+    batch,
+    *,
+    id_col: str,
+    text_col: str,
+    shards: int,
+    first_row: int,
+    updated_col: str | None = None,
+    known=None,
+    columns: dict[str, str] | None = None,
+    url: str = "",
 ):
     """Hash content, assign shards, and mark rows that cannot be embedded (the rules of :mod:`embray.storage.rows`,
     applied to whole columns). ``known``: each row's shard where the parent's row states of this file already
-    hold its id, else null (:func:`_held`); only the other ids are hashed for their shard."""
+    hold its id, else null (:func:`_held`); only the other ids are hashed for their shard. ``columns``: the
+    metadata columns (name -> kind) to keep, as ``meta.<name>``."""
     import pyarrow as pa
 
     ids, texts = batch.column(id_col), batch.column(text_col)
     reasons = R.reject_column(ids, texts)
     hashes = R.content_hash_column(texts, reasons.is_null().to_pylist())
+    meta = {M.PREFIX + c: M.normalised(batch.column(c), kind, c, url) for c, kind in (columns or {}).items()}
     return pa.table(
         {
             "id": ids,
@@ -56,6 +68,7 @@ def prepare(
             "reason": reasons,
             UPDATED_AT: updated_at(batch, updated_col),
             "shard": _shards(ids, shards, known),
+            **meta,
         }
     )
 
@@ -152,6 +165,7 @@ def scan_file(
     before: str | None = None,
     chunk=None,
     count=None,
+    columns: dict[str, str] | None = None,
 ) -> tuple[int, FileEntry]:
     """Read one source file in row batches; write its row states (to ``states``, a row group per shard) and,
     with ``stage_texts``, the texts of its good rows to per-shard staging files (what the plan may embed),
@@ -159,14 +173,15 @@ def scan_file(
     their texts were embedded then. An id ``before`` holds keeps its recorded shard. With ``chunk`` (a
     version's (ChunkMeta, ModelSpec)), each good row's passages are listed (:func:`with_passages`) and the
     passages' texts are staged instead of the rows'. With ``count`` (the ModelSpec of an unchunked version), each
-    good row's tokens past the model's window are counted (column ``dropped``).
+    good row's tokens past the model's window are counted (column ``dropped``). ``columns``: the metadata
+    columns (name -> kind) the row states keep (:func:`prepare`).
 
     Returns (rows read, the state file, relative to ``states``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = src.files[index]
-    url = src.url(path)
+    url, meta = src.url(path), columns
     tmp = local_tmpdir("embray-scan-")
     writers: dict[int, pq.ParquetWriter] = {}
     parts: dict[int, list] = {}
@@ -179,6 +194,7 @@ def scan_file(
             columns = [id_col, text_col]
             if updated_col and updated_col in pf.schema_arrow.names and updated_col not in columns:
                 columns.append(updated_col)
+            columns += [c for c in (meta or {}) if c not in columns]
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
                 known, hashes_before, pos = _held(batch.column(id_col), held)
                 table = prepare(
@@ -189,6 +205,8 @@ def scan_file(
                     first_row=rows,
                     updated_col=updated_col,
                     known=known,
+                    columns=meta,
+                    url=url,
                 )
                 table = _annotated(table, cut, counter, held, pos)
                 rows += table.num_rows
@@ -201,7 +219,9 @@ def scan_file(
                     writers[k].write_table(good)
             if rows == 0:  # an empty file still records its (empty) row states
                 empty = pf.schema_arrow.empty_table().select(columns)
-                table = prepare(empty, id_col=id_col, text_col=text_col, shards=shards, first_row=0)
+                table = prepare(
+                    empty, id_col=id_col, text_col=text_col, shards=shards, first_row=0, columns=meta, url=url
+                )
                 parts[0] = [_state_of(_annotated(table, cut, counter))]
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
             raise SourceError(f"{url} cannot be read as Parquet ({type(e).__name__}: {e}); repair or remove it") from e

@@ -26,6 +26,7 @@ from embray.errors import StoreError
 from embray.lifecycle.versions import FileEntry, Segment, ShardAction, ShardEntry
 from embray.pipeline.types import SPAN_COLUMNS, ParentShard, ShardBuild, ShardPlan
 from embray.storage import layout
+from embray.storage import metadata as M
 from embray.storage.segments import live_rows, read_tombstones, segment_refs, write_tombstones
 from embray.storage.store import Store, local_tmpdir, sha256_file
 from embray.storage.vectors import read_checked, to_arrow, to_numpy, with_fingerprint
@@ -194,6 +195,17 @@ def _update_in_place(index, store: Store, parent: ParentShard, parent_part, p, s
     return keys, vectors, next_key + len(fresh)
 
 
+def _with_parent_texts(p, same: np.ndarray, parent_live):
+    """The plan ``p`` with each unchanged row's text taken from the parent's row under its key."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    pos = pc.index_in(p.column("parent_key"), value_set=parent_live.column("key"))
+    theirs = pc.take(parent_live.column(M.TEXT), pos)
+    text = pc.if_else(pa.array(same), theirs, p.column(M.TEXT))
+    return p.set_column(p.schema.get_field_index(M.TEXT), M.TEXT, text)
+
+
 def _write(store: Store, vdir: str, shard: int, fp: str, p, keys, vectors, index, tmp, suffix: str = ""):
     """The embeddings part (in key order) and the index, uploaded; their FileEntries."""
     import pyarrow as pa
@@ -208,6 +220,7 @@ def _write(store: Store, vdir: str, shard: int, fp: str, p, keys, vectors, index
             "content_hash": p.column("content_hash").take(pa.array(order)),
             "vector": to_arrow(vectors[order], dims),
             **{c: p.column(c).take(pa.array(order)) for c in SPAN_COLUMNS if c in p.column_names},  # passages
+            **{c: p.column(c).take(pa.array(order)) for c in p.column_names if M.kept(c)},  # metadata, texts
         }
     )
 
@@ -296,7 +309,10 @@ def build_shard(
     parent_live = None
     if parent is not None:  # a delta needs only the parent's keys (its vectors: only for a text it alone holds)
         cols = ["id", "key", "content_hash"] + ([] if action == ShardAction.DELTA else ["vector"])
-        parent_live = live_rows(store, parent.files, cols, fp=fp)
+        texts = action != ShardAction.DELTA and M.TEXT in p.column_names and same.any()
+        parent_live = live_rows(store, parent.files, cols + ([M.TEXT] if texts else []), fp=fp)
+        if texts:  # source.store_text: an unchanged row's text is its parent's
+            p = _with_parent_texts(p, same, parent_live)
     hashes = p.column("content_hash")
     if action != ShardAction.REBUILT:
         hashes = hashes.filter(pc.invert(same_arr))

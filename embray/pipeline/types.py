@@ -34,6 +34,7 @@ class ParentShard:
     index_rel: str | None  # the base's index
     index_cfg: IndexConfig  # the settings its graph was built with
     rejects_rel: str | None = None  # its rejects file
+    meta: bool = False  # its parts keep metadata columns or texts (and each row's ``meta_hash``)
 
 
 # A text's characters count towards a chunk's cost up to this many: models truncate (MiniLM reads ~1,300 of a

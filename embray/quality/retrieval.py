@@ -12,6 +12,9 @@
 Labelled queries, one JSON object per line; ``relevant`` is a list of ids (grade 1) or ``{id: grade}``::
 
     {"query": "how do I parse a date", "relevant": ["doc-17", "doc-940"]}
+    {"query": "invoice totals", "relevant": ["doc-3"], "filter": {"tenant": "acme"}}
+
+A line's optional ``filter`` (:mod:`embray.filters`) restricts its search as a user's request would.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 
 from embray.config import Config
 from embray.context import Context
-from embray.errors import ConfigError, EmbrayError, SourceError, VersionError
+from embray.errors import ConfigError, EmbrayError, QueryError, SourceError, VersionError
 from embray.lifecycle.registry import ACTIVE, CANDIDATE
 from embray.lifecycle.verify import problems as verify_problems
 from embray.lifecycle.versions import Manifest, read_manifest
@@ -52,6 +55,25 @@ SCORE_EPS = 1e-5  # exact-score ties: a result as good as the exact k-th counts 
 class LabelledQuery:
     text: str
     relevant: dict[Any, float]  # id -> grade (> 0)
+    filter: dict | None = None  # the metadata filter the query is asked with
+    line: int = 0  # its line in the file
+
+
+def search_labelled(vi: VersionIndex, labelled: list[LabelledQuery], k: int = K) -> list[list[Hit]]:
+    """Each labelled query's top k from ``vi``, asked with its own filter (queries sharing one, in one batch)."""
+    out: list[list[Hit] | None] = [None] * len(labelled)
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(labelled):
+        groups.setdefault(json.dumps(q.filter, sort_keys=True), []).append(i)
+    for members in groups.values():
+        flt = labelled[members[0]].filter
+        try:
+            vi.check_query(filter=flt)
+        except QueryError as e:
+            raise QueryError(f"labelled query on line {labelled[members[0]].line}: {e}") from e
+        for i, hits in zip(members, vi.search_text([labelled[i].text for i in members], k, filter=flt), strict=True):
+            out[i] = hits
+    return out
 
 
 def load_queries(path: str | Path) -> list[LabelledQuery]:
@@ -85,7 +107,10 @@ def load_queries(path: str | Path) -> list[LabelledQuery]:
             raise ConfigError(
                 f"{p}:{n}: 'query' must be non-empty text and 'relevant' name at least one id with a grade above 0"
             )
-        out.append(LabelledQuery(text, grades))
+        flt = obj.get("filter")
+        if flt is not None and not isinstance(flt, dict):
+            raise ConfigError(f'{p}:{n}: \'filter\' must be a JSON object such as {{"tenant": "acme"}}')
+        out.append(LabelledQuery(text, grades, flt or None, n))
     if not out:
         raise ConfigError(f"labelled query file {p} has no queries")
     return out
@@ -205,7 +230,7 @@ def evaluate(
     qpath = queries or cfg.monitor.queries
     if qpath:
         labelled = load_queries(qpath)
-        ndcg, rec = ndcg_recall(vi.search_text([q.text for q in labelled], K), labelled)
+        ndcg, rec = ndcg_recall(search_labelled(vi, labelled), labelled)
         extra.update(
             ndcg_at_10=round(ndcg, 4),
             labelled_recall_at_10=round(rec, 4),

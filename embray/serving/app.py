@@ -34,7 +34,7 @@ from ray import serve
 
 from embray.collection import Collection
 from embray.config import Config
-from embray.errors import EmbrayError, VersionError
+from embray.errors import EmbrayError, QueryError, VersionError
 from embray.lifecycle.registry import CANDIDATE
 from embray.lifecycle.versions import utcnow
 from embray.serving.auth import API_KEY, BEARER, check_admin, check_query
@@ -81,8 +81,9 @@ class EmbrayServer:
         threading.Thread(target=poll_loop, args=args, name="embray-alias-poller", daemon=True).start()
         threading.Thread(target=self._keep_gauges, name="embray-gauges", daemon=True).start()
 
-    def _ask_candidate(self, text: str, k: int) -> "tuple[str, list, float] | None":
-        """Shadow traffic: the candidate's answer to ``text`` (None: no candidate, or it is the active one)."""
+    def _ask_candidate(self, text: str, k: int, where: dict | None = None) -> "tuple[str, list, float] | None":
+        """Shadow traffic: the candidate's answer to ``text`` under the same filter (``where``; None: no
+        candidate, or it is the active one)."""
         cur = self.versions.current
         try:
             cand = self.versions.pinned_version(CANDIDATE, may_block=True)  # alias read at most every poll_s
@@ -94,9 +95,9 @@ class EmbrayServer:
             return None
         t = time.perf_counter()
         if self.fan_out is None:
-            got = cand.index.search_text([text], k)[0]
+            got = cand.index.search_text([text], k, **(where or {}))[0]
         else:
-            got = self.fan_out.search_blocking(cand.index, cand.index.embedder.embed_queries([text]), k)
+            got = self.fan_out.search_blocking(cand.index, cand.index.embedder.embed_queries([text]), k, where)
         return cand.version, [h.id for h in got], (time.perf_counter() - t) * 1000
 
     def _every_poll(self) -> None:
@@ -217,11 +218,15 @@ class EmbrayServer:
             doc, missing = await self._answer(cur, body, shadow=pinned is None)
             ms = (time.perf_counter() - t) * 1000
             self.metrics.record(endpoint, version, "partial" if missing else "ok", ms)
+            self.metrics.searched("vector", body.filter is not None)
             doc["took_ms"] = round(ms, 3)
             return Response(json.dumps(doc, separators=(",", ":")), media_type="application/json")
         except HTTPException as e:
             self.metrics.record(endpoint, version, str(e.status_code), (time.perf_counter() - t) * 1000)
             raise
+        except QueryError as e:  # a filter or fields this version cannot answer
+            self.metrics.record(endpoint, version, "422", (time.perf_counter() - t) * 1000)
+            raise HTTPException(422, str(e)) from e
         except VersionError as e:
             self.metrics.record(endpoint, version, "error", (time.perf_counter() - t) * 1000)
             raise HTTPException(500, str(e)) from e
@@ -237,13 +242,15 @@ class EmbrayServer:
             raise HTTPException(
                 413, f"a batch of {len(queries)} queries; the limit is {self.cfg.serve.max_batch} (serve.max_batch)"
             )
+        where = {"filter": body.filter, "fields": body.fields}
+        idx.check_query(**where)  # QueryError (422) before any embedding
         q = self._vectors(idx, queries, batch)
         if self.fan_out is None:
-            found, missing = idx.search_vectors(q, body.k, chunks=body.chunks), None
+            found, missing = idx.search_vectors(q, body.k, chunks=body.chunks, **where), None
         else:
-            found, missing = await self.fan_out.search(idx, q, body.k, body.partial, body.chunks)
+            found, missing = await self.fan_out.search(idx, q, body.k, body.partial, body.chunks, where)
         if not batch and body.text is not None and shadow and self.shadow is not None:
-            self.shadow.offer(body.text, [h.id for h in found[0]])
+            self.shadow.offer(body.text, [h.id for h in found[0]], where)
         results = [[h.to_dict() for h in hits] for hits in found]
         doc: dict[str, Any] = {
             "version": idx.version,

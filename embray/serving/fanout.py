@@ -26,15 +26,16 @@ class FanOut:
         self.loop: asyncio.AbstractEventLoop | None = None  # the replica's, set by each request
 
     async def search(
-        self, idx: VersionIndex, q, k: int, partial: bool, chunks: bool = False
+        self, idx: VersionIndex, q, k: int, partial: bool, chunks: bool = False, where: dict | None = None
     ) -> tuple[list[list[Hit]], list[int]]:
         """Every group's top k of ``idx``'s version for each query row of ``q``, merged; and the missing shards.
         A chunked version's documents never span groups (a document's passages are all in its shard), so the
-        groups' best documents merge by score as rows do."""
+        groups' best documents merge by score as rows do. ``where`` (``filter``, ``fields``) goes to every group:
+        each filters its own shards' rows."""
         G, limit = len(self.handles), self.timeout_s
 
         async def ask(g: int, handle):
-            response = handle.search.remote((g, G), idx.version, q, k, chunks)
+            response = handle.search.remote((g, G), idx.version, q, k, chunks, where)
             try:
                 return await response
             except asyncio.CancelledError:
@@ -59,10 +60,10 @@ class FanOut:
                 answers[g] = task.result()
         return self._merge(idx, answers, failed, k, partial)
 
-    def search_blocking(self, idx: VersionIndex, q, k: int) -> list[Hit]:
+    def search_blocking(self, idx: VersionIndex, q, k: int, where: dict | None = None) -> list[Hit]:
         """:meth:`search` from a thread off the event loop (shadow traffic), run on the replica's loop:
         handles made with RAY_SERVE_THROUGHPUT_OPTIMIZED work only there."""
-        return self._on_loop(self.search(idx, q, k, False), self.timeout_s + 1)[0][0]
+        return self._on_loop(self.search(idx, q, k, False, where=where), self.timeout_s + 1)[0][0]
 
     def prepare(self, version: str) -> None:
         """From a thread off the event loop: have each shard group load ``version`` (one replica of each).

@@ -160,14 +160,21 @@ class EmbrayShardGroup:
 
     # --- what the ingress calls ---------------------------------------------------------------
     async def search(
-        self, group: tuple[int, int], version: str, vectors: np.ndarray, k: int, chunks: bool = False
+        self,
+        group: tuple[int, int],
+        version: str,
+        vectors: np.ndarray,
+        k: int,
+        chunks: bool = False,
+        where: dict | None = None,
     ) -> list[list[Hit]]:
         """Top k of this group's shards of ``version`` for each query row (loaded first if need be).
 
         ``group`` is the (g, G) the ingress asks for: refused unless it is this replica's (during a redeploy
         that changes serve.shard_groups, old and new replicas of one name answer side by side). On the
         replica's event loop (a thread hop costs ~0.5 ms a call, bench/serve_groups.py); a version that has
-        to be loaded first is loaded off it, so queries for the loaded ones go on meanwhile."""
+        to be loaded first is loaded off it, so queries for the loaded ones go on meanwhile. ``where``: the
+        query's ``filter`` and ``fields`` (:meth:`VersionIndex.search_vectors`)."""
         if tuple(group) != (self.group, self.groups):
             raise VersionError(
                 f"this replica serves shard group {self.group} of {self.groups}, asked for {group[0]} of {group[1]}"
@@ -176,7 +183,7 @@ class EmbrayShardGroup:
         if version == self.target:
             self.previous = None  # the ingress has switched: the previous version may go once idle
         index = self.loaded.get(version) or await asyncio.to_thread(self._open, version)
-        return index.search_vectors(vectors, k, chunks=chunks)
+        return index.search_vectors(vectors, k, chunks=chunks, **(where or {}))  # (filter, fields)
 
     async def prepare(self, version: str) -> list[str]:
         """Load ``version`` now (a pinned query's, before it is asked for); the versions held."""

@@ -31,6 +31,11 @@ class ServeMetrics:
             description="Requests by endpoint, serving version and outcome.",
             tag_keys=("collection", "endpoint", "version", "outcome"),
         )
+        self.searches = metrics.Counter(
+            "embray_searches_total",
+            description="Answered search requests by mode (vector, keyword, hybrid) and whether they had a filter.",
+            tag_keys=("collection", "mode", "filtered"),
+        )
         self.active = metrics.Gauge(
             "embray_active_version",
             description="1 for the version this replica serves.",
@@ -171,6 +176,10 @@ class ServeMetrics:
         self._set(self.load_seconds, load_seconds, tags)
         self._set(self.rows, rows, tags)
         self._set(self.documents, rows if documents is None else documents, tags)
+
+    def searched(self, mode: str, filtered: bool) -> None:
+        """One answered search, by its mode and whether it had a filter."""
+        self.searches.inc(tags={"collection": self.collection, "mode": mode, "filtered": str(filtered).lower()})
 
     def record(self, endpoint: str, version: str | None, outcome: str, ms: float) -> None:
         self.requests.inc(

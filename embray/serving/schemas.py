@@ -7,7 +7,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 MAX_K = 1000
-NON_NULL = ("text", "vector", "fingerprint", "queries")  # absent when unused, never null
+NON_NULL = ("text", "vector", "fingerprint", "queries", "filter", "fields")  # absent when unused, never null
+FILTER_DOC = (
+    "Only rows whose metadata (the version's `source.columns`) matches, in the MongoDB / Chroma style: "
+    '`{"tenant": "acme", "published": {"$gte": "2026-01-01"}, "lang": {"$in": ["en", "de"]}}`. Operators: '
+    "`$eq $ne $in $nin $gt $gte $lt $lte $exists $contains $and $or $not`; a bare value means `$eq`; several "
+    "keys mean all of them. An unknown column, operator or an ill-typed value: 422 naming it."
+)
 
 
 def _no_nulls(data: Any) -> Any:
@@ -94,6 +100,12 @@ class SearchRequest(BaseModel):
         description="In a version of chunked documents: answer the top `k` passages themselves (several may be of "
         "one document) instead of the top `k` documents, each scored by its best passage. Ignored otherwise.",
     )
+    filter: dict[str, Any] | SkipJsonSchema[None] = Field(None, description=FILTER_DOC + " Applies to every query.")
+    fields: list[str] | SkipJsonSchema[None] = Field(
+        None,
+        description="Stored columns each hit carries in `fields` (`text` too where the version keeps texts: "
+        "`source.store_text`); an unknown one: 422.",
+    )
     partial: bool = Field(
         False,
         description="With shard groups (serve.shard_groups > 1): accept an answer from the groups that replied "
@@ -127,6 +139,11 @@ class HitModel(BaseModel):
     score: float
     chunk: ChunkModel | None = Field(
         None, description="In a version of chunked documents: the passage that scored (absent otherwise)."
+    )
+    fields: dict[str, Any] | None = Field(
+        None,
+        description="The stored columns the request named in `fields`, by name (timestamps and dates as ISO 8601); "
+        "absent when it named none.",
     )
 
 
@@ -186,7 +203,8 @@ def errors(*codes: int) -> dict[int, dict[str, Any]]:
         409: "the vector's fingerprint is not the serving version's: embed with that version's model, or send text",
         413: "the text is longer than serve.max_text_chars",
         422: "the request is malformed: not exactly one of text / vector, a vector without its fingerprint, an "
-        "unknown field, k outside 1..1000, wrong vector dimensions, or NaN / infinite values",
+        "unknown field, k outside 1..1000, wrong vector dimensions, NaN / infinite values, or a filter or "
+        "`fields` the version cannot answer (an unknown column or operator, an ill-typed value: named)",
         500: "an unexpected error (the server's log has it)",
         503: "no version is loaded yet, a shard group failed or timed out (named; send partial to accept the rest), "
         "or Serve is overloaded (max_queued_requests)",

@@ -21,9 +21,10 @@ from embray.storage.store import Store
 
 log = logging.getLogger("embray.serve")
 
-# ask(text, k): the candidate's version, its top-k ids for text and the milliseconds its search took, or None
-# when there is no candidate (or it is the version that answered); it may raise (logged once per distinct error).
-Ask = Callable[[str, int], "tuple[str, list, float] | None"]
+# ask(text, k, where): the candidate's version, its top-k ids for text (under the same filter: where) and the
+# milliseconds its search took, or None when there is no candidate (or it is the version that answered); it may
+# raise (logged once per distinct error).
+Ask = Callable[[str, int, "dict | None"], "tuple[str, list, float] | None"]
 
 
 class ShadowSender:
@@ -36,12 +37,14 @@ class ShadowSender:
         self.replica = f"{socket.gethostname()}-{os.getpid()}"
         threading.Thread(target=self._loop, name="embray-shadow", daemon=True).start()
 
-    def offer(self, text: str, ids: list) -> None:
-        """After an active text answer: maybe queue it for the candidate (never waits; dropped when full)."""
+    def offer(self, text: str, ids: list, where: dict | None = None) -> None:
+        """After an active text answer: maybe queue it for the candidate, with its filter (never waits; dropped
+        when full)."""
         if len(ids) < 10 or random.random() >= self.fraction:
             return  # (a query for fewer than 10 hits says nothing about overlap@10)
+        where = {"filter": where["filter"]} if where and where.get("filter") is not None else None  # (ids only)
         try:
-            self._queue.put_nowait((text, ids[:10]))
+            self._queue.put_nowait((text, ids[:10], where))
         except queue.Full:
             self._metrics.drop()
 
@@ -56,19 +59,19 @@ class ShadowSender:
         last: str | None = None
         while not self._stop.is_set():
             try:
-                text, ids = self._queue.get(timeout=1.0)
+                text, ids, where = self._queue.get(timeout=1.0)
             except queue.Empty:
                 continue
             try:
-                self._one(text, ids)
+                self._one(text, ids, where)
                 last = None
             except Exception as e:  # noqa: BLE001 - shadow traffic must never hurt serving
                 if str(e) != last:  # once per distinct error, not once per query
                     log.warning("shadow query to the candidate failed: %s", e)
                 last = str(e)
 
-    def _one(self, text: str, ids: list) -> None:
-        got = self._ask(text, len(ids))
+    def _one(self, text: str, ids: list, where: dict | None = None) -> None:
+        got = self._ask(text, len(ids), where)
         if got is None:
             return
         version, cand_ids, ms = got

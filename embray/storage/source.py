@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from embray.config import SourceConfig
 from embray.errors import SourceError, VersionError
 from embray.lifecycle.versions import Manifest, SourceFile
+from embray.storage.metadata import kinds_of_file, merge_kinds
 from embray.storage.store import Store, list_source_infos, sha256_of
 
 
@@ -36,12 +37,14 @@ class SourceInfo:
     digest: str  # sha256 over each file's relative path, size and content digest (S3 ETag or sha256)
     seen: list[FileSeen] = field(default_factory=list)  # per file
     unchanged: list[SourceFile | None] = field(default_factory=list)  # per file: the parent's record, if unchanged
+    columns: dict[str, str] = field(default_factory=dict)  # metadata columns (source.columns) -> their kind
 
     def url(self, path: str) -> str:
         return self.store.fs.unstrip_protocol(path) if self.store.remote else path
 
 
-def _check_schema(cfg: SourceConfig, store: Store, path: str) -> str:
+def _check_schema(cfg: SourceConfig, store: Store, path: str) -> tuple[str, dict[str, str | None]]:
+    """(the id column's type, each metadata column's kind) of one file; SourceError if it cannot serve."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -67,7 +70,7 @@ def _check_schema(cfg: SourceConfig, store: Store, path: str) -> str:
         id_type = pa.string()
     if not (pa.types.is_string(id_type) or pa.types.is_integer(id_type)):
         raise SourceError(f"{url}: id column {cfg.id_column!r} has type {id_type}; ids must be strings or integers")
-    return str(id_type)
+    return str(id_type), kinds_of_file(schema, cfg.columns, url)
 
 
 # A file's mtime is trusted only once it is this much older than when it was checked: within one mtime
@@ -101,18 +104,26 @@ def _look(store: Store, path: str, info: dict, prev: SourceFile | None) -> tuple
     return None, seen
 
 
-def inspect_source(cfg: SourceConfig, previous: Sequence[SourceFile] = (), previous_id_type: str = "") -> SourceInfo:
+def inspect_source(
+    cfg: SourceConfig,
+    previous: Sequence[SourceFile] = (),
+    previous_id_type: str = "",
+    previous_columns: dict[str, str] | None = None,
+) -> SourceInfo:
     """List the corpus files and check the schema of every file that is new or changed since ``previous``
-    (what the parent version read), before any work starts. Unchanged files are neither read nor hashed."""
+    (what the parent version read, its id type and metadata columns' kinds), before any work starts.
+    Unchanged files are neither read nor hashed."""
     store, infos = list_source_infos(cfg.uri, cfg.storage_options)
     files = list(infos)
     before = {p.path: p for p in previous}
     with ThreadPoolExecutor(max_workers=8) as pool:
         looks = list(pool.map(lambda f: _look(store, f, infos[f], before.get(f[len(store.root) :])), files))
         changed = [f for f, (prev, _) in zip(files, looks, strict=True) if prev is None]
-        id_types = list(pool.map(lambda f: _check_schema(cfg, store, f), changed))
+        checked = list(pool.map(lambda f: _check_schema(cfg, store, f), changed))
+    id_types, columns = [t for t, _ in checked], [k for _, k in checked]
     if len(changed) < len(files):
         id_types.append(previous_id_type)
+        columns.append(dict(previous_columns or {}))
     kinds = {("string" if t == "string" else "integer") for t in id_types}
     if len(kinds) > 1:
         raise SourceError(
@@ -129,6 +140,7 @@ def inspect_source(cfg: SourceConfig, previous: Sequence[SourceFile] = (), previ
         digest=digest.hexdigest(),
         seen=seen,
         unchanged=[prev for prev, _ in looks],
+        columns=merge_kinds(columns, cfg.columns, cfg.uri),
     )
 
 
@@ -153,4 +165,5 @@ def recorded_source(cfg: SourceConfig, version: Manifest) -> SourceInfo:
         digest=version.source.digest,
         seen=seen,
         unchanged=list(version.inputs),
+        columns=dict(version.source.columns),
     )
