@@ -407,6 +407,13 @@ def versions(config_path: str, as_json: bool) -> None:
     help='Only rows whose metadata matches, e.g. \'{"tenant": "acme", "year": {"$gte": 2024}}\' (source.columns).',
 )
 @click.option("--fields", default=None, metavar="A,B", help="Stored columns (and text) to show with each hit.")
+@click.option(
+    "--mode",
+    type=click.Choice(["vector", "keyword", "hybrid"]),
+    default="vector",
+    show_default=True,
+    help="keyword: BM25; hybrid: both, fused by reciprocal rank (a version built with index.keywords).",
+)
 @json_option
 def search(
     config_path: str,
@@ -416,13 +423,14 @@ def search(
     chunks: bool,
     filter_: str | None,
     fields: str | None,
+    mode: str,
     as_json: bool,
 ) -> None:
     """Search the active version with QUERY, embedded by that version's own model. In a version of chunked
     documents each hit is a document, shown with the passage (ordinal, characters start-end) that scored."""
     col = _open(config_path, as_json, show_log=False)
     names = [f.strip() for f in fields.split(",") if f.strip()] if fields is not None else None
-    res = col.search(query, k=k, version=version, chunks=chunks, filter=filter_, fields=names)
+    res = col.search(query, k=k, version=version, chunks=chunks, filter=filter_, fields=names, mode=mode)
     human = [f"version {res.version} ({col.index(res.version).manifest.model.label}, fingerprint {res.fingerprint})"]
     for h in res.results:
         at = f"  (passage {h.chunk.ordinal}, characters {h.chunk.start}-{h.chunk.end})" if h.chunk else ""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from embray.cache import VersionCache
 from embray.config import Config, load_config, load_model_spec, parse_config, parse_model_spec
 from embray.context import Context
-from embray.errors import ConfigError, VersionError
+from embray.errors import ConfigError, QueryError, VersionError
 from embray.lifecycle import aliases as _aliases
 from embray.lifecycle import flows
 from embray.lifecycle import gc as _gc
@@ -413,6 +413,8 @@ class Collection:
         chunks: bool = False,
         filter: dict | str | None = None,  # noqa: A002 - the name users know from every vector store
         fields: list[str] | None = None,
+        mode: str = "vector",
+        weights: dict[str, float] | None = None,
     ) -> SearchResult:
         """Top-k from one version (default ``active``), by ``text`` or by a ``vector`` made in space ``fingerprint``.
 
@@ -430,6 +432,9 @@ class Collection:
             filter: Only rows whose metadata (``source.columns``) matches, e.g.
                 ``{"tenant": "acme", "published": {"$gte": "2026-01-01"}}`` (:mod:`embray.filters`).
             fields: Kept columns (and ``text`` with ``source.store_text``) each hit carries in ``Hit.fields``.
+            mode: ``vector`` (default), ``keyword`` (BM25; a version built with ``index.keywords``) or ``hybrid``
+                (both, fused by reciprocal rank: the hit's score is the fused score). Keyword and hybrid take text.
+            weights: Hybrid only: ``{"vector": w, "keyword": w}`` (1 each by default).
 
         Returns:
             :class:`SearchResult`, best first, naming the version and its fingerprint.
@@ -442,7 +447,7 @@ class Collection:
         if not 1 <= k <= 1000:
             raise ConfigError(f"k={k}: ask for 1 to 1000 results")
         index = self.index(version)
-        where = {"filter": filter, "fields": fields}
+        where = {"filter": filter, "fields": fields, "mode": mode, "weights": weights}
         return index.search(text=text, vector=vector, fingerprint=fingerprint, k=k, chunks=chunks, **where)
 
     def search_many(
@@ -455,10 +460,13 @@ class Collection:
         chunks: bool = False,
         filter: dict | str | None = None,  # noqa: A002 - the name users know from every vector store
         fields: list[str] | None = None,
+        mode: str = "vector",
+        weights: dict[str, float] | None = None,
     ) -> list[SearchResult]:
         """Top-k for each of many queries from one version (default ``active``), in one call: ``texts`` are
         embedded in one batch by the version's own model, or ``vectors`` (rows) were made in space ``fingerprint``.
-        ``filter`` and ``fields`` apply to every query (as in :meth:`search`).
+        ``filter``, ``fields``, ``mode`` and ``weights`` apply to every query (as in :meth:`search`; keyword and
+        hybrid take ``texts``).
 
         Returns:
             One :class:`SearchResult` per query, in order, all from the same version.
@@ -476,7 +484,8 @@ class Collection:
         if texts is not None:
             if isinstance(texts, str) or not texts:
                 raise ConfigError("texts: give a non-empty list of query texts")
-            found = index.search_text(list(texts), k, chunks=chunks, filter=filter, fields=fields)
+            where = {"filter": filter, "fields": fields, "mode": mode, "weights": weights}
+            found = index.search_text(list(texts), k, chunks=chunks, **where)
         else:
             if fingerprint != index.fingerprint:
                 raise VersionError(
@@ -485,6 +494,8 @@ class Collection:
                 )
             import numpy as np
 
+            if mode != "vector":
+                raise QueryError(f"mode {mode} searches by text: pass texts, not vectors")
             q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
             found = index.search_vectors(q, k, chunks=chunks, filter=filter, fields=fields)
         return [SearchResult(index.version, index.fingerprint, hits) for hits in found]

@@ -103,6 +103,11 @@ class IndexConfig(_Strict):
     max_segments: int = Field(
         8, ge=0, description="Delta segments a shard may accumulate before a refresh compacts it (0: never segments)."
     )
+    keywords: bool = Field(
+        False,
+        description="Also build a BM25 keyword index of each shard (and delta segment) beside its vectors, for "
+        "search modes keyword and hybrid; the version then keeps each row's text (as source.store_text does).",
+    )
 
 
 class ChunkConfig(_Strict):

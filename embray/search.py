@@ -8,7 +8,9 @@ vectors from two spaces.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,9 @@ from embray.storage.layout import local_cache_root
 from embray.storage.segments import dead_keys, live_mask
 from embray.storage.store import Store
 from embray.storage.vectors import to_numpy
+
+VECTOR, KEYWORD, HYBRID = "vector", "keyword", "hybrid"  # search modes
+MODES = (VECTOR, KEYWORD, HYBRID)
 
 
 def _score(metric: str, distance: float) -> float:
@@ -84,12 +89,13 @@ class VersionIndex:
             if s.tombstones is not None:
                 dead = dead_keys(pq.read_table(str(self._local(file_rel(manifest, s.tombstones), s.tombstones))))
             if s.segments and sum(g.rows for g in s.segments) <= MERGE_MAX_ROWS:
-                self.shards.append(self._merged(s, dead))
+                merged = self._merged(s, dead)  # (its keyword indexes stay one per part: dead rows skipped)
+                self.shards.append(dataclasses.replace(merged, keywords=self._keywords(s.keyword_files), kw_dead=dead))
                 continue
-            for emb, idx, rows in s.parts:
+            for (emb, idx, rows), kw in zip(s.parts, s.keyword_files, strict=True):
                 index = self._open(s.shard, idx, rows, view=True)
                 keys, ids, spans, kept = _read_keys(self._local(file_rel(manifest, emb), emb))
-                self.shards.append(Part(index, keys, ids, spans, dead, kept))
+                self.shards.append(Part(index, keys, ids, spans, dead, kept, self._keywords([kw]), dead))
 
     def _open(self, shard: int, idx: FileEntry, rows: int, *, view: bool):
         """One of the version's USearch files, memory-mapped (``view``) or loaded, checked against the manifest."""
@@ -149,6 +155,14 @@ class VersionIndex:
             kept = pa.concat_tables([kept, _kept(t)]).take(pa.array(order))
         return Part(index, all_keys[order], all_ids, spans, none, kept)
 
+    def _keywords(self, entries: list[FileEntry | None]) -> tuple:
+        """The BM25 indexes of a shard's parts (memory-mapped), for a version built with index.keywords."""
+        if not self.manifest.index.keywords:
+            return ()
+        from embray.keywords import KeywordIndex
+
+        return tuple(KeywordIndex.open(str(self._local(file_rel(self.manifest, e), e))) for e in entries if e)
+
     def _local(self, rel: str, entry: FileEntry) -> Path:
         """A local path for a version file: itself on local disk; on S3 a cached copy, downloaded whole and
         checked against the manifest's size and sha256 before it is used (a torn download never is)."""
@@ -187,10 +201,19 @@ class VersionIndex:
             self._embedder = load_embedder(self.manifest.model)
         return self._embedder
 
-    def search_text(self, texts: list[str], k: int = 10, *, chunks: bool = False, **where) -> list[list[Hit]]:
-        """Top-k for each text, embedded as a query by the version's own model (``where``: ``filter``,
-        ``fields``, as :meth:`search_vectors` takes them)."""
+    def search_text(
+        self, texts: list[str], k: int = 10, *, chunks: bool = False, mode: str = VECTOR, weights=None, **where
+    ) -> list[list[Hit]]:
+        """Top-k for each text: by ``mode`` vector (embedded as a query by the version's own model), keyword
+        (:meth:`search_keywords`) or hybrid (:meth:`search_hybrid`, with ``weights``); ``where``: ``filter``,
+        ``fields``, as :meth:`search_vectors` takes them."""
+        self.check_mode(mode)
         self.check_query(**where)  # (a bad filter is refused before the model is loaded)
+        check_weights(weights)
+        if mode == KEYWORD:
+            return self.search_keywords(texts, k, chunks=chunks, **where)
+        if mode == HYBRID:
+            return self.search_hybrid(texts, k, chunks=chunks, weights=weights, **where)
         return self.search_vectors(self.embedder.embed_queries(texts), k, chunks=chunks, **where)
 
     @property
@@ -243,12 +266,15 @@ class VersionIndex:
             raise VersionError("search needs exactly one of text or vector")
         if text is not None:
             hits = self.search_text([text], k, chunks=chunks, **where)[0]
+        elif where.get("mode", VECTOR) != VECTOR:
+            raise QueryError(f"mode {where['mode']} searches by text: send the query's text, not a vector")
         else:
             if fingerprint != self.fingerprint:
                 raise VersionError(
                     f"the vector was made in space {fingerprint}, but version {self.version} is in space "
                     f"{self.fingerprint}; embed the query with that version's model (or search by text)"
                 )
+            where = {key: v for key, v in where.items() if key not in ("mode", "weights")}
             hits = self.search_vectors(np.asarray(vector, dtype=np.float32), k, chunks=chunks, **where)[0]
         return SearchResult(self.version, self.fingerprint, hits)
 
@@ -277,18 +303,80 @@ class VersionIndex:
             raise VersionError(f"query vectors have {q.shape[1]} dims; version {self.version} has {self.manifest.dims}")
         f, fields = self.filter_of(filter), self.check_fields(fields)
         allowed = None if f is None else [part.allowed(f) for part in self.shards]
+        return self._collect(len(q), k, chunks, lambda todo, want: self._top(q[todo], want, exact, allowed), fields)
+
+    def search_keywords(
+        self,
+        texts: list[str],
+        k: int = 10,
+        *,
+        chunks: bool = False,
+        filter=None,  # noqa: A002 - the name users know
+        fields=None,
+    ) -> list[list[Hit]]:
+        """Top-k for each text by BM25 over the version's keyword index (index.keywords): a hit's score is
+        its BM25 score (rows that share no term with the text are never hits). ``filter``, ``fields`` and
+        ``chunks`` as in :meth:`search_vectors` (a chunked version's documents by their best passage).
+
+        Raises:
+            QueryError: the version has no keyword index, or a filter or fields it cannot answer.
+        """
+        self.check_mode(KEYWORD)
+        f, fields = self.filter_of(filter), self.check_fields(fields)
+        allowed = None if f is None else [part.allowed(f) for part in self.shards]
+        texts = list(texts)
+        top = lambda todo, want: self._top_keywords([texts[i] for i in todo], want, allowed)  # noqa: E731
+        return self._collect(len(texts), k, chunks, top, fields, keyword=True)
+
+    def search_hybrid(
+        self, texts: list[str], k: int = 10, *, chunks: bool = False, weights=None, **where
+    ) -> list[list[Hit]]:
+        """Top-k for each text by reciprocal rank fusion (:func:`fuse_hits`) of its vector and its keyword
+        answers (each :func:`hybrid_depth` deep, under the same filter); ``weights``: {"vector": w, "keyword": w}."""
+        self.check_mode(HYBRID)
+        depth = hybrid_depth(k)
+        vec = self.search_text(texts, depth, chunks=chunks, **where)
+        kw = self.search_keywords(texts, depth, chunks=chunks, **where)
+        return [fuse_hits(v, w, k, weights, chunks) for v, w in zip(vec, kw, strict=True)]
+
+    def check_mode(self, mode: str) -> str:
+        """``mode`` if this version can answer it: vector always, keyword and hybrid with a keyword index."""
+        if mode not in MODES:
+            raise QueryError(f"mode: {mode!r} is not a search mode; use one of {', '.join(MODES)}")
+        if mode != VECTOR and not self.manifest.index.keywords:
+            raise QueryError(
+                f"mode {mode}: version {self.version} has no keyword index; set index.keywords: true and build a "
+                "new version (embray backfill), or search with mode vector"
+            )
+        return mode
+
+    def _collect(self, n: int, k: int, chunks: bool, top, fields, keyword: bool = False) -> list[list[Hit]]:
+        """Each of ``n`` queries' top k from ``top(query positions, want)`` (candidates per query: (distance,
+        part, row), best first); a chunked version's documents by their best passage, asking again four times
+        deeper for a query whose candidates name fewer than ``k`` documents while a part may hold more."""
         group = self.chunked and not chunks
-        out: list[list[Hit] | None] = [None] * len(q)
-        want, todo = k * (PASSAGES_PER_HIT if group else 1), list(range(len(q)))
+        out: list[list[Hit] | None] = [None] * n
+        want, todo = k * (PASSAGES_PER_HIT if group else 1), list(range(n))
         while todo:
-            found, short = self._top(q[todo], want, exact, allowed), []
+            found, short = top(todo, want), []
             for qi, hits in zip(todo, found, strict=True):
                 best = self._best_per_document(hits, k) if group else hits[:k]
                 out[qi] = best
                 if group and len(best) < k and len(hits) >= want:  # a part may hold more documents
                     short.append(qi)
             todo, want = short, want * 4
-        return [[self._hit(d, part, row, fields) for d, part, row in hits] for hits in out]
+        return [[self._hit(d, part, row, fields, keyword) for d, part, row in hits] for hits in out]
+
+    def _top_keywords(self, texts: list[str], want: int, allowed=None) -> list[list[tuple[float, int, int]]]:
+        """Per text, the ``want`` best BM25 rows over every part's keyword indexes: (-score, part, row)."""
+        per_query: list[list[tuple[float, int, int]]] = [[] for _ in texts]
+        for p, part in enumerate(self.shards):
+            for kw in part.keywords:
+                ok = None if allowed is None else allowed[p]
+                for qi, found in enumerate(kw.search(texts, want, allowed=ok, dead=part.kw_dead)):
+                    rows = np.searchsorted(part.keys, np.asarray([key for key, _ in found], dtype=np.uint64))
+                    per_query[qi].extend((-score, p, int(r)) for r, (_, score) in zip(rows, found, strict=True))
+        return [heapq.nsmallest(want, hits, key=self._order) for hits in per_query]
 
     def _top(self, q: np.ndarray, want: int, exact: bool, allowed=None) -> list[list[tuple[float, int, int]]]:
         """Per query row, the ``want`` nearest live rows over every part (``allowed``: per part, the keys a
@@ -303,11 +391,12 @@ class VersionIndex:
                 rows = np.searchsorted(part.keys, np.asarray([key for key, _ in found], dtype=np.uint64))
                 per_query[qi].append([(d, p, int(r)) for r, (_, d) in zip(rows, found, strict=True)])
 
-        def order(x: tuple[float, int, int]):  # equal distances by id (then passage): the same answer in any order
-            part = self.shards[x[1]]
-            return x[0], str(_plain(part.ids[x[2]])), 0 if part.spans is None else int(part.spans[x[2], 0])
+        return [heapq.nsmallest(want, (x for hits in shards for x in hits), key=self._order) for shards in per_query]
 
-        return [heapq.nsmallest(want, (x for hits in shards for x in hits), key=order) for shards in per_query]
+    def _order(self, x: tuple[float, int, int]):
+        """Equal distances by id (then passage): the same answer in any order."""
+        part = self.shards[x[1]]
+        return x[0], str(_plain(part.ids[x[2]])), 0 if part.spans is None else int(part.spans[x[2], 0])
 
     def _best_per_document(self, hits: list[tuple[float, int, int]], k: int) -> list[tuple[float, int, int]]:
         """The first (best) passage of each of the first ``k`` documents among ``hits`` (best first)."""
@@ -321,11 +410,52 @@ class VersionIndex:
                     break
         return out
 
-    def _hit(self, distance: float, p: int, row: int, fields: list[str] | None = None) -> Hit:
+    def _hit(self, distance: float, p: int, row: int, fields: list[str] | None = None, keyword: bool = False) -> Hit:
         part = self.shards[p]
         chunk = None if part.spans is None else ChunkRef(*(int(v) for v in part.spans[row]))
         kept = None if fields is None else {f: part.kept.column(f)[row].as_py() for f in fields}
-        return Hit(_plain(part.ids[row]), _score(self.metric, distance), chunk, kept)
+        return Hit(_plain(part.ids[row]), -distance if keyword else _score(self.metric, distance), chunk, kept)
+
+
+# Hybrid search fuses each side's answer this deep (at least k) by reciprocal rank fusion with this k0.
+HYBRID_DEPTH = 50
+RRF_K0 = 60
+
+
+def hybrid_depth(k: int) -> int:
+    return max(k, HYBRID_DEPTH)
+
+
+def check_weights(weights) -> None:
+    """QueryError unless ``weights`` is None or {"vector": w, "keyword": w} of finite numbers >= 0, not both 0."""
+    if weights is None:
+        return
+    if not isinstance(weights, dict) or not set(weights) <= {VECTOR, KEYWORD}:
+        raise QueryError('weights: give {"vector": w, "keyword": w} (either may be left out: 1)')
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+            raise QueryError(f"weights.{name}: {w!r} is not a finite number >= 0")
+    if all(weights.get(m, 1.0) == 0 for m in (VECTOR, KEYWORD)):
+        raise QueryError("weights: both are 0, so nothing would rank; give one a weight above 0")
+
+
+def fuse_hits(
+    vector: list[Hit], keyword: list[Hit], k: int, weights: dict | None = None, passages: bool = False
+) -> list[Hit]:
+    """The top ``k`` of two answers to one query fused by reciprocal rank fusion: a hit's score is the sum over
+    the answers holding it of weight / (RRF_K0 + its rank there) (weights: {"vector": w, "keyword": w}, 1 each
+    by default). A hit is its id (a chunked version's document, whichever passage scored), or with
+    ``passages`` (``chunks=True`` answers) its id and passage; it keeps the vector answer's passage and
+    fields where both answers hold it."""
+    from embray.keywords import fuse_rrf
+
+    w = {VECTOR: 1.0, KEYWORD: 1.0, **(weights or {})}
+    ident = [[(h.id, h.chunk.ordinal if passages and h.chunk else None) for h in hits] for hits in (vector, keyword)]
+    first: dict = {}
+    for key, hit in zip(ident[1] + ident[0], keyword + vector, strict=True):
+        first[key] = hit  # (the vector answer's, where both hold it)
+    fused = fuse_rrf(ident, [w[VECTOR], w[KEYWORD]], k0=RRF_K0, limit=k)
+    return [dataclasses.replace(first[key], score=float(score)) for key, score in fused]
 
 
 # A chunked version's search first asks each part for this many passages per document wanted.
@@ -346,6 +476,8 @@ class Part:
     spans: np.ndarray | None
     dead: np.ndarray
     kept: Any = None
+    keywords: tuple = ()  # the BM25 indexes of its rows (index.keywords): one, or a merged shard's base and segments
+    kw_dead: np.ndarray | None = None  # the keys its keyword indexes must skip (the shard's tombstones)
 
     def allowed(self, f) -> np.ndarray:
         """The sorted live keys whose row matches filter ``f``."""

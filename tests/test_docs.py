@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from .helpers import REPO, make_config, write_corpus
+from .helpers import REPO, add_columns, make_config, write_corpus
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -16,7 +16,8 @@ def test_python_api_examples_run(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "python-api.md").read_text(), re.S)
     assert len(blocks) >= 5
     write_corpus(tmp_path / "corpus", files=3, rows=100)
-    cfg = make_config(tmp_path)
+    add_columns(tmp_path / "corpus")
+    cfg = make_config(tmp_path, source={"columns": ["tenant", "n"]}, index={"keywords": True})
     (tmp_path / "embray.yaml").write_text(json.dumps(cfg.model_dump(mode="json")))
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

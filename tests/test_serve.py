@@ -62,7 +62,7 @@ def served(tmp_path_factory):
     cfg = make_config(
         tmp,
         serve={"port": port, "poll_s": 1.0, "admin_token": TOKEN, "max_text_chars": 500, "num_cpus": 0.5},
-        index={"max_delta_fraction": 0.3},  # v2 is v1's bases plus a delta segment and tombstones per shard
+        index={"max_delta_fraction": 0.3, "keywords": True},  # v2: v1's bases, a delta segment, tombstones per shard
         source={"columns": ["tenant", "n"], "store_text": True},
     )
     col = Collection(cfg)
@@ -670,6 +670,13 @@ def test_the_openapi_document_tells_the_truth(served):
         {"text": "river", "fields": None},
         {"text": "river", "fields": [3]},
         {"queries": [{"text": "river", "filter": {"n": 1}}]},
+        {"text": "river", "mode": "keyword"},
+        {"text": "river", "mode": "hybrid", "weights": {"vector": 2}},
+        {"text": "river", "mode": "fuzzy"},
+        {"text": "river", "mode": None},
+        {"text": "river", "weights": None},
+        {"text": "river", "mode": "hybrid", "weights": {"vector": -1}},
+        {"text": "river", "mode": "hybrid", "weights": {"words": 1}},
     ):
         r = _search(url, body)
         valid = validator.is_valid(body)
@@ -741,6 +748,21 @@ def test_filters_and_fields_over_http_answer_from_each_version_own_metadata(serv
         assert {h["id"] for h in got} == {i for i in corpus if row_number(i) < 20}
         assert all(h["fields"]["text"] == corpus[h["id"]] for h in got)  # v2's texts are v2's
 
+    # Keyword and hybrid modes: Python's answer, filtered alike; vectors cannot be asked by keyword.
+    word = query.split()[0]
+    for mode, extra in (("keyword", {}), ("hybrid", {}), ("hybrid", {"weights": {"vector": 0.5, "keyword": 2}})):
+        body = {"text": f"{word} item7", "k": 6, "mode": mode, "filter": flt, "fields": ["tenant"], **extra}
+        got = _search(url, body)
+        assert got.status_code == 200, got.text
+        py = col.search(f"{word} item7", k=6, mode=mode, filter=flt, fields=["tenant"], weights=extra.get("weights"))
+        assert got.json()["results"] == [h.to_dict() for h in py.results] and py.results
+        assert all(h.fields["tenant"] != "globex" for h in py.results)
+    vec = load_embedder(cfg.model).embed_queries(["river"])[0].tolist()
+    by_vec = _search(url, {"vector": vec, "fingerprint": fingerprint(cfg.model), "mode": "keyword"})
+    assert by_vec.status_code == 422 and "searches by text" in by_vec.text
+    assert _search(url, {"text": "x", "mode": "fuzzy"}).status_code == 422
+    assert _search(url, {"text": "x", "mode": "hybrid", "weights": {"vector": -1}}).status_code == 422
+
     batch = _search(url, {"queries": [{"text": query}, {"text": rows["doc-000042"]}], "k": 3, "filter": flt})
     alone = [_search(url, {"text": t, "k": 3, "filter": flt}).json()["results"] for t in (query, rows["doc-000042"])]
     assert batch.status_code == 200 and batch.json()["results"] == alone
@@ -760,7 +782,7 @@ def test_filters_and_fields_over_http_answer_from_each_version_own_metadata(serv
     wait_for(
         "filtered searches in Prometheus",
         lambda: any(
-            ln.startswith("ray_embray_searches_total") and 'filtered="true"' in ln and 'mode="vector"' in ln
+            ln.startswith("ray_embray_searches_total") and 'filtered="true"' in ln and 'mode="hybrid"' in ln
             for ln in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
         ),
         timeout=60,
@@ -836,7 +858,7 @@ def test_shard_groups_answer_from_one_version_through_a_promotion_and_a_rollback
         tmp_path,
         collection="sharded",
         source={"columns": ["tenant", "n"]},
-        index={"shards": 4, "max_delta_fraction": 0.4},  # v2 and v3: delta segments on v1's bases
+        index={"shards": 4, "max_delta_fraction": 0.4, "keywords": True},  # v2, v3: delta segments on v1's bases
         serve={
             "shard_groups": 2,
             "group_replicas": 2,
@@ -919,6 +941,12 @@ def test_shard_groups_answer_from_one_version_through_a_promotion_and_a_rollback
             want = col.search(query, k=5, version=v, filter={"tenant": "globex"}, fields=["n"])
             assert r.status_code == 200 and r.json()["results"] == [h.to_dict() for h in want.results], r.text
             assert len(want.results) == 5 and all(row_number(h.id) % 3 == 1 for h in want.results)
+        for mode in ("keyword", "hybrid"):  # each side merged over the groups, then fused: the whole version's
+            for v in (v1, v2):
+                body = {"text": query, "k": 5, "version": v, "mode": mode, "filter": {"tenant": "globex"}}
+                r = requests.post(search, json=body, timeout=30)
+                want = col.search(query, k=5, version=v, mode=mode, filter={"tenant": "globex"})
+                assert r.status_code == 200 and r.json()["results"] == [h.to_dict() for h in want.results], r.text
         bad = requests.post(search, json={"text": query, "filter": {"$or": "x"}}, timeout=30)
         assert bad.status_code == 422 and "$or" in bad.text
 

@@ -189,6 +189,7 @@ class Segment(BaseModel):
     rows: int  # rows written (some may be tombstoned by a later refresh)
     embeddings: FileEntry
     index: FileEntry
+    keywords: FileEntry | None = None  # its BM25 index (index.keywords)
 
 
 class ShardEntry(BaseModel):
@@ -210,6 +211,12 @@ class ShardEntry(BaseModel):
     segments: list[Segment] = Field(default_factory=list)  # oldest first
     tombstones: FileEntry | None = None  # Parquet, one column `key` (uint64, sorted): dead keys of base and segments
     dead: int = 0  # keys in the tombstones file
+    keywords: FileEntry | None = None  # the base's BM25 index over the same keys (index.keywords)
+
+    @property
+    def keyword_files(self) -> list[FileEntry | None]:
+        """The BM25 index of the base and then of each segment (None where there is none), as :attr:`parts`."""
+        return [self.keywords] + [g.keywords for g in self.segments] if self.parts else []
 
     @property
     def parts(self) -> list[tuple[FileEntry, FileEntry, int]]:
@@ -271,8 +278,8 @@ class Manifest(BaseModel):
         """The shards' files (the source row states are in :meth:`state_files`)."""
         out = []
         for s in self.shards:
-            segs = [f for g in s.segments for f in (g.embeddings, g.index)]
-            out += [f for f in (s.embeddings, s.index, s.rejects, s.tombstones, *segs) if f is not None]
+            segs = [f for g in s.segments for f in (g.embeddings, g.index, g.keywords)]
+            out += [f for f in (s.embeddings, s.index, s.rejects, s.tombstones, s.keywords, *segs) if f is not None]
         return out
 
     def state_files(self) -> dict[str, FileEntry]:
@@ -290,6 +297,12 @@ class Manifest(BaseModel):
         for key, default in (("columns", {}), ("store_text", False)):  # (and one without metadata, likewise)
             if doc["source"].get(key) == default:
                 del doc["source"][key]
+        if doc["index"].get("keywords") is False:  # (without a keyword index, likewise)
+            del doc["index"]["keywords"]
+        for s in doc["shards"]:
+            for entry in [s, *s.get("segments", [])]:
+                if entry.get("keywords", 0) is None:
+                    del entry["keywords"]
         for key in NEWER_COUNTS:
             if key in doc["counts"] and doc["counts"][key] is None:
                 del doc["counts"][key]

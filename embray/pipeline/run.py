@@ -133,7 +133,7 @@ class Build:
                 id_type=self.src.id_type,
                 updated_at_column=cfg.source.updated_at_column,
                 columns=self.src.columns,
-                store_text=cfg.source.store_text,
+                store_text=cfg.source.store_text or cfg.index.keywords,  # (a keyword index is built of the texts)
             )
         self.vid = new_version_id()
         # A dry run writes only scratch files, outside versions/ (gc and listings never see it), and takes no lease.
@@ -198,6 +198,7 @@ class Build:
             **(self.chunk.params() if self.chunk else {"chunk": "none"}),
             "source.columns": ",".join(self.source_meta.columns) or "none",
             "source.store_text": self.source_meta.store_text,
+            "index.keywords": self.index_cfg.keywords,
             "embed.batch_size": cfg.embed.batch_size,
             "embed.actors": cfg.embed.actors,
             **spec.params,

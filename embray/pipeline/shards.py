@@ -145,7 +145,8 @@ def shard_action(plan: ShardPlan, parent: ParentShard | None, index_cfg: IndexCo
 
 def _graph_settings_changed(parent: ParentShard, index_cfg: IndexConfig) -> bool:
     """Whether the parent's graphs were built with another metric, dtype or connectivity than ``index_cfg``."""
-    return any(getattr(parent.index_cfg, k) != getattr(index_cfg, k) for k in ("metric", "dtype", "connectivity"))
+    settings = ("metric", "dtype", "connectivity", "keywords")  # (a keyword index is kept, or not, per version)
+    return any(getattr(parent.index_cfg, k) != getattr(index_cfg, k) for k in settings)
 
 
 def _new_index(dims: int, cfg: IndexConfig):
@@ -206,8 +207,11 @@ def _with_parent_texts(p, same: np.ndarray, parent_live):
     return p.set_column(p.schema.get_field_index(M.TEXT), M.TEXT, text)
 
 
-def _write(store: Store, vdir: str, shard: int, fp: str, p, keys, vectors, index, tmp, suffix: str = ""):
-    """The embeddings part (in key order) and the index, uploaded; their FileEntries."""
+def _write(
+    store: Store, vdir: str, shard: int, fp: str, p, keys, vectors, index, tmp, suffix: str = "", keywords=False
+):
+    """The embeddings part (in key order), the index and, with ``keywords`` (index.keywords: ``p`` holds the
+    texts), the part's BM25 index, uploaded; their FileEntries."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -235,6 +239,11 @@ def _write(store: Store, vdir: str, shard: int, fp: str, p, keys, vectors, index
     out = {"embeddings": put(local, layout.embeddings_name(shard, suffix))}
     index.save(str(tmp / "index.usearch"))
     out["index"] = put(str(tmp / "index.usearch"), layout.index_name(shard, suffix))
+    if keywords:
+        from embray.keywords import build_keyword_index
+
+        build_keyword_index(part.column("key").to_numpy(), part.column(M.TEXT).to_pylist(), str(tmp / "kw.bm25"))
+        out["keywords"] = put(str(tmp / "kw.bm25"), layout.keywords_name(shard, suffix))
     return out
 
 
@@ -259,7 +268,8 @@ def _delta(store: Store, vdir: str, plan: ShardPlan, parent: ParentShard, p, sam
         index = _new_index(dims, cfg)
         index.add(keys[fresh], vectors, threads=THREADS)
         name = f"-seg{len(segments) + 1:03d}"
-        files = _write(store, vdir, shard, fp, p.take(pa.array(fresh)), keys[fresh], vectors, index, tmp, name)
+        part = p.take(pa.array(fresh))
+        files = _write(store, vdir, shard, fp, part, keys[fresh], vectors, index, tmp, name, cfg.keywords)
         segments.append(Segment(rows=len(fresh), **files))
     tomb = None
     if len(dead):
@@ -340,7 +350,7 @@ def build_shard(
         vectors = np.array([found[h] for h in hashes.to_pylist()], dtype=np.float32).reshape(-1, dims)
         if p.num_rows:
             index.add(keys, vectors, threads=THREADS)
-    files: dict[str, Any] = _write(store, vdir, shard, fp, p, keys, vectors, index, tmp)
+    files: dict[str, Any] = _write(store, vdir, shard, fp, p, keys, vectors, index, tmp, keywords=index_cfg.keywords)
     tmp.rmdir()
     entry = ShardEntry(
         shard=shard,

@@ -14,7 +14,8 @@ Labelled queries, one JSON object per line; ``relevant`` is a list of ids (grade
     {"query": "how do I parse a date", "relevant": ["doc-17", "doc-940"]}
     {"query": "invoice totals", "relevant": ["doc-3"], "filter": {"tenant": "acme"}}
 
-A line's optional ``filter`` (:mod:`embray.filters`) restricts its search as a user's request would.
+A line's optional ``filter`` (:mod:`embray.filters`) restricts its search as a user's request would, and its
+optional ``mode`` (vector, keyword, hybrid) searches as that mode does.
 """
 
 from __future__ import annotations
@@ -57,21 +58,25 @@ class LabelledQuery:
     relevant: dict[Any, float]  # id -> grade (> 0)
     filter: dict | None = None  # the metadata filter the query is asked with
     line: int = 0  # its line in the file
+    mode: str = "vector"  # the search mode it is asked in
 
 
 def search_labelled(vi: VersionIndex, labelled: list[LabelledQuery], k: int = K) -> list[list[Hit]]:
-    """Each labelled query's top k from ``vi``, asked with its own filter (queries sharing one, in one batch)."""
+    """Each labelled query's top k from ``vi``, asked with its own filter and mode (queries sharing both, in one
+    batch)."""
     out: list[list[Hit] | None] = [None] * len(labelled)
     groups: dict[str, list[int]] = {}
     for i, q in enumerate(labelled):
-        groups.setdefault(json.dumps(q.filter, sort_keys=True), []).append(i)
+        groups.setdefault(json.dumps([q.filter, q.mode], sort_keys=True), []).append(i)
     for members in groups.values():
-        flt = labelled[members[0]].filter
+        first = labelled[members[0]]
         try:
-            vi.check_query(filter=flt)
+            vi.check_query(filter=first.filter)
+            vi.check_mode(first.mode)
         except QueryError as e:
-            raise QueryError(f"labelled query on line {labelled[members[0]].line}: {e}") from e
-        for i, hits in zip(members, vi.search_text([labelled[i].text for i in members], k, filter=flt), strict=True):
+            raise QueryError(f"labelled query on line {first.line}: {e}") from e
+        texts = [labelled[i].text for i in members]
+        for i, hits in zip(members, vi.search_text(texts, k, filter=first.filter, mode=first.mode), strict=True):
             out[i] = hits
     return out
 
@@ -110,7 +115,10 @@ def load_queries(path: str | Path) -> list[LabelledQuery]:
         flt = obj.get("filter")
         if flt is not None and not isinstance(flt, dict):
             raise ConfigError(f'{p}:{n}: \'filter\' must be a JSON object such as {{"tenant": "acme"}}')
-        out.append(LabelledQuery(text, grades, flt or None, n))
+        mode = obj.get("mode", "vector")
+        if not isinstance(mode, str):
+            raise ConfigError(f"{p}:{n}: 'mode' must be vector, keyword or hybrid")
+        out.append(LabelledQuery(text, grades, flt or None, n, mode))
     if not out:
         raise ConfigError(f"labelled query file {p} has no queries")
     return out

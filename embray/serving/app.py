@@ -37,6 +37,7 @@ from embray.config import Config
 from embray.errors import EmbrayError, QueryError, VersionError
 from embray.lifecycle.registry import CANDIDATE
 from embray.lifecycle.versions import utcnow
+from embray.search import KEYWORD, VECTOR, fuse_hits, hybrid_depth
 from embray.serving.auth import API_KEY, BEARER, check_admin, check_query
 from embray.serving.fanout import FanOut
 from embray.serving.groups import serve_config
@@ -94,10 +95,14 @@ class EmbrayServer:
         if cand is None or (cur is not None and cand.version == cur.version):
             return None
         t = time.perf_counter()
+        where = dict(where or {})
+        mode, weights = where.pop("mode", VECTOR), where.pop("weights", None)
         if self.fan_out is None:
-            got = cand.index.search_text([text], k, **(where or {}))[0]
-        else:
-            got = self.fan_out.search_blocking(cand.index, cand.index.embedder.embed_queries([text]), k, where)
+            got = cand.index.search_text([text], k, mode=mode, weights=weights, **where)[0]
+        else:  # on the replica's event loop (handles made with RAY_SERVE_THROUGHPUT_OPTIMIZED work only there)
+            q = cand.index.embedder.embed_queries([text]) if mode != KEYWORD else None
+            asked = self._search(cand.index, q, [text], k, False, mode, weights, where, False)
+            got = self.fan_out.on_loop(asked, self.fan_out.timeout_s + 1)[0][0]
         return cand.version, [h.id for h in got], (time.perf_counter() - t) * 1000
 
     def _every_poll(self) -> None:
@@ -218,7 +223,7 @@ class EmbrayServer:
             doc, missing = await self._answer(cur, body, shadow=pinned is None)
             ms = (time.perf_counter() - t) * 1000
             self.metrics.record(endpoint, version, "partial" if missing else "ok", ms)
-            self.metrics.searched("vector", body.filter is not None)
+            self.metrics.searched(body.mode, body.filter is not None)
             doc["took_ms"] = round(ms, 3)
             return Response(json.dumps(doc, separators=(",", ":")), media_type="application/json")
         except HTTPException as e:
@@ -244,13 +249,16 @@ class EmbrayServer:
             )
         where = {"filter": body.filter, "fields": body.fields}
         idx.check_query(**where)  # QueryError (422) before any embedding
-        q = self._vectors(idx, queries, batch)
-        if self.fan_out is None:
-            found, missing = idx.search_vectors(q, body.k, chunks=body.chunks, **where), None
-        else:
-            found, missing = await self.fan_out.search(idx, q, body.k, body.partial, body.chunks, where)
+        idx.check_mode(body.mode)
+        weights = body.weights.model_dump() if body.weights is not None else None
+        texts = [q.text for q in queries]
+        if body.mode != VECTOR and None in texts:
+            where_ = f"queries[{texts.index(None)}]: " if batch else ""
+            raise HTTPException(422, f"{where_}mode {body.mode} searches by text, not vectors")
+        q = self._vectors(idx, queries, batch) if body.mode != KEYWORD else None
+        found, missing = await self._search(idx, q, texts, body.k, body.chunks, body.mode, weights, where, body.partial)
         if not batch and body.text is not None and shadow and self.shadow is not None:
-            self.shadow.offer(body.text, [h.id for h in found[0]], where)
+            self.shadow.offer(body.text, [h.id for h in found[0]], {**where, "mode": body.mode, "weights": weights})
         results = [[h.to_dict() for h in hits] for hits in found]
         doc: dict[str, Any] = {
             "version": idx.version,
@@ -260,6 +268,30 @@ class EmbrayServer:
         if missing:
             doc.update(partial=True, missing_shards=missing)
         return doc, missing or []
+
+    async def _search(self, idx, q, texts, k: int, chunks: bool, mode: str, weights, where: dict, partial: bool):
+        """Each query's hits by ``mode`` (vectors ``q``, ``texts``), from this replica's shards or the shard
+        groups' (hybrid: each side's answer merged over the groups, then fused); and the shards missing."""
+        if self.fan_out is None:
+            if mode == VECTOR:
+                return idx.search_vectors(q, k, chunks=chunks, **where), []
+            if mode == KEYWORD:
+                return idx.search_keywords(texts, k, chunks=chunks, **where), []
+            depth = hybrid_depth(k)
+            vec = idx.search_vectors(q, depth, chunks=chunks, **where)
+            kw = idx.search_keywords(texts, depth, chunks=chunks, **where)
+            return [fuse_hits(v, w, k, weights, chunks) for v, w in zip(vec, kw, strict=True)], []
+        fan = self.fan_out
+        if mode == VECTOR:
+            return await fan.search(idx, q, k, partial, chunks, where)
+        by_words = {**where, "mode": KEYWORD, "texts": texts}
+        if mode == KEYWORD:
+            return await fan.search(idx, None, k, partial, chunks, by_words)
+        depth = hybrid_depth(k)
+        (vec, m1), (kw, m2) = await asyncio.gather(
+            fan.search(idx, q, depth, partial, chunks, where), fan.search(idx, None, depth, partial, chunks, by_words)
+        )
+        return [fuse_hits(v, w, k, weights, chunks) for v, w in zip(vec, kw, strict=True)], sorted(set(m1) | set(m2))
 
     def _vectors(self, idx, queries: list, batch: bool):
         """The query vectors, in order: texts embedded by the version's model (in one call), vectors checked."""

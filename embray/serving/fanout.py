@@ -30,8 +30,9 @@ class FanOut:
     ) -> tuple[list[list[Hit]], list[int]]:
         """Every group's top k of ``idx``'s version for each query row of ``q``, merged; and the missing shards.
         A chunked version's documents never span groups (a document's passages are all in its shard), so the
-        groups' best documents merge by score as rows do. ``where`` (``filter``, ``fields``) goes to every group:
-        each filters its own shards' rows."""
+        groups' best documents merge by score as rows do. ``where`` (``filter``, ``fields``; ``mode`` keyword with
+        the query ``texts`` instead of ``q``) goes to every group: each filters its own shards' rows, and keyword
+        answers merge by BM25 score."""
         G, limit = len(self.handles), self.timeout_s
 
         async def ask(g: int, handle):
@@ -60,11 +61,6 @@ class FanOut:
                 answers[g] = task.result()
         return self._merge(idx, answers, failed, k, partial)
 
-    def search_blocking(self, idx: VersionIndex, q, k: int, where: dict | None = None) -> list[Hit]:
-        """:meth:`search` from a thread off the event loop (shadow traffic), run on the replica's loop:
-        handles made with RAY_SERVE_THROUGHPUT_OPTIMIZED work only there."""
-        return self._on_loop(self.search(idx, q, k, False, where=where), self.timeout_s + 1)[0][0]
-
     def prepare(self, version: str) -> None:
         """From a thread off the event loop: have each shard group load ``version`` (one replica of each).
         Best effort: a group that cannot is named by the queries' fan-out (503, or missing in a partial answer)."""
@@ -73,14 +69,16 @@ class FanOut:
             return await asyncio.gather(*(h.prepare.remote(version) for h in self.handles), return_exceptions=True)
 
         try:
-            got = self._on_loop(prepare_all(), self.switch_timeout_s)
+            got = self.on_loop(prepare_all(), self.switch_timeout_s)
         except Exception as e:  # noqa: BLE001 - the timeout: the groups go on loading
             got = [e]
         for g, e in enumerate(got):
             if isinstance(e, BaseException):
                 log.warning("shard group %s could not load %s: %s", g, version, one_line(e))
 
-    def _on_loop(self, coro, timeout_s: float):
+    def on_loop(self, coro, timeout_s: float):
+        """Run ``coro`` on the replica's event loop from a thread off it (shadow traffic, pinned loads): handles
+        made with RAY_SERVE_THROUGHPUT_OPTIMIZED work only there."""
         if self.loop is None:  # no request yet: nothing to run it on
             coro.close()
             raise RuntimeError("no request has reached this replica yet")

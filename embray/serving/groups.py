@@ -183,7 +183,10 @@ class EmbrayShardGroup:
         if version == self.target:
             self.previous = None  # the ingress has switched: the previous version may go once idle
         index = self.loaded.get(version) or await asyncio.to_thread(self._open, version)
-        return index.search_vectors(vectors, k, chunks=chunks, **(where or {}))  # (filter, fields)
+        where = dict(where or {})
+        if where.pop("mode", "vector") == "keyword":  # the query's texts come with it instead of vectors
+            return index.search_keywords(where.pop("texts"), k, chunks=chunks, **where)
+        return index.search_vectors(vectors, k, chunks=chunks, **where)  # (filter, fields)
 
     async def prepare(self, version: str) -> list[str]:
         """Load ``version`` now (a pinned query's, before it is asked for); the versions held."""

@@ -1,13 +1,13 @@
 """The HTTP API's request and response bodies (the OpenAPI schema at /docs is made from these)."""
 
 # No `from __future__ import annotations`: FastAPI and pydantic must see the real types.
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 MAX_K = 1000
-NON_NULL = ("text", "vector", "fingerprint", "queries", "filter", "fields")  # absent when unused, never null
+NON_NULL = ("text", "vector", "fingerprint", "queries", "filter", "fields", "weights")  # absent when unused, not null
 FILTER_DOC = (
     "Only rows whose metadata (the version's `source.columns`) matches, in the MongoDB / Chroma style: "
     '`{"tenant": "acme", "published": {"$gte": "2026-01-01"}, "lang": {"$in": ["en", "de"]}}`. Operators: '
@@ -59,6 +59,14 @@ class Query(BaseModel):
         return self
 
 
+class Weights(BaseModel):
+    """Hybrid search: how much each side's rank counts in the fusion."""
+
+    model_config = ConfigDict(extra="forbid")
+    vector: float = Field(1.0, ge=0, allow_inf_nan=False, description="Weight of the vector answer's ranks.")
+    keyword: float = Field(1.0, ge=0, allow_inf_nan=False, description="Weight of the keyword answer's ranks.")
+
+
 class SearchRequest(BaseModel):
     """Search by ``text`` (embedded with the serving version's model), by a ``vector`` made with ``fingerprint``,
     or by a batch of such ``queries`` (answered in one round trip, their texts embedded in one batch).
@@ -101,6 +109,13 @@ class SearchRequest(BaseModel):
         "one document) instead of the top `k` documents, each scored by its best passage. Ignored otherwise.",
     )
     filter: dict[str, Any] | SkipJsonSchema[None] = Field(None, description=FILTER_DOC + " Applies to every query.")
+    mode: Literal["vector", "keyword", "hybrid"] = Field(
+        "vector",
+        description="`vector`: nearest vectors. `keyword`: BM25 over the version's keyword index. `hybrid`: both, "
+        "fused by reciprocal rank (a hit's `score` is then its fused score). Keyword and hybrid need text queries "
+        "and a version built with `index.keywords` (else 422).",
+    )
+    weights: Weights | SkipJsonSchema[None] = Field(None, description="Hybrid only: the weight of each side.")
     fields: list[str] | SkipJsonSchema[None] = Field(
         None,
         description="Stored columns each hit carries in `fields` (`text` too where the version keeps texts: "
@@ -136,7 +151,10 @@ class ChunkModel(BaseModel):
 
 class HitModel(BaseModel):
     id: str | int = Field(description="The row's id; in a version of chunked documents, the document's.")
-    score: float
+    score: float = Field(
+        description="Similarity (vector mode), BM25 score (keyword) or reciprocal-rank-fused score (hybrid); "
+        "higher is better."
+    )
     chunk: ChunkModel | None = Field(
         None, description="In a version of chunked documents: the passage that scored (absent otherwise)."
     )

@@ -98,6 +98,11 @@ def index_name(shard: int, segment: str = "") -> str:
     return f"shards/shard-{shard:05d}{segment}.usearch"
 
 
+def keywords_name(shard: int, segment: str = "") -> str:
+    """A part's BM25 keyword index (index.keywords), beside its USearch index."""
+    return f"shards/shard-{shard:05d}{segment}.bm25"
+
+
 def tombstones_name(shard: int) -> str:
     return f"tombstones/shard-{shard:05d}.parquet"
 

@@ -92,6 +92,10 @@ def segment_refs(s: ShardEntry, version: str) -> dict:
     return {
         "embeddings": ref(s.embeddings),
         "index": ref(s.index),
+        "keywords": ref(s.keywords),
         "base_rows": s.rows if s.base_rows is None else s.base_rows,
-        "segments": [g.model_copy(update={"embeddings": ref(g.embeddings), "index": ref(g.index)}) for g in s.segments],
+        "segments": [
+            g.model_copy(update={"embeddings": ref(g.embeddings), "index": ref(g.index), "keywords": ref(g.keywords)})
+            for g in s.segments
+        ],
     }

@@ -1,0 +1,189 @@
+"""Filtered search at scale (issue 28): recall and latency of metadata filters of 0.1%, 1%, 10% and 50%
+selectivity against unfiltered search, side by side on one version.
+
+    .venv/bin/python bench/filters.py [--rows 1000000] [--files 50] [--shards 8] [--queries 200] [--rounds 3]
+                                      [--workdir DIR] [--keep] [--write]
+
+One local Ray; the `hash` model (384 dims: the pipeline and the index, not an encoder). The corpus: --rows
+numbered texts with a metadata column ``bucket`` (an integer 0..999 drawn at random per row), so
+``{"bucket": {"$lt": b}}`` lets through b/1000 of the rows; built once (`source.columns: [bucket]`, f16 HNSW,
+--shards shards). The queries: --queries stored texts of random rows, embedded once. For each filter (and
+none), in rounds that take turns: every query alone (k = 10, `VersionIndex.search_vectors`, the filter
+parsed and matched per query as a request would), its latency; recall@10 against exact search under the same
+filter (brute force over every matching row of every shard; a hit as good as the exact 10th counts as found).
+Reported: p50 / p99 ms (median over rounds), the ratio of each p50 to the unfiltered p50, recall@10, and the
+path each part took. --write puts the table into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from backfill import ROOT, machine, write_section  # noqa: E402 - the sibling benchmark's helpers
+
+sys.path.insert(0, str(ROOT))
+MARK_BEGIN = "<!-- bench/filters.py begin -->"
+MARK_END = "<!-- bench/filters.py end -->"
+SHARES = (None, 0.5, 0.1, 0.01, 0.001)
+
+
+def write_corpus(root: Path, rows: int, files: int, seed: int = 7) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.helpers import doc_text
+
+    rng = random.Random(seed)
+    buckets = [rng.randrange(1000) for _ in range(rows)]
+    root.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        ks = range(f, rows, files)
+        table = pa.table(
+            {
+                "id": [f"r{k:08d}" for k in ks],
+                "text": [f"{doc_text(k)} [{k}]" for k in ks],
+                "bucket": pa.array([buckets[k] for k in ks], pa.int32()),
+            }
+        )
+        pq.write_table(table, root / f"p{f:04d}.parquet")
+
+
+def spec_of(share: float | None) -> dict | None:
+    return None if share is None else {"bucket": {"$lt": round(share * 1000)}}
+
+
+def recall(ann, exact, eps: float = 1e-5) -> float:
+    if not exact:
+        return 1.0
+    kth = exact[-1].score
+    ids = {h.id for h in exact}
+    return sum(1 for h in ann if h.id in ids or h.score >= kth - eps) / len(exact)
+
+
+def paths(index, share: float | None) -> str:
+    """How the parts answer a filter of this share: exactly over the matching rows, or on the graph."""
+    from embray import search as S
+    from embray.filters import parse_filter
+    from embray.storage import metadata as M
+
+    if share is None:
+        return "graph"
+    f = parse_filter(spec_of(share), M.schema(index.columns))
+    kinds = set()
+    for part in index.shards:
+        n, m = len(part.index), len(part.allowed(f))
+        count = min(n, int(S.OVERSAMPLE * 10 * n / max(m, 1)) + 16)
+        kinds.add("exact" if count * part.index.connectivity >= m else f"graph ({count} candidates)")
+    return ", ".join(sorted(kinds))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--files", type=int, default=50)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workdir", default=None, help="Where the corpus and store go (kept with --keep: reused).")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--write", action="store_true", help="Write the table into docs/benchmarks.md.")
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="embray-bench-filters-"))
+    try:
+        run(args, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    import numpy as np
+
+    from embray import Collection
+    from embray.config import parse_config
+
+    cfg = parse_config(
+        {
+            "collection": "filters",
+            "source": {"uri": str(work / "corpus"), "columns": ["bucket"]},
+            "store": {"uri": str(work / "store")},
+            "model": {"backend": "hash", "name": "w", "dims": 384},
+            "index": {"shards": args.shards, "dtype": "f16"},
+            "embed": {"batch_size": 2048, "actors": 1, "num_cpus": 1, "keep_warm_s": 0},
+        },
+        base_dir=work,
+    )
+    col = Collection(cfg)
+    if not (work / "corpus").exists():
+        t = time.perf_counter()
+        write_corpus(work / "corpus", args.rows, args.files)
+        print(f"corpus: {args.rows} rows in {time.perf_counter() - t:.0f} s", flush=True)
+    if not col.versions():
+        built = col.backfill()
+        print(f"backfill {built.version}: {built.manifest.stats.seconds:.0f} s", flush=True)
+    index = col.index()
+    rng = random.Random(11)
+    picks = [rng.randrange(args.rows) for _ in range(args.queries)]
+    from tests.helpers import doc_text
+
+    q = index.embedder.embed_queries([f"{doc_text(k)} [{k}]" for k in picks])
+    t = time.perf_counter()
+    index.search_vectors(q[:1], 10)  # touch every shard
+    print(f"opened and warmed in {time.perf_counter() - t:.1f} s", flush=True)
+    exact = {s: index.search_vectors(q, 10, exact=True, filter=spec_of(s)) for s in SHARES}
+    lat: dict[float | None, list[list[float]]] = {s: [] for s in SHARES}
+    rec: dict[float | None, float] = {}
+    for r in range(args.rounds):
+        order = list(SHARES) if r % 2 == 0 else list(reversed(SHARES))
+        for s in order:
+            times, found = [], []
+            for i in range(len(q)):
+                t = time.perf_counter()
+                hits = index.search_vectors(q[i : i + 1], 10, filter=spec_of(s))[0]
+                times.append((time.perf_counter() - t) * 1000)
+                found.append(recall(hits, exact[s][i]))
+            lat[s].append(times)
+            rec[s] = float(np.mean(found))
+        print(f"round {r + 1} done", flush=True)
+    p50 = {s: statistics.median(float(np.percentile(x, 50)) for x in lat[s]) for s in SHARES}
+    p99 = {s: statistics.median(float(np.percentile(x, 99)) for x in lat[s]) for s in SHARES}
+    lines = [
+        "| filter | share of rows | path per part | recall@10 vs exact filtered | p50 ms | p99 ms | p50 / unfiltered |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for s in SHARES:
+        name = "none" if s is None else f"`bucket < {round(s * 1000)}`"
+        share = "100%" if s is None else f"{s:.1%}"
+        lines.append(
+            f"| {name} | {share} | {paths(index, s)} | {rec[s]:.4f} | {p50[s]:.2f} | {p99[s]:.2f} | "
+            f"{p50[s] / p50[None]:.2f}x |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        cmd = (
+            f"`.venv/bin/python bench/filters.py --rows {args.rows} --files {args.files} --shards {args.shards} "
+            f"--queries {args.queries} --rounds {args.rounds}`"
+        )
+        text = (
+            f"{MARK_BEGIN}\n## Filtered search (issue 28)\n\nCommand: {cmd}\n\nMachine: {machine()}\n\n"
+            f"Version: {args.rows:,} rows, `hash` model (384 dims), {args.shards} shards, f16 HNSW (M 16, ef 64), "
+            "metadata column `bucket` (uniform 0..999). One query at a time, k = 10, filter parsed and matched per "
+            f"query; medians of {args.rounds} interleaved rounds of {args.queries} queries.\n\n{table}\n{MARK_END}"
+        )
+        write_section(MARK_BEGIN, MARK_END, text)
+
+
+if __name__ == "__main__":
+    main()
