@@ -300,3 +300,19 @@ def wait_for(what: str, check, timeout: float = 90.0, every: float = 0.3):
             return got
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(every)
+
+
+def filter_trees(leaves):
+    """A hypothesis strategy of filters: ``leaves`` (a strategy of single-column filters) combined by
+    ``$and``, ``$or`` and ``$not``, up to 6 leaves."""
+    from hypothesis import strategies as st
+
+    return st.recursive(
+        leaves,
+        lambda inner: st.one_of(
+            st.lists(inner, min_size=1, max_size=3).map(lambda xs: {"$and": xs}),
+            st.lists(inner, min_size=1, max_size=3).map(lambda xs: {"$or": xs}),
+            inner.map(lambda x: {"$not": x}),
+        ),
+        max_leaves=6,
+    )

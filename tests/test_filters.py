@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from embray.errors import ConfigError, QueryError
 from embray.filters import Filter, format_instant, parse_filter, parse_instant
 
+from .helpers import filter_trees
+
 UTC = timezone.utc
 
 
@@ -463,15 +465,7 @@ def leaf_filters(draw):
     return {c: draw(conditions(c)) for c in cols}
 
 
-FILTERS = st.recursive(
-    leaf_filters(),
-    lambda inner: st.one_of(
-        st.lists(inner, min_size=1, max_size=3).map(lambda xs: {"$and": xs}),
-        st.lists(inner, min_size=1, max_size=3).map(lambda xs: {"$or": xs}),
-        inner.map(lambda x: {"$not": x}),
-    ),
-    max_leaves=6,
-)
+FILTERS = filter_trees(leaf_filters())
 
 
 def _ns(v):

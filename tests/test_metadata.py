@@ -23,7 +23,7 @@ from embray.lifecycle.versions import read_manifest
 from embray.storage import metadata as M
 from embray.storage.store import Store
 
-from .helpers import doc_text, make_config
+from .helpers import doc_text, filter_trees, make_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -321,3 +321,68 @@ def test_bad_columns_and_queries_are_refused_naming_the_fix(tmp_path, capsys):
     queries.write_text(json.dumps({"query": "x", "relevant": ["doc-0003"], "filter": {"nope": 1}}) + "\n")
     with pytest.raises(QueryError, match="line 1.*unknown column 'nope'"):
         col.eval("active", queries=str(queries))
+
+
+def _conditions():
+    """A hypothesis strategy of filters over the corpus's columns, from the whole grammar."""
+    from hypothesis import strategies as st
+
+    when = st.integers(0, 260).map(lambda h: (T0 + dt.timedelta(hours=h)).isoformat() + "Z")
+    day = st.integers(0, 260).map(lambda d: (T0 + dt.timedelta(days=d)).date().isoformat())
+    values = {
+        "tenant": st.sampled_from(["acme", "globex", "initech", "none"]),
+        "n": st.integers(-5, 260),
+        "price": st.floats(-1, 130, allow_nan=False).map(lambda x: round(x, 1)),
+        "public": st.booleans(),
+        "published": when,
+        "day": day,
+        "tags": st.sampled_from(["red", "blue", "green"]),
+        "label": st.sampled_from([f"L{i}" for i in range(6)]),
+    }
+    ordered = ["n", "price", "published", "day", "tenant", "label"]
+
+    def leaf(col: str):
+        v = values[col]
+        ops = [v, v.map(lambda x: {"$eq": x}), v.map(lambda x: {"$ne": x})]
+        ops += [st.lists(v, max_size=3).map(lambda xs, op=op: {op: xs}) for op in ("$in", "$nin")]
+        ops.append(st.booleans().map(lambda b: {"$exists": b}))
+        if col in ordered:
+            ops += [v.map(lambda x, op=op: {op: x}) for op in ("$gt", "$gte", "$lt", "$lte")]
+        if col in ("tags", "tenant"):
+            ops.append(v.map(lambda x: {"$contains": x[:2] if col == "tenant" else x}))
+        return st.one_of(ops).map(lambda cond: {col: cond})
+
+    return filter_trees(st.sampled_from(COLUMNS).flatmap(leaf))
+
+
+def test_any_filter_answers_exactly_its_matching_rows_through_segments(tmp_path):
+    """Property: over a segmented version (a refresh changed metadata and texts), any filter the grammar
+    makes answers exactly the corpus rows it matches (k above them all), and its top 5 scores are exact
+    filtered search's."""
+    from hypothesis import HealthCheck, given, settings
+
+    rows = corpus()
+    write_meta(tmp_path / "corpus", rows)
+    col = Collection(config(tmp_path))
+    col.backfill(promote=True)
+    changed = {
+        i: (t + (" revised" if n % 17 == 0 else ""), meta_row(n, rev=1 if n % 11 == 0 else 0))
+        for n, (i, (t, _)) in enumerate(sorted(rows.items()))
+        if n % 23
+    }
+    write_meta(tmp_path / "corpus", changed)
+    r = col.refresh(promote=True)
+    assert r.manifest.counts["shards_delta"] == 3
+    index = col.index()
+    q = index.embedder.embed_queries([doc_text(17)])
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(spec=_conditions())
+    def check(spec):
+        hits = index.search_vectors(q, 1000, filter=spec)[0]
+        assert {h.id for h in hits} == matching(changed, spec), spec
+        top = [h.score for h in index.search_vectors(q, 5, filter=spec)[0]]
+        exact = [h.score for h in index.search_vectors(q, 5, filter=spec, exact=True)[0]]
+        assert top == pytest.approx(exact, abs=1e-3), spec
+
+    check()

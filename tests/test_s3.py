@@ -150,3 +150,48 @@ def test_refresh_on_s3_reads_only_the_file_whose_etag_changed(tmp_path, bucket):
     assert child.source_files.to_dict() == {"read": 1, "reused": 2}
     assert child.counts.changed == 1 and child.counts.embedded == 1
     assert col.verify(child.version).ok
+
+
+def test_metadata_filters_fields_and_keywords_on_s3(tmp_path, bucket):
+    """Kept columns, filters, fields and keyword search with the corpus and the store on moto S3, through a
+    refresh that changes metadata only (its delta segments, tombstones and keyword indexes downloaded and
+    checked like every other version file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name, options, fs = bucket
+
+    def write(rows: dict, tenants: dict) -> None:
+        for f in range(2):
+            items = sorted(rows.items())[f::2]
+            table = pa.table(
+                {"id": [i for i, _ in items], "text": [t for _, t in items], "tenant": [tenants[i] for i, _ in items]}
+            )
+            with fs.open(f"{name}/corpus/part-{f}.parquet", "wb") as fh:
+                pq.write_table(table, fh)
+
+    rows = {f"doc-{i:04d}": doc_text(i) + (" fails with ERR_CONN_RESET" if i % 30 == 7 else "") for i in range(120)}
+    tenants = {i: ("acme", "globex")[n % 2] for n, i in enumerate(sorted(rows))}
+    write(rows, tenants)
+    cfg = make_config(
+        tmp_path,
+        source={"uri": f"s3://{name}/corpus", "storage_options": options, "columns": ["tenant"]},
+        store={"uri": f"s3://{name}/embray", "storage_options": options},
+        index={"keywords": True, "max_delta_fraction": 0.5},
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    col = Collection(cfg)
+    col.backfill(promote=True)
+    acme = {i for i, t in tenants.items() if t == "acme"}
+    hits = col.search("river", k=500, filter={"tenant": "acme"}, fields=["tenant", "text"]).results
+    assert {h.id for h in hits} == acme and all(h.fields["text"] == rows[h.id] for h in hits)
+    named = {i for i, t in rows.items() if "ERR_CONN_RESET" in t}
+    assert {h.id for h in col.search("ERR_CONN_RESET", k=len(named), mode="keyword").results} == named
+
+    moved = sorted(named)[:2]
+    write(rows, {**tenants, **{i: "umbrella" for i in moved}})
+    r = col.refresh(promote=True)
+    assert (r.counts.changed, r.counts.embedded) == (2, 0) and r.manifest.counts["shards_delta"] >= 1
+    assert col.verify(r.version).ok
+    got = col.search("ERR_CONN_RESET", k=len(named), mode="hybrid", filter={"tenant": "umbrella"}).results
+    assert {h.id for h in got} == set(moved)

@@ -182,6 +182,7 @@ def scan_file(
 
     path = src.files[index]
     url, meta = src.url(path), columns
+    how = {"id_col": id_col, "text_col": text_col, "shards": shards, "columns": meta, "url": url}
     tmp = local_tmpdir("embray-scan-")
     writers: dict[int, pq.ParquetWriter] = {}
     parts: dict[int, list] = {}
@@ -197,17 +198,7 @@ def scan_file(
             columns += [c for c in (meta or {}) if c not in columns]
             for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
                 known, hashes_before, pos = _held(batch.column(id_col), held)
-                table = prepare(
-                    batch,
-                    id_col=id_col,
-                    text_col=text_col,
-                    shards=shards,
-                    first_row=rows,
-                    updated_col=updated_col,
-                    known=known,
-                    columns=meta,
-                    url=url,
-                )
+                table = prepare(batch, first_row=rows, updated_col=updated_col, known=known, **how)
                 table = _annotated(table, cut, counter, held, pos)
                 rows += table.num_rows
                 for k, state, good in _by_shard(table, stage_texts, hashes_before):
@@ -219,9 +210,7 @@ def scan_file(
                     writers[k].write_table(good)
             if rows == 0:  # an empty file still records its (empty) row states
                 empty = pf.schema_arrow.empty_table().select(columns)
-                table = prepare(
-                    empty, id_col=id_col, text_col=text_col, shards=shards, first_row=0, columns=meta, url=url
-                )
+                table = prepare(empty, first_row=0, **how)
                 parts[0] = [_state_of(_annotated(table, cut, counter))]
         except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
             raise SourceError(f"{url} cannot be read as Parquet ({type(e).__name__}: {e}); repair or remove it") from e
