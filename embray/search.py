@@ -20,6 +20,7 @@ import numpy as np
 
 from embray.errors import QueryError, VersionError
 from embray.filters import Filter, parse_filter
+from embray.keywords import HYBRID_DEPTH, HYBRID_WEIGHTS, RRF_K0, fuse_rrf
 from embray.lifecycle.versions import FileEntry, Manifest, file_rel
 from embray.models import Embedder, fingerprint, load_embedder
 from embray.results import ChunkRef, Hit, SearchResult
@@ -417,9 +418,9 @@ class VersionIndex:
         return Hit(_plain(part.ids[row]), -distance if keyword else _score(self.metric, distance), chunk, kept)
 
 
-# Hybrid search fuses each side's answer this deep (at least k) by reciprocal rank fusion with this k0.
-HYBRID_DEPTH = 50
-RRF_K0 = 60
+# Hybrid search fuses each side's answer HYBRID_DEPTH deep (at least k) by reciprocal rank fusion with k0 RRF_K0
+# and weights HYBRID_WEIGHTS (vector, keyword): the settings that met the known-item target (bench/known_items.py,
+# docs/notes/issue28-keywords.md).
 
 
 def hybrid_depth(k: int) -> int:
@@ -443,13 +444,11 @@ def fuse_hits(
     vector: list[Hit], keyword: list[Hit], k: int, weights: dict | None = None, passages: bool = False
 ) -> list[Hit]:
     """The top ``k`` of two answers to one query fused by reciprocal rank fusion: a hit's score is the sum over
-    the answers holding it of weight / (RRF_K0 + its rank there) (weights: {"vector": w, "keyword": w}, 1 each
-    by default). A hit is its id (a chunked version's document, whichever passage scored), or with
-    ``passages`` (``chunks=True`` answers) its id and passage; it keeps the vector answer's passage and
-    fields where both answers hold it."""
-    from embray.keywords import fuse_rrf
-
-    w = {VECTOR: 1.0, KEYWORD: 1.0, **(weights or {})}
+    the answers holding it of weight / (RRF_K0 + its rank there) (weights: {"vector": w, "keyword": w}; by
+    default :data:`HYBRID_WEIGHTS`). A hit is its id (a chunked version's document, whichever passage scored),
+    or with ``passages`` (``chunks=True`` answers) its id and passage; it keeps the vector answer's passage
+    and fields where both answers hold it."""
+    w = {VECTOR: HYBRID_WEIGHTS[0], KEYWORD: HYBRID_WEIGHTS[1], **(weights or {})}
     ident = [[(h.id, h.chunk.ordinal if passages and h.chunk else None) for h in hits] for hits in (vector, keyword)]
     first: dict = {}
     for key, hit in zip(ident[1] + ident[0], keyword + vector, strict=True):

@@ -15,7 +15,7 @@ from embray import Collection
 from embray.errors import QueryError
 from embray.keywords import fuse_rrf, tokenize
 from embray.lifecycle.versions import read_manifest
-from embray.search import HYBRID_DEPTH, RRF_K0
+from embray.search import HYBRID_DEPTH, HYBRID_WEIGHTS, RRF_K0
 from embray.storage.store import Store
 
 from .helpers import TENANTS, add_columns, doc_text, make_config, row_number, write_rows
@@ -114,7 +114,7 @@ def test_hybrid_is_the_rank_fusion_of_vector_and_keyword_answers(tmp_path):
     vec = col.search(query, k=depth).results
     kw = col.search(query, k=depth, mode="keyword").results
     hy = col.search(query, k=k, mode="hybrid").results
-    fused = fuse_rrf([[h.id for h in vec], [h.id for h in kw]], [1.0, 1.0], k0=RRF_K0, limit=k)
+    fused = fuse_rrf([[h.id for h in vec], [h.id for h in kw]], list(HYBRID_WEIGHTS), k0=RRF_K0, limit=k)
     assert [h.id for h in hy] == [i for i, _ in fused]
     assert [h.score for h in hy] == pytest.approx([s for _, s in fused])
     assert {h.id for h in hy} & {h.id for h in kw[:3]} and {h.id for h in hy} & {h.id for h in vec[:3]}

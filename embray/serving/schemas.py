@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from embray.keywords import HYBRID_WEIGHTS
+
 MAX_K = 1000
 NON_NULL = ("text", "vector", "fingerprint", "queries", "filter", "fields", "weights")  # absent when unused, not null
 FILTER_DOC = (
@@ -63,8 +65,8 @@ class Weights(BaseModel):
     """Hybrid search: how much each side's rank counts in the fusion."""
 
     model_config = ConfigDict(extra="forbid")
-    vector: float = Field(1.0, ge=0, allow_inf_nan=False, description="Weight of the vector answer's ranks.")
-    keyword: float = Field(1.0, ge=0, allow_inf_nan=False, description="Weight of the keyword answer's ranks.")
+    vector: float = Field(HYBRID_WEIGHTS[0], ge=0, allow_inf_nan=False, description="Weight of the vector ranks.")
+    keyword: float = Field(HYBRID_WEIGHTS[1], ge=0, allow_inf_nan=False, description="Weight of the keyword ranks.")
 
 
 class SearchRequest(BaseModel):
