@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from embray import filtered
 from embray.errors import QueryError, VersionError
 from embray.filters import Filter, parse_filter
 from embray.keywords import HYBRID_DEPTH, HYBRID_WEIGHTS, RRF_K0, fuse_rrf
@@ -79,6 +81,7 @@ class VersionIndex:
         # graph: its base loaded into memory, dead keys removed and the segments' live rows added, so a query
         # costs what it costs on a compacted shard. Past that, its segments are searched as graphs of their own.
         self.chunked = manifest.chunk is not None  # rows are passages: a search answers documents
+        self._matches = filtered.MatchCache()  # the rows of each part the filters asked lately let through
         self.shards: list[Part] = []
         mine = set(group_shards(len(manifest.shards), *group)) if group else None
         for s in manifest.shards:
@@ -229,6 +232,17 @@ class VersionIndex:
             return self.filter_of(spec.to_json()) if isinstance(spec, Filter) else None
         return parse_filter(spec, M.schema(self.columns))
 
+    def matches(self, f: Filter) -> list[filtered.Matches]:
+        """Per part, the live rows filter ``f`` lets through (kept for the filters asked most recently)."""
+        key = json.dumps(f.to_json(), sort_keys=True, default=str)
+        got = self._matches.get(key, lambda: [filtered.matches(part, f) for part in self.shards])
+        self._matches.trim()
+        return got
+
+    def forget_filters(self) -> None:
+        """Drop the cached matches of earlier filters (the next query with each evaluates it again)."""
+        self._matches.clear()
+
     def check_fields(self, fields) -> list[str] | None:
         """``fields`` (names of kept columns, and ``text`` where the version keeps texts), checked."""
         if fields is None:
@@ -303,8 +317,8 @@ class VersionIndex:
         if q.shape[1] != self.manifest.dims:
             raise VersionError(f"query vectors have {q.shape[1]} dims; version {self.version} has {self.manifest.dims}")
         f, fields = self.filter_of(filter), self.check_fields(fields)
-        allowed = None if f is None else [part.allowed(f) for part in self.shards]
-        return self._collect(len(q), k, chunks, lambda todo, want: self._top(q[todo], want, exact, allowed), fields)
+        got = None if f is None else self.matches(f)
+        return self._collect(len(q), k, chunks, lambda todo, want: self._top(q[todo], want, exact, got), fields)
 
     def search_keywords(
         self,
@@ -324,7 +338,7 @@ class VersionIndex:
         """
         self.check_mode(KEYWORD)
         f, fields = self.filter_of(filter), self.check_fields(fields)
-        allowed = None if f is None else [part.allowed(f) for part in self.shards]
+        allowed = None if f is None else [m.keys for m in self.matches(f)]
         texts = list(texts)
         top = lambda todo, want: self._top_keywords([texts[i] for i in todo], want, allowed)  # noqa: E731
         return self._collect(len(texts), k, chunks, top, fields, keyword=True)
@@ -379,15 +393,16 @@ class VersionIndex:
                     per_query[qi].extend((-score, p, int(r)) for r, (_, score) in zip(rows, found, strict=True))
         return [heapq.nsmallest(want, hits, key=self._order) for hits in per_query]
 
-    def _top(self, q: np.ndarray, want: int, exact: bool, allowed=None) -> list[list[tuple[float, int, int]]]:
-        """Per query row, the ``want`` nearest live rows over every part (``allowed``: per part, the keys a
-        filter lets through): (distance, part, row), best first."""
+    def _top(self, q: np.ndarray, want: int, exact: bool, got=None) -> list[list[tuple[float, int, int]]]:
+        """Per query row, the ``want`` nearest live rows over every part (``got``: per part, the rows a filter
+        lets through, :func:`filtered.matches`): (distance, part, row), best first."""
         per_query: list[list[list[tuple[float, int, int]]]] = [[] for _ in range(len(q))]
         for p, part in enumerate(self.shards):
-            if allowed is None:
+            if got is None:
                 hits = _search_part(part.index, q, min(want, len(part.keys)), part.dead, exact)
             else:
-                hits = _search_allowed(part.index, q, min(want, len(allowed[p])), allowed[p], exact)
+                k = min(want, len(got[p].keys))
+                hits = filtered.search_matches(part.index, part.keys, q, k, got[p], exact, self.metric)
             for qi, found in enumerate(hits):
                 rows = np.searchsorted(part.keys, np.asarray([key for key, _ in found], dtype=np.uint64))
                 per_query[qi].append([(d, p, int(r)) for r, (_, d) in zip(rows, found, strict=True)])
@@ -478,13 +493,6 @@ class Part:
     keywords: tuple = ()  # the BM25 indexes of its rows (index.keywords): one, or a merged shard's base and segments
     kw_dead: np.ndarray | None = None  # the keys its keyword indexes must skip (the shard's tombstones)
 
-    def allowed(self, f) -> np.ndarray:
-        """The sorted live keys whose row matches filter ``f``."""
-        match = f.mask(self.kept) if self.kept is not None else np.zeros(len(self.keys), dtype=bool)
-        if len(self.dead):
-            match &= live_mask(self.keys, self.dead)
-        return self.keys[match]
-
 
 def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) -> list[list[tuple[int, float]]]:
     """(key, distance) of the k nearest live vectors of one part for each query row. With dead keys, asks
@@ -507,63 +515,6 @@ def _search_part(index, q: np.ndarray, k: int, dead: np.ndarray, exact: bool) ->
         if count >= n or all(len(o) >= k for o in out):
             return out
         count = min(n, count * 4)
-
-
-# A filtered search asks the graph for this many times the candidates it expects to need (k / the share of
-# rows the filter lets through), and scores the matching rows exactly where that would cost the graph about
-# as many distance computations (candidates x connectivity) as there are matching rows.
-OVERSAMPLE = 2.0
-
-
-def _search_allowed(index, q: np.ndarray, k: int, allowed: np.ndarray, exact: bool) -> list[list[tuple[int, float]]]:
-    """(key, distance) of the k nearest of the ``allowed`` keys (sorted, live) of one part for each query
-    row. Few allowed keys: their vectors (``index.get``) are scored exactly. Many: the graph is searched for
-    ``OVERSAMPLE`` x k / share candidates and those not allowed dropped; a query left with fewer than k asks
-    for four times as many once, then is scored exactly (so a filter never loses a matching row)."""
-    n, m = len(index), len(allowed)
-    if m == 0 or k == 0:
-        return [[] for _ in range(len(q))]
-    count = min(n, int(OVERSAMPLE * k * n / m) + 16)
-    if exact or count * max(index.connectivity, 1) >= m:
-        return _exact_among(index, q, k, allowed)
-    out: list[list[tuple[int, float]] | None] = [None] * len(q)
-    todo = list(range(len(q)))
-    for _ in range(2):
-        m_ = index.search(q[todo], count)
-        keys_2d, dists_2d = np.atleast_2d(m_.keys), np.atleast_2d(m_.distances)
-        counts = np.atleast_1d(m_.counts) if hasattr(m_, "counts") else np.full(len(todo), len(m_))
-        short = []
-        for j, qi in enumerate(todo):
-            keys, dists = keys_2d[j][: counts[j]], dists_2d[j][: counts[j]]
-            ok = allowed[np.minimum(np.searchsorted(allowed, keys), m - 1)] == keys
-            found = list(zip(keys[ok][:k].tolist(), dists[ok][:k].astype(float).tolist(), strict=True))
-            out[qi] = found
-            if len(found) < k:
-                short.append(qi)
-        todo = short
-        if not todo or count >= n:
-            break
-        count = min(n, count * 4)
-    if todo:
-        for qi, found in zip(todo, _exact_among(index, q[todo], k, allowed), strict=True):
-            out[qi] = found
-    return out
-
-
-def _exact_among(index, q: np.ndarray, k: int, allowed: np.ndarray) -> list[list[tuple[int, float]]]:
-    """(key, distance) of the k nearest of the ``allowed`` keys of one part, by brute force over their vectors."""
-    from usearch.index import search as brute_force
-
-    vectors = index.get(allowed, dtype=np.float32)
-    vectors = np.vstack(vectors) if isinstance(vectors, tuple) else np.atleast_2d(vectors)
-    m = brute_force(vectors, q, min(k, len(allowed)), index.metric, exact=True)
-    rows_2d, dists_2d = np.atleast_2d(m.keys), np.atleast_2d(m.distances)
-    counts = np.atleast_1d(m.counts) if hasattr(m, "counts") else np.full(len(q), len(m))
-    out = []
-    for i in range(len(q)):
-        rows, dists = rows_2d[i][: counts[i]].astype(np.int64), dists_2d[i][: counts[i]].astype(float)
-        out.append(list(zip(allowed[rows].tolist(), dists.tolist(), strict=True)))
-    return out
 
 
 # A shard's delta segments up to this many rows are merged into its base's graph when a version is opened
