@@ -5,9 +5,9 @@ selectivity against unfiltered search, side by side on one version.
                                       [--workdir DIR] [--keep] [--write]
 
 One local Ray; the `hash` model (384 dims: the pipeline and the index, not an encoder). The corpus: --rows
-numbered texts with a metadata column ``bucket`` (an integer 0..999 drawn at random per row), so
+texts of random words (:func:`write_corpus`) with a metadata column ``bucket`` (0..999 at random per row), so
 ``{"bucket": {"$lt": b}}`` lets through b/1000 of the rows; built once (`source.columns: [bucket]`, f16 HNSW,
---shards shards). The queries: --queries stored texts of random rows, embedded once. For each filter (and
+--shards shards). The queries: --queries stored texts of random rows less one word, embedded once. For each filter (and
 none), in rounds that take turns: every query alone (k = 10, `VersionIndex.search_vectors`, the filter
 parsed per query as a request would, its matches cached per version), its latency; recall@10 against exact
 search under the same filter (brute force over every matching row of every shard; a hit as good as the exact
@@ -41,24 +41,44 @@ SHARES = (None, 0.5, 0.1, 0.01, 0.001)
 
 
 def write_corpus(root: Path, rows: int, files: int, seed: int = 7) -> None:
+    """--rows texts of 8-16 words drawn (Zipf, a = 1.15) from 50,000 made-up words, so that rows share words
+    as text does but hardly two are alike (duplicates would make ties that no ANN index orders like exact
+    search), and ``bucket``: 0..999 uniformly."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tests.helpers import doc_text
-
-    rng = random.Random(seed)
-    buckets = [rng.randrange(1000) for _ in range(rows)]
+    rng = np.random.default_rng(seed)
+    vocab = np.array([f"w{i:05d}" for i in range(50_000)])
     root.mkdir(parents=True, exist_ok=True)
     for f in range(files):
-        ks = range(f, rows, files)
+        ks = np.arange(f, rows, files)
+        lens = rng.integers(8, 17, len(ks))
+        words = (rng.zipf(1.15, int(lens.sum())) - 1) % len(vocab)
+        cuts = np.cumsum(lens)[:-1]
+        texts = [" ".join(w) for w in np.split(vocab[words], cuts)]
         table = pa.table(
             {
                 "id": [f"r{k:08d}" for k in ks],
-                "text": [f"{doc_text(k)} [{k}]" for k in ks],
-                "bucket": pa.array([buckets[k] for k in ks], pa.int32()),
+                "text": texts,
+                "bucket": pa.array(rng.integers(0, 1000, len(ks)), pa.int32()),
             }
         )
         pq.write_table(table, root / f"p{f:04d}.parquet")
+
+
+def query_texts(root: Path, n: int, seed: int = 11) -> list[str]:
+    """``n`` stored texts of random rows (the first file's), each with one word dropped: near, not equal."""
+    import pyarrow.parquet as pq
+
+    texts = pq.read_table(sorted(root.glob("*.parquet"))[0], columns=["text"]).column("text").to_pylist()
+    rng = random.Random(seed)
+    out = []
+    for t in rng.sample(texts, n):
+        words = t.split()
+        del words[rng.randrange(len(words))]
+        out.append(" ".join(words))
+    return out
 
 
 def spec_of(share: float | None) -> dict | None:
@@ -134,11 +154,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         built = col.backfill()
         print(f"backfill {built.version}: {built.manifest.stats.seconds:.0f} s", flush=True)
     index = col.index()
-    rng = random.Random(11)
-    picks = [rng.randrange(args.rows) for _ in range(args.queries)]
-    from tests.helpers import doc_text
-
-    q = index.embedder.embed_queries([f"{doc_text(k)} [{k}]" for k in picks])
+    q = index.embedder.embed_queries(query_texts(work / "corpus", args.queries))
     t = time.perf_counter()
     index.search_vectors(q[:1], 10)  # touch every shard
     print(f"opened and warmed in {time.perf_counter() - t:.1f} s", flush=True)
