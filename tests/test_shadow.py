@@ -91,3 +91,29 @@ def test_shadow_traffic_measures_the_candidate_and_its_gate_refuses_a_weak_one(t
     forced = col.promote(v2, force=True, reason="the new model is known to differ")
     assert forced.forced and forced.active == v2
     assert [g.gate for g in forced.gates if not g.passed] == ["shadow_overlap_at_10"]
+
+
+def test_a_shadow_query_carries_its_filter_mode_and_weights_to_the_candidate():
+    """The candidate is asked the query the user asked: with its filter, mode and weights (not its fields)."""
+    import queue
+    from types import SimpleNamespace
+
+    from embray.serving.shadow import ShadowSender
+
+    asked = []
+    sender = ShadowSender.__new__(ShadowSender)  # (no thread, no Ray metrics: the hand-off alone)
+    sender.fraction, sender._queue = 1.0, queue.Queue()
+    sender._ask = lambda text, k, where: asked.append((text, k, where))
+    sender.recorder = SimpleNamespace(add=lambda *a: None, mean_overlap=lambda v: 1.0)
+    sender._metrics = SimpleNamespace(record=lambda *a: None, drop=lambda: None)
+    ids = [f"doc-{i}" for i in range(10)]
+    where = {"filter": {"tenant": "acme"}, "fields": ["n"], "mode": "hybrid", "weights": {"vector": 1, "keyword": 2}}
+    sender.offer("river", ids, where)
+    sender.offer("stone", ids[:5], where)  # fewer than 10 hits: says nothing about overlap@10, not sent
+    sender.offer("plain", ids)
+    while not sender._queue.empty():
+        sender._one(*sender._queue.get())
+    assert asked == [
+        ("river", 10, {"filter": {"tenant": "acme"}, "mode": "hybrid", "weights": {"vector": 1, "keyword": 2}}),
+        ("plain", 10, None),
+    ]

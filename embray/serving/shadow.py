@@ -42,7 +42,8 @@ class ShadowSender:
         when full)."""
         if len(ids) < 10 or random.random() >= self.fraction:
             return  # (a query for fewer than 10 hits says nothing about overlap@10)
-        where = {"filter": where["filter"]} if where and where.get("filter") is not None else None  # (ids only)
+        if where:  # the query as the user asked it, but its fields (the overlap compares ids only)
+            where = {key: v for key, v in where.items() if key != "fields" and v is not None} or None
         try:
             self._queue.put_nowait((text, ids[:10], where))
         except queue.Full:
