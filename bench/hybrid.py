@@ -39,12 +39,18 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--workdir", default=None, help="Where the corpus and store go (kept with --keep: reused).")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument(
+        "--weights", default=None, help="Also try hybrid with these vector:keyword weights, e.g. 1:2,1:4 (not written)."
+    )
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="embray-bench-hybrid-"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="embray-bench-hybrid-"))
     try:
         run(args, work)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
@@ -56,8 +62,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
     from embray.keywords import HYBRID_DEPTH, HYBRID_WEIGHTS, RRF_K0
 
     docs, queries = known_item_set(args.docs, args.seed)
-    (work / "corpus").mkdir(parents=True)
-    for f in range(4):
+    fresh = not (work / "corpus").exists()
+    (work / "corpus").mkdir(parents=True, exist_ok=True)
+    for f in range(4 if fresh else 0):
         part = docs[f::4]
         pq.write_table(
             pa.table({"id": [i for i, _ in part], "text": [t for _, t in part]}), work / f"corpus/{f}.parquet"
@@ -74,10 +81,10 @@ def run(args: argparse.Namespace, work: Path) -> None:
         base_dir=work,
     )
     col = Collection(cfg)
-    built = col.backfill(promote=True)
-    print(
-        f"built {built.version}: {built.rows} passages of {len(docs)} documents in {built.manifest.stats.seconds:.0f} s"
-    )
+    if fresh:
+        col.backfill(promote=True)
+    built = col.manifest()
+    print(f"built {built.version}: {built.rows} passages of {len(docs)} documents in {built.stats.seconds:.0f} s")
     texts = [q for q, _, _ in queries]
     kinds = sorted({kind for _, kind, _ in queries})
     recall: dict[tuple[str, str], float] = {}
@@ -104,6 +111,19 @@ def run(args: argparse.Namespace, work: Path) -> None:
         lines.append(f"| {mode} | {cells} | {recall[(mode, 'all')]:.3f} | {ms[mode]:.1f} |")
     table = "\n".join(lines)
     print(table)
+    for pair in (args.weights or "").split(",") if args.weights else []:
+        wv, wk = (float(x) for x in pair.split(":"))
+        answers = col.search_many(texts, k=10, mode="hybrid", weights={"vector": wv, "keyword": wk})
+        got = {
+            kind: sum(
+                want in {h.id for h in a.results}
+                for (_, k, want), a in zip(queries, answers, strict=True)
+                if kind in ("all", k)
+            )
+            / sum(1 for _, k, _ in queries if kind in ("all", k))
+            for kind in [*kinds, "all"]
+        }
+        print(f"hybrid {wv:g}:{wk:g}: " + ", ".join(f"{k} {v:.3f}" for k, v in got.items()))
     best = max(recall[("vector", "identifier")], recall[("keyword", "identifier")])
     print(
         f"hybrid >= better of the two on identifiers: {recall[('hybrid', 'identifier')] >= best}; "
@@ -116,7 +136,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             f"Machine: {machine()}\n\n"
             f"Collection: {len(docs):,} API reference documents (bench/known_items.py, seed {args.seed}) as "
             f"{built.rows:,} passages, MiniLM bf16, 2 shards, f16 HNSW, `index.keywords: true`; built in "
-            f"{built.manifest.stats.seconds:.0f} s. {len(queries)} known-item queries (each with one right "
+            f"{built.stats.seconds:.0f} s. {len(queries)} known-item queries (each with one right "
             "document) through `Collection.search_many(k=10, mode=...)`: HNSW, documents by best passage, hybrid "
             f"with the shipped fusion (depth {HYBRID_DEPTH}, k0 {RRF_K0}, weights vector:keyword "
             f"{HYBRID_WEIGHTS[0]:g}:{HYBRID_WEIGHTS[1]:g}).\n\n{table}\n{MARK_END}"

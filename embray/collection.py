@@ -264,6 +264,8 @@ class Collection:
                 registered=m.version in registered,
                 chunk={"tokens": m.chunk.tokens, "overlap": m.chunk.overlap} if m.chunk else None,
                 documents=m.counts.documents,
+                columns=dict(m.source.columns),
+                keywords=m.index.keywords,
             )
             for m in manifests
         ]

@@ -232,6 +232,8 @@ class VersionInfo(_Result):
     registered: bool  # false only after a crash between commit and MLflow registration
     chunk: dict[str, int] | None = None  # {tokens, overlap} of a version of passages; None: one vector per row
     documents: int | None = None  # the documents a version of passages holds
+    columns: dict[str, str] = field(default_factory=dict)  # metadata columns kept (name -> kind): filters, fields
+    keywords: bool = False  # a BM25 keyword index (search modes keyword and hybrid)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def test_keyword_search_finds_identifiers_through_refreshes_and_compaction(tmp_p
     m = read_manifest(store, "docs", v1)
     assert m.index.keywords and all(s.keywords is not None for s in m.shards if s.rows)
     assert {f.path for f in m.files()} >= {s.keywords.path for s in m.shards if s.rows}
-    assert col.verify(v1).ok
+    assert col.verify(v1).ok and col.versions()[0].keywords is True
 
     for code in CODES:  # the identifier's rows first, by BM25; every hit shares a token with the query
         hits = col.search(code, k=5, mode="keyword").results

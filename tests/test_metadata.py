@@ -143,6 +143,8 @@ def test_columns_are_kept_in_their_kinds_filtered_exactly_and_returned_as_fields
     m = read_manifest(Store(cfg.store.uri), "docs", built.version)
     assert m.source.columns == KINDS and m.source.store_text is True
     assert json.loads(m.to_json())["source"]["columns"] == KINDS
+    (info,) = col.versions()
+    assert info.columns == KINDS and info.keywords is False and info.to_dict()["columns"] == KINDS
 
     got = live_meta(col, built.version)  # dataset(): every row's columns under their own names, and its text
     want = expected_table(rows).to_pylist()
