@@ -53,19 +53,21 @@ def write_section(begin: str, end: str, text: str) -> None:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
+    cpu, flags = "unknown CPU", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "unknown CPU":
                 cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("flags") and not flags:  # the vector instruction sets a timing depends on
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "f16c"))]
     except OSError:
         pass
     import torch
 
     return (
         f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, Python "
-        f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU"
+        f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU; "
+        f"CPU flags: {' '.join(flags) or 'unknown'}"
     )
 
 
