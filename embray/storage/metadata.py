@@ -74,28 +74,18 @@ def schema(columns: dict[str, str]):
 
 
 def kind_of(t) -> str | None:
-    """The kind a column of Arrow type ``t`` is kept as; None for a type no kind holds."""
+    """The kind a column of Arrow type ``t`` is kept as; None for a type no kind holds (the types a filter can
+    read: :func:`embray.filters.column_kind`, in the version's widths)."""
     import pyarrow as pa
+
+    from embray.filters import column_kind
 
     if pa.types.is_dictionary(t):
         t = t.value_type
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "string"
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_integer(t):
-        return "int64"
-    if pa.types.is_floating(t):
-        return "float64"
-    if pa.types.is_timestamp(t):
-        return "timestamp"
-    if pa.types.is_date(t):
-        return "date"
-    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and kind_of(t.value_type) == "string":
-        return "list<string>"
-    if pa.types.is_null(t):
-        return None
-    return None
+    kind = column_kind(t)
+    if kind == "time":
+        return "date" if pa.types.is_date(t) else "timestamp"
+    return {"string": "string", "int": "int64", "float": "float64", "bool": "bool", "list": "list<string>"}.get(kind)
 
 
 def kinds_of_file(schema_, columns: list[str], url: str) -> dict[str, str | None]:
