@@ -1,13 +1,16 @@
 """Backfill throughput: embray's CPU backends vs plain SentenceTransformer.encode, same corpus, model and machine.
 
     .venv/bin/python bench/backfill.py [--docs 6000] [--long-docs 2000] [--rounds 2] [--hash-rows 100000]
-                                       [--runs st-fp32,st-bf16,st-bf16-2x1,onnx-int8] [--write]
+                                       [--runs default,st-fp32,st-bf16,st-bf16-2x1,onnx-int8] [--write]
+                                       [--isa native|avx2|avx512[,...]]
 
 Two corpora: the demo's stdlib docstrings (short API reference) and --long-docs man pages of this machine
 (prose, most past MiniLM's 256-token limit). For each, interleaved round by round in one process so that
 machine noise hits all alike:
   plain        a fresh process: import, load all-MiniLM-L6-v2 and `SentenceTransformer.encode` every text in
                fp32, batch 64, all cores (what a user would write)
+  default      `backfill()` as the quickstart runs it: precision bf16 (fp32 where the CPU lacks native bf16),
+               embed.actors null (the layout the machine decides: embray.pipeline.layout)
   st-fp32      `backfill()` with backend sentence-transformers, fp32 (1 actor, all cores)
   st-bf16      the same with model.precision bf16 (native bf16 on AMX / AVX512-BF16 CPUs; the quickstart's)
   st-bf16-2x1  bf16 with 2 actors of 1 thread (embed.num_cpus 0.5) instead of 1 actor of 2 threads
@@ -15,6 +18,10 @@ machine noise hits all alike:
 Each embray run is a whole backfill into a fresh store on a local Ray that is already up: scan and hash,
 plan, embed in the actor pool (actor start and model load included), USearch shards, manifest, MLflow.
 Then, once: the `hash` backend on --hash-rows rows (the pipeline's own ceiling) and STS-B of each encoder.
+Each embray run's table row has its compute path and its largest embedding worker's peak RSS (VmHWM).
+--isa caps the instruction set the libraries use (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY; avx2: an AVX2-only
+CPU, avx512: AVX-512 without bf16, native: the machine as it is); several, comma-separated, run one after the
+other, each in its own process (plain under the same cap), into one table.
 Prints markdown tables of medians; --write puts them into docs/benchmarks.md.
 """
 
@@ -96,6 +103,12 @@ def plain_encode(corpus: Path) -> tuple[float, float]:
 
 
 EMBEDDED: list[int] = []  # texts each embray backfill sent to the model
+WORKERS: list[tuple[str, float | None]] = []  # each embray backfill's compute path and workers' peak RSS (MiB)
+ISA = {  # --isa: (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY)
+    "avx2": ("AVX2", "avx2"),
+    "avx512": ("AVX512_CORE", "avx512"),
+    "native": (None, None),
+}
 
 
 def embray_backfill(cfg) -> float:
@@ -104,10 +117,16 @@ def embray_backfill(cfg) -> float:
     t = time.perf_counter()
     result = Collection(cfg).backfill(promote=False)
     EMBEDDED.append(result.counts.embedded)
+    WORKERS.append(("; ".join(result.embed_compute), result.embed_worker_peak_rss_mib))
     return time.perf_counter() - t
 
 
 RUNS = {  # name: (what the table calls it, model settings, embed settings)
+    "default": (
+        "embray default (quickstart: bf16 spec, layout by the machine)",
+        {"backend": "sentence-transformers", "precision": "bf16"},
+        {"actors": None},
+    ),
     "st-fp32": ("embray, sentence-transformers fp32", {"backend": "sentence-transformers"}, {}),
     "st-bf16": (
         "embray, sentence-transformers bf16 (quickstart)",
@@ -165,10 +184,19 @@ def main() -> None:
     )
     ap.add_argument("--runs", default=",".join(RUNS), help=f"embray runs, comma-separated, of: {', '.join(RUNS)}")
     ap.add_argument("--write", action="store_true", help="write the tables into docs/benchmarks.md")
+    ap.add_argument("--isa", default="native", help=f"instruction-set tiers, comma-separated, of: {', '.join(ISA)}")
     args = ap.parse_args()
     runs = [r for r in args.runs.split(",") if r]
     if unknown := set(runs) - set(RUNS):
         ap.error(f"unknown --runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
+    tiers = [t for t in args.isa.split(",") if t]
+    if unknown := set(tiers) - set(ISA):
+        ap.error(f"unknown --isa {sorted(unknown)}; choose from {', '.join(ISA)}")
+    if len(tiers) > 1:
+        return by_tier(tiers, args)
+    for var, value in zip(("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"), ISA[tiers[0]], strict=True):
+        if value:
+            os.environ[var] = value  # before torch loads, here and in the Ray workers and plain's process
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -206,6 +234,9 @@ def main() -> None:
                 "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},  # one database, created by the warmup
                 "model": model,
                 "index": {"shards": 4},
+                # one vector per row, as plain encode makes: the same texts (truncated at the model's window),
+                # so the ratio compares the same work; chunking embeds ~12x the texts of a long page (issue 27)
+                "chunk": "none",
                 # keep_warm_s 0: every run loads its model (no warm actor from an earlier run holds one, or a CPU)
                 "embed": {"batch_size": args.batch_size, "actors": 1, "num_cpus": 1, "keep_warm_s": 0, **(embed or {})},
             },
@@ -224,6 +255,7 @@ def main() -> None:
     EMBEDDED.clear()
     secs: dict[tuple[str, str], list[float]] = {}
     embedded: dict[tuple[str, str], int] = {}
+    workers: dict[tuple[str, str], tuple[str, float | None]] = {}
     for r in range(args.rounds):
         for corpus, (source, _) in corpora.items():
             secs.setdefault((corpus, "plain"), []).append(plain_encode(source)[0])
@@ -232,6 +264,10 @@ def main() -> None:
                 c = cfg(f"bench-{name}", source, model, embed, store=f"store-{corpus}-{name}-{r}")  # fresh store
                 secs.setdefault((corpus, name), []).append(embray_backfill(c))
                 embedded[(corpus, name)] = EMBEDDED[-1]
+                how, rss = WORKERS[-1]
+                before = workers.get((corpus, name), ("", None))[1] or 0.0
+                workers[(corpus, name)] = (how.split(" (")[0], max(rss or 0.0, before) or None)
+                print(f"  {corpus}, {name}: {how}", file=sys.stderr, flush=True)
             done = ", ".join(f"{k[1]} {v[-1]:.1f}s" for k, v in secs.items() if k[0] == corpus)
             print(
                 f"round {r + 1}, {corpus}: {done}",
@@ -241,7 +277,9 @@ def main() -> None:
     hash_s = embray_backfill(hashed) if args.hash_rows else None
     ray.shutdown()
     stsb = stsb_scores(runs)
+    import torch
 
+    tier = f"{tiers[0]} (torch: {torch.backends.cpu.get_cpu_capability()})"
     med = statistics.median
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     table = [
@@ -249,8 +287,8 @@ def main() -> None:
         "## Backfill throughput",
         "",
         f"Command: `.venv/bin/python bench/backfill.py --docs {args.docs} --long-docs {args.long_docs} "
-        f"--rounds {args.rounds} --hash-rows {args.hash_rows} --batch-size {args.batch_size} --runs {','.join(runs)}` "
-        f"(commit {commit.stdout.strip() or '?'})",
+        f"--rounds {args.rounds} --hash-rows {args.hash_rows} --batch-size {args.batch_size} --runs {','.join(runs)} "
+        f"--isa {tiers[0]}` (commit {commit.stdout.strip() or '?'})",
         "",
         f"Machine: {machine()}.",
         "",
@@ -266,8 +304,9 @@ def main() -> None:
         f"{args.batch_size}) on a Ray started once. Medians of {args.rounds} interleaved rounds; the ratio is "
         "per corpus row, plain's seconds over the run's. STS-B: Spearman on the test split (published 0.8203).",
         "",
-        "| corpus | run | rows | seconds (median) | rows/s | vs plain | texts embedded | STS-B |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| isa | corpus | run | rows | seconds (median) | rows/s | vs plain | texts embedded | compute | "
+        "worker peak RSS | STS-B |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for corpus, (_, rows) in corpora.items():
         plain = med(secs[(corpus, "plain")])
@@ -275,9 +314,10 @@ def main() -> None:
             s_ = med(secs[(corpus, name)])
             label = "plain `SentenceTransformer.encode` script" if name == "plain" else RUNS[name][0]
             score = f"{stsb[name]:.4f}" if name in stsb else ""
+            how, rss = workers.get((corpus, name), ("", None))
             table.append(
-                f"| {corpus} | {label} | {rows} | {s_:.1f} | {rows / s_:.1f} | {plain / s_:.2f}x "
-                f"| {embedded.get((corpus, name), rows)} | {score} |"
+                f"| {tier} | {corpus} | {label} | {rows} | {s_:.1f} | {rows / s_:.1f} | {plain / s_:.2f}x "
+                f"| {embedded.get((corpus, name), rows)} | {how} | {f'{rss:.0f} MiB' if rss else ''} | {score} |"
             )
     table += ["", "Per round (seconds): "]
     for (corpus, name), v in secs.items():
@@ -291,6 +331,31 @@ def main() -> None:
         ]
     table.append(MARK_END)
     text = "\n".join(table)
+    print(text)
+    if args.write:
+        write_section(MARK_BEGIN, MARK_END, text)
+
+
+def by_tier(tiers: list[str], args) -> None:
+    """Run this script once per tier, each in its own process (a cap must be set before torch loads, in the
+    driver, its Ray workers and plain's process), and put their tables together."""
+    rows, head = [], []
+    for tier in tiers:
+        argv = [sys.executable, __file__, "--isa", tier, "--docs", str(args.docs), "--long-docs", str(args.long_docs)]
+        argv += ["--rounds", str(args.rounds), "--batch-size", str(args.batch_size), "--runs", args.runs]
+        argv += ["--hash-rows", str(args.hash_rows if tier == tiers[0] else 0)]
+        out = subprocess.run(argv, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"--isa {tier} failed:\n{out.stderr[-4000:]}")
+        lines = out.stdout.split(MARK_BEGIN, 1)[1].split(MARK_END, 1)[0].strip().splitlines()
+        rows += [ln for ln in lines if ln.startswith(f"| {tier}")]
+        keep = [ln for ln in lines if not ln.startswith(("| ", "- ", "Per round")) or ln.startswith(("| isa", "| ---"))]
+        head = head or keep
+        print(f"--isa {tier} done", file=sys.stderr, flush=True)
+    at = head.index(next(ln for ln in head if ln.startswith("| ---"))) + 1
+    text = "\n".join([MARK_BEGIN, *head[:at], *rows, *head[at:], MARK_END]).replace(
+        f"--isa {tiers[0]}`", f"--isa {','.join(tiers)}`"
+    )
     print(text)
     if args.write:
         write_section(MARK_BEGIN, MARK_END, text)

@@ -2,6 +2,7 @@
 
     taskset -c 1 .venv/bin/python bench/cpu_tiers.py [--isa avx2|avx512|native] [--long 500] [--short 2000]
                                                      [--reps 3] [--runs plain,fp32,bf16] [--threads 1]
+                                                     [--fuse-from N] [--batch-tokens N]
 
 --isa caps what the libraries use before torch loads (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``): avx2
 is an AVX2-only CPU, avx512 one without bf16 (AVX512_CORE), native the machine as it is. Each run is loaded
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--runs", default="plain,fp32,bf16")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fuse-from", type=int, default=None, help="override cpu_graph.FUSE_FROM (A/B runs)")
+    ap.add_argument("--batch-tokens", type=int, default=None, help="override cpu_graph.BATCH_TOKENS (A/B runs)")
     args = ap.parse_args()
     onednn, aten = ISA[args.isa]
     for var, value in (("ONEDNN_MAX_CPU_ISA", onednn), ("ATEN_CPU_CAPABILITY", aten)):
@@ -65,8 +68,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from embray.models import ModelSpec, load_embedder, resolve_model_path
+    from embray.models import ModelSpec, cpu_graph, load_embedder, resolve_model_path
     from embray.models.sentence_transformers import cpu_has_bf16
+
+    if args.fuse_from is not None:
+        cpu_graph.FUSE_FROM = args.fuse_from
+    if args.batch_tokens is not None:
+        cpu_graph.BATCH_TOKENS = args.batch_tokens
 
     texts = corpora(args.long, args.short)
     print(f"CPU flags: {flags()}")

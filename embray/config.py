@@ -137,9 +137,28 @@ class ChunkConfig(_Strict):
 
 class EmbedConfig(_Strict):
     batch_size: int = Field(256, ge=1, description="Rows per batch handed to one embedding actor.")
-    actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data actor pool.")
+    actors: int | None = Field(
+        None,
+        ge=1,
+        description="Embedding actors in the Ray Data actor pool. null: the machine decides (embray.pipeline.layout): "
+        "on CPU nodes one actor of one thread per core, each reserving an equal share of all cores but one (left "
+        "for the scan, plan and shard tasks; 2 cores: 2 actors x 0.5 CPU x 1 thread), no more than the nodes' "
+        "memory holds at embed.memory_gib each; with embed.num_gpus, one per that many GPUs. The build logs what "
+        "it chose (MLflow param embed.layout).",
+    )
     num_cpus: float = Field(
-        1.0, ge=0, description="CPUs each actor reserves; keep below the node's CPUs so reads and writes still run."
+        1.0,
+        ge=0,
+        description="CPUs each actor reserves; keep below the node's CPUs so reads and writes still run. With "
+        "embed.actors null on CPU nodes the layout sets it.",
+    )
+    memory_gib: float | None = Field(
+        None,
+        ge=0,
+        description="Memory (GiB) each embedding actor, task or warm actor declares to Ray (memory=), so Ray places "
+        "them only where it is free. null: 1.25 x the largest peak RSS this model's workers reached in this "
+        "collection's earlier builds (MLflow metric embed.worker_peak_rss_mib), or before any, an estimate from "
+        "the model's weight files (MiniLM: ~0.9 GiB); 0: declare none.",
     )
     num_gpus: float = Field(0.0, ge=0, description="GPUs each actor reserves (GPU nodes in production).")
     resources: dict[str, float] = Field(
@@ -158,7 +177,8 @@ class EmbedConfig(_Strict):
     threads: int | None = Field(
         None,
         ge=1,
-        description="Torch threads per actor; null uses every core of the node. On CPU nodes prefer one actor per "
+        description="Torch threads per actor; null: 1 where embed.actors is null on CPU nodes, else every core of "
+        "the node. On CPU nodes prefer one actor per "
         "core with threads: 1 (e.g. 2 cores: actors 2, num_cpus 0.5, threads 1): measured on 2 cores it was as "
         "fast as one actor of 2 threads on long texts and up to 1.44x faster on short ones (docs/benchmarks.md), "
         "because Ray runs workers at nice 15 and a multi-threaded actor stalls at every operator whenever the "

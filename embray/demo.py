@@ -135,7 +135,8 @@ def write_demo(out: str | Path, docs: int = 6000, files: int = 8) -> tuple[Path,
             "index: {metric: cos, dtype: f16, shards: 4}\n"
             "# a docstring longer than the model's window (256 tokens) is cut into passages, a vector each\n"
             "chunk: {tokens: null, overlap: 32}\n"
-            "embed: {batch_size: 512, actors: 1, num_cpus: 1}\n"
+            "# actors null: one single-threaded actor per core, leaving a core for the other tasks (README, step 4)\n"
+            "embed: {batch_size: 512, actors: null}\n"
             "mlflow: {tracking_uri: null}\n"
             "ray: {address: null}\n"
         )

@@ -110,6 +110,8 @@ class BuildResult(_Result):
     model_version: str | None
     aliases: tuple[str, ...] = ()
     embed_nodes: tuple[str, ...] = ()  # Ray node ids the texts were embedded on (none when nothing was)
+    embed_compute: tuple[str, ...] = ()  # how the workers ran the model (path, dtype, why), one per distinct way
+    embed_worker_peak_rss_mib: float | None = None  # the largest embedding worker's peak resident memory
     source_files: SourceFiles = SourceFiles()
     manifest: Manifest | None = field(default=None, compare=False, repr=False)
     documents: int | None = None  # a chunked version's documents (its rows are their passages)
@@ -134,6 +136,8 @@ class BuildResult(_Result):
             "model_version": self.model_version,
             "aliases": list(self.aliases),
             "embed_nodes": list(self.embed_nodes),
+            "embed_compute": list(self.embed_compute),
+            "embed_worker_peak_rss_mib": self.embed_worker_peak_rss_mib,
             "source_files": self.source_files.to_dict(),
             **_extras(self.documents, self.truncation),
         }

@@ -76,6 +76,11 @@ def test_backfill_builds_a_complete_registered_version(tmp_path):
     here = ray.get_runtime_context().get_node_id()  # one local node: the embedding ran on it
     assert result.embed_nodes == (here,) and result.to_dict()["embed_nodes"] == [here]
     assert run.data.params["embed.nodes"] == here
+    # how the model ran and what its worker held: recorded per build
+    assert result.embed_compute == ("hash fp32",) and run.data.params["embed.compute"] == "hash fp32"
+    assert 50 < result.embed_worker_peak_rss_mib == run.data.metrics["embed.worker_peak_rss_mib"] < 4096
+    assert result.to_dict()["embed_compute"] == ["hash fp32"]
+    assert run.data.params["embed.layout"].startswith("1 actor(s) x all cores (1 CPU, 0.30 GiB each): embed.actors")
     (ds_input,) = run.inputs.dataset_inputs
     assert ds_input.dataset.digest == m.source["digest"][:36]
     assert json.loads(ds_input.dataset.source)["uri"] == cfg.source.uri

@@ -318,15 +318,47 @@ def test_an_instruction_set_cap_counts_as_a_cpu_without_bf16(monkeypatch, var, v
     assert (st.bf16_capped() == f"{var}={value.upper()}") is capped
     if capped:
         assert st.cpu_has_bf16() is False
+        assert f"capped by {var}={value}" in st.cpu_isa() and "BF16" not in st.cpu_isa().split(",")[0]
+        why = st._dtype_why("bf16", st._compute_dtype("bf16", "cpu"))
+        assert why.startswith("bf16 not native on this CPU") and "fp32 computes the same space" in why
 
 
-def test_batch_widths_pad_little_and_take_few_shapes():
-    from embray.models.cpu_graph import pad_width
+def test_the_compute_path_names_the_cpu_and_why(monkeypatch):
+    import torch
 
-    widths = [pad_width(n) for n in range(1, 513)]
-    assert all(w >= n and w % 8 == 0 for n, w in enumerate(widths, 1))
-    assert all(w - n <= max(7, n // 4) for n, w in enumerate(widths, 1))  # at most 7 tokens, or 1/4, of padding
-    assert len(set(widths[:256])) <= 16 and pad_width(256) == 256 and pad_width(33) == 40
+    import embray.models.sentence_transformers as st
+
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(var, raising=False)
+    isa = st.cpu_isa()
+    assert isa.split(" +")[0].split()[-1] == torch.backends.cpu.get_cpu_capability() and "capped" not in isa
+    assert ("+BF16" in isa or "+AMX" in isa) is st.cpu_has_bf16()
+    assert st._dtype_why("bf16", torch.bfloat16) == f"bf16 native on this CPU: {isa}"
+    assert st._dtype_why(None, torch.float32) == f"model.precision fp32; CPU {isa}"
+
+
+@pytest.mark.slow
+def test_only_wide_batches_run_fused_at_a_few_widths_with_the_same_vectors(minilm):
+    from embray.models.cpu_graph import FUSE_FROM, MIN_BATCH
+
+    # each compiled shape keeps its oneDNN state for the life of the process: texts of every length compile
+    # at most one shape per fused width (128, 192, 256) and the narrow batches run unoptimised
+    enc = load_embedder(ModelSpec(device="cpu")).fused
+    assert enc is not None and enc.widths == [128, 192, 256]
+    texts = [" ".join(["word"] * n) for n in range(4, 300, 3) for _ in range(MIN_BATCH + 1)]
+    enc.calls, enc.shapes = {"graph": 0, "plain": 0}, set()
+    got = enc.encode(texts, batch_size=64)
+    assert {w for _, w in enc.shapes} == {128, 192, 256} and enc.calls["graph"] >= 3 and enc.calls["plain"] > 3
+    assert enc.width(FUSE_FROM - 1) == FUSE_FROM - 1 and enc.width(FUSE_FROM) == 128 and enc.width(129) == 192
+    got /= np.linalg.norm(got, axis=1, keepdims=True)
+    assert np.sum(got * minilm.embed_documents(texts), axis=1).min() >= 0.9999
+
+
+def test_fused_widths_are_few_and_end_at_the_window():
+    from embray.models.cpu_graph import fused_widths
+
+    assert fused_widths(256) == [128, 192, 256] and fused_widths(512) == [128, 192, 256, 384, 512]
+    assert fused_widths(200) == [128, 192, 200] and fused_widths(100) == [104]
 
 
 @pytest.mark.slow
@@ -350,7 +382,8 @@ def test_weights_stored_in_fp16_are_computed_in_fp32(tmp_path, minilm):
     weights = load_file(str(src / "model.safetensors"))
     save_file({k: v.half().contiguous() for k, v in weights.items()}, str(copy / "model.safetensors"))
     e = load_embedder(ModelSpec(name=str(copy), device="cpu"))
-    assert e.dtype is torch.float32 and next(e.model.parameters()).dtype is torch.float32  # traced from it
+    assert e.dtype is torch.float32 and (e.compute.path, e.compute.dtype) == ("cpu-graph", "fp32")
+    assert "traced" in e.compute.why and e.model is None  # traced from it, then sentence-transformers' copy freed
     vecs = e.embed_documents(TEXTS)
     assert vecs.dtype == np.float32
     assert np.sum(vecs * minilm.embed_documents(TEXTS), axis=1).min() > 0.99999
@@ -489,7 +522,8 @@ def test_the_cpu_graph_gives_sentence_transformers_tokens_and_vectors(precision,
 def test_the_cpu_graph_is_cached_and_then_loads_without_sentence_transformers(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBRAY_CACHE", str(tmp_path / "cache"))
     first = load_embedder(ModelSpec(device="cpu"))
-    assert first.fused is not None and first.model is not None  # traced from the loaded model, then saved
+    assert first.fused is not None and "traced" in first.compute.why  # traced from the loaded model, then saved
+    assert first.model is None  # the frozen graph holds the weights: sentence-transformers' model is let go
     saved = list((tmp_path / "cache" / "cpu-graph").glob("*/graph.pt"))
     assert len(saved) == 1 and (saved[0].parent / "meta.json").is_file()
     probe = (
@@ -522,12 +556,13 @@ def test_a_damaged_cached_graph_is_made_again(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="embray"):
         e = load_embedder(ModelSpec(device="cpu"))
     assert "ignoring the cached CPU graph" in caplog.text
-    assert e.fused is not None and e.model is not None  # made again from the model, and saved again
+    assert e.fused is not None and "traced" in e.compute.why  # made again from the model, and saved again
     assert graph.stat().st_size > 1000
     assert np.sum(e.embed_documents(TEXTS) * want, axis=1).min() >= 0.99999
     (graph.parent / "meta.json").unlink()  # partly deleted: made again too, not left to be remade on every load
-    assert load_embedder(ModelSpec(device="cpu")).model is not None
-    assert (graph.parent / "meta.json").is_file() and load_embedder(ModelSpec(device="cpu")).model is None
+    assert "traced" in load_embedder(ModelSpec(device="cpu")).compute.why
+    assert (graph.parent / "meta.json").is_file()
+    assert "from the local cache" in load_embedder(ModelSpec(device="cpu")).compute.why
 
 
 @pytest.mark.slow
@@ -560,7 +595,8 @@ def test_models_other_than_transformer_pooling_normalize_keep_sentence_transform
 
     st = _st_plain(ModelSpec(device="cpu"), monkeypatch).model
     dense = SentenceTransformer(modules=[st[0], st[1], Dense(384, 16)], device="cpu")
-    assert cg.build(ModelSpec(device="cpu"), dense, torch.float32) is None
+    enc, why = cg.build(ModelSpec(device="cpu"), dense, torch.float32)
+    assert enc is None and why.startswith("not a Transformer -> Pooling model")  # said in the build's compute
     assert read_layout(st).pooling == "mean"
 
 

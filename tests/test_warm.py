@@ -262,4 +262,10 @@ def test_minilm_vectors_from_the_warm_actor_equal_the_plain_task_s_byte_for_byte
         assert _info(built[60][0])["calls"] == 2  # both warm jobs went through it, the plain ones did not
     (warm_cfg, warm), (cold_cfg, cold) = built[60], built[0]
     assert warm.counts.embedded == cold.counts.embedded == 5
+    # both ran the fused CPU graph, and say so (the path, the dtype and why) in the build's record
+    for got in (warm, cold):
+        (how,) = got.embed_compute
+        assert how.startswith("cpu-graph fp32 (model.precision fp32; CPU ")
+        assert how.endswith(("graph from the local cache)", "graph traced and checked now, saved in the local cache)"))
+        assert 200 < got.embed_worker_peak_rss_mib < 3000
     assert_same_content(content(warm_cfg, warm.version), content(cold_cfg, cold.version))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -10,11 +11,27 @@ from embray.errors import ModelError
 from embray.models.spec import ModelSpec
 
 
+@dataclass(frozen=True)
+class Compute:
+    """How an embedder runs its model on this machine: the path, the dtype it computes in, and why. A build
+    records it (MLflow param ``embed.compute``, ``embed_compute`` in ``--json``, its log); it is never part of the
+    fingerprint, since every path computes the same vector space (each is checked against the model's own)."""
+
+    path: str  # cpu-graph | cpu-encode | cuda-feed | cuda-encode | onnxruntime | vllm | hash
+    dtype: str  # fp32 | bf16 | fp16 | int8
+    why: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.path} {self.dtype}" + (f" ({self.why})" if self.why else "")
+
+
 class Embedder(abc.ABC):
-    """Turns texts into L2-normalised float32 vectors. Subclasses implement :attr:`dims` and :meth:`embed_batch`."""
+    """Turns texts into L2-normalised float32 vectors. Subclasses implement :attr:`dims` and :meth:`embed_batch`,
+    and set :attr:`compute`."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
+        self.compute = Compute(spec.backend, "fp32")
         self.batches = 0  # batches handed to the model: tests and metrics read these
         self.rows = 0
 

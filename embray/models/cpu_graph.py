@@ -14,11 +14,11 @@ The vectors stay the model's: tokens and pooling are :mod:`embray.models.tokens`
 its truncation and lower-casing, its pooling in fp32). When the graph
 is made, its token ids and vectors are checked against sentence-transformers' ``encode`` on probe texts
 (ids equal, cosine >= 0.9999), or it is not used. A text's vector does not depend on its batch (cosine
->= 0.9999 alone vs in any batch; tests/test_models.py). Two things keep the graph from compiling again and
-again: batches are padded (masked, so the vectors do not change) to one of :data:`PAD_STEPS` widths per doubling
-(:func:`pad_width`: at most ~16 shapes for a 256-token model, and at most 1/8 padding where a fixed multiple of 32
-padded docstrings of ~35 tokens by 1.5x), and batches of fewer than :data:`MIN_BATCH` texts (a query, a few
-texts) run the same graph unoptimised.
+>= 0.9999 alone vs in any batch; tests/test_models.py). A compiled shape keeps its oneDNN state for the life
+of the process (0.2-0.5 GiB each in fp32), so few are compiled: batches of texts of :data:`FUSE_FROM` tokens or
+more are padded (masked, so the vectors do not change) to one of :func:`fused_widths` (MiniLM: 128, 192, 256)
+and run fused, where fusion pays (eager attention over long texts); narrower batches, and batches of fewer than
+:data:`MIN_BATCH` texts (a query, a few texts), run the same graph unoptimised, padded to their longest text.
 
 Memory: a batch is at most :data:`BATCH_TOKENS` tokens, and loading the encoder fixes glibc's mmap threshold
 (:func:`bound_heap`): by default glibc raises it to the largest block freed (up to 32 MiB), so the batches'
@@ -50,18 +50,27 @@ from embray.storage.layout import local_cache_root
 log = logging.getLogger("embray")
 
 RECIPE = "torchscript trace, eager attention, frozen, oneDNN fusion; fast tokenizer, prefix cut; fp32 pooling; v2"
-PAD_STEPS = 8  # batch widths: this many per doubling (and a multiple of 8): few shapes for the graph to compile
-BATCH_TOKENS = 4096  # at most this many tokens a batch (MiniLM, 1 core: 16 x 256 as fast as 32 x 256, 1/2 the memory)
+BATCH_TOKENS = 2048  # at most this many tokens a batch (MiniLM, 1 core: 8 x 256 as fast as 16 x 256, 1/2 the memory)
 MMAP_THRESHOLD = 8 << 20  # glibc: blocks of this many bytes or more are mmapped, and unmapped when freed
 MIN_BATCH = 8  # smaller batches run the graph unoptimised: a query never waits for a new shape to compile
+# Batches of texts this many tokens long or longer are padded to one of a few widths (fused_widths) and run
+# fused; narrower ones run the same graph unoptimised, padded to their longest text. Measured on one core,
+# MiniLM fp32 under an AVX2 cap (docs/notes/issue30-cpu-tiers.md): unoptimised, 2,000 docstrings took 22.7 s
+# against 23.4-27.5 s fused, and the process peaked at 550 MiB against 1.0-1.7 GiB (each compiled shape keeps
+# its oneDNN state for the life of the process); but long pages ran 0.69x plain encode unoptimised (the
+# traced graph's eager attention, unfused, against plain's sdpa) and 1.15x fused.
+FUSE_FROM = 96
 OPTOUT = "EMBRAY_CPU_GRAPH"
 
 
-def pad_width(tokens: int) -> int:
-    """The width a batch whose longest text has ``tokens`` tokens is padded to: a multiple of 8, one of
-    :data:`PAD_STEPS` widths between each power of two and the next (33-64 tokens: 40, 48, 56, 64)."""
-    step = max(8, (1 << max(0, tokens - 1).bit_length()) // PAD_STEPS)
-    return -(-tokens // step) * step
+def fused_widths(max_tokens: int) -> list[int]:
+    """The widths wide batches are padded to and compiled at: 128, 192, 256, 384, 512 ... below the model's
+    window, and the window (a multiple of 8); at most 1/3 of a batch (1/2 from 128 to 192) is padding."""
+    out, w = {-(-max_tokens // 8) * 8}, 128
+    while w < max_tokens:
+        out |= {x for x in (w, w * 3 // 2) if x < max_tokens}
+        w *= 2
+    return sorted(out)
 
 
 def bound_heap() -> None:
@@ -88,6 +97,15 @@ class FusedEncoder:
         self.layout = layout
         self.tokens = Tokens(layout)
         self.calls = {"graph": 0, "plain": 0}  # forward passes by path: tests read these
+        self.widths = fused_widths(layout.max_tokens)
+        self.shapes: set[tuple[int, int]] = set()  # the batch shapes run fused so far (compiled, kept)
+
+    def width(self, tokens: int) -> int:
+        """The width of a batch whose longest text has ``tokens`` tokens: a fused width from FUSE_FROM tokens,
+        else the text's own."""
+        if tokens < FUSE_FROM:
+            return tokens
+        return next((w for w in self.widths if w >= tokens), tokens)
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         """float32 vectors (not normalised), longest first, in batches of up to ``batch_size`` texts and
@@ -95,16 +113,22 @@ class FusedEncoder:
         out = np.empty((len(texts), self.layout.dims), dtype=np.float32)
         encs = self.tokens.encodings(texts)
         lengths = np.array([len(e.ids) for e in encs])
-        for idx, rows in batches(lengths, lambda width: min(batch_size, BATCH_TOKENS // width), pad_width):
-            # Only full batches of at least MIN_BATCH texts run fused: one shape per width to compile
-            out[idx] = self.forward([encs[i] for i in idx], fuse=len(idx) == rows >= MIN_BATCH)
+        for idx, rows in batches(lengths, lambda width: min(batch_size, BATCH_TOKENS // width), self.width):
+            # Only full batches of at least MIN_BATCH texts at a fused width run fused: a few shapes to compile
+            width = self.width(int(lengths[idx].max()))
+            fuse = len(idx) == rows >= MIN_BATCH and width in self.widths
+            if fuse:
+                self.shapes.add((rows, width))
+            out[idx] = self.forward([encs[i] for i in idx], width if fuse else 1)
         return out
 
-    def forward(self, encs: list, fuse: bool) -> np.ndarray:
-        """Pooled vectors of one batch of encodings: through the fused graph, or the same graph unoptimised."""
+    def forward(self, encs: list, width: int) -> np.ndarray:
+        """Pooled vectors of one batch of encodings: padded to ``width`` tokens through the fused graph, or (width
+        1: to its longest text) through the same graph unoptimised."""
         import torch
 
-        ids, mask, types = self.tokens.tensors(encs, pad_width if fuse else 1)
+        fuse = width > 1
+        ids, mask, types = self.tokens.tensors(encs, (lambda n: width) if fuse else 1)
         args = (ids, mask) if types is None else (ids, mask, types)
         with torch.no_grad(), torch.jit.optimized_execution(fuse):
             hidden = self.graph(*args)
@@ -146,23 +170,24 @@ def load_cached(spec: ModelSpec, dtype) -> FusedEncoder | None:
         return None
 
 
-def build(spec: ModelSpec, model, dtype) -> FusedEncoder | None:
+def build(spec: ModelSpec, model, dtype) -> tuple[FusedEncoder | None, str]:
     """Trace ``model`` (a loaded SentenceTransformer on the CPU, in ``dtype``), check it against the model's own
-    ``encode`` and save it for :func:`load_cached`. None where the path does not apply or the check fails."""
+    ``encode`` and save it for :func:`load_cached`: (the encoder, ""), or (None, why not) where the path does not
+    apply or the check fails."""
     if not enabled():
-        return None
+        return None, f"{OPTOUT}=0: sentence-transformers' encode"
     layout = read_layout(model)
     if layout is None:
-        return None
+        return None, "not a Transformer -> Pooling model with a fast tokenizer: sentence-transformers' encode"
     try:
         enc = FusedEncoder(_trace(model[0].auto_model, layout.types), layout)
         _check(enc, model)
     except Exception as e:  # noqa: BLE001 - whatever fails, sentence-transformers' encode still runs the model
         log.warning("the fused CPU graph is not used for %s (%s); sentence-transformers' encode runs it", spec.label, e)
-        return None
+        return None, f"the fused graph failed its check ({e}): sentence-transformers' encode"
     _save(enc, cache_dir(spec, dtype))
     enc.calls = {"graph": 0, "plain": 0}
-    return enc
+    return enc, ""
 
 
 def _trace(transformer, types: bool):
@@ -203,9 +228,10 @@ def _check(enc: FusedEncoder, model) -> None:
         raise ValueError("its tokens differ from sentence-transformers'")
     want = model.encode(PROBE, convert_to_tensor=True, normalize_embeddings=False).float().numpy()
     want /= np.linalg.norm(want, axis=1, keepdims=True)  # in fp32, as embray does (bf16 normalising loses ~1e-3)
-    alone = [enc.forward(enc.tokens.encodings([t]), fuse=False)[0] for t in PROBE]
+    alone = [enc.forward(enc.tokens.encodings([t]), 1)[0] for t in PROBE]
     batch = enc.tokens.encodings((PROBE * MIN_BATCH)[:MIN_BATCH])
-    for got in [np.stack(alone)] + [enc.forward(batch, fuse=True)[: len(PROBE)] for _ in range(3)]:
+    width = enc.width(max(FUSE_FROM, *(len(e.ids) for e in batch)))  # a fused width, padded past the probes
+    for got in [np.stack(alone)] + [enc.forward(batch, width)[: len(PROBE)] for _ in range(3)]:
         got = got / np.linalg.norm(got, axis=1, keepdims=True)
         cos = float(np.sum(got * want, axis=1).min())
         if cos < 0.9999:
@@ -228,4 +254,4 @@ def _save(enc: FusedEncoder, where: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["MIN_BATCH", "PAD_STEPS", "FusedEncoder", "build", "load_cached", "pad_width"]
+__all__ = ["FUSE_FROM", "MIN_BATCH", "FusedEncoder", "build", "fused_widths", "load_cached"]

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from embray.errors import ModelError
-from embray.models.base import Embedder
+from embray.models.base import Compute, Embedder
 from embray.models.spec import ONNX_OPSET, ONNX_RECIPE, ModelSpec, resolve_model_path, weights_digest
 from embray.storage.layout import local_cache_root
 
@@ -221,6 +221,8 @@ class OnnxEmbedder(Embedder):
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"onnxruntime cannot load {self.path}: {e}; delete it to export it again") from e
         self._inputs = [i.name for i in self.session.get_inputs()]
+        dtype = "fp32" if spec.quantize == "none" else "int8"
+        self.compute = Compute("onnxruntime", dtype, f"{self.path.name}, one text per pass")
         self._dims = int(self._run(["dimension probe"]).shape[1])  # also warms the session up
         self._check_dims()
 

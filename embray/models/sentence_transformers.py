@@ -9,7 +9,7 @@ import numpy as np
 
 from embray.errors import ModelError
 from embray.models import cpu_graph, gpu
-from embray.models.base import Embedder
+from embray.models.base import Compute, Embedder
 from embray.models.spec import ModelSpec, resolve_model_path
 
 log = logging.getLogger("embray")
@@ -45,6 +45,41 @@ def bf16_capped() -> str | None:
     return None
 
 
+def cpu_isa() -> str:
+    """What this CPU computes natively, as torch sees it under any cap: its ATen tier (AVX512, AVX2, ...; ARM
+    and POWER name their own) and, on AVX512, +BF16 / +AMX / +VNNI where native; then the caps in force."""
+    import platform
+
+    import torch
+
+    tier = torch.backends.cpu.get_cpu_capability()
+    extras = []
+    if tier == "AVX512":
+        probes = [("VNNI", "_is_vnni_supported")]
+        if bf16_capped() is None:
+            probes = [("AMX", "_is_amx_tile_supported"), ("BF16", "_is_avx512_bf16_supported"), *probes]
+        extras = [name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
+    caps = [
+        f"{v}={os.environ[v]}"
+        for v in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+        if os.environ.get(v)
+    ]
+    arch = "" if platform.machine() in ("x86_64", "AMD64") else f"{platform.machine()} "
+    return f"{arch}{' +'.join([tier, *extras])}" + (f", capped by {' '.join(caps)}" if caps else "")
+
+
+def _dtype_why(precision: str | None, dtype) -> str:
+    """Why a CPU model computes in ``dtype`` for ``precision`` (see :func:`_compute_dtype`)."""
+    import torch
+
+    isa = cpu_isa()
+    if dtype is torch.bfloat16:
+        return f"bf16 native on this CPU: {isa}"
+    if precision == "bf16":
+        return f"bf16 not native on this CPU ({isa}): fp32 computes the same space"
+    return f"model.precision {precision or 'fp32'}; CPU {isa}"
+
+
 def _compute_dtype(precision: str | None, device_type: str):
     """The torch dtype a sentence-transformers model computes in for ``precision`` on ``device_type``.
 
@@ -71,6 +106,10 @@ def _compute_dtype(precision: str | None, device_type: str):
     return torch.float32
 
 
+def _dtype_name(dtype) -> str:
+    return {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), str(dtype))
+
+
 def _on_cpu(spec: ModelSpec) -> bool:
     """Whether ``spec`` runs on the CPU (device cpu, or none given and no CUDA device)."""
     if spec.device is not None:
@@ -95,6 +134,7 @@ class SentenceTransformerEmbedder(Embedder):
             if self.fused is not None:
                 self._dims = self.fused.layout.dims
                 self._check_dims()
+                self.compute = self._cpu_compute("graph from the local cache")
                 return
         try:
             from sentence_transformers import SentenceTransformer
@@ -116,9 +156,25 @@ class SentenceTransformerEmbedder(Embedder):
         self._dims = int(self.model.get_embedding_dimension())
         self._check_dims()
         if on_cpu:
-            self.fused = cpu_graph.build(spec, self.model, self.dtype)
+            self.fused, why_not = cpu_graph.build(spec, self.model, self.dtype)
+            if self.fused is not None:
+                self.model = None  # the frozen graph holds the weights: sentence-transformers' copy goes
+                import gc
+
+                gc.collect()
+            self.compute = self._cpu_compute(why_not or "graph traced and checked now, saved in the local cache")
         else:
             self.fed = gpu.build(self.model, spec.label)
+            import torch
+
+            name = torch.cuda.get_device_name(self.model.device) if self.model.device.type == "cuda" else "?"
+            why = "a tokenizing thread feeds it" if self.fed else "sentence-transformers' encode"
+            path = f"{self.model.device.type}-{'feed' if self.fed else 'encode'}"
+            self.compute = Compute(path, _dtype_name(self.dtype), f"{name}; {why}")
+
+    def _cpu_compute(self, how: str) -> Compute:
+        path = "cpu-graph" if self.fused is not None else "cpu-encode"
+        return Compute(path, _dtype_name(self.dtype), f"{_dtype_why(self.spec.precision, self.dtype)}; {how}")
 
     @property
     def dims(self) -> int:

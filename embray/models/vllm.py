@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from embray.errors import ModelError
-from embray.models.base import Embedder
+from embray.models.base import Compute, Embedder
 from embray.models.spec import ModelSpec, resolve_model_path
 
 
@@ -30,6 +30,8 @@ class VllmEmbedder(Embedder):
         except Exception as e:  # noqa: BLE001
             raise ModelError(f"vLLM cannot load {spec.name} from {path}: {e}") from e
         self._dims = int(self.embed_batch(["dimension probe"]).shape[1])
+        config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        self.compute = Compute("vllm", str(getattr(config, "dtype", "auto")).replace("torch.", ""), "pooling runner")
         self._check_dims()
 
     @property

@@ -8,11 +8,14 @@ loaded). Each finished chunk is written whole (rename or S3 put) into the cache,
 from __future__ import annotations
 
 import os
+import resource
 import socket
+import sys
 
 from embray.errors import ModelError
 from embray.models import fingerprint, load_embedder
 from embray.models.spec import ModelSpec
+from embray.pipeline.types import Embedded
 from embray.storage.store import Store, local_tmpdir
 from embray.storage.vectors import to_arrow, with_fingerprint
 
@@ -22,6 +25,19 @@ def node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB (Linux: VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 class EmbedChunks:
@@ -41,13 +57,25 @@ class EmbedChunks:
         self.fp = got
         self.store = store
         self.embedder = load_embedder(spec)
+        self.compute = str(self.embedder.compute)
 
     def __call__(self, batch: dict) -> dict:
-        """A Ray Data batch of ``need`` / ``cache`` paths -> ``rows`` embedded per chunk."""
+        """A Ray Data batch of ``need`` / ``cache`` paths -> ``rows`` embedded per chunk, with the worker's node,
+        compute path and peak RSS so far (:meth:`report`'s, as columns)."""
         import numpy as np
 
         rows = np.array(self.embed_into(self.store, batch["need"], batch["cache"]), dtype=np.int64)
-        return {"rows": rows, "node": np.array([node_id()] * len(rows))}
+        done = self.report(0)
+        return {
+            "rows": rows,
+            "node": np.array([done.nodes[0]] * len(rows)),
+            "compute": np.array([self.compute] * len(rows)),
+            "rss_mib": np.full(len(rows), done.peak_rss_mib),
+        }
+
+    def report(self, rows: int) -> Embedded:
+        """``rows`` embedded here: this node, this worker's compute path and its peak RSS so far."""
+        return Embedded(rows, (node_id(),), (self.compute,), round(peak_rss_mib(), 1))
 
     def embed_into(self, store: Store, needs, caches) -> list[int]:
         """Embed each ``need`` file's texts into its ``cache`` file of ``store``; returns rows per chunk."""

@@ -16,9 +16,9 @@ from typing import TypeVar
 from embray.config import EmbedConfig, RayConfig
 from embray.errors import ConfigError, ModelError
 from embray.models.spec import ModelSpec
-from embray.pipeline.chunks import EmbedChunks, node_id
+from embray.pipeline.chunks import EmbedChunks
 from embray.pipeline.types import Chunk, Embedded
-from embray.pipeline.warm import embed_warm, make_room, reservation
+from embray.pipeline.warm import embed_warm, make_room, memory_bytes, shown, worker_needs
 from embray.runtime import cluster_address
 from embray.storage.store import Store
 
@@ -44,20 +44,29 @@ def one_worker(ec: EmbedConfig, rows: int, texts_per_s: float | None) -> bool:
     return bool(texts_per_s) and rows / texts_per_s * ec.actors <= ONE_WORKER_S
 
 
+def solo(ec: EmbedConfig) -> EmbedConfig:
+    """``ec`` for the one worker that takes a small job: the whole pool's CPUs and threads in one process (an
+    actor pool of 2 x 0.5 CPU x 1 thread: one worker of 1 CPU x 2 threads; threads null stays null: all cores)."""
+    if ec.actors is None or ec.actors == 1:
+        return ec
+    threads = ec.threads * ec.actors if ec.threads else None
+    return ec.model_copy(update={"actors": 1, "num_cpus": ec.num_cpus * ec.actors, "threads": threads})
+
+
 def _embed_in_task(spec: ModelSpec, fp: str, threads: int | None, store: Store, chunks: list[Chunk]):
-    """One worker embeds the chunks in turn, yielding (rows, node id) as each lands in the cache (a Ray
+    """One worker embeds the chunks in turn, yielding an :class:`Embedded` as each lands in the cache (a Ray
     streaming generator: the caller reports progress per chunk)."""
-    embed, node = EmbedChunks(spec, fp, threads, store), node_id()
+    embed = EmbedChunks(spec, fp, threads, store)
     for c in chunks:
-        yield sum(embed.embed_into(store, [c.need], [c.cache])), node
+        yield embed.report(sum(embed.embed_into(store, [c.need], [c.cache])))
 
 
 def check_pool_fits(ec: EmbedConfig, rc: RayConfig) -> None:
     """On a local Ray, refuse an actor pool that would leave the scan and shard tasks no CPU (a hang)."""
     import ray
 
-    if cluster_address(rc):
-        return  # a cluster may autoscale: let Ray place the actors
+    if cluster_address(rc) or ec.actors is None:
+        return  # a cluster may autoscale: let Ray place the actors; a layout left to the machine fits it
     cpus = ray.cluster_resources().get("CPU", 0)
     need = ec.actors * ec.num_cpus
     if ec.num_gpus == 0 and need >= cpus:
@@ -79,7 +88,7 @@ def _watched(items: Iterator[T], ec: EmbedConfig) -> Iterator[T]:
     """``items`` (drawn in a thread), failing once no alive node has offered what an embedding actor needs for
     embed.placement_timeout_s: its node was lost mid-build and none can take its actors or tasks over, where
     Ray would wait for one forever. The chunks finished before are in the vector cache; a rerun resumes."""
-    need = reservation(ec.num_cpus, ec.num_gpus, ec.resources)
+    need = worker_needs(ec)
     q: queue.Queue = queue.Queue(maxsize=2)
     end = object()
 
@@ -100,7 +109,7 @@ def _watched(items: Iterator[T], ec: EmbedConfig) -> Iterator[T]:
             ok, nodes = _offered(need)
             lost_since = None if ok else (lost_since or time.monotonic())
             if lost_since is not None and time.monotonic() - lost_since >= ec.placement_timeout_s:
-                wanted = ", ".join(f"{k}: {v:g}" for k, v in need.items())
+                wanted = shown(need)
                 raise ModelError(
                     f"the embedding stage lost its node: no alive Ray node has offered what an embedding actor "
                     f"needs ({wanted}) for {ec.placement_timeout_s:g}s (embed.placement_timeout_s; {len(nodes)} "
@@ -120,7 +129,7 @@ def wait_for_node(ec: EmbedConfig, rc: RayConfig) -> None:
     """Return once an alive node offers what one embedding actor reserves; else fail naming what is missing:
     at once on a local Ray of this process (no node will join it), after embed.placement_timeout_s on a
     cluster (an autoscaler may be adding one). Without this, Ray would wait for such a node forever."""
-    need = reservation(ec.num_cpus, ec.num_gpus, ec.resources)  # what one embedding actor or task reserves
+    need = worker_needs(ec)  # what one embedding actor or task reserves
     waited = ec.placement_timeout_s if cluster_address(rc) else 0.0
     deadline = time.monotonic() + waited
     while True:
@@ -130,17 +139,20 @@ def wait_for_node(ec: EmbedConfig, rc: RayConfig) -> None:
         if time.monotonic() >= deadline:
             break
         time.sleep(1.0)
-    wanted = ", ".join(f"{k}: {v:g}" for k, v in need.items())
+    wanted = shown(need)
     offered = "; ".join(
-        ", ".join(f"{k}: {v:g}" for k, v in sorted(n["Resources"].items()) if k in need or k in ("CPU", "GPU"))
+        shown({k: v for k, v in sorted(n["Resources"].items()) if k in need or k in ("CPU", "GPU")})
         or "nothing asked for"
         for n in nodes
     )
     custom = [k for k in ec.resources if not any(k in n["Resources"] for n in nodes)]
+    short = "memory" in need and not any(n["Resources"].get("memory", 0.0) >= need["memory"] for n in nodes)
     hint = (
         f"no alive node has resource {', '.join(custom)}: start one with `ray start --resources "
         f"'{{\"{custom[0]}\": 1}}'` or change embed.resources"
         if custom
+        else "add a node with that memory free, or set embed.memory_gib lower (0: declare none)"
+        if short
         else "add such a node, or lower embed.num_cpus / embed.num_gpus / embed.resources"
     )
     raise ConfigError(
@@ -188,21 +200,23 @@ def embed_chunks(
         return Embedded(0)
     on_rows = on_rows or (lambda n: None)
     if one_worker(ec, sum(c.rows for c in chunks), texts_per_s):
+        ec = solo(ec)
         if ec.keep_warm_s > 0:
             done = embed_warm(ec, spec, fp, store, chunks)
             if done is not None:
-                on_rows(done[0])
-                return Embedded(done[0], (done[1],))
-        task = ray.remote(num_cpus=ec.num_cpus, num_gpus=ec.num_gpus, resources=ec.resources or None)(_embed_in_task)
-        done, nodes = 0, set()
-        for rows, node in _watched((ray.get(ref) for ref in task.remote(spec, fp, ec.threads, store, chunks)), ec):
-            nodes.add(node)
-            on_rows(rows)
-            done += rows
-        return Embedded(done, tuple(sorted(nodes)))
+                on_rows(done.rows)
+                return done
+        task = ray.remote(
+            num_cpus=ec.num_cpus, num_gpus=ec.num_gpus, resources=ec.resources or None, memory=memory_bytes(ec) or None
+        )(_embed_in_task)
+        done = Embedded(0)
+        for part in _watched((ray.get(ref) for ref in task.remote(spec, fp, ec.threads, store, chunks)), ec):
+            on_rows(part.rows)
+            done += part
+        return done
     # Warm actors give way to the pool. Measured on a 2-CPU local Ray: a 1-CPU pool beside a 1-CPU warm actor
     # finishes (the pool's input comes from the driver, no read tasks), so only the pool's own needs count.
-    pool = {k: v * ec.actors for k, v in ec.resources.items()}
+    pool = {k: v * ec.actors for k, v in {**ec.resources, "memory": memory_bytes(ec)}.items() if v}
     make_room(ec.actors * ec.num_cpus, ec.actors * ec.num_gpus, "an embedding actor pool needs room", resources=pool)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"  # the CLI's own display
@@ -216,13 +230,18 @@ def embed_chunks(
         compute=ActorPoolStrategy(size=ec.actors),
         num_cpus=ec.num_cpus,
         num_gpus=ec.num_gpus,
+        memory=memory_bytes(ec) or None,
         fn_constructor_kwargs={"spec": spec, "expected_fingerprint": fp, "threads": ec.threads, "store": store},
         **placement,
     )
-    done, nodes = 0, set()
+    done = Embedded(0)
     for b in _watched(ds.iter_batches(batch_size=None, batch_format="numpy"), ec):
-        rows = int(b["rows"].sum())
-        nodes.update(str(n) for n in b["node"])
-        on_rows(rows)
-        done += rows
-    return Embedded(done, tuple(sorted(nodes)))
+        part = Embedded(
+            int(b["rows"].sum()),
+            tuple(sorted({str(n) for n in b["node"]})),
+            tuple(sorted({str(c) for c in b["compute"]})),
+            float(b["rss_mib"].max()) if len(b["rss_mib"]) else None,
+        )
+        on_rows(part.rows)
+        done += part
+    return done

@@ -46,6 +46,7 @@ from embray.lifecycle.versions import (
 )
 from embray.models import fingerprint
 from embray.pipeline.embed import check_pool_fits, embed_chunks, wait_for_node
+from embray.pipeline.layout import Layout, choose, worker_memory
 from embray.pipeline.passages import chunking, window_counter
 from embray.pipeline.plan import ShardInputs, parent_shards, plan_shard
 from embray.pipeline.scan import scan_file
@@ -53,7 +54,7 @@ from embray.pipeline.shards import THREADS as SHARD_THREADS
 from embray.pipeline.shards import build_shard, cached_dims, shard_action
 from embray.pipeline.types import BuildSpec, Embedded, ShardBuild, ShardPlan
 from embray.pipeline.warm import TASK_CPUS, make_room
-from embray.quality.estimate import estimate, throughput_history
+from embray.quality.estimate import estimate, past_worker_rss_mib, throughput_history
 from embray.results import COUNTS, BuildResult, Counts, Estimate, PlanResult, SourceFiles, Truncation
 from embray.runtime import gather, init_ray
 from embray.storage import layout
@@ -99,7 +100,8 @@ class Build:
         self.times = _Timings()
         self.progress = ctx.progress
         self.estimate: Estimate | None = None
-        self.embed_nodes: tuple[str, ...] = ()  # Ray node ids the embedding ran on
+        self.embedded = Embedded(0)  # what the embedding did: rows, nodes, compute paths, workers' peak RSS
+        self.layout: Layout | None = None  # the embedding workers' (set with the estimate)
         self.truncation: Truncation | None = None  # what the model's window leaves out (unchunked; after the plan)
         self.lease = lease  # the writer lease the caller holds: checked again right before the commit
 
@@ -200,7 +202,7 @@ class Build:
             "source.store_text": self.source_meta.store_text,
             "index.keywords": self.index_cfg.keywords,
             "embed.batch_size": cfg.embed.batch_size,
-            "embed.actors": cfg.embed.actors,
+            "embed.actors": cfg.embed.actors or "auto",
             **spec.params,
         }
 
@@ -266,15 +268,22 @@ class Build:
         """Stage 3; returns the texts embedded and the nodes they were embedded on."""
         chunks = [c for p in plans for c in p.chunks]
         self.chunks = chunks
+        layout = self.layout
+        assert layout is not None, "forecast() chooses the layout before embed()"
+        ec = layout.apply(self.cfg.embed)
         if chunks:
-            wait_for_node(self.cfg.embed, self.cfg.ray)  # fails naming what no node offers, instead of hanging
+            check_pool_fits(ec, self.cfg.ray)  # the machine's layout too: a 1-CPU local Ray still gets refused
+            log.info("%s %s: embedding layout %s", self.kind, self.vid, layout)
+            if self.run_id:
+                self.ctx.registry.log_params(self.run_id, {"embed.layout": str(layout)[:500]})
+            wait_for_node(ec, self.cfg.ray)  # fails naming what no node offers, instead of hanging
         self.progress.stage("embed", sum(c.rows for c in chunks), "texts")
         return _stage(
             self.kind,
             "embedding",
             ModelError,
             embed_chunks,
-            self.cfg.embed,
+            ec,
             self.spec.model,
             self.fp,
             self.store,
@@ -393,8 +402,12 @@ class Build:
         if est is not None:
             numbers = {"seconds": est.seconds, "to_embed": est.to_embed, "bytes_added": est.bytes_added}
             metrics.update({f"estimate.{k}": v for k, v in numbers.items() if v is not None})
+        emb = self.embedded
+        if emb.peak_rss_mib is not None:
+            metrics["embed.worker_peak_rss_mib"] = emb.peak_rss_mib
         reg.log_metrics(self.run_id, metrics)
-        reg.log_params(self.run_id, {"embed.nodes": ",".join(self.embed_nodes) or "none"})
+        compute = "; ".join(emb.compute) or "none"
+        reg.log_params(self.run_id, {"embed.nodes": ",".join(emb.nodes) or "none", "embed.compute": compute[:6000]})
         reg.end_run(self.run_id, ok=True)
         return BuildResult(
             version=self.vid,
@@ -407,7 +420,9 @@ class Build:
             counts=Counts(**{k: c[k] for k in COUNTS}),
             seconds=seconds,
             model_version=reg.register(manifest, self.uri),
-            embed_nodes=self.embed_nodes,
+            embed_nodes=emb.nodes,
+            embed_compute=emb.compute,
+            embed_worker_peak_rss_mib=emb.peak_rss_mib,
             source_files=self.files,
             manifest=manifest,
             documents=c.documents,
@@ -415,16 +430,22 @@ class Build:
         )
 
     def forecast(self, plans: list[ShardPlan], counts: Counts) -> Estimate:
-        """What the planned build will cost (from this model's earlier builds in MLflow)."""
+        """What the planned build will cost (from this model's earlier builds in MLflow), and the embedding
+        workers' layout (:mod:`embray.pipeline.layout`: the machine's, their memory from those builds)."""
+        import ray
+
         parents = self.parents
+        history = throughput_history(self.ctx.registry, self.fp)
+        memory = worker_memory(self.cfg.embed, self.spec.model, past_worker_rss_mib(history))
+        self.layout = choose(self.cfg.embed, self.spec.model, ray.nodes(), memory)
         return estimate(
-            self.cfg,
+            self.cfg.model_copy(update={"embed": self.layout.apply(self.cfg.embed)}),
             to_embed=counts.embedded,
             rows=sum(p.rows for p in plans),
             rows_written=sum(_rows_written(p, parents[p.shard], self.index_cfg) for p in plans),
             shards=_shard_actions(plans, parents, self.index_cfg),
             dims=self.spec.parent.dims if parents[0] is not None else self.spec.model.dims,
-            history=throughput_history(self.ctx.registry, self.fp),
+            history=history,
         )
 
     def abandon(self, e: BaseException) -> None:
@@ -518,10 +539,19 @@ def run_build(ctx: Context, spec: BuildSpec, lease: Lease | None = None) -> Buil
                 f"({rejected} rejected: {by_reason}); add data before a {spec.kind}"
             )
         t = time.monotonic()
-        emb = b.embed(plans)
-        embedded, b.embed_nodes = emb.rows, emb.nodes
+        b.embedded = emb = b.embed(plans)
+        embedded = emb.rows
         b.times.embed = time.monotonic() - t
-        log.info("%s %s: embedded %d rows in %.1fs on node(s) %s", b.kind, b.vid, embedded, b.times.embed, emb.nodes)
+        log.info(
+            "%s %s: embedded %d rows in %.1fs on node(s) %s; compute: %s; workers' peak RSS %s",
+            b.kind,
+            b.vid,
+            embedded,
+            b.times.embed,
+            emb.nodes,
+            "; ".join(emb.compute) or "none",
+            f"{emb.peak_rss_mib:.0f} MiB" if emb.peak_rss_mib is not None else "n/a",
+        )
         t = time.monotonic()
         dims, built = b.build_shards(plans)
         b.times.shards = time.monotonic() - t

@@ -86,7 +86,19 @@ class ShardBuild:
 
 @dataclass(frozen=True)
 class Embedded:
-    """What stage 3 did: texts embedded, and the Ray node ids they were embedded on."""
+    """What stage 3 (or one of its workers) did: texts embedded, the Ray node ids they were embedded on, how the
+    workers ran the model (:class:`embray.models.base.Compute` as text), and the largest worker's peak RSS."""
 
     rows: int
     nodes: tuple[str, ...] = ()
+    compute: tuple[str, ...] = ()
+    peak_rss_mib: float | None = None
+
+    def __add__(self, other: Embedded) -> Embedded:
+        rss = [x for x in (self.peak_rss_mib, other.peak_rss_mib) if x is not None]
+        return Embedded(
+            self.rows + other.rows,
+            tuple(sorted({*self.nodes, *other.nodes})),
+            tuple(sorted({*self.compute, *other.compute})),
+            max(rss) if rss else None,
+        )

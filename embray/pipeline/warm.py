@@ -31,7 +31,8 @@ from embray.config import EmbedConfig
 from embray.errors import ModelError, one_line
 from embray.models import fingerprint
 from embray.models.spec import ModelSpec
-from embray.pipeline.chunks import EmbedChunks, node_id
+from embray.pipeline.chunks import EmbedChunks
+from embray.pipeline.types import Embedded
 from embray.storage.store import Store
 
 log = logging.getLogger("embray")
@@ -58,6 +59,7 @@ def warm_name(spec: ModelSpec, fp: str, ec: EmbedConfig) -> str:
         release = "unknown"
     resources = sorted(ec.resources.items())
     settings = f"{spec.model_dump_json()}|{ec.threads}|{ec.num_cpus}|{ec.num_gpus}|{resources}|{release}"
+    settings += f"|{ec.memory_gib}" if ec.memory_gib else ""
     return f"{PREFIX}{fp}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
@@ -74,10 +76,9 @@ class WarmEmbedder:
         self.calls = self.rows = 0
         threading.Thread(target=self._watch, name="embray-keep-warm", daemon=True).start()
 
-    def embed(
-        self, spec: ModelSpec, fp: str, store: Store, needs: list, caches: list, keep_warm_s: float
-    ) -> tuple[int, str]:
-        """Embed the chunks into ``store``'s cache: (rows, this node's id); refuses a spec of another space."""
+    def embed(self, spec: ModelSpec, fp: str, store: Store, needs: list, caches: list, keep_warm_s: float) -> Embedded:
+        """Embed the chunks into ``store``'s cache (rows, this node, compute, peak RSS); refuses a spec of
+        another space."""
         if fp != self.fp or spec != self.spec or fingerprint(spec) != self.fp:
             raise ModelError(
                 f"the warm embedding actor holds {self.spec.label} (fingerprint {self.fp}); it was asked to embed "
@@ -90,7 +91,7 @@ class WarmEmbedder:
             self.busy, self.last_used = False, time.monotonic()
         self.calls += 1
         self.rows += rows
-        return rows, node_id()
+        return self.model.report(rows)
 
     def info(self) -> dict:
         """What the actor holds and has done (the model is loaded once, at creation)."""
@@ -161,9 +162,24 @@ def release_warm(reason: str, keep: str | None = None) -> int:
 
 
 def reservation(cpus: float, gpus: float, resources: dict[str, float] | None = None) -> dict[str, float]:
-    """Ray resources as one mapping (CPU, GPU, custom), leaving out what is zero."""
+    """Ray resources as one mapping (CPU, GPU, custom, memory in bytes), leaving out what is zero."""
     need = {"CPU": cpus, "GPU": gpus, **(resources or {})}
     return {k: v for k, v in need.items() if v > 0}
+
+
+def memory_bytes(ec: EmbedConfig) -> int:
+    """The memory one embedding worker declares to Ray (``memory=``), bytes; 0: none."""
+    return int((ec.memory_gib or 0) * (1 << 30))
+
+
+def worker_needs(ec: EmbedConfig) -> dict[str, float]:
+    """What one embedding actor, task or warm actor reserves: CPU, GPU, custom resources and memory."""
+    return reservation(ec.num_cpus, ec.num_gpus, {**ec.resources, "memory": memory_bytes(ec)})
+
+
+def shown(need: dict[str, float]) -> str:
+    """A reservation for a message: memory in GiB, the rest as counts."""
+    return ", ".join(f"{k}: {v / (1 << 30):.2f} GiB" if k == "memory" else f"{k}: {v:g}" for k, v in need.items())
 
 
 def make_room(
@@ -204,8 +220,9 @@ def _warm_actor(name: str, ec: EmbedConfig, spec: ModelSpec, fp: str, store: Sto
         return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         pass
-    if not make_room(ec.num_cpus + TASK_CPUS, ec.num_gpus, f"room for {name}", keep=name, resources=ec.resources):
-        log.info("no room for a warm embedding actor (%g CPUs, %g GPUs and a CPU for tasks)", ec.num_cpus, ec.num_gpus)
+    room = {**ec.resources, "memory": memory_bytes(ec)}
+    if not make_room(ec.num_cpus + TASK_CPUS, ec.num_gpus, f"room for {name}", keep=name, resources=room):
+        log.info("no room for a warm embedding actor (%s and a CPU for tasks)", shown(worker_needs(ec)))
         return None
     return (
         ray.remote(WarmEmbedder)
@@ -217,6 +234,7 @@ def _warm_actor(name: str, ec: EmbedConfig, spec: ModelSpec, fp: str, store: Sto
             num_cpus=ec.num_cpus,
             num_gpus=ec.num_gpus,
             resources=ec.resources or None,
+            memory=memory_bytes(ec) or None,
             max_restarts=0,
             max_concurrency=1,
         )
@@ -224,8 +242,8 @@ def _warm_actor(name: str, ec: EmbedConfig, spec: ModelSpec, fp: str, store: Sto
     )
 
 
-def embed_warm(ec: EmbedConfig, spec: ModelSpec, fp: str, store: Store, chunks: list) -> tuple[int, str] | None:
-    """Embed ``chunks`` in the warm actor of ``spec``; returns (rows, node id), or None when the caller should
+def embed_warm(ec: EmbedConfig, spec: ModelSpec, fp: str, store: Store, chunks: list) -> Embedded | None:
+    """Embed ``chunks`` in the warm actor of ``spec``; returns what it did, or None when the caller should
     use a plain task instead (no room, the actor died or refused: logged)."""
     import ray
 

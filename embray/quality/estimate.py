@@ -30,6 +30,7 @@ class PastBuild:
     embed_seconds: float
     other_seconds: float  # everything but embedding (scan, plan, shards, commit)
     rows: int
+    worker_rss_mib: float | None = None  # its largest embedding worker's peak RSS (metric embed.worker_peak_rss_mib)
 
 
 def throughput_history(registry: Registry, fingerprint: str, limit: int = 20) -> list[PastBuild]:
@@ -49,9 +50,15 @@ def throughput_history(registry: Registry, fingerprint: str, limit: int = 20) ->
                     float(m["embed_seconds"]),
                     max(0.0, float(m["seconds"]) - float(m["embed_seconds"])),
                     int(m["rows"]),
+                    m.get("embed.worker_peak_rss_mib"),
                 )
             )
     return out
+
+
+def past_worker_rss_mib(history: list[PastBuild]) -> float | None:
+    """The largest peak RSS an embedding worker of this model reached in the recent builds that measured one."""
+    return max((h.worker_rss_mib for h in history if h.worker_rss_mib), default=None)
 
 
 def bytes_per_row(dims: int, index_dtype: str, connectivity: int) -> float:
