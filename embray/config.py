@@ -158,7 +158,7 @@ class EmbedConfig(_Strict):
         description="Memory (GiB) each embedding actor, task or warm actor declares to Ray (memory=), so Ray places "
         "them only where it is free. null: 1.25 x the largest peak RSS this model's workers reached in this "
         "collection's earlier builds (MLflow metric embed.worker_peak_rss_mib), or before any, an estimate from "
-        "the model's weight files (MiniLM: ~0.9 GiB); 0: declare none.",
+        "the model's weight files (MiniLM: ~1.3 GiB); 0: declare none.",
     )
     num_gpus: float = Field(0.0, ge=0, description="GPUs each actor reserves (GPU nodes in production).")
     resources: dict[str, float] = Field(

@@ -50,7 +50,7 @@ def test_worker_memory_comes_from_the_config_then_measured_builds_then_the_weigh
     mem, why = worker_memory(EmbedConfig(), HASH, 800.0)
     assert mem == int(800 * MIB * 1.25) and "800 MiB peak of earlier builds" in why
     mem, why = worker_memory(EmbedConfig(), ModelSpec(), None)  # MiniLM: 91 MB of weights
-    assert 0.8 * GIB < mem < 1.2 * GIB and "estimated from the weight files" in why
+    assert 1.1 * GIB < mem < 1.5 * GIB and "estimated from the weight files" in why
     assert worker_memory(EmbedConfig(), HASH, None)[0] < 0.5 * GIB
 
 

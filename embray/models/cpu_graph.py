@@ -15,8 +15,8 @@ its truncation and lower-casing, its pooling in fp32). When the graph
 is made, its token ids and vectors are checked against sentence-transformers' ``encode`` on probe texts
 (ids equal, cosine >= 0.9999), or it is not used. A text's vector does not depend on its batch (cosine
 >= 0.9999 alone vs in any batch; tests/test_models.py). A compiled shape keeps its oneDNN state for the life
-of the process (0.2-0.5 GiB each in fp32), so few are compiled: batches of texts of :data:`FUSE_FROM` tokens or
-more are padded (masked, so the vectors do not change) to one of :func:`fused_widths` (MiniLM: 128, 192, 256)
+of the process (~0.25 GiB each in fp32), so few are compiled: batches of texts of :data:`FUSE_FROM` tokens or
+more are padded (masked, so the vectors do not change) to one of :func:`fused_widths` (MiniLM: 192, 256)
 and run fused, where fusion pays (eager attention over long texts); narrower batches, and batches of fewer than
 :data:`MIN_BATCH` texts (a query, a few texts), run the same graph unoptimised, padded to their longest text.
 
@@ -53,22 +53,23 @@ RECIPE = "torchscript trace, eager attention, frozen, oneDNN fusion; fast tokeni
 BATCH_TOKENS = 2048  # at most this many tokens a batch (MiniLM, 1 core: 8 x 256 as fast as 16 x 256, 1/2 the memory)
 MMAP_THRESHOLD = 8 << 20  # glibc: blocks of this many bytes or more are mmapped, and unmapped when freed
 MIN_BATCH = 8  # smaller batches run the graph unoptimised: a query never waits for a new shape to compile
-# Batches of texts this many tokens long or longer are padded to one of a few widths (fused_widths) and run
-# fused; narrower ones run the same graph unoptimised, padded to their longest text. Measured on one core,
-# MiniLM fp32 under an AVX2 cap (docs/notes/issue30-cpu-tiers.md): unoptimised, 2,000 docstrings took 22.7 s
-# against 23.4-27.5 s fused, and the process peaked at 550 MiB against 1.0-1.7 GiB (each compiled shape keeps
-# its oneDNN state for the life of the process); but long pages ran 0.69x plain encode unoptimised (the
-# traced graph's eager attention, unfused, against plain's sdpa) and 1.15x fused.
-FUSE_FROM = 96
+# Batches whose longest text has this many tokens or more are padded to one of a few widths (fused_widths) and
+# run fused; narrower ones run the same graph unoptimised, padded to their longest text. Measured on one core,
+# MiniLM (docs/notes/issue30-cpu-tiers.md): fusion pays on wide batches (long pages under an AVX2 cap: 0.69x
+# plain encode unoptimised, the traced graph's eager attention unfused against plain's sdpa; 1.13x fused), not
+# on narrow ones (2,000 docstrings: 22.7 s unoptimised vs 23.4-27.5 s fused), and every compiled shape keeps its
+# oneDNN state for the life of the process (fp32: ~0.25 GiB each; 3,000 demo docstrings from 96 tokens, 3 shapes:
+# 1,436 MiB, 61.5 s; from 160, 2 shapes: 1,202 MiB, 62.1 s; the window's only: 913 MiB, 65.2 s).
+FUSE_FROM = 160
 OPTOUT = "EMBRAY_CPU_GRAPH"
 
 
 def fused_widths(max_tokens: int) -> list[int]:
-    """The widths wide batches are padded to and compiled at: 128, 192, 256, 384, 512 ... below the model's
-    window, and the window (a multiple of 8); at most 1/3 of a batch (1/2 from 128 to 192) is padding."""
+    """The widths wide batches are padded to and compiled at: those of 128, 192, 256, 384, 512 ... from FUSE_FROM
+    up to below the model's window, and the window (a multiple of 8). MiniLM (256 tokens): 192, 256."""
     out, w = {-(-max_tokens // 8) * 8}, 128
     while w < max_tokens:
-        out |= {x for x in (w, w * 3 // 2) if x < max_tokens}
+        out |= {x for x in (w, w * 3 // 2) if FUSE_FROM <= x < max_tokens}
         w *= 2
     return sorted(out)
 

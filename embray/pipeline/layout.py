@@ -21,12 +21,13 @@ MIB = 1 << 20
 TASK_CPUS = 1.0  # left free on a node of auto-sized actors, for the scan, plan and shard tasks
 HEADROOM = 1.25  # declared memory = this x the largest peak RSS this model's workers reached before
 # Before any build of the model has measured its workers: a Ray worker with torch and the tokenizer imported
-# (~0.4 GiB) plus this many times the weight files (a copy in the compute dtype, oneDNN's reordered copies per
-# compiled batch shape, activations). Measured, MiniLM (91 MB of weights), 2-CPU AMD EPYC, peak RSS of a Ray
-# actor (embray.pipeline.chunks.peak_rss_mib): see docs/benchmarks.md, bench/backfill.py.
+# plus this many times the weight files (a copy in the compute dtype, oneDNN's state per compiled batch shape,
+# activations). Measured, MiniLM (91 MB of weights), 2-CPU AMD EPYC, the largest actor's peak RSS in whole
+# backfills (bench/backfill.py, docs/benchmarks.md): 0.74-0.92 GiB on man pages, 1.2 (bf16) - 1.7 GiB (fp32, 3
+# fused widths; 2 since) on docstrings. MiniLM's estimate: 0.6 GiB + 8 x 91 MB = 1.28 GiB.
 BASE_BYTES = {"hash": int(0.3 * GIB), "onnx": int(0.4 * GIB)}
-BASE_TORCH_BYTES = int(0.4 * GIB)
-WEIGHTS_FACTOR = 6
+BASE_TORCH_BYTES = int(0.6 * GIB)
+WEIGHTS_FACTOR = 8
 
 
 @dataclass(frozen=True)

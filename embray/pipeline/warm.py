@@ -59,7 +59,6 @@ def warm_name(spec: ModelSpec, fp: str, ec: EmbedConfig) -> str:
         release = "unknown"
     resources = sorted(ec.resources.items())
     settings = f"{spec.model_dump_json()}|{ec.threads}|{ec.num_cpus}|{ec.num_gpus}|{resources}|{release}"
-    settings += f"|{ec.memory_gib}" if ec.memory_gib else ""
     return f"{PREFIX}{fp}-{hashlib.sha256(settings.encode()).hexdigest()[:8]}"
 
 
