@@ -133,7 +133,7 @@ def test_a_resource_no_node_offers_fails_in_bounded_time_naming_it(cluster, s3fs
     job = _job_dir(tmp_path, cluster, "unplaced", embed={"resources": {"tpu": 1}, "placement_timeout_s": 5})
     status, logs, seconds = _submit(cluster, job, "jobs/backfill.py --config embray.yaml --json", timeout_s=180)
     assert status == "FAILED"
-    assert "no alive Ray node offers what an embedding actor needs (CPU: 1, tpu: 1) after 5s" in logs
+    assert "no alive Ray node offers what an embedding actor needs (CPU: 1, tpu: 1, memory: 0.30 GiB) after 5s" in logs
     assert "no alive node has resource tpu" in logs and seconds < 120
     assert not s3fs_.exists("embray/store/unplaced/versions") or not [
         p for p in s3fs_.ls("embray/store/unplaced/versions") if s3fs_.exists(f"{p}/manifest.json")
