@@ -245,7 +245,8 @@ def main() -> None:
 
     if "onnx-int8" in runs:
         load_embedder(ModelSpec(backend="onnx"))  # export and quantise once; the rounds measure using it
-    for precision in {RUNS[r][1].get("precision", "fp32") for r in runs if r.startswith("st-")}:
+    torch_runs = [RUNS[r][1] for r in runs if RUNS[r][1]["backend"] == "sentence-transformers"]
+    for precision in {model.get("precision", "fp32") for model in torch_runs}:
         # the fused CPU graph is traced and cached once per machine (embray.models.cpu_graph), as the first
         # backfill with the model on a machine does; the rounds measure loading it
         load_embedder(ModelSpec(device="cpu", precision=precision))

@@ -2,7 +2,7 @@
 
     taskset -c 1 .venv/bin/python bench/cpu_tiers.py [--isa avx2|avx512|native] [--long 500] [--short 2000]
                                                      [--reps 3] [--runs plain,fp32,bf16] [--threads 1]
-                                                     [--fuse-from N] [--batch-tokens N]
+                                                     [--fuse-from N] [--batch-tokens N] [--narrow-tokens N]
 
 --isa caps what the libraries use before torch loads (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``): avx2
 is an AVX2-only CPU, avx512 one without bf16 (AVX512_CORE), native the machine as it is. Each run is loaded
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fuse-from", type=int, default=None, help="override cpu_graph.FUSE_FROM (A/B runs)")
     ap.add_argument("--batch-tokens", type=int, default=None, help="override cpu_graph.BATCH_TOKENS (A/B runs)")
+    ap.add_argument("--narrow-tokens", type=int, default=None, help="override cpu_graph.NARROW_TOKENS (A/B runs)")
     args = ap.parse_args()
     onednn, aten = ISA[args.isa]
     for var, value in (("ONEDNN_MAX_CPU_ISA", onednn), ("ATEN_CPU_CAPABILITY", aten)):
@@ -75,6 +76,8 @@ def main() -> None:
         cpu_graph.FUSE_FROM = args.fuse_from
     if args.batch_tokens is not None:
         cpu_graph.BATCH_TOKENS = args.batch_tokens
+    if args.narrow_tokens is not None:
+        cpu_graph.NARROW_TOKENS = args.narrow_tokens
 
     texts = corpora(args.long, args.short)
     print(f"CPU flags: {flags()}")

@@ -31,6 +31,9 @@ _COLLECTION_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _SECRET_KEYS = ("secret", "password", "token", "key")
 
 
+GIB = 1 << 30  # the unit of embed.memory_gib (bytes)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

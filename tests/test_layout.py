@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from embray import Collection
-from embray.config import EmbedConfig
+from embray.config import GIB, EmbedConfig
 from embray.errors import ConfigError
 from embray.lifecycle.registry import Registry
 from embray.models import ModelSpec
-from embray.pipeline.layout import GIB, MIB, choose, worker_memory
+from embray.pipeline.layout import MIB, choose, worker_memory
+from embray.pipeline.warm import memory_bytes
 
 from .helpers import make_config, write_corpus
 
@@ -42,6 +43,9 @@ def test_the_default_layout_is_one_single_threaded_actor_per_core_leaving_a_cpu_
     own = choose(EmbedConfig(actors=3, num_cpus=0.25, threads=2), HASH, [_node(2, 16)], one)
     assert (own.actors, own.num_cpus, own.threads) == (3, 0.25, 2) and own.why.startswith("embed.actors")
     assert own.apply(EmbedConfig()).memory_gib == 1.0
+    # the bytes a worker declares are the layout's, to the byte, through the resolved config's GiB
+    odd = choose(EmbedConfig(), HASH, [_node(2, 16)], (1_234_567_891, "measured"))
+    assert memory_bytes(odd.apply(EmbedConfig())) == 1_234_567_891
 
 
 def test_worker_memory_comes_from_the_config_then_measured_builds_then_the_weights():

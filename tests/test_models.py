@@ -342,14 +342,15 @@ def test_only_wide_batches_run_fused_at_a_few_widths_with_the_same_vectors(minil
     from embray.models.cpu_graph import FUSE_FROM, MIN_BATCH
 
     # each compiled shape keeps its oneDNN state for the life of the process: texts of every length compile
-    # at most one shape per fused width (192, 256) and the narrow batches run unoptimised
+    # at most one shape per fused width (MiniLM: its window, 256) and the narrow batches run unoptimised
     enc = load_embedder(ModelSpec(device="cpu")).fused
-    assert enc is not None and enc.widths == [192, 256]
+    assert enc is not None and enc.widths == [256]
+    assert enc.narrow_tokens == 1024  # fp32: unfused batches of at most 1,024 tokens (bf16: 2,048, the same bytes)
     texts = [" ".join(["word"] * n) for n in range(4, 300, 3) for _ in range(MIN_BATCH + 1)]
     enc.calls, enc.shapes = {"graph": 0, "plain": 0}, set()
     got = enc.encode(texts, batch_size=64)
-    assert {w for _, w in enc.shapes} == {192, 256} and enc.calls["graph"] >= 2 and enc.calls["plain"] > 3
-    assert enc.width(FUSE_FROM - 1) == FUSE_FROM - 1 and enc.width(FUSE_FROM) == 192 and enc.width(193) == 256
+    assert {w for _, w in enc.shapes} == {256} and enc.calls["graph"] >= 2 and enc.calls["plain"] > 3
+    assert enc.width(FUSE_FROM - 1) == FUSE_FROM - 1 and enc.width(FUSE_FROM) == 256 and enc.width(256) == 256
     got /= np.linalg.norm(got, axis=1, keepdims=True)
     assert np.sum(got * minilm.embed_documents(texts), axis=1).min() >= 0.9999
 
@@ -357,8 +358,9 @@ def test_only_wide_batches_run_fused_at_a_few_widths_with_the_same_vectors(minil
 def test_fused_widths_are_few_and_end_at_the_window():
     from embray.models.cpu_graph import fused_widths
 
-    assert fused_widths(256) == [192, 256] and fused_widths(512) == [192, 256, 384, 512]
-    assert fused_widths(200) == [192, 200] and fused_widths(100) == [104]
+    # the window, then its halves down to FUSE_FROM (160): a batch is padded to at most twice its tokens
+    assert fused_widths(256) == [256] and fused_widths(512) == [256, 512] and fused_widths(384) == [192, 384]
+    assert fused_widths(200) == [200] and fused_widths(100) == [104] and fused_widths(1024) == [256, 512, 1024]
 
 
 @pytest.mark.slow

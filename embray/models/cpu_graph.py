@@ -15,8 +15,8 @@ its truncation and lower-casing, its pooling in fp32). When the graph
 is made, its token ids and vectors are checked against sentence-transformers' ``encode`` on probe texts
 (ids equal, cosine >= 0.9999), or it is not used. A text's vector does not depend on its batch (cosine
 >= 0.9999 alone vs in any batch; tests/test_models.py). A compiled shape keeps its oneDNN state for the life
-of the process (~0.25 GiB each in fp32), so few are compiled: batches of texts of :data:`FUSE_FROM` tokens or
-more are padded (masked, so the vectors do not change) to one of :func:`fused_widths` (MiniLM: 192, 256)
+of the process (~0.3 GiB each in fp32), so few are compiled: batches of texts of :data:`FUSE_FROM` tokens or
+more are padded (masked, so the vectors do not change) to one of :func:`fused_widths` (MiniLM: 256)
 and run fused, where fusion pays (eager attention over long texts); narrower batches, and batches of fewer than
 :data:`MIN_BATCH` texts (a query, a few texts), run the same graph unoptimised, padded to their longest text.
 
@@ -50,7 +50,11 @@ from embray.storage.layout import local_cache_root
 log = logging.getLogger("embray")
 
 RECIPE = "torchscript trace, eager attention, frozen, oneDNN fusion; fast tokenizer, prefix cut; fp32 pooling; v2"
-BATCH_TOKENS = 2048  # at most this many tokens a batch (MiniLM, 1 core: 8 x 256 as fast as 16 x 256, 1/2 the memory)
+BATCH_TOKENS = 2048  # at most this many tokens a fused batch (MiniLM, 1 core: 8 x 256 as fast as 16 x 256)
+# ... and an unoptimised (narrow) one, in fp32 (bf16: twice as many, the same bytes): its activations stay in the
+# core's caches. MiniLM, one core, 1,000 docstrings of 50-300 characters, vs plain encode: AVX2-capped fp32
+# 1.82x at 1,024 tokens a batch, 1.60x at 2,048; native bf16 3.22x at 1,024, 3.39x at 2,048.
+NARROW_TOKENS = 1024
 MMAP_THRESHOLD = 8 << 20  # glibc: blocks of this many bytes or more are mmapped, and unmapped when freed
 MIN_BATCH = 8  # smaller batches run the graph unoptimised: a query never waits for a new shape to compile
 # Batches whose longest text has this many tokens or more are padded to one of a few widths (fused_widths) and
@@ -58,20 +62,20 @@ MIN_BATCH = 8  # smaller batches run the graph unoptimised: a query never waits 
 # MiniLM (docs/notes/issue30-cpu-tiers.md): fusion pays on wide batches (long pages under an AVX2 cap: 0.69x
 # plain encode unoptimised, the traced graph's eager attention unfused against plain's sdpa; 1.13x fused), not
 # on narrow ones (2,000 docstrings: 22.7 s unoptimised vs 23.4-27.5 s fused), and every compiled shape keeps its
-# oneDNN state for the life of the process (fp32: ~0.25 GiB each; 3,000 demo docstrings from 96 tokens, 3 shapes:
-# 1,436 MiB, 61.5 s; from 160, 2 shapes: 1,202 MiB, 62.1 s; the window's only: 913 MiB, 65.2 s).
+# oneDNN state for the life of the process (fp32: ~0.3 GiB each). 3,000 demo docstrings, one AVX2-capped core,
+# fp32: fused at 192 and 256, 1,205 MiB, 68.9 s; at 256 only (160-255 tokens padded to it), 884 MiB, 68.6 s;
+# native bf16: 879 vs 735 MiB, 29.1 vs 28.9 s.
 FUSE_FROM = 160
 OPTOUT = "EMBRAY_CPU_GRAPH"
 
 
 def fused_widths(max_tokens: int) -> list[int]:
-    """The widths wide batches are padded to and compiled at: those of 128, 192, 256, 384, 512 ... from FUSE_FROM
-    up to below the model's window, and the window (a multiple of 8). MiniLM (256 tokens): 192, 256."""
-    out, w = {-(-max_tokens // 8) * 8}, 128
-    while w < max_tokens:
-        out |= {x for x in (w, w * 3 // 2) if FUSE_FROM <= x < max_tokens}
-        w *= 2
-    return sorted(out)
+    """The widths wide batches are padded to and compiled at: the model's window (a multiple of 8), then its
+    halves while they reach FUSE_FROM, so a batch is padded to at most twice its tokens. MiniLM (256): 256."""
+    out = [-(-max_tokens // 8) * 8]
+    while (half := -(-out[0] // 16) * 8) >= FUSE_FROM:
+        out.insert(0, half)
+    return out
 
 
 def bound_heap() -> None:
@@ -92,10 +96,11 @@ def bound_heap() -> None:
 class FusedEncoder:
     """Encodes texts with the traced transformer; see the module's notes."""
 
-    def __init__(self, graph, layout: Layout):
+    def __init__(self, graph, layout: Layout, dtype):
         bound_heap()
         self.graph = graph
         self.layout = layout
+        self.narrow_tokens = NARROW_TOKENS * 4 // dtype.itemsize  # fp32: NARROW_TOKENS; bf16: twice that
         self.tokens = Tokens(layout)
         self.calls = {"graph": 0, "plain": 0}  # forward passes by path: tests read these
         self.widths = fused_widths(layout.max_tokens)
@@ -110,11 +115,15 @@ class FusedEncoder:
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         """float32 vectors (not normalised), longest first, in batches of up to ``batch_size`` texts and
-        :data:`BATCH_TOKENS` tokens (padding included)."""
+        :data:`BATCH_TOKENS` tokens (fused; :data:`NARROW_TOKENS` unoptimised), padding included."""
         out = np.empty((len(texts), self.layout.dims), dtype=np.float32)
         encs = self.tokens.encodings(texts)
         lengths = np.array([len(e.ids) for e in encs])
-        for idx, rows in batches(lengths, lambda width: min(batch_size, BATCH_TOKENS // width), self.width):
+
+        def rows_for(width: int) -> int:
+            return min(batch_size, (BATCH_TOKENS if width in self.widths else self.narrow_tokens) // width)
+
+        for idx, rows in batches(lengths, rows_for, self.width):
             # Only full batches of at least MIN_BATCH texts at a fused width run fused: a few shapes to compile
             width = self.width(int(lengths[idx].max()))
             fuse = len(idx) == rows >= MIN_BATCH and width in self.widths
@@ -164,7 +173,7 @@ def load_cached(spec: ModelSpec, dtype) -> FusedEncoder | None:
     try:
         layout = Layout(**json.loads((where / "meta.json").read_text()))
         torch.jit.enable_onednn_fusion(True)
-        return FusedEncoder(torch.jit.load(str(where / "graph.pt")), layout)
+        return FusedEncoder(torch.jit.load(str(where / "graph.pt")), layout, dtype)
     except Exception as e:  # noqa: BLE001 - a damaged (or partly deleted) cache entry is made again
         log.warning("ignoring the cached CPU graph in %s (%s); making it again", where, e)
         shutil.rmtree(where, ignore_errors=True)
@@ -181,7 +190,7 @@ def build(spec: ModelSpec, model, dtype) -> tuple[FusedEncoder | None, str]:
     if layout is None:
         return None, "not a Transformer -> Pooling model with a fast tokenizer: sentence-transformers' encode"
     try:
-        enc = FusedEncoder(_trace(model[0].auto_model, layout.types), layout)
+        enc = FusedEncoder(_trace(model[0].auto_model, layout.types), layout, dtype)
         _check(enc, model)
     except Exception as e:  # noqa: BLE001 - whatever fails, sentence-transformers' encode still runs the model
         log.warning("the fused CPU graph is not used for %s (%s); sentence-transformers' encode runs it", spec.label, e)

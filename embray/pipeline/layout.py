@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from embray.config import EmbedConfig
+from embray.config import GIB, EmbedConfig
 from embray.models.spec import ModelSpec, resolve_model_path
 
-GIB = 1 << 30
 MIB = 1 << 20
 TASK_CPUS = 1.0  # left free on a node of auto-sized actors, for the scan, plan and shard tasks
 HEADROOM = 1.25  # declared memory = this x the largest peak RSS this model's workers reached before
@@ -53,7 +52,7 @@ class Layout:
                 "actors": self.actors,
                 "num_cpus": self.num_cpus,
                 "threads": self.threads,
-                "memory_gib": round(self.memory / GIB, 3),
+                "memory_gib": self.memory / GIB,  # exact: warm.memory_bytes gives the bytes back
             }
         )
 

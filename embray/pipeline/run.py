@@ -272,7 +272,8 @@ class Build:
         assert layout is not None, "forecast() chooses the layout before embed()"
         ec = layout.apply(self.cfg.embed)
         if chunks:
-            check_pool_fits(ec, self.cfg.ray)  # the machine's layout too: a 1-CPU local Ray still gets refused
+            if self.cfg.embed.actors is None:  # a configured layout was checked in start(); this is the machine's
+                check_pool_fits(ec, self.cfg.ray)  # a 1-CPU local Ray still gets refused
             log.info("%s %s: embedding layout %s", self.kind, self.vid, layout)
             if self.run_id:
                 self.ctx.registry.log_params(self.run_id, {"embed.layout": str(layout)[:500]})

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 
-from embray.config import EmbedConfig
+from embray.config import GIB, EmbedConfig
 from embray.errors import ModelError, one_line
 from embray.models import fingerprint
 from embray.models.spec import ModelSpec
@@ -168,7 +168,7 @@ def reservation(cpus: float, gpus: float, resources: dict[str, float] | None = N
 
 def memory_bytes(ec: EmbedConfig) -> int:
     """The memory one embedding worker declares to Ray (``memory=``), bytes; 0: none."""
-    return int((ec.memory_gib or 0) * (1 << 30))
+    return round((ec.memory_gib or 0) * GIB)
 
 
 def worker_needs(ec: EmbedConfig) -> dict[str, float]:
@@ -178,7 +178,7 @@ def worker_needs(ec: EmbedConfig) -> dict[str, float]:
 
 def shown(need: dict[str, float]) -> str:
     """A reservation for a message: memory in GiB, the rest as counts."""
-    return ", ".join(f"{k}: {v / (1 << 30):.2f} GiB" if k == "memory" else f"{k}: {v:g}" for k, v in need.items())
+    return ", ".join(f"{k}: {v / GIB:.2f} GiB" if k == "memory" else f"{k}: {v:g}" for k, v in need.items())
 
 
 def make_room(
