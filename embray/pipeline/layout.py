@@ -22,8 +22,8 @@ HEADROOM = 1.25  # declared memory = this x the largest peak RSS this model's wo
 # Before any build of the model has measured its workers: a Ray worker with torch and the tokenizer imported
 # plus this many times the weight files (a copy in the compute dtype, oneDNN's state per compiled batch shape,
 # activations). Measured, MiniLM (91 MB of weights), 2-CPU AMD EPYC, the largest actor's peak RSS in whole
-# backfills (bench/backfill.py, docs/benchmarks.md): 0.74-0.92 GiB on man pages, 1.2 (bf16) - 1.7 GiB (fp32, 3
-# fused widths; 2 since) on docstrings. MiniLM's estimate: 0.6 GiB + 8 x 91 MB = 1.28 GiB.
+# backfills (bench/backfill.py, docs/benchmarks.md, 4c32f51: one fused width): 0.72-0.93 GiB on man pages,
+# 0.79 (bf16) - 0.99 GiB (fp32) on docstrings. MiniLM's estimate: 0.6 GiB + 8 x 91 MB = 1.28 GiB.
 BASE_BYTES = {"hash": int(0.3 * GIB), "onnx": int(0.4 * GIB)}
 BASE_TORCH_BYTES = int(0.6 * GIB)
 WEIGHTS_FACTOR = 8
